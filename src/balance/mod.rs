@@ -1,0 +1,179 @@
+//! Backend selection for new connections.
+//!
+//! Owns the algorithms: plain functions over each backend's load and weight,
+//! plus the little state round robin needs. Reads counts only; never
+//! connects and never changes a count (the caller leases the pick).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::Algorithm;
+
+/// What the balancer knows of one backend at pick time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Live WebSockets + in-flight HTTP requests.
+    pub active: usize,
+    pub weight: u32,
+    /// False when the backend must not get this connection (already tried).
+    pub eligible: bool,
+}
+
+/// Least connections relative to weight: the backend whose load after
+/// taking one more connection, `(active + 1) / weight`, is smallest. Ties go
+/// to the first in order starting at `start`, so equal backends take turns.
+pub fn pick_least_conn(loads: &[Load], start: usize) -> Option<usize> {
+    let n = loads.len();
+    let mut best: Option<usize> = None;
+    for step in 0..n {
+        let i = (start + step) % n;
+        let load = loads[i];
+        if !load.eligible {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some(b) => {
+                let cur = loads[b];
+                // (a_i + 1) / w_i < (a_b + 1) / w_b, without division.
+                (load.active as u128 + 1) * u128::from(cur.weight)
+                    < (cur.active as u128 + 1) * u128::from(load.weight)
+            }
+        };
+        if better {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+/// Smooth weighted round robin (as in nginx): over a cycle of total weight
+/// picks, each backend is picked `weight` times, interleaved.
+#[derive(Debug, Default)]
+pub struct SmoothRoundRobin {
+    current: Vec<i64>,
+}
+
+impl SmoothRoundRobin {
+    pub fn next(&mut self, loads: &[Load]) -> Option<usize> {
+        self.current.resize(loads.len(), 0);
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (i, load) in loads.iter().enumerate() {
+            if !load.eligible {
+                continue;
+            }
+            let w = i64::from(load.weight);
+            self.current[i] += w;
+            total += w;
+            if best.is_none_or(|b| self.current[i] > self.current[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        self.current[b] -= total;
+        Some(b)
+    }
+}
+
+/// A pool's balancer: its algorithm and that algorithm's state.
+#[derive(Debug)]
+pub struct Balancer {
+    algorithm: Algorithm,
+    /// Where least_conn starts looking, so that ties rotate.
+    rotation: AtomicUsize,
+    round_robin: Mutex<SmoothRoundRobin>,
+}
+
+impl Balancer {
+    pub fn new(algorithm: Algorithm) -> Self {
+        Self {
+            algorithm,
+            rotation: AtomicUsize::new(0),
+            round_robin: Mutex::new(SmoothRoundRobin::default()),
+        }
+    }
+
+    /// Picks among `loads`; `None` when no backend is eligible.
+    pub fn pick(&self, loads: &[Load]) -> Option<usize> {
+        if loads.is_empty() {
+            return None;
+        }
+        match self.algorithm {
+            Algorithm::LeastConn => {
+                let start = self.rotation.fetch_add(1, Ordering::Relaxed) % loads.len();
+                pick_least_conn(loads, start)
+            }
+            Algorithm::RoundRobin => self
+                .round_robin
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .next(loads),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(active: &[usize], weights: &[u32]) -> Vec<Load> {
+        active
+            .iter()
+            .zip(weights)
+            .map(|(&active, &weight)| Load { active, weight, eligible: true })
+            .collect()
+    }
+
+    #[test]
+    fn least_conn_picks_the_emptiest() {
+        assert_eq!(pick_least_conn(&loads(&[5, 2, 9], &[1, 1, 1]), 0), Some(1));
+    }
+
+    #[test]
+    fn least_conn_ties_rotate_with_start() {
+        let l = loads(&[3, 3, 3], &[1, 1, 1]);
+        assert_eq!(pick_least_conn(&l, 0), Some(0));
+        assert_eq!(pick_least_conn(&l, 1), Some(1));
+        assert_eq!(pick_least_conn(&l, 2), Some(2));
+    }
+
+    #[test]
+    fn least_conn_skips_ineligible_and_empty() {
+        let mut l = loads(&[0, 4], &[1, 1]);
+        l[0].eligible = false;
+        assert_eq!(pick_least_conn(&l, 0), Some(1));
+        l[1].eligible = false;
+        assert_eq!(pick_least_conn(&l, 0), None);
+        assert_eq!(pick_least_conn(&[], 0), None);
+    }
+
+    #[test]
+    fn least_conn_honours_weight() {
+        // Sequential picks with weights 1:2:3 fill backends 1:2:3.
+        let weights = [1, 2, 3];
+        let mut active = [0usize; 3];
+        for round in 0..600 {
+            let i = pick_least_conn(&loads(&active, &weights), round % 3).expect("eligible");
+            active[i] += 1;
+        }
+        assert_eq!(active, [100, 200, 300]);
+    }
+
+    #[test]
+    fn round_robin_is_smooth_and_weighted() {
+        let mut rr = SmoothRoundRobin::default();
+        let l = loads(&[0, 0, 0], &[5, 1, 1]);
+        let seq: Vec<usize> = (0..7).map(|_| rr.next(&l).expect("eligible")).collect();
+        assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn round_robin_skips_ineligible() {
+        let mut rr = SmoothRoundRobin::default();
+        let mut l = loads(&[0, 0], &[1, 1]);
+        l[0].eligible = false;
+        assert_eq!(rr.next(&l), Some(1));
+        assert_eq!(rr.next(&l), Some(1));
+    }
+}

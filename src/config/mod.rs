@@ -1,0 +1,344 @@
+//! Configuration: the TOML schema, its defaults and its validation.
+//!
+//! Owns turning a file into a [`Config`] whose fields have their final types
+//! (socket addresses, durations, pool indices). Nothing outside this module
+//! sees raw TOML. Errors name the file, line, section and key:
+//! `sluice.toml:14: pool "app": unknown key "algoritm"`.
+
+mod reader;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reader::{Source, Table};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub pools: Vec<PoolConfig>,
+    /// How long SIGTERM waits for connections to close before dropping them.
+    pub shutdown_timeout: Duration,
+    /// Runtime worker threads; 0 means one per core.
+    pub worker_threads: usize,
+}
+
+/// One listening socket and the pool it serves.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+    /// Client connections served at once; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// Add X-Forwarded-For/-Proto and Forwarded to requests.
+    pub forwarded_headers: bool,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+}
+
+/// How a pool picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Fewest live WebSockets + in-flight HTTP requests, relative to weight.
+    LeastConn,
+    /// Smooth weighted round robin.
+    RoundRobin,
+}
+
+/// A group of interchangeable backends.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub algorithm: Algorithm,
+    /// Time allowed to open a TCP connection to a backend.
+    pub connect_timeout: Duration,
+    /// Further backends tried when connecting fails before anything was sent.
+    pub retries: usize,
+    /// Time allowed for the close handshake after sluice sends a Close frame.
+    pub close_timeout: Duration,
+    /// How long an idle upstream HTTP connection is kept for reuse.
+    pub keepalive_timeout: Duration,
+    /// Idle upstream HTTP connections kept per backend.
+    pub keepalive_max_idle: usize,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One application server.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}: {}{message}", path.display(), if context.is_empty() { String::new() } else { format!("{context}: ") })]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        /// The section: `pool "app"`, `listener "public"`; empty at top level.
+        context: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Defaults that do not depend on the file.
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+impl PoolConfig {
+    /// A pool with every setting at its default.
+    pub fn new(name: &str, backends: Vec<BackendConfig>) -> Self {
+        Self {
+            name: name.to_string(),
+            algorithm: Algorithm::LeastConn,
+            connect_timeout: Duration::from_secs(3),
+            retries: 2,
+            close_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(60),
+            keepalive_max_idle: 32,
+            backends,
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// A listener with every setting at its default.
+    pub fn new(name: &str, bind: SocketAddr, pool: usize) -> Self {
+        Self {
+            name: name.to_string(),
+            bind,
+            pool,
+            max_connections: 8192,
+            forwarded_headers: true,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config `text`; `path` is used in messages only.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let src = Source { path, text };
+    let doc = toml::de::DeTable::parse(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        src.error(&span, "", e.message().trim().to_string())
+    })?;
+    let mut root = Table::root(src, doc);
+
+    let shutdown_timeout = root.duration("shutdown_timeout", Config::DEFAULT_SHUTDOWN_TIMEOUT)?;
+    let worker_threads = root.integer("worker_threads", 0, 0, 1024)? as usize;
+
+    let mut pools = Vec::new();
+    let mut pool_names = HashSet::new();
+    for table in root.tables("pool")? {
+        let pool = read_pool(table)?;
+        pools.push(pool);
+    }
+    for (pool, span) in &pools {
+        if !pool_names.insert(pool.name.clone()) {
+            return Err(src.error(span, "", format!("pool \"{}\" is defined twice", pool.name)));
+        }
+    }
+    let mut listeners = Vec::new();
+    for (i, mut t) in root.tables("listener")?.into_iter().enumerate() {
+        let name = t
+            .string("name")?
+            .map_or_else(|| format!("listener{}", i + 1), |v| v.value);
+        t.set_context(format!("listener \"{name}\""));
+        let bind = t.required_string("bind")?;
+        let bind = resolve(&bind.value).map_err(|m| t.error_at(&bind.span, "bind", m))?;
+        let pool_name = t.required_string("pool")?;
+        let pool = pools
+            .iter()
+            .position(|(p, _)| p.name == pool_name.value)
+            .ok_or_else(|| {
+                t.error_at(
+                    &pool_name.span,
+                    "pool",
+                    format!("no pool named \"{}\"", pool_name.value),
+                )
+            })?;
+        let defaults = ListenerConfig::new(&name, bind, pool);
+        let listener = ListenerConfig {
+            max_connections: t.integer("max_connections", defaults.max_connections as u64, 1, 10_000_000)? as usize,
+            forwarded_headers: t.boolean("forwarded_headers", defaults.forwarded_headers)?,
+            header_read_timeout: t.duration("header_read_timeout", defaults.header_read_timeout)?,
+            ..defaults
+        };
+        if listeners.iter().any(|l: &ListenerConfig| l.name == listener.name) {
+            return Err(t.error_here(format!("listener \"{name}\" is defined twice")));
+        }
+        t.finish()?;
+        listeners.push(listener);
+    }
+    if pools.is_empty() {
+        return Err(root.error_here("no [[pool]] is defined: at least one is needed".into()));
+    }
+    if listeners.is_empty() {
+        return Err(root.error_here("no [[listener]] is defined: at least one is needed".into()));
+    }
+    root.finish()?;
+    Ok(Config {
+        listeners,
+        pools: pools.into_iter().map(|(p, _)| p).collect(),
+        shutdown_timeout,
+        worker_threads,
+    })
+}
+
+fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), ConfigError> {
+    let name = t.required_string("name")?;
+    t.set_context(format!("pool \"{}\"", name.value));
+    let defaults = PoolConfig::new(&name.value, Vec::new());
+    let algorithm = match t.string("algorithm")? {
+        None => defaults.algorithm,
+        Some(v) => match v.value.as_str() {
+            "least_conn" => Algorithm::LeastConn,
+            "round_robin" => Algorithm::RoundRobin,
+            other => {
+                return Err(t.error_at(
+                    &v.span,
+                    "algorithm",
+                    format!("unknown algorithm \"{other}\"; expected \"least_conn\" or \"round_robin\""),
+                ));
+            }
+        },
+    };
+    let mut backends: Vec<BackendConfig> = Vec::new();
+    for mut b in t.tables("backend")? {
+        let bname = b.required_string("name")?;
+        b.set_context(format!("{} backend \"{}\"", t.context(), bname.value));
+        let address = b.required_string("address")?;
+        let address = resolve(&address.value).map_err(|m| b.error_at(&address.span, "address", m))?;
+        let weight = b.integer("weight", 1, 1, 10_000)? as u32;
+        if backends.iter().any(|x| x.name == bname.value) {
+            return Err(b.error_at(&bname.span, "name", format!("backend \"{}\" is defined twice", bname.value)));
+        }
+        b.finish()?;
+        backends.push(BackendConfig {
+            name: bname.value,
+            address,
+            weight,
+        });
+    }
+    if backends.is_empty() {
+        return Err(t.error_here("no [[pool.backend]]: a pool needs at least one backend".into()));
+    }
+    let pool = PoolConfig {
+        algorithm,
+        connect_timeout: t.duration("connect_timeout", defaults.connect_timeout)?,
+        retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,
+        close_timeout: t.duration("close_timeout", defaults.close_timeout)?,
+        keepalive_timeout: t.duration("keepalive_timeout", defaults.keepalive_timeout)?,
+        keepalive_max_idle: t.integer("keepalive_max_idle", defaults.keepalive_max_idle as u64, 0, 100_000)? as usize,
+        backends,
+        ..defaults
+    };
+    t.finish()?;
+    Ok((pool, name.span))
+}
+
+/// Parses `host:port` (a literal address or a name resolved now).
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("\"{text}\" resolves to no address")),
+        Err(e) => Err(format!("invalid address \"{text}\" ({e}); write host:port, e.g. \"127.0.0.1:4000\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Config, String> {
+        parse(text, Path::new("sluice.toml")).map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = r#"
+[[listener]]
+bind = "127.0.0.1:8080"
+pool = "app"
+
+[[pool]]
+name = "app"
+
+[[pool.backend]]
+name = "app-1"
+address = "127.0.0.1:4000"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = check(MINIMAL).expect("valid");
+        assert_eq!(cfg.listeners[0].name, "listener1");
+        assert_eq!(cfg.pools[0].algorithm, Algorithm::LeastConn);
+        assert_eq!(cfg.pools[0].backends[0].weight, 1);
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_pool_and_key() {
+        let text = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nalgoritm = \"x\"\n");
+        assert_eq!(
+            check(&text).unwrap_err(),
+            "sluice.toml:8: pool \"app\": unknown key \"algoritm\""
+        );
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_their_line() {
+        let text = MINIMAL.replace("\"127.0.0.1:4000\"", "\"nowhere\"");
+        let err = check(&text).unwrap_err();
+        assert!(err.starts_with("sluice.toml:11: pool \"app\" backend \"app-1\": key \"address\": invalid address \"nowhere\""), "{err}");
+        let text = format!("shutdown_timeout = \"soon\"\n{MINIMAL}");
+        assert!(check(&text).unwrap_err().starts_with("sluice.toml:1: key \"shutdown_timeout\": invalid duration"));
+        let text = MINIMAL.replace("pool = \"app\"", "pool = \"api\"");
+        assert_eq!(check(&text).unwrap_err(), "sluice.toml:4: listener \"listener1\": key \"pool\": no pool named \"api\"");
+        let text = MINIMAL.replace("address", "weight = 0\naddress");
+        assert!(check(&text).unwrap_err().starts_with("sluice.toml:11: pool \"app\" backend \"app-1\": key \"weight\": 0 is out of range"));
+        let text = MINIMAL.replace("bind = \"127.0.0.1:8080\"", "bind = 8080");
+        assert_eq!(check(&text).unwrap_err(), "sluice.toml:3: listener \"listener1\": key \"bind\": expected a string, found an integer");
+    }
+
+    #[test]
+    fn structure_errors() {
+        assert!(check("").unwrap_err().contains("no [[pool]]"));
+        assert!(check("[[pool]]\nname = \"a\"\n").unwrap_err().contains("pool \"a\": no [[pool.backend]]"));
+        assert!(check("x = [").unwrap_err().starts_with("sluice.toml:1: "));
+        let twice = format!("{MINIMAL}\n[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n");
+        assert!(check(&twice).unwrap_err().contains("pool \"app\" is defined twice"));
+    }
+
+    #[test]
+    fn algorithms_and_weights() {
+        let text = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nalgorithm = \"round_robin\"\nretries = 0\n");
+        let cfg = check(&text).expect("valid");
+        assert_eq!(cfg.pools[0].algorithm, Algorithm::RoundRobin);
+        assert_eq!(cfg.pools[0].retries, 0);
+        let text = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nalgorithm = \"fastest\"\n");
+        assert!(check(&text).unwrap_err().contains("unknown algorithm \"fastest\""));
+    }
+}

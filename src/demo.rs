@@ -1,0 +1,271 @@
+//! `sluice demo`: three echo backends and a balancer in one process.
+//!
+//! Owns the demo backends: each is a real HTTP/1.1 + WebSocket server on a
+//! loopback port. A WebSocket gets `connected to NAME` as its first message,
+//! then every message back. `GET /` is a small page to try it from a browser;
+//! other paths answer with what the backend saw (request line, headers,
+//! body), which shows the forwarded headers sluice adds. The integration
+//! tests use the same backends.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
+
+const PAGE: &str = include_str!("demo_page.html");
+
+/// Counters a demo backend keeps about what it served.
+#[derive(Debug, Default)]
+pub struct EchoStats {
+    /// TCP connections accepted.
+    pub tcp_accepted: AtomicUsize,
+    /// HTTP requests answered (not counting upgrades).
+    pub http_requests: AtomicUsize,
+    /// WebSockets accepted.
+    pub ws_accepted: AtomicUsize,
+    /// WebSockets open now.
+    pub ws_open: AtomicUsize,
+}
+
+/// A demo backend: HTTP echo and WebSocket echo on one port.
+pub struct EchoBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub stats: Arc<EchoStats>,
+    stop: CancellationToken,
+}
+
+impl EchoBackend {
+    /// Starts a backend called `name` on `bind` (port 0 for any).
+    pub async fn start(name: &str, bind: SocketAddr) -> io::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(EchoStats::default());
+        let stop = CancellationToken::new();
+        let name = name.to_string();
+        tokio::spawn(accept_loop(listener, name.clone(), stats.clone(), stop.clone()));
+        Ok(Self { name, addr, stats, stop })
+    }
+
+    /// WebSockets open now.
+    pub fn ws_open(&self) -> usize {
+        self.stats.ws_open.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting and drops every connection, as a crashed server would.
+    pub fn kill(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, name: String, stats: Arc<EchoStats>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(_) => continue,
+            },
+            () = stop.cancelled() => return,
+        };
+        stats.tcp_accepted.fetch_add(1, Ordering::SeqCst);
+        let name = name.clone();
+        let stats = stats.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc_stop = stop.clone();
+            let service = service_fn(move |req| {
+                let name = name.clone();
+                let stats = stats.clone();
+                let stop = svc_stop.clone();
+                async move { Ok::<_, Infallible>(serve_request(req, name, stats, stop).await) }
+            });
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn serve_request(
+    mut req: Request<Incoming>,
+    name: String,
+    stats: Arc<EchoStats>,
+    stop: CancellationToken,
+) -> Response<Full<Bytes>> {
+    let wants_ws = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if wants_ws {
+        let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n".into());
+        };
+        let accept = derive_accept_key(key.as_bytes());
+        // Take the first subprotocol the client offers.
+        let protocol = req
+            .headers()
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|p| p.trim().to_string());
+        let upgrade = hyper::upgrade::on(&mut req);
+        let ws_name = name.clone();
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            stats.ws_accepted.fetch_add(1, Ordering::SeqCst);
+            stats.ws_open.fetch_add(1, Ordering::SeqCst);
+            tokio::select! {
+                () = echo(ws, &ws_name) => {}
+                () = stop.cancelled() => {}
+            }
+            stats.ws_open.fetch_sub(1, Ordering::SeqCst);
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+        h.insert("x-backend", HeaderValue::from_str(&name).unwrap_or(HeaderValue::from_static("demo")));
+        return resp;
+    }
+    stats.http_requests.fetch_add(1, Ordering::SeqCst);
+    let mut resp = match req.uri().path() {
+        "/" => {
+            let mut resp = text(StatusCode::OK, PAGE.to_string());
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            resp
+        }
+        "/health" => text(StatusCode::OK, "ok\n".into()),
+        _ => {
+            // Say what this backend saw: request line, headers, then the body.
+            let mut seen = format!("{name}: {} {}\n", req.method(), req.uri());
+            for (k, v) in req.headers() {
+                seen.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+            }
+            seen.push('\n');
+            let body = match req.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "unreadable body\n".into()),
+            };
+            let mut out = seen.into_bytes();
+            out.extend_from_slice(&body);
+            let mut resp = Response::new(Full::new(Bytes::from(out)));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            resp
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&name) {
+        resp.headers_mut().insert("x-backend", v);
+    }
+    resp
+}
+
+async fn echo<S>(mut ws: WebSocketStream<S>, name: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if ws.send(Message::text(format!("connected to {name}"))).await.is_err() {
+        return;
+    }
+    while let Some(msg) = ws.next().await {
+        let reply = match msg {
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        if let Err(error) = ws.send(reply).await {
+            debug!(%error, "demo echo send failed");
+            break;
+        }
+    }
+    // Finish the close handshake, if one started.
+    let _ = ws.close(None).await;
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// The demo's config: one listener on `bind`, one pool of `backends`.
+pub fn config(bind: SocketAddr, backends: &[EchoBackend]) -> Config {
+    let backends = backends
+        .iter()
+        .map(|b| BackendConfig {
+            name: b.name.clone(),
+            address: b.addr,
+            weight: 1,
+        })
+        .collect();
+    Config {
+        listeners: vec![ListenerConfig::new("demo", bind, 0)],
+        pools: vec![PoolConfig::new("demo", backends)],
+        shutdown_timeout: Config::DEFAULT_SHUTDOWN_TIMEOUT,
+        worker_threads: 0,
+    }
+}
+
+/// Starts three demo backends and sluice in front of them on `bind`.
+pub async fn start(bind: SocketAddr, shutdown: CancellationToken) -> Result<(Vec<EchoBackend>, crate::Running), DemoError> {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut backends = Vec::new();
+    for i in 1..=3 {
+        let name = format!("demo-{i}");
+        let backend = EchoBackend::start(&name, loopback)
+            .await
+            .map_err(|source| DemoError::Backend { name, source })?;
+        backends.push(backend);
+    }
+    let running = crate::start(config(bind, &backends), shutdown).await?;
+    Ok((backends, running))
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("starting demo backend {name}: {source}")]
+    Backend { name: String, source: io::Error },
+    #[error(transparent)]
+    Start(#[from] crate::StartError),
+}

@@ -1,0 +1,197 @@
+//! Request and response header rules for a proxy: upgrade detection,
+//! hop-by-hop stripping (RFC 9110 §7.6.1) and forwarded headers (RFC 7239).
+
+use std::net::SocketAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Uri, Version};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// True when `value` (a comma-separated header) lists `token`.
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// The request asks to become a WebSocket (`Upgrade: websocket`).
+pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    has_token(req.headers(), &header::UPGRADE, "websocket")
+}
+
+/// Checks the parts of an upgrade request a backend cannot do without
+/// (RFC 6455 §4.1); the reason goes back to the client with a 400.
+pub fn check_websocket_request<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.method() != Method::GET {
+        return Err("WebSocket upgrade must use GET\n");
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err("WebSocket upgrade needs HTTP/1.1\n");
+    }
+    if !has_token(req.headers(), &header::CONNECTION, "upgrade") {
+        return Err("WebSocket upgrade without \"Connection: Upgrade\"\n");
+    }
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY);
+    if key.is_none_or(|k| k.is_empty()) {
+        return Err("WebSocket upgrade without Sec-WebSocket-Key\n");
+    }
+    if !req.headers().contains_key(header::SEC_WEBSOCKET_VERSION) {
+        return Err("WebSocket upgrade without Sec-WebSocket-Version\n");
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Turns a client request into the request for the backend: origin-form
+/// target, HTTP/1.1, no hop-by-hop headers (but the upgrade pair for a
+/// WebSocket), and forwarded headers when enabled.
+pub fn prepare_request<B>(req: &mut Request<B>, peer: SocketAddr, forwarded: bool, websocket: bool) {
+    if req.uri().authority().is_some() {
+        // Absolute-form target: the backend gets origin-form and a Host.
+        if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned())
+            && !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(&authority)
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        *req.uri_mut() = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    let upgrade = websocket.then(|| headers.get(header::UPGRADE).cloned()).flatten();
+    strip_hop_by_hop(headers);
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+    if forwarded {
+        add_forwarded(headers, peer, "http");
+    }
+}
+
+/// Appends the client to X-Forwarded-For and Forwarded, and sets
+/// X-Forwarded-Proto to the scheme the client used.
+pub fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, proto: &'static str) {
+    let ip = peer.ip().to_canonical();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let node = if ip.is_ipv6() {
+        format!("for=\"[{ip}]\";proto={proto}")
+    } else {
+        format!("for={ip};proto={proto}")
+    };
+    if let Ok(v) = HeaderValue::from_str(&node) {
+        headers.append(FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/chat");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("valid request")
+    }
+
+    #[test]
+    fn upgrade_detection_is_token_based() {
+        assert!(is_websocket_upgrade(&req(&[("upgrade", "WebSocket")])));
+        assert!(!is_websocket_upgrade(&req(&[("upgrade", "h2c")])));
+        let ok = req(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ]);
+        assert_eq!(check_websocket_request(&ok), Ok(()));
+        let no_key = req(&[("connection", "upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13")]);
+        assert!(check_websocket_request(&no_key).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_too() {
+        let mut r = req(&[("connection", "close, x-secret"), ("x-secret", "1"), ("keep-alive", "5"), ("cookie", "a=b")]);
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), false, false);
+        let h = r.headers();
+        assert!(h.get("connection").is_none() && h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert_eq!(h["cookie"], "a=b");
+    }
+
+    #[test]
+    fn websocket_keeps_the_upgrade_pair() {
+        let mut r = req(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket"), ("origin", "http://x")]);
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), true, true);
+        let h = r.headers();
+        assert_eq!(h["connection"], "Upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["origin"], "http://x");
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut r = req(&[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=1.1.1.1")]);
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), true, false);
+        let h = r.headers();
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let fwd: Vec<_> = h.get_all("forwarded").iter().collect();
+        assert_eq!(fwd, ["for=1.1.1.1", "for=10.1.2.3;proto=http"]);
+        let mut r = req(&[]);
+        prepare_request(&mut r, "[::1]:80".parse().expect("addr"), true, false);
+        assert_eq!(r.headers()["forwarded"], "for=\"[::1]\";proto=http");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let mut r = Request::builder().uri("http://example.com/a?b=1").body(()).expect("valid");
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), false, false);
+        assert_eq!(r.uri(), "/a?b=1");
+        assert_eq!(r.headers()["host"], "example.com");
+    }
+}

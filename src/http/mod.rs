@@ -1,0 +1,250 @@
+//! The HTTP side of a client connection.
+//!
+//! Owns one client connection's HTTP/1.1 (hyper): requests are forwarded to
+//! a backend of the listener's pool over reused connections; a WebSocket
+//! upgrade is forwarded on a fresh connection and, on 101, both sockets are
+//! handed to a [`Tunnel`]. Adds forwarded headers, strips hop-by-hop ones,
+//! and answers errors itself: 400 for a malformed request (hyper also sends
+//! 400/414/431 for bad request heads), 502 when a backend fails, 503 with
+//! `Retry-After` when the pool has no backend to offer.
+
+pub mod body;
+mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+pub use body::ProxyBody;
+use body::Reuse;
+
+use crate::config::ListenerConfig;
+use crate::registry::Registry;
+use crate::tunnel::Tunnel;
+use crate::upstream::{self, Upstream, UpstreamError};
+
+/// What every connection of one listener shares.
+pub struct ListenerCtx {
+    pub cfg: ListenerConfig,
+    pub upstream: Arc<Upstream>,
+    pub registry: Arc<Registry>,
+    /// Tunnels are tracked here so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// Serves one client connection until it closes, or until `shutdown`, after
+/// which in-flight requests finish and the connection closes.
+/// `permit` counts the connection against the listener's limit; an upgraded
+/// WebSocket keeps it until the tunnel ends.
+pub async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let permit = Arc::new(permit);
+    let svc_ctx = ctx.clone();
+    let service = service_fn(move |req| {
+        let ctx = svc_ctx.clone();
+        let permit = permit.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, ctx, permit).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.cfg.header_read_timeout)
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(client.addr = %peer, %error, "client connection ended with an error");
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<ProxyBody> {
+    if headers::is_websocket_upgrade(&req) {
+        upgrade(req, peer, ctx, permit).await
+    } else {
+        forward(req, peer, &ctx).await
+    }
+}
+
+/// Forwards a plain HTTP request, reusing idle backend connections.
+async fn forward(mut req: Request<Incoming>, peer: SocketAddr, ctx: &ListenerCtx) -> Response<ProxyBody> {
+    headers::prepare_request(&mut req, peer, ctx.cfg.forwarded_headers, false);
+    let upstream = &ctx.upstream;
+    let mut tried = Vec::new();
+    // Idle connections the backend closed under us do not count as attempts.
+    let mut stale_left = 3;
+    loop {
+        let (i, lease) = match upstream.next_lease(&ctx.registry, &tried) {
+            Ok(picked) => picked,
+            Err(error) => return upstream_error(&error),
+        };
+        let addr = lease.backend().addr;
+        let pooled = upstream.idle(i).checkout().await;
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None => {
+                let opened = match upstream::connect(addr, upstream.cfg.connect_timeout).await {
+                    Ok(stream) => upstream::handshake(stream, addr).await,
+                    Err(error) => Err(error),
+                };
+                match opened {
+                    Ok(sender) => sender,
+                    Err(error) => {
+                        warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, %error, "upstream connect failed");
+                        tried.push(i);
+                        if let Err(error) = upstream.give_up_after(&tried, error) {
+                            return upstream_error(&error);
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        match sender.try_send_request(req).await {
+            Ok(mut resp) => {
+                headers::strip_hop_by_hop(resp.headers_mut());
+                let reuse = Reuse {
+                    sender,
+                    pool: upstream.idle(i).clone(),
+                };
+                return resp.map(|body| ProxyBody::upstream(body, lease, Some(reuse)));
+            }
+            Err(mut error) => match error.take_message() {
+                Some(unsent) if reused && stale_left > 0 => {
+                    // The idle connection was closed by the backend: the
+                    // request was not sent, so it can go on a fresh one.
+                    stale_left -= 1;
+                    req = unsent;
+                }
+                _ => {
+                    warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, error = %error.error(), "backend failed before answering");
+                    return status(StatusCode::BAD_GATEWAY, "backend failed before answering\n");
+                }
+            },
+        }
+    }
+}
+
+/// Forwards a WebSocket upgrade; on 101, joins client and backend in a tunnel.
+async fn upgrade(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<ProxyBody> {
+    if let Err(reason) = headers::check_websocket_request(&req) {
+        return status(StatusCode::BAD_REQUEST, reason);
+    }
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    headers::prepare_request(&mut req, peer, ctx.cfg.forwarded_headers, true);
+    let upstream = &ctx.upstream;
+    let (_, connected) = match upstream.connect(&ctx.registry).await {
+        Ok(connected) => connected,
+        Err(error) => return upstream_error(&error),
+    };
+    let lease = connected.lease;
+    let addr = lease.backend().addr;
+    let mut sender = match upstream::handshake(connected.stream, addr).await {
+        Ok(sender) => sender,
+        Err(error) => return upstream_error(&error),
+    };
+    let mut resp = match sender.send_request(req).await {
+        Ok(resp) => resp,
+        Err(error) => {
+            warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, %error, "backend failed before answering the upgrade");
+            return status(StatusCode::BAD_GATEWAY, "backend failed before answering\n");
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The backend declined the upgrade: pass its answer on as it is.
+        headers::strip_hop_by_hop(resp.headers_mut());
+        return resp.map(|body| ProxyBody::upstream(body, lease, None));
+    }
+    let backend_upgrade = hyper::upgrade::on(&mut resp);
+    let close_timeout = upstream.cfg.close_timeout;
+    ctx.tasks.spawn(async move {
+        let _permit = permit;
+        let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
+            Ok(both) => both,
+            Err(error) => {
+                debug!(client.addr = %peer, %error, "upgrade did not complete");
+                return;
+            }
+        };
+        let (Ok(client), Ok(backend)) = (
+            client.downcast::<TokioIo<TcpStream>>(),
+            backend.downcast::<TokioIo<TcpStream>>(),
+        ) else {
+            warn!("upgraded connection is not a TCP stream");
+            return;
+        };
+        let entry = lease.into_ws();
+        let backend_name = entry.backend().name.clone();
+        debug!(client.addr = %peer, backend = %backend_name, "tunnel opened");
+        let tunnel = Tunnel::new(
+            client.io.into_inner(),
+            client.read_buf,
+            backend.io.into_inner(),
+            backend.read_buf,
+            entry,
+            close_timeout,
+        );
+        match tunnel.await {
+            Ok(stats) => debug!(client.addr = %peer, backend = %backend_name, messages.up = stats.messages_up, messages.down = stats.messages_down, "tunnel closed"),
+            Err(error) => debug!(client.addr = %peer, backend = %backend_name, %error, "tunnel ended with an error"),
+        }
+    });
+    resp.map(|_| ProxyBody::empty())
+}
+
+fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
+    if error.is_unavailable() {
+        let mut resp = status(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
+        // Spread retries over a few seconds so that clients do not come back together.
+        let secs = 1 + rand::random_range(0..3u32);
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp
+    } else {
+        status(StatusCode::BAD_GATEWAY, "backend unavailable\n")
+    }
+}
+
+/// A short plain-text response made by sluice.
+pub fn status(code: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::text(text));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

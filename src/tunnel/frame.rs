@@ -1,0 +1,326 @@
+//! WebSocket frame *header* tracking (RFC 6455 §5.2).
+//!
+//! Owns the knowledge of where messages begin and end in one direction of a
+//! tunnel. It reads headers only and skips payloads, so it costs a few
+//! instructions per frame whatever the message size. It never rejects input:
+//! the endpoints validate their peer; sluice only needs to stay in step with
+//! the byte stream. Hand-written because it sits on the hot path and is small.
+
+/// The longest frame header: 2 bytes, 8 bytes of extended length, 4 bytes of mask.
+const MAX_HEADER: usize = 14;
+
+/// Opcode of a Close frame.
+pub const OPCODE_CLOSE: u8 = 0x8;
+
+/// Tracks frame and message boundaries in one direction of a WebSocket stream.
+#[derive(Debug, Default, Clone)]
+pub struct FrameTracker {
+    /// Header bytes of the frame being read, when a header spans reads.
+    header: [u8; MAX_HEADER],
+    /// How many bytes of `header` are filled.
+    header_len: u8,
+    /// Payload bytes left in the current frame.
+    remaining: u64,
+    /// A fragmented data message has started and its final frame has not.
+    in_message: bool,
+    /// A Close frame has been seen in this direction.
+    close_seen: bool,
+    /// Complete data messages seen.
+    messages: u64,
+}
+
+impl FrameTracker {
+    /// True between messages: no frame is partly read and no fragmented
+    /// message is open. A Close frame may be injected here without cutting
+    /// anything.
+    pub fn is_at_boundary(&self) -> bool {
+        self.header_len == 0 && self.remaining == 0 && !self.in_message
+    }
+
+    /// True once a Close frame has started in this direction.
+    pub fn close_seen(&self) -> bool {
+        self.close_seen
+    }
+
+    /// Complete data messages seen so far.
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+
+    /// Follows `data`, the next bytes of the stream.
+    ///
+    /// With `stop_at_boundary`, stops at the first message boundary (which
+    /// may be at offset 0) and returns its offset: the bytes before it end a
+    /// message, the bytes after it are not yet tracked. Otherwise, or when no
+    /// boundary occurs in `data`, tracks all of `data` and returns `None`.
+    pub fn scan(&mut self, data: &[u8], stop_at_boundary: bool) -> Option<usize> {
+        let mut pos = 0;
+        loop {
+            if stop_at_boundary && self.is_at_boundary() {
+                return Some(pos);
+            }
+            if pos == data.len() {
+                return None;
+            }
+            if self.remaining > 0 {
+                let left = (data.len() - pos) as u64;
+                let take = self.remaining.min(left);
+                self.remaining -= take;
+                pos += take as usize;
+                continue;
+            }
+            // Reading a header: copy bytes until it is complete.
+            let filled = self.header_len as usize;
+            let need = header_len(&self.header[..filled]);
+            let take = (need - filled).min(data.len() - pos);
+            self.header[filled..filled + take].copy_from_slice(&data[pos..pos + take]);
+            self.header_len += take as u8;
+            pos += take;
+            let filled = self.header_len as usize;
+            if filled == header_len(&self.header[..filled]) {
+                self.complete_header();
+            }
+        }
+    }
+
+    fn complete_header(&mut self) {
+        let h = &self.header;
+        let fin = h[0] & 0x80 != 0;
+        let opcode = h[0] & 0x0f;
+        let len7 = h[1] & 0x7f;
+        self.remaining = match len7 {
+            126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+            127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+            n => u64::from(n),
+        };
+        if opcode & 0x8 != 0 {
+            // Control frames may sit inside a fragmented message and never
+            // open or close one.
+            if opcode == OPCODE_CLOSE {
+                self.close_seen = true;
+            }
+        } else if fin {
+            self.in_message = false;
+            self.messages += 1;
+        } else {
+            self.in_message = true;
+        }
+        self.header_len = 0;
+    }
+}
+
+/// Length of the header that starts with `prefix`, as far as `prefix` tells
+/// (at least 2 bytes).
+fn header_len(prefix: &[u8]) -> usize {
+    if prefix.len() < 2 {
+        return 2;
+    }
+    let mask = if prefix[1] & 0x80 != 0 { 4 } else { 0 };
+    let ext = match prefix[1] & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    2 + ext + mask
+}
+
+/// A Close frame with `code` and no reason, masked with `mask` when given
+/// (frames towards a server must be masked). Returns the buffer and its length.
+pub fn close_frame(code: u16, mask: Option<[u8; 4]>) -> ([u8; 8], usize) {
+    let mut frame = [0u8; 8];
+    frame[0] = 0x80 | OPCODE_CLOSE;
+    let payload = code.to_be_bytes();
+    match mask {
+        None => {
+            frame[1] = 2;
+            frame[2..4].copy_from_slice(&payload);
+            (frame, 4)
+        }
+        Some(key) => {
+            frame[1] = 0x80 | 2;
+            frame[2..6].copy_from_slice(&key);
+            frame[6] = payload[0] ^ key[0];
+            frame[7] = payload[1] ^ key[1];
+            (frame, 8)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Encodes one frame (test helper; real frames come from peers).
+    fn frame(fin: bool, opcode: u8, payload_len: usize, masked: bool) -> Vec<u8> {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        if payload_len < 126 {
+            out.push(mask_bit | payload_len as u8);
+        } else if payload_len <= 0xffff {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(payload_len as u16).to_be_bytes());
+        } else {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+        }
+        if masked {
+            out.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        out.extend(std::iter::repeat_n(0x5a, payload_len));
+        out
+    }
+
+    #[test]
+    fn single_text_frame_ends_at_boundary() {
+        let mut t = FrameTracker::default();
+        let f = frame(true, 1, 5, false);
+        assert_eq!(t.scan(&f, false), None);
+        assert!(t.is_at_boundary());
+        assert_eq!(t.messages(), 1);
+    }
+
+    #[test]
+    fn stop_reports_offset_after_each_message() {
+        let mut data = frame(true, 1, 3, true);
+        let first = data.len();
+        data.extend(frame(true, 2, 300, true));
+        let mut t = FrameTracker::default();
+        assert_eq!(t.scan(&data, true), Some(0));
+        assert_eq!(t.scan(&data[..first + 10], false), None);
+        assert!(!t.is_at_boundary());
+        let mut t = FrameTracker::default();
+        // Skip the initial boundary by tracking one byte first.
+        assert_eq!(t.scan(&data[..1], true), Some(0));
+        assert_eq!(t.scan(&data[..1], false), None);
+        assert_eq!(t.scan(&data[1..], true), Some(first - 1));
+    }
+
+    #[test]
+    fn fragmented_message_with_ping_inside_is_one_message() {
+        let mut data = frame(false, 1, 10, false);
+        data.extend(frame(true, 0x9, 4, false)); // ping between fragments
+        data.extend(frame(false, 0, 10, false));
+        let before_last = data.len();
+        data.extend(frame(true, 0, 10, false));
+        let mut t = FrameTracker::default();
+        t.scan(&data[..1], false);
+        assert_eq!(t.scan(&data[1..], true), Some(data.len() - 1));
+        assert_eq!(t.messages(), 1);
+        let mut t = FrameTracker::default();
+        t.scan(&data[..before_last], false);
+        assert!(!t.is_at_boundary(), "ping inside a fragmented message is no boundary");
+    }
+
+    #[test]
+    fn sixty_four_bit_length_is_followed() {
+        let mut t = FrameTracker::default();
+        let header = &frame(true, 2, 70_000, false)[..10];
+        t.scan(header, false);
+        assert!(!t.is_at_boundary());
+        t.scan(&vec![0; 69_999], false);
+        assert!(!t.is_at_boundary());
+        t.scan(&[0], false);
+        assert!(t.is_at_boundary());
+    }
+
+    #[test]
+    fn close_frame_is_seen() {
+        let mut t = FrameTracker::default();
+        let (f, n) = close_frame(1001, None);
+        t.scan(&f[..n], false);
+        assert!(t.close_seen());
+        assert!(t.is_at_boundary());
+    }
+
+    #[test]
+    fn close_frame_bytes() {
+        assert_eq!(close_frame(1012, None), ([0x88, 2, 0x03, 0xf4, 0, 0, 0, 0], 4));
+        let (masked, n) = close_frame(1012, Some([0xff, 0, 0, 0]));
+        assert_eq!(&masked[..n], &[0x88, 0x82, 0xff, 0, 0, 0, 0x03 ^ 0xff, 0xf4]);
+    }
+
+    fn arb_frame() -> impl Strategy<Value = (bool, u8, usize, bool)> {
+        (
+            any::<bool>(),
+            prop_oneof![Just(0u8), Just(1), Just(2), Just(8), Just(9), Just(10)],
+            prop_oneof![0usize..126, 126usize..70_000],
+            any::<bool>(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("SLUICE_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+            ..ProptestConfig::default()
+        })]
+
+        /// However a stream of frames is split into reads, the tracker
+        /// reports the same boundaries: exactly after each final data frame.
+        #[test]
+        fn boundaries_do_not_depend_on_read_sizes(
+            frames in proptest::collection::vec(arb_frame(), 1..12),
+            cuts in proptest::collection::vec(1usize..5000, 1..40),
+        ) {
+            let mut data = Vec::new();
+            let mut expected = Vec::new();
+            let mut open = false;
+            let mut messages = 0;
+            for (fin, opcode, len, masked) in frames {
+                // Control frames are never fragmented.
+                let fin = fin || opcode >= 8;
+                data.extend(frame(fin, opcode, len, masked));
+                if opcode < 8 {
+                    open = !fin;
+                    if fin { messages += 1; }
+                }
+                if !open { expected.push(data.len()); }
+            }
+            let mut t = FrameTracker::default();
+            let mut seen = Vec::new();
+            let mut pos = 0;
+            let mut cut = cuts.iter().cycle();
+            while pos < data.len() {
+                let end = (pos + cut.next().copied().unwrap_or(1)).min(data.len());
+                let mut at = pos;
+                while let Some(k) = t.scan(&data[at..end], true) {
+                    let boundary = at + k;
+                    if boundary > 0 {
+                        seen.push(boundary);
+                    }
+                    if boundary == end {
+                        break;
+                    }
+                    // Step over the boundary: track one byte without stopping.
+                    t.scan(&data[boundary..boundary + 1], false);
+                    at = boundary + 1;
+                }
+                pos = end;
+            }
+            seen.dedup();
+            // A boundary at the end of a chunk is also found at the start of
+            // the next one: compare the sets.
+            expected.retain(|&b| b > 0);
+            prop_assert_eq!(seen, expected);
+            prop_assert_eq!(t.messages(), messages);
+            prop_assert!(t.is_at_boundary() || open);
+        }
+
+        /// Any bytes at all, in any read sizes: the tracker never panics and
+        /// every boundary it reports lies inside the chunk it was given.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096), chunk in 1usize..600) {
+            let mut t = FrameTracker::default();
+            for part in data.chunks(chunk) {
+                let mut pos = 0;
+                while let Some(k) = t.scan(&part[pos..], true) {
+                    prop_assert!(pos + k <= part.len());
+                    pos += k;
+                    if pos == part.len() { break; }
+                    t.scan(&part[pos..pos + 1], false);
+                    pos += 1;
+                }
+            }
+        }
+    }
+}

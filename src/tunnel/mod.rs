@@ -1,0 +1,429 @@
+//! The WebSocket tunnel: bytes both ways after the upgrade, with message
+//! boundaries tracked and Close frames injected on request.
+//!
+//! Owns the two sockets of one proxied WebSocket from the 101 response until
+//! both are closed. Reads frame headers only (see [`frame`]), never payloads.
+//! It watches its registry control handle: on a close request it waits for a
+//! quiet point (both directions between messages and silent for
+//! [`QUIET`]), or, after [`QUIET_MAX_WAIT`], for each direction's next
+//! message boundary, then sends a Close frame each way (masked towards the
+//! backend) and gives the peers `close_timeout` to answer. It never cuts a
+//! message: only an abort (the shutdown deadline) drops a tunnel mid-message.
+//!
+//! An idle tunnel holds no buffer: one is taken from a small pool when a
+//! socket becomes readable and given back when the data has been written.
+
+pub mod frame;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::registry::{CloseRequest, ConnControl, WsEntry};
+use frame::FrameTracker;
+
+/// Silence needed, with both directions between messages, before sluice
+/// injects its Close frames.
+pub const QUIET: Duration = Duration::from_millis(50);
+/// After this long without a quiet point, each direction gets its Close
+/// frame at its own next message boundary.
+pub const QUIET_MAX_WAIT: Duration = Duration::from_secs(1);
+
+const BUF_SIZE: usize = 16 * 1024;
+const MAX_POOLED_BUFFERS: usize = 64;
+
+/// Buffers shared by all tunnels, so that an idle tunnel owns none.
+static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn take_buffer() -> Vec<u8> {
+    let pooled = BUFFERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .pop();
+    pooled.unwrap_or_else(|| vec![0; BUF_SIZE])
+}
+
+fn give_buffer(buf: Vec<u8>) {
+    if buf.len() != BUF_SIZE {
+        return;
+    }
+    let mut pool = BUFFERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if pool.len() < MAX_POOLED_BUFFERS {
+        pool.push(buf);
+    }
+}
+
+/// What a finished tunnel reports.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TunnelStats {
+    /// Messages from the client to the backend.
+    pub messages_up: u64,
+    /// Messages from the backend to the client.
+    pub messages_down: u64,
+    /// sluice sent Close frames because a close was requested.
+    pub closed_by_sluice: bool,
+}
+
+/// A Close frame waiting to be written.
+#[derive(Debug, Clone, Copy)]
+struct PendingClose {
+    frame: [u8; 8],
+    len: u8,
+    written: u8,
+}
+
+/// One direction: bytes from `src` to `dst`.
+#[derive(Debug)]
+struct Flow {
+    tracker: FrameTracker,
+    /// Data read and not yet written, `buf[start..end]`; `None` when idle.
+    buf: Option<Vec<u8>>,
+    start: usize,
+    end: usize,
+    /// Frames towards the backend are masked.
+    masked: bool,
+    /// Close code to send at this flow's next message boundary.
+    inject: Option<u16>,
+    /// Our Close frame, still to be written.
+    close_out: Option<PendingClose>,
+    /// sluice sent its Close frame: bytes from the source are no longer forwarded.
+    closed_by_us: bool,
+    /// The source reached end of stream.
+    eof: bool,
+    /// The write side towards the destination is shut down.
+    shut: bool,
+    /// Bytes were read during the last poll.
+    active: bool,
+}
+
+impl Flow {
+    fn new(pending: Bytes, masked: bool) -> Self {
+        let mut flow = Self {
+            tracker: FrameTracker::default(),
+            buf: None,
+            start: 0,
+            end: 0,
+            masked,
+            inject: None,
+            close_out: None,
+            closed_by_us: false,
+            eof: false,
+            shut: false,
+            active: false,
+        };
+        if !pending.is_empty() {
+            // Bytes that arrived with the upgrade response or request.
+            let mut buf = if pending.len() <= BUF_SIZE {
+                take_buffer()
+            } else {
+                vec![0; pending.len()]
+            };
+            buf[..pending.len()].copy_from_slice(&pending);
+            flow.tracker.scan(&pending, false);
+            flow.end = pending.len();
+            flow.buf = Some(buf);
+        }
+        flow
+    }
+
+    /// Queues our Close frame when the flow is at a message boundary.
+    fn maybe_queue_close(&mut self) {
+        if let Some(code) = self.inject
+            && self.tracker.is_at_boundary()
+        {
+            self.queue_close(code);
+        }
+    }
+
+    fn queue_close(&mut self, code: u16) {
+        let mask = self.masked.then(rand::random::<[u8; 4]>);
+        let (frame, len) = frame::close_frame(code, mask);
+        self.close_out = Some(PendingClose {
+            frame,
+            len: len as u8,
+            written: 0,
+        });
+        self.inject = None;
+        self.closed_by_us = true;
+    }
+
+    /// Takes `n` bytes just read into `buf[..n]`: tracks them and decides
+    /// which to forward.
+    fn accept_read(&mut self, n: usize) {
+        let Some(buf) = self.buf.take() else {
+            return;
+        };
+        let data = &buf[..n];
+        self.start = 0;
+        if self.closed_by_us {
+            self.tracker.scan(data, false);
+            self.end = 0;
+        } else if let Some(code) = self.inject {
+            match self.tracker.scan(data, true) {
+                Some(k) => {
+                    self.end = k;
+                    self.queue_close(code);
+                    self.tracker.scan(&data[k..], false);
+                }
+                None => self.end = n,
+            }
+        } else {
+            self.tracker.scan(data, false);
+            self.end = n;
+        }
+        self.buf = Some(buf);
+    }
+
+    fn release_buffer(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_buffer(buf);
+        }
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Moves bytes until the source would block (Pending) or the flow is
+    /// finished: source ended and destination shut down (Ready).
+    fn poll_move(
+        &mut self,
+        src: &TcpStream,
+        dst: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.active = false;
+        loop {
+            if let Some(buf) = self.buf.as_ref() {
+                while self.start < self.end {
+                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[self.start..self.end]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.start += n;
+                }
+            }
+            if let Some(close) = self.close_out.as_mut() {
+                while close.written < close.len {
+                    let frame = &close.frame[close.written as usize..close.len as usize];
+                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, frame))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    close.written += n as u8;
+                }
+                self.close_out = None;
+            }
+            if self.eof {
+                self.release_buffer();
+                if !self.shut {
+                    ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
+                    self.shut = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            self.maybe_queue_close();
+            if self.close_out.is_some() {
+                continue;
+            }
+            if self.buf.is_none() {
+                ready!(src.poll_read_ready(cx))?;
+                self.buf = Some(take_buffer());
+            }
+            let buf = self.buf.as_mut().expect("buffer taken above");
+            match src.try_read(buf) {
+                Ok(0) => {
+                    self.eof = true;
+                }
+                Ok(n) => {
+                    self.active = true;
+                    self.accept_read(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Idle again: give the buffer back until data comes.
+                    self.release_buffer();
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// Where the tunnel is in its life.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Proxying.
+    Open,
+    /// A close was requested; waiting for a quiet point.
+    Requested {
+        code: u16,
+        since: Instant,
+        last_activity: Instant,
+    },
+    /// Close frames are out (ours or the peers'); waiting for the peers.
+    Closing { deadline: Instant },
+}
+
+/// One proxied WebSocket. A future: await it to run the tunnel to its end.
+pub struct Tunnel {
+    client: TcpStream,
+    backend: TcpStream,
+    /// Client to backend.
+    up: Flow,
+    /// Backend to client.
+    down: Flow,
+    entry: WsEntry,
+    phase: Phase,
+    close_timeout: Duration,
+    /// Wakes the tunnel for time-based steps; allocated only when needed.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// When one side has ended and the other has not: the end of the wait.
+    linger_deadline: Option<Instant>,
+}
+
+impl Tunnel {
+    /// A tunnel between `client` and `backend`. `client_pending` and
+    /// `backend_pending` are bytes that arrived with the upgrade and are
+    /// forwarded first.
+    pub fn new(
+        client: TcpStream,
+        client_pending: Bytes,
+        backend: TcpStream,
+        backend_pending: Bytes,
+        entry: WsEntry,
+        close_timeout: Duration,
+    ) -> Self {
+        Self {
+            client,
+            backend,
+            up: Flow::new(client_pending, true),
+            down: Flow::new(backend_pending, false),
+            entry,
+            phase: Phase::Open,
+            close_timeout,
+            timer: None,
+            linger_deadline: None,
+        }
+    }
+
+    fn control(&self) -> &Arc<ConnControl> {
+        self.entry.control()
+    }
+
+    fn stats(&self) -> TunnelStats {
+        TunnelStats {
+            messages_up: self.up.tracker.messages(),
+            messages_down: self.down.tracker.messages(),
+            closed_by_sluice: self.up.closed_by_us || self.down.closed_by_us,
+        }
+    }
+
+    /// Advances the close state machine; returns the next time it must be
+    /// looked at, if any.
+    fn step_phase(&mut self, now: Instant) -> Option<Instant> {
+        let peers_closing = (self.up.tracker.close_seen() && !self.down.closed_by_us)
+            || (self.down.tracker.close_seen() && !self.up.closed_by_us);
+        match self.phase {
+            Phase::Open => None,
+            Phase::Requested { code, since, mut last_activity } => {
+                if self.up.active || self.down.active {
+                    last_activity = now;
+                }
+                if peers_closing {
+                    // A peer started the close handshake itself: let it finish.
+                    self.phase = Phase::Closing { deadline: now + self.close_timeout };
+                    return self.step_phase(now);
+                }
+                let quiet = self.up.tracker.is_at_boundary()
+                    && self.down.tracker.is_at_boundary()
+                    && now >= last_activity + QUIET;
+                if quiet || now >= since + QUIET_MAX_WAIT {
+                    self.up.inject = Some(code);
+                    self.down.inject = Some(code);
+                    self.phase = Phase::Closing { deadline: now + self.close_timeout };
+                    return None;
+                }
+                self.phase = Phase::Requested { code, since, last_activity };
+                Some((last_activity + QUIET).min(since + QUIET_MAX_WAIT))
+            }
+            Phase::Closing { deadline } => Some(deadline),
+        }
+    }
+
+    /// True when the close handshake is complete on both sides.
+    fn close_complete(&self) -> bool {
+        let flushed = |f: &Flow| f.inject.is_none() && f.close_out.is_none();
+        matches!(self.phase, Phase::Closing { .. })
+            && flushed(&self.up)
+            && flushed(&self.down)
+            && self.up.tracker.close_seen()
+            && self.down.tracker.close_seen()
+    }
+}
+
+impl Future for Tunnel {
+    type Output = io::Result<TunnelStats>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            let now = Instant::now();
+            match this.control().poll_request(cx.waker()) {
+                CloseRequest::Abort => return Poll::Ready(Ok(this.stats())),
+                CloseRequest::Close(code) if matches!(this.phase, Phase::Open) => {
+                    this.phase = Phase::Requested { code, since: now, last_activity: now };
+                }
+                _ => {}
+            }
+            let up = this.up.poll_move(&this.client, &mut this.backend, cx)?;
+            let down = this.down.poll_move(&this.backend, &mut this.client, cx)?;
+            if up.is_ready() && down.is_ready() {
+                return Poll::Ready(Ok(this.stats()));
+            }
+            if this.close_complete() {
+                // Both Close frames answered: end TCP on both sides.
+                let _ = Pin::new(&mut this.client).poll_shutdown(cx);
+                let _ = Pin::new(&mut this.backend).poll_shutdown(cx);
+                return Poll::Ready(Ok(this.stats()));
+            }
+            let injecting = this.up.inject.is_some() || this.down.inject.is_some();
+            let mut wake_at = this.step_phase(now);
+            if !injecting && (this.up.inject.is_some() || this.down.inject.is_some()) {
+                // Close frames were just scheduled: let the flows send them.
+                continue;
+            }
+            if up.is_ready() != down.is_ready() {
+                let linger = *this.linger_deadline.get_or_insert(now + this.close_timeout);
+                wake_at = Some(wake_at.map_or(linger, |w| w.min(linger)));
+            }
+            if let Phase::Closing { deadline } = this.phase
+                && now >= deadline
+            {
+                return Poll::Ready(Ok(this.stats()));
+            }
+            if let Some(linger) = this.linger_deadline
+                && now >= linger
+            {
+                return Poll::Ready(Ok(this.stats()));
+            }
+            let Some(at) = wake_at else {
+                this.timer = None;
+                return Poll::Pending;
+            };
+            let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The timer fired: look at the time-based steps again.
+        }
+    }
+}
