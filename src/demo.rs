@@ -210,16 +210,16 @@ where
     while let Some(msg) = ws.next().await {
         let reply = match msg {
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
-            Ok(Message::Close(_)) | Err(_) => break,
+            // After a Close, keep reading: that sends tungstenite's reply and
+            // ends the stream once the handshake is done.
             Ok(_) => continue,
+            Err(_) => break,
         };
         if let Err(error) = ws.send(reply).await {
             debug!(%error, "demo echo send failed");
             break;
         }
     }
-    // Finish the close handshake, if one started.
-    let _ = ws.close(None).await;
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -1,0 +1,76 @@
+//! Backends that fail: retries, 502 and 503.
+
+use std::net::SocketAddr;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::support::*;
+
+/// An address on which nothing listens (connections are refused).
+async fn refusing_addr() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+#[tokio::test]
+async fn refused_connect_is_retried_on_another_backend() {
+    let dead = refusing_addr().await;
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(config(&[dead, backends[0].addr])).await;
+    let mut client = sluice.http().await;
+    for _ in 0..6 {
+        let reply = client.get("/r").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.backend(), "b1");
+    }
+    for _ in 0..6 {
+        let (_ws, name) = sluice.ws_named("/ws").await;
+        assert_eq!(name, "b1");
+    }
+}
+
+#[tokio::test]
+async fn all_backends_down_gives_503_with_retry_after() {
+    let cfg = config(&[refusing_addr().await, refusing_addr().await]);
+    let sluice = Sluice::with_config(cfg).await;
+    let mut client = sluice.http().await;
+    let reply = client.get("/").await;
+    assert_eq!(reply.status, 503);
+    let retry: u32 = reply.headers["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((1..=3).contains(&retry));
+    let err = tokio_tungstenite::connect_async(sluice.url("/ws")).await.expect_err("no backend");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 503);
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn retries_are_bounded_then_502() {
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[refusing_addr().await, backends[0].addr]);
+    cfg.pools[0].retries = 0;
+    let sluice = Sluice::with_config(cfg).await;
+    let mut client = sluice.http().await;
+    // The first pick of a fresh pool is its first backend: refused, and no retry allowed.
+    assert_eq!(client.get("/").await.status, 502);
+}
+
+#[tokio::test]
+async fn backend_closing_before_answering_gives_502() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = read_head(&mut s).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    let sluice = Sluice::with_config(config(&[addr])).await;
+    let mut client = sluice.http().await;
+    assert_eq!(client.get("/").await.status, 502);
+    eventually(5, "lease given back", || sluice.registry().pool(0).backends[0].active() == 0).await;
+}
