@@ -63,8 +63,18 @@ impl EchoBackend {
         let stats = Arc::new(EchoStats::default());
         let stop = CancellationToken::new();
         let name = name.to_string();
-        tokio::spawn(accept_loop(listener, name.clone(), stats.clone(), stop.clone()));
-        Ok(Self { name, addr, stats, stop })
+        tokio::spawn(accept_loop(
+            listener,
+            name.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        Ok(Self {
+            name,
+            addr,
+            stats,
+            stop,
+        })
     }
 
     /// WebSockets open now.
@@ -84,7 +94,12 @@ impl Drop for EchoBackend {
     }
 }
 
-async fn accept_loop(listener: TcpListener, name: String, stats: Arc<EchoStats>, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    name: String,
+    stats: Arc<EchoStats>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -129,7 +144,10 @@ async fn serve_request(
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if wants_ws {
         let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n".into());
+            return text(
+                StatusCode::BAD_REQUEST,
+                "missing Sec-WebSocket-Key\n".into(),
+            );
         };
         let accept = derive_accept_key(key.as_bytes());
         // Take the first subprotocol the client offers.
@@ -143,7 +161,8 @@ async fn serve_request(
         let ws_name = name.clone();
         tokio::spawn(async move {
             let Ok(upgraded) = upgrade.await else { return };
-            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             stats.ws_accepted.fetch_add(1, Ordering::SeqCst);
             stats.ws_open.fetch_add(1, Ordering::SeqCst);
             tokio::select! {
@@ -163,15 +182,20 @@ async fn serve_request(
         if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
         }
-        h.insert("x-backend", HeaderValue::from_str(&name).unwrap_or(HeaderValue::from_static("demo")));
+        h.insert(
+            "x-backend",
+            HeaderValue::from_str(&name).unwrap_or(HeaderValue::from_static("demo")),
+        );
         return resp;
     }
     stats.http_requests.fetch_add(1, Ordering::SeqCst);
     let mut resp = match req.uri().path() {
         "/" => {
             let mut resp = text(StatusCode::OK, PAGE.to_string());
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
             resp
         }
         "/health" => text(StatusCode::OK, "ok\n".into()),
@@ -189,8 +213,10 @@ async fn serve_request(
             let mut out = seen.into_bytes();
             out.extend_from_slice(&body);
             let mut resp = Response::new(Full::new(Bytes::from(out)));
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
             resp
         }
     };
@@ -204,7 +230,11 @@ async fn echo<S>(mut ws: WebSocketStream<S>, name: &str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if ws.send(Message::text(format!("connected to {name}"))).await.is_err() {
+    if ws
+        .send(Message::text(format!("connected to {name}")))
+        .await
+        .is_err()
+    {
         return;
     }
     while let Some(msg) = ws.next().await {
@@ -247,7 +277,10 @@ pub fn config(bind: SocketAddr, backends: &[EchoBackend]) -> Config {
 }
 
 /// Starts three demo backends and sluice in front of them on `bind`.
-pub async fn start(bind: SocketAddr, shutdown: CancellationToken) -> Result<(Vec<EchoBackend>, crate::Running), DemoError> {
+pub async fn start(
+    bind: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(Vec<EchoBackend>, crate::Running), DemoError> {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut backends = Vec::new();
     for i in 1..=3 {

@@ -57,7 +57,10 @@ pub struct Running {
 impl Running {
     /// Address of the listener named `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     /// Waits until sluice has shut down.
@@ -98,7 +101,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         bound.push((socket, ctx));
     }
     for (socket, ctx) in bound {
-        tasks.spawn(listener::serve(socket, ctx, tasks.clone(), shutdown.clone()));
+        tasks.spawn(listener::serve(
+            socket,
+            ctx,
+            tasks.clone(),
+            shutdown.clone(),
+        ));
     }
     let done = tokio::spawn(shut_down_on_cancel(
         registry.clone(),
@@ -120,7 +128,10 @@ async fn shut_down_on_cancel(
     grace: Duration,
 ) {
     shutdown.cancelled().await;
-    info!(websockets = registry.ws_total(), "shutting down: closing WebSockets with 1001");
+    info!(
+        websockets = registry.ws_total(),
+        "shutting down: closing WebSockets with 1001"
+    );
     registry.close_all(SHUTDOWN_CLOSE_CODE);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {

@@ -43,7 +43,9 @@ pub fn raise_fd_limit(max_connections: usize) {
             return;
         }
     };
-    let needed = (max_connections as u64).saturating_mul(2).saturating_add(64);
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
     if needed > limit {
         warn!(
             fd.limit = limit,

@@ -102,13 +102,22 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     if worker_threads > 0 {
         builder.worker_threads(worker_threads);
     }
-    builder.enable_all().build().context("starting the async runtime")
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// First SIGTERM or Ctrl-C: graceful shutdown. Second: drop everything now.
-async fn on_signals(shutdown: CancellationToken, registry: std::sync::Arc<sluice::registry::Registry>) {
+async fn on_signals(
+    shutdown: CancellationToken,
+    registry: std::sync::Arc<sluice::registry::Registry>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot listen for signals");
         return;
     };

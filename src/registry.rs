@@ -135,7 +135,9 @@ impl Backend {
 
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnControl>>> {
         // A panic while holding this lock leaves a plain map: still usable.
-        self.conns.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

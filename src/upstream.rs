@@ -28,7 +28,10 @@ pub enum UpstreamError {
     #[error("backend {addr} did not accept a connection within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("HTTP handshake with backend {addr}: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
     #[error("pool {pool:?}: every backend failed to accept a connection")]
     AllFailed { pool: String },
     #[error("pool {pool:?}: no backend is available")]
@@ -92,7 +95,9 @@ impl IdlePool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SendRequest<Incoming>, Instant)>> {
-        self.conns.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A live idle connection ready for a request, if one is kept.
@@ -174,7 +179,10 @@ impl Upstream {
 
     /// Picks a backend and connects to it; on a failed connect, tries other
     /// backends, `retries` more at most.
-    pub async fn connect(&self, registry: &Arc<Registry>) -> Result<(usize, Connected), UpstreamError> {
+    pub async fn connect(
+        &self,
+        registry: &Arc<Registry>,
+    ) -> Result<(usize, Connected), UpstreamError> {
         let mut tried = Vec::new();
         loop {
             let (i, lease) = self.next_lease(registry, &tried)?;
@@ -191,7 +199,11 @@ impl Upstream {
     }
 
     /// A lease on a backend not tried yet, or why there is none.
-    pub fn next_lease(&self, registry: &Arc<Registry>, tried: &[usize]) -> Result<(usize, Lease), UpstreamError> {
+    pub fn next_lease(
+        &self,
+        registry: &Arc<Registry>,
+        tried: &[usize],
+    ) -> Result<(usize, Lease), UpstreamError> {
         self.lease(registry, tried).ok_or_else(|| {
             let pool = self.cfg.name.clone();
             if tried.is_empty() {
@@ -203,9 +215,15 @@ impl Upstream {
     }
 
     /// After a failed attempt: `Err` when no further attempt may be made.
-    pub fn give_up_after(&self, tried: &[usize], error: UpstreamError) -> Result<(), UpstreamError> {
+    pub fn give_up_after(
+        &self,
+        tried: &[usize],
+        error: UpstreamError,
+    ) -> Result<(), UpstreamError> {
         if tried.len() >= self.cfg.backends.len() {
-            return Err(UpstreamError::AllFailed { pool: self.cfg.name.clone() });
+            return Err(UpstreamError::AllFailed {
+                pool: self.cfg.name.clone(),
+            });
         }
         if tried.len() > self.cfg.retries {
             return Err(error);

@@ -121,7 +121,11 @@ mod tests {
         active
             .iter()
             .zip(weights)
-            .map(|(&active, &weight)| Load { active, weight, eligible: true })
+            .map(|(&active, &weight)| Load {
+                active,
+                weight,
+                eligible: true,
+            })
             .collect()
     }
 

@@ -79,7 +79,10 @@ pub struct BackendConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}:{line}: {}{message}", path.display(), if context.is_empty() { String::new() } else { format!("{context}: ") })]
     Invalid {
         path: PathBuf,
@@ -178,12 +181,20 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             })?;
         let defaults = ListenerConfig::new(&name, bind, pool);
         let listener = ListenerConfig {
-            max_connections: t.integer("max_connections", defaults.max_connections as u64, 1, 10_000_000)? as usize,
+            max_connections: t.integer(
+                "max_connections",
+                defaults.max_connections as u64,
+                1,
+                10_000_000,
+            )? as usize,
             forwarded_headers: t.boolean("forwarded_headers", defaults.forwarded_headers)?,
             header_read_timeout: t.duration("header_read_timeout", defaults.header_read_timeout)?,
             ..defaults
         };
-        if listeners.iter().any(|l: &ListenerConfig| l.name == listener.name) {
+        if listeners
+            .iter()
+            .any(|l: &ListenerConfig| l.name == listener.name)
+        {
             return Err(t.error_here(format!("listener \"{name}\" is defined twice")));
         }
         t.finish()?;
@@ -210,27 +221,34 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     let defaults = PoolConfig::new(&name.value, Vec::new());
     let algorithm = match t.string("algorithm")? {
         None => defaults.algorithm,
-        Some(v) => match v.value.as_str() {
-            "least_conn" => Algorithm::LeastConn,
-            "round_robin" => Algorithm::RoundRobin,
-            other => {
-                return Err(t.error_at(
+        Some(v) => {
+            match v.value.as_str() {
+                "least_conn" => Algorithm::LeastConn,
+                "round_robin" => Algorithm::RoundRobin,
+                other => {
+                    return Err(t.error_at(
                     &v.span,
                     "algorithm",
                     format!("unknown algorithm \"{other}\"; expected \"least_conn\" or \"round_robin\""),
                 ));
+                }
             }
-        },
+        }
     };
     let mut backends: Vec<BackendConfig> = Vec::new();
     for mut b in t.tables("backend")? {
         let bname = b.required_string("name")?;
         b.set_context(format!("{} backend \"{}\"", t.context(), bname.value));
         let address = b.required_string("address")?;
-        let address = resolve(&address.value).map_err(|m| b.error_at(&address.span, "address", m))?;
+        let address =
+            resolve(&address.value).map_err(|m| b.error_at(&address.span, "address", m))?;
         let weight = b.integer("weight", 1, 1, 10_000)? as u32;
         if backends.iter().any(|x| x.name == bname.value) {
-            return Err(b.error_at(&bname.span, "name", format!("backend \"{}\" is defined twice", bname.value)));
+            return Err(b.error_at(
+                &bname.span,
+                "name",
+                format!("backend \"{}\" is defined twice", bname.value),
+            ));
         }
         b.finish()?;
         backends.push(BackendConfig {
@@ -248,7 +266,12 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
         retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,
         close_timeout: t.duration("close_timeout", defaults.close_timeout)?,
         keepalive_timeout: t.duration("keepalive_timeout", defaults.keepalive_timeout)?,
-        keepalive_max_idle: t.integer("keepalive_max_idle", defaults.keepalive_max_idle as u64, 0, 100_000)? as usize,
+        keepalive_max_idle: t.integer(
+            "keepalive_max_idle",
+            defaults.keepalive_max_idle as u64,
+            0,
+            100_000,
+        )? as usize,
         backends,
         ..defaults
     };
@@ -265,7 +288,9 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
         Ok(mut addrs) => addrs
             .next()
             .ok_or_else(|| format!("\"{text}\" resolves to no address")),
-        Err(e) => Err(format!("invalid address \"{text}\" ({e}); write host:port, e.g. \"127.0.0.1:4000\"")),
+        Err(e) => Err(format!(
+            "invalid address \"{text}\" ({e}); write host:port, e.g. \"127.0.0.1:4000\""
+        )),
     }
 }
 
@@ -314,31 +339,63 @@ address = "127.0.0.1:4000"
         let err = check(&text).unwrap_err();
         assert!(err.starts_with("sluice.toml:11: pool \"app\" backend \"app-1\": key \"address\": invalid address \"nowhere\""), "{err}");
         let text = format!("shutdown_timeout = \"soon\"\n{MINIMAL}");
-        assert!(check(&text).unwrap_err().starts_with("sluice.toml:1: key \"shutdown_timeout\": invalid duration"));
+        assert!(
+            check(&text)
+                .unwrap_err()
+                .starts_with("sluice.toml:1: key \"shutdown_timeout\": invalid duration")
+        );
         let text = MINIMAL.replace("pool = \"app\"", "pool = \"api\"");
-        assert_eq!(check(&text).unwrap_err(), "sluice.toml:4: listener \"listener1\": key \"pool\": no pool named \"api\"");
+        assert_eq!(
+            check(&text).unwrap_err(),
+            "sluice.toml:4: listener \"listener1\": key \"pool\": no pool named \"api\""
+        );
         let text = MINIMAL.replace("address", "weight = 0\naddress");
-        assert!(check(&text).unwrap_err().starts_with("sluice.toml:11: pool \"app\" backend \"app-1\": key \"weight\": 0 is out of range"));
+        assert!(check(&text).unwrap_err().starts_with(
+            "sluice.toml:11: pool \"app\" backend \"app-1\": key \"weight\": 0 is out of range"
+        ));
         let text = MINIMAL.replace("bind = \"127.0.0.1:8080\"", "bind = 8080");
-        assert_eq!(check(&text).unwrap_err(), "sluice.toml:3: listener \"listener1\": key \"bind\": expected a string, found an integer");
+        assert_eq!(
+            check(&text).unwrap_err(),
+            "sluice.toml:3: listener \"listener1\": key \"bind\": expected a string, found an integer"
+        );
     }
 
     #[test]
     fn structure_errors() {
         assert!(check("").unwrap_err().contains("no [[pool]]"));
-        assert!(check("[[pool]]\nname = \"a\"\n").unwrap_err().contains("pool \"a\": no [[pool.backend]]"));
+        assert!(
+            check("[[pool]]\nname = \"a\"\n")
+                .unwrap_err()
+                .contains("pool \"a\": no [[pool.backend]]")
+        );
         assert!(check("x = [").unwrap_err().starts_with("sluice.toml:1: "));
-        let twice = format!("{MINIMAL}\n[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n");
-        assert!(check(&twice).unwrap_err().contains("pool \"app\" is defined twice"));
+        let twice = format!(
+            "{MINIMAL}\n[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n"
+        );
+        assert!(
+            check(&twice)
+                .unwrap_err()
+                .contains("pool \"app\" is defined twice")
+        );
     }
 
     #[test]
     fn algorithms_and_weights() {
-        let text = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nalgorithm = \"round_robin\"\nretries = 0\n");
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nalgorithm = \"round_robin\"\nretries = 0\n",
+        );
         let cfg = check(&text).expect("valid");
         assert_eq!(cfg.pools[0].algorithm, Algorithm::RoundRobin);
         assert_eq!(cfg.pools[0].retries, 0);
-        let text = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nalgorithm = \"fastest\"\n");
-        assert!(check(&text).unwrap_err().contains("unknown algorithm \"fastest\""));
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nalgorithm = \"fastest\"\n",
+        );
+        assert!(
+            check(&text)
+                .unwrap_err()
+                .contains("unknown algorithm \"fastest\"")
+        );
     }
 }

@@ -23,7 +23,11 @@ pub(super) struct Source<'s> {
 impl Source<'_> {
     fn line(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
     }
 
     /// An error at `span`, in `context`.
@@ -136,7 +140,13 @@ impl<'s> Table<'s> {
     }
 
     /// An integer in `min..=max`.
-    pub fn integer(&mut self, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    pub fn integer(
+        &mut self,
+        key: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
         let Some(v) = self.take(key) else {
             return Ok(default);
         };
@@ -163,7 +173,10 @@ impl<'s> Table<'s> {
             self.error_at(
                 &v.span,
                 key,
-                format!("invalid duration \"{}\" ({e}); write e.g. \"250ms\", \"2s\", \"5m\"", v.value),
+                format!(
+                    "invalid duration \"{}\" ({e}); write e.g. \"250ms\", \"2s\", \"5m\"",
+                    v.value
+                ),
             )
         })
     }
@@ -175,7 +188,11 @@ impl<'s> Table<'s> {
         };
         let span = v.span();
         let DeValue::Array(items) = v.into_inner() else {
-            return Err(self.error_at(&span, key, "expected an array of tables, e.g. [[".to_string() + key + "]]"));
+            return Err(self.error_at(
+                &span,
+                key,
+                "expected an array of tables, e.g. [[".to_string() + key + "]]",
+            ));
         };
         let mut out = Vec::new();
         for item in items.iter() {

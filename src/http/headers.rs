@@ -76,7 +76,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Turns a client request into the request for the backend: origin-form
 /// target, HTTP/1.1, no hop-by-hop headers (but the upgrade pair for a
 /// WebSocket), and forwarded headers when enabled.
-pub fn prepare_request<B>(req: &mut Request<B>, peer: SocketAddr, forwarded: bool, websocket: bool) {
+pub fn prepare_request<B>(
+    req: &mut Request<B>,
+    peer: SocketAddr,
+    forwarded: bool,
+    websocket: bool,
+) {
     if req.uri().authority().is_some() {
         // Absolute-form target: the backend gets origin-form and a Host.
         if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned())
@@ -94,7 +99,9 @@ pub fn prepare_request<B>(req: &mut Request<B>, peer: SocketAddr, forwarded: boo
     }
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
-    let upgrade = websocket.then(|| headers.get(header::UPGRADE).cloned()).flatten();
+    let upgrade = websocket
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
     strip_hop_by_hop(headers);
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -150,22 +157,39 @@ mod tests {
             ("sec-websocket-version", "13"),
         ]);
         assert_eq!(check_websocket_request(&ok), Ok(()));
-        let no_key = req(&[("connection", "upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13")]);
+        let no_key = req(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+        ]);
         assert!(check_websocket_request(&no_key).is_err());
     }
 
     #[test]
     fn hop_by_hop_headers_go_and_named_ones_too() {
-        let mut r = req(&[("connection", "close, x-secret"), ("x-secret", "1"), ("keep-alive", "5"), ("cookie", "a=b")]);
+        let mut r = req(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+            ("cookie", "a=b"),
+        ]);
         prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), false, false);
         let h = r.headers();
-        assert!(h.get("connection").is_none() && h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert!(
+            h.get("connection").is_none()
+                && h.get("x-secret").is_none()
+                && h.get("keep-alive").is_none()
+        );
         assert_eq!(h["cookie"], "a=b");
     }
 
     #[test]
     fn websocket_keeps_the_upgrade_pair() {
-        let mut r = req(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket"), ("origin", "http://x")]);
+        let mut r = req(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("origin", "http://x"),
+        ]);
         prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), true, true);
         let h = r.headers();
         assert_eq!(h["connection"], "Upgrade");
@@ -189,7 +213,10 @@ mod tests {
 
     #[test]
     fn absolute_form_becomes_origin_form() {
-        let mut r = Request::builder().uri("http://example.com/a?b=1").body(()).expect("valid");
+        let mut r = Request::builder()
+            .uri("http://example.com/a?b=1")
+            .body(())
+            .expect("valid");
         prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), false, false);
         assert_eq!(r.uri(), "/a?b=1");
         assert_eq!(r.headers()["host"], "example.com");

@@ -95,7 +95,11 @@ async fn handle(
 }
 
 /// Forwards a plain HTTP request, reusing idle backend connections.
-async fn forward(mut req: Request<Incoming>, peer: SocketAddr, ctx: &ListenerCtx) -> Response<ProxyBody> {
+async fn forward(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    ctx: &ListenerCtx,
+) -> Response<ProxyBody> {
     headers::prepare_request(&mut req, peer, ctx.cfg.forwarded_headers, false);
     let upstream = &ctx.upstream;
     let mut tried = Vec::new();
@@ -231,7 +235,8 @@ fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
         let mut resp = status(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
         // Spread retries over a few seconds so that clients do not come back together.
         let secs = 1 + rand::random_range(0..3u32);
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
         resp
     } else {
         status(StatusCode::BAD_GATEWAY, "backend unavailable\n")

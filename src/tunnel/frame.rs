@@ -209,7 +209,10 @@ mod tests {
         assert_eq!(t.messages(), 1);
         let mut t = FrameTracker::default();
         t.scan(&data[..before_last], false);
-        assert!(!t.is_at_boundary(), "ping inside a fragmented message is no boundary");
+        assert!(
+            !t.is_at_boundary(),
+            "ping inside a fragmented message is no boundary"
+        );
     }
 
     #[test]
@@ -235,9 +238,15 @@ mod tests {
 
     #[test]
     fn close_frame_bytes() {
-        assert_eq!(close_frame(1012, None), ([0x88, 2, 0x03, 0xf4, 0, 0, 0, 0], 4));
+        assert_eq!(
+            close_frame(1012, None),
+            ([0x88, 2, 0x03, 0xf4, 0, 0, 0, 0], 4)
+        );
         let (masked, n) = close_frame(1012, Some([0xff, 0, 0, 0]));
-        assert_eq!(&masked[..n], &[0x88, 0x82, 0xff, 0, 0, 0, 0x03 ^ 0xff, 0xf4]);
+        assert_eq!(
+            &masked[..n],
+            &[0x88, 0x82, 0xff, 0, 0, 0, 0x03 ^ 0xff, 0xf4]
+        );
     }
 
     fn arb_frame() -> impl Strategy<Value = (bool, u8, usize, bool)> {

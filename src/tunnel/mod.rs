@@ -55,7 +55,9 @@ fn give_buffer(buf: Vec<u8>) {
     if buf.len() != BUF_SIZE {
         return;
     }
-    let mut pool = BUFFERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut pool = BUFFERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if pool.len() < MAX_POOLED_BUFFERS {
         pool.push(buf);
     }
@@ -331,13 +333,19 @@ impl Tunnel {
             || (self.down.tracker.close_seen() && !self.up.closed_by_us);
         match self.phase {
             Phase::Open => None,
-            Phase::Requested { code, since, mut last_activity } => {
+            Phase::Requested {
+                code,
+                since,
+                mut last_activity,
+            } => {
                 if self.up.active || self.down.active {
                     last_activity = now;
                 }
                 if peers_closing {
                     // A peer started the close handshake itself: let it finish.
-                    self.phase = Phase::Closing { deadline: now + self.close_timeout };
+                    self.phase = Phase::Closing {
+                        deadline: now + self.close_timeout,
+                    };
                     return self.step_phase(now);
                 }
                 let quiet = self.up.tracker.is_at_boundary()
@@ -346,10 +354,16 @@ impl Tunnel {
                 if quiet || now >= since + QUIET_MAX_WAIT {
                     self.up.inject = Some(code);
                     self.down.inject = Some(code);
-                    self.phase = Phase::Closing { deadline: now + self.close_timeout };
+                    self.phase = Phase::Closing {
+                        deadline: now + self.close_timeout,
+                    };
                     return None;
                 }
-                self.phase = Phase::Requested { code, since, last_activity };
+                self.phase = Phase::Requested {
+                    code,
+                    since,
+                    last_activity,
+                };
                 Some((last_activity + QUIET).min(since + QUIET_MAX_WAIT))
             }
             Phase::Closing { deadline } => Some(deadline),
@@ -377,7 +391,11 @@ impl Future for Tunnel {
             match this.control().poll_request(cx.waker()) {
                 CloseRequest::Abort => return Poll::Ready(Ok(this.stats())),
                 CloseRequest::Close(code) if matches!(this.phase, Phase::Open) => {
-                    this.phase = Phase::Requested { code, since: now, last_activity: now };
+                    this.phase = Phase::Requested {
+                        code,
+                        since: now,
+                        last_activity: now,
+                    };
                 }
                 _ => {}
             }
@@ -416,7 +434,9 @@ impl Future for Tunnel {
                 this.timer = None;
                 return Poll::Pending;
             };
-            let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             if timer.deadline() != at {
                 timer.as_mut().reset(at);
             }

@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use futures_util::future::join_all;
 use futures_util::SinkExt;
+use futures_util::future::join_all;
 use sluice::config::Algorithm;
 
 use crate::support::*;
@@ -34,16 +34,27 @@ async fn least_conn_spreads_evenly_and_refills_an_emptied_backend() {
     let mut conns = open_many(&sluice, 300, 50).await;
     for b in &backends {
         let n = b.ws_open();
-        assert!((98..=102).contains(&n), "{} has {n} of 300: {:?}", b.name, counts(&conns));
+        assert!(
+            (98..=102).contains(&n),
+            "{} has {n} of 300: {:?}",
+            b.name,
+            counts(&conns)
+        );
     }
     // Top up to 150 each, then close every WebSocket on b1.
     conns.extend(open_many(&sluice, 150, 25).await);
-    eventually(5, "450 open", || backends.iter().map(|b| b.ws_open()).sum::<usize>() == 450).await;
+    eventually(5, "450 open", || {
+        backends.iter().map(|b| b.ws_open()).sum::<usize>() == 450
+    })
+    .await;
     let (mut on_b1, rest): (Vec<_>, Vec<_>) = conns.into_iter().partition(|(_, name)| name == "b1");
     let closed = on_b1.len();
     assert!((148..=152).contains(&closed), "b1 had {closed}");
     join_all(on_b1.iter_mut().map(|(ws, _)| ws.close(None))).await;
-    eventually(10, "b1 empty", || backends[0].ws_open() == 0 && sluice.registry().pool(0).backends[0].ws_count() == 0).await;
+    eventually(10, "b1 empty", || {
+        backends[0].ws_open() == 0 && sluice.registry().pool(0).backends[0].ws_count() == 0
+    })
+    .await;
     // The next ones all go to the emptied backend.
     let next = open_many(&sluice, closed, 25).await;
     let c = counts(&next);
@@ -88,5 +99,7 @@ async fn in_flight_http_counts_for_least_conn() {
     let mut client = sluice.http().await;
     let reply = client.get("/x").await;
     assert_ne!(reply.backend(), first);
-    ws.send(tokio_tungstenite::tungstenite::Message::text("still here")).await.expect("send");
+    ws.send(tokio_tungstenite::tungstenite::Message::text("still here"))
+        .await
+        .expect("send");
 }

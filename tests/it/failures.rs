@@ -8,7 +8,9 @@ use crate::support::*;
 
 /// An address on which nothing listens (connections are refused).
 async fn refusing_addr() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     listener.local_addr().expect("addr")
 }
 
@@ -36,9 +38,15 @@ async fn all_backends_down_gives_503_with_retry_after() {
     let mut client = sluice.http().await;
     let reply = client.get("/").await;
     assert_eq!(reply.status, 503);
-    let retry: u32 = reply.headers["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    let retry: u32 = reply.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
     assert!((1..=3).contains(&retry));
-    let err = tokio_tungstenite::connect_async(sluice.url("/ws")).await.expect_err("no backend");
+    let err = tokio_tungstenite::connect_async(sluice.url("/ws"))
+        .await
+        .expect_err("no backend");
     match err {
         tokio_tungstenite::tungstenite::Error::Http(resp) => {
             assert_eq!(resp.status(), 503);
@@ -61,7 +69,9 @@ async fn retries_are_bounded_then_502() {
 
 #[tokio::test]
 async fn backend_closing_before_answering_gives_502() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -72,5 +82,8 @@ async fn backend_closing_before_answering_gives_502() {
     let sluice = Sluice::with_config(config(&[addr])).await;
     let mut client = sluice.http().await;
     assert_eq!(client.get("/").await.status, 502);
-    eventually(5, "lease given back", || sluice.registry().pool(0).backends[0].active() == 0).await;
+    eventually(5, "lease given back", || {
+        sluice.registry().pool(0).backends[0].active() == 0
+    })
+    .await;
 }

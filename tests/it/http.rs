@@ -17,7 +17,13 @@ async fn get_and_post_are_proxied_over_keep_alive() {
     for i in 0..5 {
         let reply = client.get(&format!("/item/{i}?q=1")).await;
         assert_eq!(reply.status, 200);
-        assert!(reply.text().starts_with(&format!("b1: GET /item/{i}?q=1\n")), "{}", reply.text());
+        assert!(
+            reply
+                .text()
+                .starts_with(&format!("b1: GET /item/{i}?q=1\n")),
+            "{}",
+            reply.text()
+        );
     }
     let req = hyper::Request::post("/submit")
         .header("host", "sluice.test")
@@ -25,7 +31,11 @@ async fn get_and_post_are_proxied_over_keep_alive() {
         .expect("request");
     let reply = client.send(req).await;
     assert_eq!(reply.status, 200);
-    assert!(reply.text().ends_with("\n\nname=sluice&x=1"), "{}", reply.text());
+    assert!(
+        reply.text().ends_with("\n\nname=sluice&x=1"),
+        "{}",
+        reply.text()
+    );
     // Six requests, one client connection, one upstream connection reused.
     assert_eq!(backends[0].stats.tcp_accepted.load(Ordering::SeqCst), 1);
     assert_eq!(backends[0].stats.http_requests.load(Ordering::SeqCst), 6);
@@ -52,7 +62,9 @@ async fn chunked_request_body_arrives_whole() {
         .await
         .expect("write");
     let mut out = Vec::new();
-    within(10, "response", stream.read_to_end(&mut out)).await.expect("read");
+    within(10, "response", stream.read_to_end(&mut out))
+        .await
+        .expect("read");
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(text.contains("hello world"), "{text}");
@@ -69,9 +81,15 @@ async fn forwarded_headers_reach_the_backend() {
         .body(Full::new(Bytes::new()))
         .expect("request");
     let seen = client.send(req).await.text();
-    assert!(seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{seen}"
+    );
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
-    assert!(seen.contains("forwarded: for=127.0.0.1;proto=http\n"), "{seen}");
+    assert!(
+        seen.contains("forwarded: for=127.0.0.1;proto=http\n"),
+        "{seen}"
+    );
     assert!(seen.contains("host: sluice.test\n"), "{seen}");
 }
 
@@ -79,11 +97,16 @@ async fn forwarded_headers_reach_the_backend() {
 async fn malformed_request_gets_400_and_is_not_forwarded() {
     let backends = echo_backends(1).await;
     let sluice = Sluice::start(&[&backends[0]]).await;
-    for garbage in [&b"THIS IS NOT HTTP\r\n\r\n"[..], b"GET / HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n"] {
+    for garbage in [
+        &b"THIS IS NOT HTTP\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n",
+    ] {
         let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
         stream.write_all(garbage).await.expect("write");
         let mut out = Vec::new();
-        within(10, "response", stream.read_to_end(&mut out)).await.expect("read");
+        within(10, "response", stream.read_to_end(&mut out))
+            .await
+            .expect("read");
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     }

@@ -1,7 +1,9 @@
 //! Integration tests: real sluice, real backends, real clients on loopback.
 
+mod balance;
+mod cli;
+mod close;
+mod failures;
 mod http;
 mod support;
 mod websocket;
-mod balance;
-mod failures;

@@ -47,7 +47,11 @@ pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 pub async fn echo_backends(n: usize) -> Vec<EchoBackend> {
     let mut out = Vec::new();
     for i in 1..=n {
-        out.push(EchoBackend::start(&format!("b{i}"), SocketAddr::from(LOOPBACK)).await.expect("backend starts"));
+        out.push(
+            EchoBackend::start(&format!("b{i}"), SocketAddr::from(LOOPBACK))
+                .await
+                .expect("backend starts"),
+        );
     }
     out
 }
@@ -64,7 +68,11 @@ pub fn config(addrs: &[SocketAddr]) -> Config {
     let backends = addrs
         .iter()
         .enumerate()
-        .map(|(i, a)| BackendConfig { name: format!("b{}", i + 1), address: *a, weight: 1 })
+        .map(|(i, a)| BackendConfig {
+            name: format!("b{}", i + 1),
+            address: *a,
+            weight: 1,
+        })
         .collect();
     let mut pool = PoolConfig::new("app", backends);
     pool.algorithm = Algorithm::LeastConn;
@@ -86,9 +94,15 @@ impl Sluice {
 
     pub async fn with_config(cfg: Config) -> Self {
         let shutdown = CancellationToken::new();
-        let running = sluice::start(cfg, shutdown.clone()).await.expect("sluice starts");
+        let running = sluice::start(cfg, shutdown.clone())
+            .await
+            .expect("sluice starts");
         let addr = running.listeners[0].1;
-        Self { running: Some(running), addr, shutdown }
+        Self {
+            running: Some(running),
+            addr,
+            shutdown,
+        }
     }
 
     pub fn registry(&self) -> &Arc<sluice::registry::Registry> {
@@ -138,23 +152,35 @@ pub fn big_ws_config() -> WebSocketConfig {
 }
 
 pub async fn ws_connect(url: &str) -> Ws {
-    let (ws, _) = within(10, "websocket connect", tokio_tungstenite::connect_async_with_config(url, Some(big_ws_config()), true))
-        .await
-        .expect("websocket handshake through sluice");
+    let (ws, _) = within(
+        10,
+        "websocket connect",
+        tokio_tungstenite::connect_async_with_config(url, Some(big_ws_config()), true),
+    )
+    .await
+    .expect("websocket handshake through sluice");
     ws
 }
 
 /// Reads the demo backend's first message, `connected to NAME`.
 pub async fn greeting(ws: &mut Ws) -> String {
-    let msg = within(10, "greeting", ws.next()).await.expect("a message").expect("no error");
+    let msg = within(10, "greeting", ws.next())
+        .await
+        .expect("a message")
+        .expect("no error");
     let text = msg.into_text().expect("text greeting").to_string();
-    text.strip_prefix("connected to ").expect("demo greeting").to_string()
+    text.strip_prefix("connected to ")
+        .expect("demo greeting")
+        .to_string()
 }
 
 /// Sends `msg` and expects it back unchanged.
 pub async fn echo(ws: &mut Ws, msg: Message) {
     ws.send(msg.clone()).await.expect("send");
-    let back = within(30, "echo", ws.next()).await.expect("a message").expect("no error");
+    let back = within(30, "echo", ws.next())
+        .await
+        .expect("a message")
+        .expect("no error");
     assert_eq!(back, msg, "echo differs");
 }
 
@@ -175,29 +201,49 @@ impl HttpReply {
     }
     /// The demo backend that answered.
     pub fn backend(&self) -> String {
-        self.headers.get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+        self.headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
     }
 }
 
 impl HttpClient {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect to sluice");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
         tokio::spawn(conn);
         Self { sender }
     }
 
     pub async fn send(&mut self, req: hyper::Request<Full<Bytes>>) -> HttpReply {
-        within(10, "http ready", self.sender.ready()).await.expect("connection usable");
-        let resp = within(10, "http response", self.sender.send_request(req)).await.expect("response");
+        within(10, "http ready", self.sender.ready())
+            .await
+            .expect("connection usable");
+        let resp = within(10, "http response", self.sender.send_request(req))
+            .await
+            .expect("response");
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = within(10, "http body", resp.into_body().collect()).await.expect("body").to_bytes();
-        HttpReply { status, headers, body }
+        let body = within(10, "http body", resp.into_body().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        HttpReply {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&mut self, path: &str) -> HttpReply {
-        let req = hyper::Request::get(path).header("host", "sluice.test").body(Full::new(Bytes::new())).expect("request");
+        let req = hyper::Request::get(path)
+            .header("host", "sluice.test")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
         self.send(req).await
     }
 }
@@ -218,12 +264,22 @@ pub struct RawBackend {
     pub seen: Arc<Mutex<Vec<RawSeen>>>,
 }
 
-pub type Session = Arc<dyn Fn(TcpStream, Arc<Mutex<Vec<RawSeen>>>, usize) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+pub type Session = Arc<
+    dyn Fn(
+            TcpStream,
+            Arc<Mutex<Vec<RawSeen>>>,
+            usize,
+        ) -> futures_util::future::BoxFuture<'static, ()>
+        + Send
+        + Sync,
+>;
 
 impl RawBackend {
     /// Answers 101 with `extra` headers, then runs `session`.
     pub async fn start(extra: &'static str, session: Session) -> Self {
-        let listener = TcpListener::bind(SocketAddr::from(LOOPBACK)).await.expect("bind");
+        let listener = TcpListener::bind(SocketAddr::from(LOOPBACK))
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen: Arc<Mutex<Vec<RawSeen>>> = Arc::default();
         let seen2 = seen.clone();
@@ -235,11 +291,18 @@ impl RawBackend {
                     let head = read_head(&mut stream).await;
                     let key = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .starts_with("sec-websocket-key:")
+                                .then(|| l[18..].trim().to_string())
+                        })
                         .unwrap_or_default();
                     let index = {
                         let mut s = seen.lock().expect("lock");
-                        s.push(RawSeen { head: head.clone(), bytes: Vec::new() });
+                        s.push(RawSeen {
+                            head: head.clone(),
+                            bytes: Vec::new(),
+                        });
                         s.len() - 1
                     };
                     let resp = format!(
@@ -260,21 +323,25 @@ impl RawBackend {
     pub async fn echo(extra: &'static str) -> Self {
         Self::start(
             extra,
-            Arc::new(|mut stream: TcpStream, seen: Arc<Mutex<Vec<RawSeen>>>, index: usize| {
-                Box::pin(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        seen.lock().expect("lock")[index].bytes.extend_from_slice(&buf[..n]);
-                        if stream.write_all(&buf[..n]).await.is_err() {
-                            return;
+            Arc::new(
+                |mut stream: TcpStream, seen: Arc<Mutex<Vec<RawSeen>>>, index: usize| {
+                    Box::pin(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            seen.lock().expect("lock")[index]
+                                .bytes
+                                .extend_from_slice(&buf[..n]);
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
                         }
-                    }
-                })
-            }),
+                    })
+                },
+            ),
         )
         .await
     }
@@ -332,6 +399,8 @@ pub fn frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
 /// Reads exactly `n` bytes.
 pub async fn read_exact(stream: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
-    within(20, "read_exact", stream.read_exact(&mut buf)).await.expect("read");
+    within(20, "read_exact", stream.read_exact(&mut buf))
+        .await
+        .expect("read");
     buf
 }

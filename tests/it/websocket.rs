@@ -41,8 +41,13 @@ async fn subprotocol_is_negotiated_with_the_backend() {
     let backends = echo_backends(1).await;
     let sluice = Sluice::start(&[&backends[0]]).await;
     let mut req = sluice.url("/ws").into_client_request().expect("request");
-    req.headers_mut().insert("sec-websocket-protocol", "chat.v2, chat.v1".parse().expect("value"));
-    let (mut ws, resp) = within(10, "connect", tokio_tungstenite::connect_async(req)).await.expect("handshake");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "chat.v2, chat.v1".parse().expect("value"),
+    );
+    let (mut ws, resp) = within(10, "connect", tokio_tungstenite::connect_async(req))
+        .await
+        .expect("handshake");
     assert_eq!(resp.headers()["sec-websocket-protocol"], "chat.v2");
     assert_eq!(greeting(&mut ws).await, "b1");
 }
@@ -56,11 +61,11 @@ async fn upgrade_headers_are_forwarded_and_101_comes_back_unchanged() {
         "Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nCookie: session=abc\r\nOrigin: https://app.example\r\n",
     )
     .await;
-    let expected_101 = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nsec-websocket-extensions: permessage-deflate; server_no_context_takeover\r\nx-app: yes\r\nset-cookie: sid=1\r\n\r\n"
-    );
+    let expected_101 = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nsec-websocket-extensions: permessage-deflate; server_no_context_takeover\r\nx-app: yes\r\nset-cookie: sid=1\r\n\r\n";
     assert_eq!(head, expected_101);
-    let seen = backend.seen.lock().expect("lock")[0].head.to_ascii_lowercase();
+    let seen = backend.seen.lock().expect("lock")[0]
+        .head
+        .to_ascii_lowercase();
     for line in [
         "get /raw http/1.1\r\n",
         "upgrade: websocket\r\n",
@@ -73,7 +78,10 @@ async fn upgrade_headers_are_forwarded_and_101_comes_back_unchanged() {
         "origin: https://app.example\r\n",
         "x-forwarded-for: 127.0.0.1\r\n",
     ] {
-        assert!(seen.contains(line), "backend did not see {line:?} in {seen}");
+        assert!(
+            seen.contains(line),
+            "backend did not see {line:?} in {seen}"
+        );
     }
 }
 
@@ -81,7 +89,11 @@ async fn upgrade_headers_are_forwarded_and_101_comes_back_unchanged() {
 async fn frames_pass_byte_for_byte_fragments_pings_compressed_and_close() {
     let backend = RawBackend::echo("").await;
     let sluice = Sluice::with_config(config(&[backend.addr])).await;
-    let (mut stream, head) = raw_ws_client(sluice.addr, "Sec-WebSocket-Extensions: permessage-deflate\r\n").await;
+    let (mut stream, head) = raw_ws_client(
+        sluice.addr,
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let key = Some([9, 8, 7, 6]);
     let mut sent = Vec::new();
@@ -92,7 +104,11 @@ async fn frames_pass_byte_for_byte_fragments_pings_compressed_and_close() {
     sent.extend(frame(0x8a, b"pong", key));
     sent.extend(frame(0x80, b"frag-three", key));
     // a "compressed" message (RSV1 set, as permessage-deflate does),
-    sent.extend(frame(0xc2, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], key));
+    sent.extend(frame(
+        0xc2,
+        &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00],
+        key,
+    ));
     // a 70,000-byte binary message (64-bit length),
     sent.extend(frame(0x82, &vec![0xab; 70_000], key));
     // and a close with code 4001.
@@ -102,7 +118,10 @@ async fn frames_pass_byte_for_byte_fragments_pings_compressed_and_close() {
     }
     let back = read_exact(&mut stream, sent.len()).await;
     assert_eq!(back, sent, "client got back exactly what it sent");
-    eventually(5, "backend saw every byte", || backend.seen.lock().expect("lock")[0].bytes.len() == sent.len()).await;
+    eventually(5, "backend saw every byte", || {
+        backend.seen.lock().expect("lock")[0].bytes.len() == sent.len()
+    })
+    .await;
     assert_eq!(backend.seen.lock().expect("lock")[0].bytes, sent);
 }
 
@@ -112,7 +131,12 @@ async fn close_codes_pass_in_both_directions() {
     let backends = echo_backends(1).await;
     let sluice = Sluice::start(&[&backends[0]]).await;
     let (mut ws, _) = sluice.ws_named("/ws").await;
-    ws.close(Some(CloseFrame { code: CloseCode::from(4001), reason: "bye".into() })).await.expect("close");
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close");
     let reply = within(5, "close reply", ws.next()).await;
     match reply {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4001),
@@ -123,7 +147,9 @@ async fn close_codes_pass_in_both_directions() {
         "",
         Arc::new(|mut stream: TcpStream, _seen, _i| {
             Box::pin(async move {
-                let _ = stream.write_all(&frame(0x88, &[0x0f, 0xa2, b'd', b'o', b'n', b'e'], None)).await;
+                let _ = stream
+                    .write_all(&frame(0x88, &[0x0f, 0xa2, b'd', b'o', b'n', b'e'], None))
+                    .await;
                 let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut [0u8; 64]).await;
             })
         }),
@@ -143,7 +169,9 @@ async fn close_codes_pass_in_both_directions() {
 #[tokio::test]
 async fn backend_refusing_the_upgrade_is_answered_as_is() {
     // A backend that answers the upgrade with 403 and a body.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -152,7 +180,9 @@ async fn backend_refusing_the_upgrade_is_answered_as_is() {
         }
     });
     let sluice = Sluice::with_config(config(&[addr])).await;
-    let err = tokio_tungstenite::connect_async(sluice.url("/ws")).await.expect_err("refused");
+    let err = tokio_tungstenite::connect_async(sluice.url("/ws"))
+        .await
+        .expect_err("refused");
     match err {
         tokio_tungstenite::tungstenite::Error::Http(resp) => {
             assert_eq!(resp.status(), 403);
@@ -160,6 +190,8 @@ async fn backend_refusing_the_upgrade_is_answered_as_is() {
         }
         other => panic!("expected HTTP 403, got {other:?}"),
     }
-    eventually(5, "lease given back", || sluice.registry().pool(0).backends[0].active() == 0).await;
+    eventually(5, "lease given back", || {
+        sluice.registry().pool(0).backends[0].active() == 0
+    })
+    .await;
 }
-

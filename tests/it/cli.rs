@@ -1,0 +1,265 @@
+//! The `sluice` binary: check, run + SIGTERM, demo.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("sluice.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Kills the child on drop, so a failing test leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sluice did not exit within {secs}s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn check_names_file_line_and_key_and_fails() {
+    let path = temp_file(
+        "bad",
+        "[[listener]]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\nalgoritm = \"least_conn\"\n\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "{}:7: pool \"app\": unknown key \"algoritm\"",
+        path.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+
+    let good = temp_file(
+        "good",
+        &std::fs::read_to_string(&path)
+            .expect("read")
+            .replace("algoritm", "algorithm"),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let missing = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/sluice.toml"])
+        .output()
+        .expect("runs");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/sluice.toml"));
+}
+
+/// An HTTP backend that answers after `delay`.
+async fn slow_http_backend(delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow!")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    within(10, "sluice listening", async {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
+    let echo = echo_backends(1).await;
+    let slow = slow_http_backend(Duration::from_millis(800)).await;
+    let (ws_port, http_port) = (free_port(), free_port());
+    let text = format!(
+        "shutdown_timeout = \"5s\"\n\
+         [[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:{ws_port}\"\npool = \"ws\"\n\
+         [[listener]]\nname = \"api\"\nbind = \"127.0.0.1:{http_port}\"\npool = \"api\"\n\
+         [[pool]]\nname = \"ws\"\n[[pool.backend]]\nname = \"echo\"\naddress = \"{}\"\n\
+         [[pool]]\nname = \"api\"\n[[pool.backend]]\nname = \"slow\"\naddress = \"{slow}\"\n",
+        echo[0].addr
+    );
+    let path = temp_file("term", &text);
+    let mut proc = Proc(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
+    let ws_addr: SocketAddr = format!("127.0.0.1:{ws_port}").parse().expect("addr");
+    let http_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    wait_listening(ws_addr).await;
+    wait_listening(http_addr).await;
+
+    let mut ws = ws_connect(&format!("ws://{ws_addr}/ws")).await;
+    assert_eq!(greeting(&mut ws).await, "b1");
+    let in_flight =
+        tokio::spawn(async move { HttpClient::connect(http_addr).await.get("/slow").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sigterm(&proc.0);
+
+    match within(5, "close 1001", ws.next()).await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected Close 1001, got {other:?}"),
+    }
+    while within(5, "close handshake", ws.next()).await.is_some() {}
+    let reply = within(5, "in-flight request", in_flight)
+        .await
+        .expect("task");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "slow!"));
+    let status = wait_exit(&mut proc.0, 5);
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(ws_addr).await.is_err(),
+        "listener closed"
+    );
+}
+
+#[tokio::test]
+async fn demo_serves_the_page_and_websockets_through_sluice() {
+    let port = free_port();
+    let mut proc = Proc(
+        Command::new(BIN)
+            .args(["demo", "--bind", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
+    let stdout = proc.0.stdout.take().expect("stdout");
+    let lines: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .take(7)
+        .map(|l| l.expect("line"))
+        .collect();
+    let ws_url = lines
+        .iter()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("websocket endpoint:")
+                .map(|u| u.trim().to_string())
+        })
+        .expect("websocket URL printed");
+    assert_eq!(ws_url, format!("ws://127.0.0.1:{port}/ws"));
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("backend demo-")).count(),
+        3
+    );
+
+    let mut names = std::collections::HashSet::new();
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        let mut ws = ws_connect(&ws_url).await;
+        names.insert(greeting(&mut ws).await);
+        echo(&mut ws, Message::text("hi")).await;
+        sockets.push(ws);
+    }
+    assert_eq!(
+        names.len(),
+        3,
+        "three sockets reach the three demo backends: {names:?}"
+    );
+
+    let mut page = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    page.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    within(5, "page", page.read_to_end(&mut out))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("new WebSocket("), "the page opens a socket");
+    sigterm(&proc.0);
+
+    // Clients that answer the Close let sluice exit at once.
+    for mut ws in sockets {
+        match within(5, "close 1001", ws.next()).await {
+            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+            other => panic!("expected Close 1001, got {other:?}"),
+        }
+        while within(5, "close handshake", ws.next()).await.is_some() {}
+    }
+    assert_eq!(wait_exit(&mut proc.0, 10).code(), Some(0));
+}
