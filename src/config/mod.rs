@@ -382,8 +382,14 @@ address = "127.0.0.1:4000"
     #[test]
     fn shipped_examples_are_valid() {
         for (name, text) in [
-            ("examples/sluice.toml", include_str!("../../examples/sluice.toml")),
-            ("examples/minimal.toml", include_str!("../../examples/minimal.toml")),
+            (
+                "examples/sluice.toml",
+                include_str!("../../examples/sluice.toml"),
+            ),
+            (
+                "examples/minimal.toml",
+                include_str!("../../examples/minimal.toml"),
+            ),
         ] {
             if let Err(e) = parse(text, Path::new(name)) {
                 panic!("{e}");
