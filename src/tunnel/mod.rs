@@ -387,10 +387,10 @@ impl Future for Tunnel {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         loop {
-            let now = Instant::now();
             match this.control().poll_request(cx.waker()) {
                 CloseRequest::Abort => return Poll::Ready(Ok(this.stats())),
                 CloseRequest::Close(code) if matches!(this.phase, Phase::Open) => {
+                    let now = Instant::now();
                     this.phase = Phase::Requested {
                         code,
                         since: now,
@@ -404,6 +404,11 @@ impl Future for Tunnel {
             if up.is_ready() && down.is_ready() {
                 return Poll::Ready(Ok(this.stats()));
             }
+            if matches!(this.phase, Phase::Open) && up.is_pending() && down.is_pending() {
+                // The common case: proxying, nothing timed to wait for.
+                return Poll::Pending;
+            }
+            let now = Instant::now();
             if this.close_complete() {
                 // Both Close frames answered: end TCP on both sides.
                 let _ = Pin::new(&mut this.client).poll_shutdown(cx);

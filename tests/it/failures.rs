@@ -87,3 +87,61 @@ async fn backend_closing_before_answering_gives_502() {
     })
     .await;
 }
+
+/// A backend whose accept queue is full: the kernel drops further SYNs, so
+/// connecting to it hangs until the connect timeout.
+struct Blackhole {
+    addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _fillers: Vec<tokio::net::TcpStream>,
+}
+
+async fn blackhole() -> Blackhole {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    // Fill the accept queue (never accepted); stop once a connect hangs.
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    Blackhole {
+        addr,
+        _listener: listener,
+        _fillers: fillers,
+    }
+}
+
+#[tokio::test]
+async fn connect_timeout_moves_on_to_another_backend() {
+    let hole = blackhole().await;
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[hole.addr, backends[0].addr]);
+    cfg.pools[0].connect_timeout = std::time::Duration::from_millis(300);
+    let sluice = Sluice::with_config(cfg).await;
+    let mut client = sluice.http().await;
+    let started = std::time::Instant::now();
+    // The fresh pool picks its first backend first: the black hole.
+    let reply = client.get("/t").await;
+    assert_eq!((reply.status, reply.backend().as_str()), (200, "b1"));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "waited for the timeout"
+    );
+    // With only the black hole: the connect times out and the pool has nothing: 503.
+    let mut cfg = config(&[hole.addr]);
+    cfg.pools[0].connect_timeout = std::time::Duration::from_millis(300);
+    let sluice = Sluice::with_config(cfg).await;
+    assert_eq!(sluice.http().await.get("/t").await.status, 503);
+}

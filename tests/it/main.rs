@@ -5,5 +5,6 @@ mod cli;
 mod close;
 mod failures;
 mod http;
+#[path = "../support/mod.rs"]
 mod support;
 mod websocket;
