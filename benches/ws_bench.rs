@@ -1,0 +1,855 @@
+//! WebSocket benchmark: sluice's memory per idle WebSocket and its echo
+//! throughput, next to a direct connection and (when installed) HAProxy and
+//! nginx.
+//!
+//! What it does, all on loopback:
+//!
+//! 1. Starts three `sluice::demo::EchoBackend`s in this process. Each
+//!    WebSocket gets `connected to NAME` first, then every message back.
+//! 2. Echo throughput directly to the backends (round robin over the three):
+//!    100 WebSockets, each sending a 64-byte binary message and waiting for
+//!    its echo, in a loop, for 10 s (3 s with `--quick`).
+//! 3. For sluice (the release binary, `sluice run --config FILE`, with
+//!    `worker_threads = 1`), then HAProxy (`nbthread 1`) and nginx
+//!    (`worker_processes 1`) if `haproxy`/`nginx` are on PATH, each on its
+//!    own free port with a generated config:
+//!    - memory: the proxy's RSS (VmRSS; for nginx master + workers) with no
+//!      connection, after 2,000 and 8,000 idle proxied WebSockets (each has
+//!      read its greeting, so the tunnel is up), and 2 s after closing them
+//!      all; KiB per connection = (RSS at N - RSS at 0) / N;
+//!    - the same echo throughput as step 2, through the proxy, and its
+//!      ratio to the direct figure.
+//!
+//! The client load and the backends run on a multi-thread tokio runtime in
+//! this process. A process may hold at most 20,000 file descriptors here and
+//! this process holds both ends of every proxied connection it makes (client
+//! and backend side), so it never opens more than 8,000 WebSockets at once.
+//!
+//! Run:
+//!
+//! ```text
+//! cargo bench --bench ws_bench                  # 10 s echo runs, 2,000 and 8,000 idle WebSockets
+//! cargo bench --bench ws_bench -- --quick       # 3 s echo runs, 2,000 idle WebSockets
+//! cargo bench --bench ws_bench -- --seconds 20  # longer echo runs
+//! cargo bench --bench ws_bench -- --only sluice  # skip HAProxy and nginx
+//! ```
+//!
+//! Every process it starts is stopped by PID at the end (and on errors).
+
+use std::fs;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, TryStreamExt, stream};
+use sluice::demo::EchoBackend;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Idle WebSocket counts at which the proxy's RSS is read.
+const MEMORY_STEPS: [usize; 2] = [2_000, 8_000];
+/// Hard cap: this process holds two descriptors per proxied WebSocket.
+const MAX_CONNS: usize = 8_000;
+const QUICK_MAX_CONNS: usize = 2_000;
+const DEFAULT_SECONDS: u64 = 10;
+const QUICK_SECONDS: u64 = 3;
+const MAX_SECONDS: u64 = 600;
+/// WebSockets opened (or closed) at once.
+const OPEN_CONCURRENCY: usize = 200;
+/// WebSockets in the echo throughput test.
+const ECHO_CONNS: usize = 100;
+const ECHO_PAYLOAD: usize = 64;
+/// Upper bound on round trips per echo connection, whatever the duration.
+const MAX_ROUND_TRIPS: u64 = 100_000_000;
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(50);
+/// Pause before reading RSS after opening connections.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Pause before reading RSS after closing every connection.
+const AFTER_CLOSE: Duration = Duration::from_secs(2);
+const BACKENDS: usize = 3;
+
+fn main() -> Result<()> {
+    let fd_limit =
+        rlimit::increase_nofile_limit(u64::MAX).context("raising the open file limit")?;
+    let opts = Options::parse(std::env::args().skip(1))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(&opts, fd_limit))
+}
+
+/// Command-line options (after `cargo bench --bench ws_bench --`).
+struct Options {
+    quick: bool,
+    seconds: u64,
+    max_conns: usize,
+    /// Benchmark only this proxy (sluice, haproxy or nginx).
+    only: Option<String>,
+}
+
+impl Options {
+    const USAGE: &str = "usage: cargo bench --bench ws_bench [-- [--quick] [--seconds N] [--only sluice|haproxy|nginx]]";
+
+    fn parse(args: impl IntoIterator<Item = String>) -> Result<Self> {
+        let mut quick = false;
+        let mut seconds = None;
+        let mut only = None;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => quick = true,
+                "--only" => only = Some(args.next().context("--only needs a proxy name")?),
+                "--seconds" => {
+                    let value = args.next().context("--seconds needs a value")?;
+                    let n: u64 = value
+                        .parse()
+                        .with_context(|| format!("--seconds {value:?}: not a whole number"))?;
+                    ensure!(
+                        (1..=MAX_SECONDS).contains(&n),
+                        "--seconds must be 1..={MAX_SECONDS}"
+                    );
+                    seconds = Some(n);
+                }
+                // cargo bench passes --bench to harness = false targets.
+                "--bench" => {}
+                "-h" | "--help" => {
+                    println!("{}", Self::USAGE);
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?}\n{}", Self::USAGE),
+            }
+        }
+        let default_seconds = if quick {
+            QUICK_SECONDS
+        } else {
+            DEFAULT_SECONDS
+        };
+        Ok(Self {
+            quick,
+            seconds: seconds.unwrap_or(default_seconds),
+            max_conns: if quick { QUICK_MAX_CONNS } else { MAX_CONNS },
+            only,
+        })
+    }
+
+    fn memory_steps(&self) -> Vec<usize> {
+        MEMORY_STEPS
+            .into_iter()
+            .filter(|&n| n <= self.max_conns)
+            .collect()
+    }
+
+    fn echo_duration(&self) -> Duration {
+        Duration::from_secs(self.seconds)
+    }
+}
+
+async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
+    println!(
+        "ws_bench: mode {}, echo {} conns x {} B for {} s, idle steps {:?}, {} cores, fd limit {}",
+        if opts.quick { "quick" } else { "full" },
+        ECHO_CONNS,
+        ECHO_PAYLOAD,
+        opts.seconds,
+        opts.memory_steps(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        fd_limit,
+    );
+    let backends = start_backends().await?;
+    let backend_addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let dir = TempDir::new()?;
+
+    let direct_urls: Vec<String> = backend_addrs.iter().map(|a| ws_url(*a)).collect();
+    let direct = measure_echo(&direct_urls, opts.echo_duration())
+        .await
+        .context("direct echo")?;
+    println!("direct: {direct:.0} msg/s");
+    let mut rows = vec![Row {
+        name: "direct".into(),
+        memory: None,
+        echo_per_sec: direct,
+    }];
+
+    for kind in ProxyKind::ALL {
+        if opts.only.as_deref().is_some_and(|only| only != kind.name()) {
+            continue;
+        }
+        if !kind.is_available() {
+            println!(
+                "{}: skipped ({} is not on PATH)",
+                kind.name(),
+                kind.program()
+            );
+            continue;
+        }
+        let row = bench_proxy(kind, &backend_addrs, &backends, dir.path(), opts)
+            .await
+            .with_context(|| format!("benchmarking {}", kind.name()))?;
+        rows.push(row);
+    }
+
+    println!();
+    print_table(&rows, &opts.memory_steps(), direct);
+    println!();
+    print_figures(&rows, direct);
+    Ok(())
+}
+
+async fn start_backends() -> Result<Vec<EchoBackend>> {
+    let mut backends = Vec::with_capacity(BACKENDS);
+    for i in 1..=BACKENDS {
+        let name = format!("echo-{i}");
+        let bind: SocketAddr = "127.0.0.1:0".parse()?;
+        let backend = EchoBackend::start(&name, bind)
+            .await
+            .with_context(|| format!("starting backend {name}"))?;
+        backends.push(backend);
+    }
+    Ok(backends)
+}
+
+/// One proxy's run: start it, memory, echo throughput, stop it.
+async fn bench_proxy(
+    kind: ProxyKind,
+    backend_addrs: &[SocketAddr],
+    backends: &[EchoBackend],
+    dir: &Path,
+    opts: &Options,
+) -> Result<Row> {
+    let port = free_port()?;
+    let mut proxy = kind.start(port, backend_addrs, dir)?;
+    wait_until_ready(&mut proxy, port).await?;
+    println!(
+        "{}: listening on 127.0.0.1:{port} (pid {})",
+        kind.name(),
+        proxy.pid()
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let memory = measure_memory(&proxy, addr, backends, &opts.memory_steps()).await?;
+    let echo_per_sec = measure_echo(&[ws_url(addr)], opts.echo_duration()).await?;
+    println!("{}: {echo_per_sec:.0} msg/s", kind.name());
+    proxy.stop();
+    Ok(Row {
+        name: kind.name().into(),
+        memory: Some(memory),
+        echo_per_sec,
+    })
+}
+
+// ---------------------------------------------------------------- proxies
+
+#[derive(Clone, Copy)]
+enum ProxyKind {
+    Sluice,
+    Haproxy,
+    Nginx,
+}
+
+impl ProxyKind {
+    const ALL: [Self; 3] = [Self::Sluice, Self::Haproxy, Self::Nginx];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sluice => "sluice",
+            Self::Haproxy => "haproxy",
+            Self::Nginx => "nginx",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Self::Sluice => env!("CARGO_BIN_EXE_sluice"),
+            Self::Haproxy => "haproxy",
+            Self::Nginx => "nginx",
+        }
+    }
+
+    fn is_available(self) -> bool {
+        match self {
+            Self::Sluice => true,
+            Self::Haproxy | Self::Nginx => on_path(self.program()),
+        }
+    }
+
+    /// Writes this proxy's config into `dir` and spawns it.
+    fn start(self, port: u16, backends: &[SocketAddr], dir: &Path) -> Result<Proc> {
+        let name = self.name();
+        let config = dir.join(format!("{name}.conf"));
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(self.program());
+        let text = match self {
+            Self::Sluice => {
+                cmd.arg("run")
+                    .arg("--config")
+                    .arg(&config)
+                    .env("SLUICE_LOG", "warn");
+                sluice_config(port, backends)
+            }
+            Self::Haproxy => {
+                cmd.arg("-db").arg("-f").arg(&config);
+                haproxy_config(port, backends)
+            }
+            Self::Nginx => {
+                let prefix = dir.join("nginx");
+                fs::create_dir_all(&prefix)
+                    .with_context(|| format!("creating {}", prefix.display()))?;
+                cmd.arg("-p").arg(&prefix).arg("-c").arg(&config);
+                nginx_config(port, backends, &prefix, running_as_root())
+            }
+        };
+        fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        Proc::spawn(name, cmd, log)
+    }
+}
+
+fn sluice_config(port: u16, backends: &[SocketAddr]) -> String {
+    let mut text = format!(
+        "worker_threads = 1\nshutdown_timeout = \"2s\"\n\n\
+         [[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:{port}\"\npool = \"echo\"\nmax_connections = 9000\n\n\
+         [[pool]]\nname = \"echo\"\nalgorithm = \"least_conn\"\n"
+    );
+    for (i, addr) in backends.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[pool.backend]]\nname = \"echo-{}\"\naddress = \"{addr}\"\n",
+            i + 1
+        ));
+    }
+    text
+}
+
+fn haproxy_config(port: u16, backends: &[SocketAddr]) -> String {
+    let mut text = format!(
+        "global\n    nbthread 1\n    maxconn 9000\n\n\
+         defaults\n    mode http\n    maxconn 9000\n    timeout connect 5s\n    timeout client 1h\n    \
+         timeout server 1h\n    timeout tunnel 1h\n    timeout http-request 10s\n\n\
+         frontend bench\n    bind 127.0.0.1:{port}\n    default_backend echo\n\n\
+         backend echo\n    balance leastconn\n"
+    );
+    for (i, addr) in backends.iter().enumerate() {
+        text.push_str(&format!("    server echo-{} {addr}\n", i + 1));
+    }
+    text
+}
+
+fn nginx_config(port: u16, backends: &[SocketAddr], prefix: &Path, as_root: bool) -> String {
+    let p = prefix.display();
+    let servers: String = backends
+        .iter()
+        .map(|a| format!("        server {a};\n"))
+        .collect();
+    // As root, nginx would switch its worker to `nobody`: keep the current user.
+    let user = if as_root { "user root;\n" } else { "" };
+    format!(
+        "{user}worker_processes 1;\ndaemon off;\nmaster_process on;\npid {p}/nginx.pid;\n\
+         error_log {p}/error.log warn;\nworker_rlimit_nofile 19500;\n\n\
+         events {{\n    worker_connections 19000;\n}}\n\n\
+         http {{\n    access_log off;\n\
+         \x20   client_body_temp_path {p}/client_body;\n    proxy_temp_path {p}/proxy;\n\
+         \x20   fastcgi_temp_path {p}/fastcgi;\n    uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n\n\
+         \x20   upstream echo {{\n        least_conn;\n{servers}    }}\n\n\
+         \x20   server {{\n        listen 127.0.0.1:{port} backlog=4096;\n\
+         \x20       location / {{\n            proxy_pass http://echo;\n            proxy_http_version 1.1;\n\
+         \x20           proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection \"upgrade\";\n\
+         \x20           proxy_read_timeout 3600s;\n            proxy_send_timeout 3600s;\n        }}\n    }}\n}}\n"
+    )
+}
+
+/// A child process, stopped by PID (with its direct children) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone().context("duplicating the log file handle")?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {name} ({:?})", cmd.get_program()))?;
+        Ok(Self { name, child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has exited, quoting the end of its log.
+    fn check_running(&mut self) -> Result<()> {
+        match self
+            .child
+            .try_wait()
+            .with_context(|| format!("checking on {}", self.name))?
+        {
+            None => Ok(()),
+            Some(status) => bail!(
+                "{} exited ({status}); its log ends with:\n{}",
+                self.name,
+                self.log_tail()
+            ),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// RSS of the process plus its direct children (nginx's workers), KiB.
+    fn rss_kib(&self) -> Result<u64> {
+        let pid = self.pid();
+        let mut total = vm_rss_kib(pid)?;
+        for child in child_pids(pid) {
+            // A child may exit between the listing and the read.
+            total += vm_rss_kib(child).unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; children that outlive
+    /// the process get SIGKILL too.
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let pid = self.pid();
+        let children = child_pids(pid);
+        send_signal(pid, "TERM");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(POLL);
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            eprintln!("{} (pid {pid}) ignored SIGTERM: killing it", self.name);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for child in children {
+            if Path::new(&format!("/proc/{child}")).exists() {
+                send_signal(child, "KILL");
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if let Err(error) = status {
+        eprintln!("kill -{signal} {pid}: {error}");
+    }
+}
+
+async fn wait_until_ready(proxy: &mut Proc, port: u16) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        proxy.check_running()?;
+        if StdTcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    bail!(
+        "{} did not accept connections on port {port} within {READY_TIMEOUT:?}; its log ends with:\n{}",
+        proxy.name,
+        proxy.log_tail()
+    )
+}
+
+// ------------------------------------------------------------------ memory
+
+/// Proxy RSS at 0 connections, at each step, and after closing them all.
+struct Memory {
+    start_kib: u64,
+    steps: Vec<(usize, u64)>,
+    after_close_kib: u64,
+}
+
+impl Memory {
+    fn at(&self, conns: usize) -> Option<u64> {
+        self.steps
+            .iter()
+            .find(|(n, _)| *n == conns)
+            .map(|(_, kib)| *kib)
+    }
+
+    fn per_conn_kib(&self, conns: usize) -> Option<f64> {
+        let kib = self.at(conns)?;
+        Some((kib as f64 - self.start_kib as f64) / conns as f64)
+    }
+}
+
+async fn measure_memory(
+    proxy: &Proc,
+    addr: SocketAddr,
+    backends: &[EchoBackend],
+    steps: &[usize],
+) -> Result<Memory> {
+    tokio::time::sleep(SETTLE).await;
+    let start_kib = proxy.rss_kib()?;
+    println!("{}: RSS {start_kib} KiB with no connection", proxy.name);
+    let url = ws_url(addr);
+    let mut conns: Vec<Ws> = Vec::new();
+    let mut figures = Vec::new();
+    for &target in steps {
+        let opened = Instant::now();
+        let more = open_many(&url, target - conns.len()).await?;
+        conns.extend(more);
+        let secs = opened.elapsed().as_secs_f64();
+        tokio::time::sleep(SETTLE).await;
+        let kib = proxy.rss_kib()?;
+        println!(
+            "{}: RSS {kib} KiB with {target} idle WebSockets (opened in {secs:.1} s; backends hold {})",
+            proxy.name,
+            backends_open(backends),
+        );
+        figures.push((target, kib));
+    }
+    let clean = close_all(conns).await;
+    tokio::time::sleep(AFTER_CLOSE).await;
+    let after_close_kib = proxy.rss_kib()?;
+    println!(
+        "{}: RSS {after_close_kib} KiB {AFTER_CLOSE:?} after closing them ({clean} clean closes; backends hold {})",
+        proxy.name,
+        backends_open(backends),
+    );
+    Ok(Memory {
+        start_kib,
+        steps: figures,
+        after_close_kib,
+    })
+}
+
+fn backends_open(backends: &[EchoBackend]) -> usize {
+    backends.iter().map(EchoBackend::ws_open).sum()
+}
+
+// -------------------------------------------------------------- websockets
+
+fn ws_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/ws")
+}
+
+/// Opens a WebSocket and reads the backend's greeting (so the tunnel is up).
+async fn open_ws(url: &str) -> Result<Ws> {
+    let open = async {
+        let (mut ws, _) = connect_async_with_config(url, None, true)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let greeting = ws
+            .next()
+            .await
+            .context("closed before the greeting")?
+            .context("reading the greeting")?;
+        match &greeting {
+            Message::Text(text) if text.starts_with("connected to ") => Ok(ws),
+            other => bail!("unexpected greeting from {url}: {other:?}"),
+        }
+    };
+    tokio::time::timeout(OPEN_TIMEOUT, open)
+        .await
+        .with_context(|| format!("opening {url}: no greeting within {OPEN_TIMEOUT:?}"))?
+}
+
+/// Opens `n` WebSockets to `url`, [`OPEN_CONCURRENCY`] at a time.
+async fn open_many(url: &str, n: usize) -> Result<Vec<Ws>> {
+    stream::iter(0..n)
+        .map(|_| open_ws(url))
+        .buffer_unordered(OPEN_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Sends a Close frame and waits for the peer's; true if that completed.
+async fn close_ws(mut ws: Ws) -> bool {
+    let close = async {
+        ws.close(None).await?;
+        // Read up to the peer's Close; the stream ends after it.
+        while let Some(msg) = ws.next().await {
+            msg?;
+        }
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+    };
+    matches!(tokio::time::timeout(CLOSE_TIMEOUT, close).await, Ok(Ok(())))
+}
+
+/// Closes every WebSocket, [`OPEN_CONCURRENCY`] at a time; returns the clean closes.
+async fn close_all(conns: Vec<Ws>) -> usize {
+    stream::iter(conns)
+        .map(close_ws)
+        .buffer_unordered(OPEN_CONCURRENCY)
+        .filter(|clean| std::future::ready(*clean))
+        .count()
+        .await
+}
+
+// -------------------------------------------------------------------- echo
+
+/// Echo round trips per second over [`ECHO_CONNS`] WebSockets, spread
+/// round robin over `urls`, counting the round trips done within `duration`.
+async fn measure_echo(urls: &[String], duration: Duration) -> Result<f64> {
+    let conns: Vec<Ws> = stream::iter(0..ECHO_CONNS)
+        .map(|i| open_ws(&urls[i % urls.len()]))
+        .buffer_unordered(OPEN_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let deadline = tokio::time::Instant::now() + duration;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|ws| tokio::spawn(echo_loop(ws, deadline)))
+        .collect();
+    let mut total = 0u64;
+    for task in tasks {
+        total += task.await.context("echo task panicked")??;
+    }
+    Ok(total as f64 / duration.as_secs_f64())
+}
+
+/// Sends a message and waits for its echo until `deadline`; returns the round trips finished by then.
+async fn echo_loop(mut ws: Ws, deadline: tokio::time::Instant) -> Result<u64> {
+    let payload = Bytes::from(vec![0x5a; ECHO_PAYLOAD]);
+    let mut done = 0;
+    for _ in 0..MAX_ROUND_TRIPS {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::timeout(ECHO_TIMEOUT, round_trip(&mut ws, &payload))
+            .await
+            .with_context(|| format!("no echo within {ECHO_TIMEOUT:?}"))??;
+        if tokio::time::Instant::now() <= deadline {
+            done += 1;
+        }
+    }
+    close_ws(ws).await;
+    Ok(done)
+}
+
+async fn round_trip(ws: &mut Ws, payload: &Bytes) -> Result<()> {
+    ws.send(Message::Binary(payload.clone()))
+        .await
+        .context("sending")?;
+    // Skip control frames (a few at most) until the echo.
+    for _ in 0..8 {
+        match ws
+            .next()
+            .await
+            .context("closed while waiting for the echo")?
+            .context("reading the echo")?
+        {
+            Message::Binary(echo) if echo == *payload => return Ok(()),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => bail!("unexpected reply: {other:?}"),
+        }
+    }
+    bail!("no echo after 8 control frames")
+}
+
+// ------------------------------------------------------------------ report
+
+struct Row {
+    name: String,
+    memory: Option<Memory>,
+    echo_per_sec: f64,
+}
+
+fn print_table(rows: &[Row], steps: &[usize], direct: f64) {
+    let mut header = vec!["target".to_string(), "RSS idle KiB".to_string()];
+    for n in steps {
+        header.push(format!("RSS @{n} KiB"));
+        header.push(format!("KiB/conn @{n}"));
+    }
+    header.extend([
+        "RSS closed KiB".into(),
+        "echo msg/s".into(),
+        "vs direct".into(),
+    ]);
+    let mut table = vec![header];
+    for row in rows {
+        let mem = row.memory.as_ref();
+        let mut cells = vec![row.name.clone(), cell(mem.map(|m| m.start_kib))];
+        for &n in steps {
+            cells.push(cell(mem.and_then(|m| m.at(n))));
+            cells.push(
+                mem.and_then(|m| m.per_conn_kib(n))
+                    .map_or("-".into(), |k| format!("{k:.2}")),
+            );
+        }
+        cells.push(cell(mem.map(|m| m.after_close_kib)));
+        cells.push(format!("{:.0}", row.echo_per_sec));
+        cells.push(format!("{:.3}", row.echo_per_sec / direct));
+        table.push(cells);
+    }
+    let widths: Vec<usize> = (0..table[0].len())
+        .map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for (i, cells) in table.iter().enumerate() {
+        let line: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (text, w))| {
+                if c == 0 {
+                    format!("{text:<w$}")
+                } else {
+                    format!("{text:>w$}")
+                }
+            })
+            .collect();
+        println!("{}", line.join(" | "));
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            println!("{}", rule.join("-|-"));
+        }
+    }
+}
+
+fn cell(value: Option<u64>) -> String {
+    value.map_or("-".into(), |v| v.to_string())
+}
+
+/// One `name.figure = value` line per figure.
+fn print_figures(rows: &[Row], direct: f64) {
+    for row in rows {
+        let name = &row.name;
+        if let Some(m) = &row.memory {
+            println!("{name}.rss_start_kib = {}", m.start_kib);
+            for &(n, kib) in &m.steps {
+                println!("{name}.rss_at_{n}_kib = {kib}");
+                if let Some(per) = m.per_conn_kib(n) {
+                    println!("{name}.kib_per_conn_at_{n} = {per:.2}");
+                }
+            }
+            println!("{name}.rss_after_close_kib = {}", m.after_close_kib);
+            println!(
+                "{name}.rss_after_close_minus_start_kib = {}",
+                m.after_close_kib as i64 - m.start_kib as i64
+            );
+        }
+        println!("{name}.echo_msgs_per_s = {:.0}", row.echo_per_sec);
+        if row.memory.is_some() {
+            println!(
+                "{name}.echo_ratio_vs_direct = {:.3}",
+                row.echo_per_sec / direct
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------- system
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> Result<u16> {
+    let listener =
+        StdTcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the free port")?
+        .port())
+}
+
+fn on_path(program: &str) -> bool {
+    Command::new("which")
+        .arg(program)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// VmRSS of `pid`, in KiB.
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .with_context(|| format!("{path} has no VmRSS line"))?;
+    let kib = line.trim().trim_end_matches("kB").trim();
+    kib.parse()
+        .with_context(|| format!("{path}: VmRSS {kib:?} is not a number"))
+}
+
+/// PIDs whose parent is `ppid`, from /proc/*/stat.
+fn child_pids(ppid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| parent_pid(pid) == Some(ppid))
+        .collect()
+}
+
+/// The parent PID from /proc/PID/stat (the field after the state, after the
+/// command name, which may itself hold spaces and parentheses).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn running_as_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let uids = s.lines().find_map(|l| l.strip_prefix("Uid:"))?.to_owned();
+            uids.split_whitespace().nth(1).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// A directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let base = std::env::temp_dir();
+        for attempt in 0..100 {
+            let path = base.join(format!("ws_bench-{}-{attempt}", std::process::id()));
+            match fs::create_dir(&path) {
+                Ok(()) => return Ok(Self(path)),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        bail!("no free temp dir name under {}", base.display())
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
