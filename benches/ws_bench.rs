@@ -15,7 +15,7 @@
 //!    own free port with a generated config:
 //!    - memory: the proxy's RSS (VmRSS; for nginx master + workers) with no
 //!      connection, after 2,000 and 8,000 idle proxied WebSockets (each has
-//!      read its greeting, so the tunnel is up), and 2 s after closing them
+//!      read its greeting, so the tunnel is up), and 3 s after closing them
 //!      all; KiB per connection = (RSS at N - RSS at 0) / N;
 //!    - the same echo throughput as step 2, through the proxy, and its
 //!      ratio to the direct figure.
@@ -74,10 +74,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(50);
-/// Pause before reading RSS after opening connections.
-const SETTLE: Duration = Duration::from_secs(1);
+/// Pause before reading RSS after opening connections: longer than
+/// sluice's trim interval (src/trim.rs), so every proxy is read at rest.
+const SETTLE: Duration = Duration::from_secs(3);
 /// Pause before reading RSS after closing every connection.
-const AFTER_CLOSE: Duration = Duration::from_secs(2);
+const AFTER_CLOSE: Duration = Duration::from_secs(3);
 const BACKENDS: usize = 3;
 
 fn main() -> Result<()> {

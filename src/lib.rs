@@ -15,6 +15,7 @@ pub mod demo;
 pub mod http;
 pub mod listener;
 pub mod registry;
+pub mod trim;
 pub mod tunnel;
 pub mod upstream;
 
@@ -108,6 +109,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
             shutdown.clone(),
         ));
     }
+    tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
     let done = tokio::spawn(shut_down_on_cancel(
         registry.clone(),
         tasks,

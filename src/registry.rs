@@ -153,6 +153,8 @@ pub struct PoolEntry {
 pub struct Registry {
     pools: Vec<PoolEntry>,
     next_id: AtomicU64,
+    /// Leases taken since start: every HTTP request and upgrade.
+    leases_total: AtomicU64,
     /// Close code every new WebSocket gets at once (0: none): set at shutdown.
     closing: AtomicU32,
 }
@@ -175,6 +177,7 @@ impl Registry {
         Self {
             pools,
             next_id: AtomicU64::new(1),
+            leases_total: AtomicU64::new(0),
             closing: AtomicU32::new(0),
         }
     }
@@ -218,9 +221,16 @@ impl Registry {
         }
     }
 
+    /// A value that changes whenever connections come or go: leases taken
+    /// and live WebSockets.
+    pub fn churn_marker(&self) -> (u64, usize) {
+        (self.leases_total.load(Ordering::Relaxed), self.ws_total())
+    }
+
     /// Takes a slot on `backend` for an HTTP request or upgrade handshake.
     pub fn lease(self: &Arc<Self>, backend: &Arc<Backend>) -> Lease {
         backend.http.fetch_add(1, Ordering::Relaxed);
+        self.leases_total.fetch_add(1, Ordering::Relaxed);
         Lease {
             registry: self.clone(),
             backend: backend.clone(),

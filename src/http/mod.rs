@@ -212,8 +212,8 @@ async fn upgrade(
             return;
         };
         let entry = lease.into_ws();
-        let backend_name = entry.backend().name.clone();
-        debug!(client.addr = %peer, backend = %backend_name, "tunnel opened");
+        let target = entry.backend().clone();
+        debug!(client.addr = %peer, backend = %target.name, "tunnel opened");
         let tunnel = Tunnel::new(
             client.io.into_inner(),
             client.read_buf,
@@ -223,8 +223,8 @@ async fn upgrade(
             close_timeout,
         );
         match tunnel.await {
-            Ok(stats) => debug!(client.addr = %peer, backend = %backend_name, messages.up = stats.messages_up, messages.down = stats.messages_down, "tunnel closed"),
-            Err(error) => debug!(client.addr = %peer, backend = %backend_name, %error, "tunnel ended with an error"),
+            Ok(stats) => debug!(client.addr = %peer, backend = %target.name, messages.up = stats.messages_up, messages.down = stats.messages_down, "tunnel closed"),
+            Err(error) => debug!(client.addr = %peer, backend = %target.name, %error, "tunnel ended with an error"),
         }
     });
     resp.map(|_| ProxyBody::empty())
