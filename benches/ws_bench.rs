@@ -18,7 +18,9 @@
 //!      read its greeting, so the tunnel is up), and 3 s after closing them
 //!      all; KiB per connection = (RSS at N - RSS at 0) / N;
 //!    - the same echo throughput as step 2, through the proxy, and its
-//!      ratio to the direct figure.
+//!      ratio to the direct figure. Echo runs in 3 rounds over all
+//!      targets (direct and every proxy, order rotating each round) and
+//!      the median of each is reported, with min..max.
 //!
 //! The client load and the backends run on a multi-thread tokio runtime in
 //! this process. A process may hold at most 20,000 file descriptors here and
@@ -66,6 +68,10 @@ const OPEN_CONCURRENCY: usize = 200;
 /// WebSockets in the echo throughput test.
 const ECHO_CONNS: usize = 100;
 const ECHO_PAYLOAD: usize = 64;
+/// Clock ticks per second in /proc/PID/stat (USER_HZ, 100 on Linux).
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+/// Echo measurements per target; the median is reported.
+const ECHO_ROUNDS: usize = 3;
 /// Upper bound on round trips per echo connection, whatever the duration.
 const MAX_ROUND_TRIPS: u64 = 100_000_000;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,17 +179,8 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
     let backend_addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let dir = TempDir::new()?;
 
-    let direct_urls: Vec<String> = backend_addrs.iter().map(|a| ws_url(*a)).collect();
-    let direct = measure_echo(&direct_urls, opts.echo_duration())
-        .await
-        .context("direct echo")?;
-    println!("direct: {direct:.0} msg/s");
-    let mut rows = vec![Row {
-        name: "direct".into(),
-        memory: None,
-        echo_per_sec: direct,
-    }];
-
+    // Memory: one proxy at a time; each stays up (idle) for the echo rounds.
+    let mut started = Vec::new();
     for kind in ProxyKind::ALL {
         if opts.only.as_deref().is_some_and(|only| only != kind.name()) {
             continue;
@@ -196,11 +193,72 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
             );
             continue;
         }
-        let row = bench_proxy(kind, &backend_addrs, &backends, dir.path(), opts)
-            .await
-            .with_context(|| format!("benchmarking {}", kind.name()))?;
-        rows.push(row);
+        let (proxy, addr, memory) =
+            start_and_measure_memory(kind, &backend_addrs, &backends, dir.path(), opts)
+                .await
+                .with_context(|| format!("benchmarking {}", kind.name()))?;
+        started.push((kind, proxy, addr, memory));
     }
+
+    // Echo: rounds over every target, in a rotating order, so that noise
+    // from the shared machine falls on all of them alike; the median counts.
+    let mut targets: Vec<(String, Vec<String>)> = vec![(
+        "direct".into(),
+        backend_addrs.iter().map(|a| ws_url(*a)).collect(),
+    )];
+    targets.extend(
+        started
+            .iter()
+            .map(|(kind, _, addr, _)| (kind.name().to_string(), vec![ws_url(*addr)])),
+    );
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut cpu_samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for round in 0..ECHO_ROUNDS {
+        for k in 0..targets.len() {
+            let t = (k + round) % targets.len();
+            let (name, urls) = &targets[t];
+            // Target 0 is direct; the others are the started proxies in order.
+            let proxy = t.checked_sub(1).map(|i| &started[i].1);
+            let ticks_before = proxy.map(Proc::cpu_ticks);
+            let rate = measure_echo(urls, opts.echo_duration())
+                .await
+                .with_context(|| format!("echo through {name}"))?;
+            let messages = rate * opts.echo_duration().as_secs_f64();
+            let cpu_us_per_msg = proxy.zip(ticks_before).map(|(p, before)| {
+                (p.cpu_ticks().saturating_sub(before)) as f64 / CLOCK_TICKS_PER_S * 1e6
+                    / messages.max(1.0)
+            });
+            match cpu_us_per_msg {
+                Some(us) => {
+                    println!(
+                        "{name}: round {}: {rate:.0} msg/s, {us:.2} us of proxy CPU per message",
+                        round + 1
+                    );
+                    cpu_samples[t].push(us);
+                }
+                None => println!("{name}: round {}: {rate:.0} msg/s", round + 1),
+            }
+            samples[t].push(rate);
+        }
+    }
+    let mut memories: Vec<Option<Memory>> = vec![None];
+    for (_, mut proxy, _, memory) in started {
+        proxy.stop();
+        memories.push(Some(memory));
+    }
+    let rows: Vec<Row> = targets
+        .into_iter()
+        .zip(samples)
+        .zip(cpu_samples)
+        .zip(memories)
+        .map(|((((name, _), samples), cpu), memory)| Row {
+            name,
+            memory,
+            echo: Echo::from_samples(samples),
+            cpu_us_per_msg: (!cpu.is_empty()).then(|| Echo::from_samples(cpu).median),
+        })
+        .collect();
+    let direct = rows[0].echo.median;
 
     println!();
     print_table(&rows, &opts.memory_steps(), direct);
@@ -222,14 +280,14 @@ async fn start_backends() -> Result<Vec<EchoBackend>> {
     Ok(backends)
 }
 
-/// One proxy's run: start it, memory, echo throughput, stop it.
-async fn bench_proxy(
+/// Starts one proxy and measures its memory; returns it running.
+async fn start_and_measure_memory(
     kind: ProxyKind,
     backend_addrs: &[SocketAddr],
     backends: &[EchoBackend],
     dir: &Path,
     opts: &Options,
-) -> Result<Row> {
+) -> Result<(Proc, SocketAddr, Memory)> {
     let port = free_port()?;
     let mut proxy = kind.start(port, backend_addrs, dir)?;
     wait_until_ready(&mut proxy, port).await?;
@@ -240,14 +298,7 @@ async fn bench_proxy(
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let memory = measure_memory(&proxy, addr, backends, &opts.memory_steps()).await?;
-    let echo_per_sec = measure_echo(&[ws_url(addr)], opts.echo_duration()).await?;
-    println!("{}: {echo_per_sec:.0} msg/s", kind.name());
-    proxy.stop();
-    Ok(Row {
-        name: kind.name().into(),
-        memory: Some(memory),
-        echo_per_sec,
-    })
+    Ok((proxy, addr, memory))
 }
 
 // ---------------------------------------------------------------- proxies
@@ -423,6 +474,15 @@ impl Proc {
             total += vm_rss_kib(child).unwrap_or(0);
         }
         Ok(total)
+    }
+
+    /// CPU time used so far by the process and its children, in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        let pid = self.pid();
+        std::iter::once(pid)
+            .chain(child_pids(pid))
+            .filter_map(cpu_ticks)
+            .sum()
     }
 
     /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; children that outlive
@@ -678,7 +738,27 @@ async fn round_trip(ws: &mut Ws, payload: &Bytes) -> Result<()> {
 struct Row {
     name: String,
     memory: Option<Memory>,
-    echo_per_sec: f64,
+    echo: Echo,
+    /// Median proxy CPU time per echoed message (both directions), µs.
+    cpu_us_per_msg: Option<f64>,
+}
+
+/// Echo throughput over the rounds, msg/s.
+struct Echo {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Echo {
+    fn from_samples(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        Self {
+            median: samples.get(samples.len() / 2).copied().unwrap_or(0.0),
+            min: samples.first().copied().unwrap_or(0.0),
+            max: samples.last().copied().unwrap_or(0.0),
+        }
+    }
 }
 
 fn print_table(rows: &[Row], steps: &[usize], direct: f64) {
@@ -689,8 +769,10 @@ fn print_table(rows: &[Row], steps: &[usize], direct: f64) {
     }
     header.extend([
         "RSS closed KiB".into(),
-        "echo msg/s".into(),
+        "echo msg/s (median)".into(),
+        "min..max".into(),
         "vs direct".into(),
+        "proxy CPU us/msg".into(),
     ]);
     let mut table = vec![header];
     for row in rows {
@@ -704,8 +786,13 @@ fn print_table(rows: &[Row], steps: &[usize], direct: f64) {
             );
         }
         cells.push(cell(mem.map(|m| m.after_close_kib)));
-        cells.push(format!("{:.0}", row.echo_per_sec));
-        cells.push(format!("{:.3}", row.echo_per_sec / direct));
+        cells.push(format!("{:.0}", row.echo.median));
+        cells.push(format!("{:.0}..{:.0}", row.echo.min, row.echo.max));
+        cells.push(format!("{:.3}", row.echo.median / direct));
+        cells.push(
+            row.cpu_us_per_msg
+                .map_or("-".into(), |us| format!("{us:.2}")),
+        );
         table.push(cells);
     }
     let widths: Vec<usize> = (0..table[0].len())
@@ -754,12 +841,15 @@ fn print_figures(rows: &[Row], direct: f64) {
                 m.after_close_kib as i64 - m.start_kib as i64
             );
         }
-        println!("{name}.echo_msgs_per_s = {:.0}", row.echo_per_sec);
+        println!("{name}.echo_msgs_per_s = {:.0}", row.echo.median);
         if row.memory.is_some() {
             println!(
                 "{name}.echo_ratio_vs_direct = {:.3}",
-                row.echo_per_sec / direct
+                row.echo.median / direct
             );
+        }
+        if let Some(us) = row.cpu_us_per_msg {
+            println!("{name}.cpu_us_per_msg = {us:.2}");
         }
     }
 }
@@ -811,6 +901,15 @@ fn child_pids(ppid: u32) -> Vec<u32> {
 
 /// The parent PID from /proc/PID/stat (the field after the state, after the
 /// command name, which may itself hold spaces and parentheses).
+/// utime + stime of `pid`, in clock ticks (fields 14 and 15 of stat).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 fn parent_pid(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];

@@ -98,8 +98,13 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
+    // One thread: everything runs on the main thread, no hand-offs.
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if worker_threads > 1 {
         builder.worker_threads(worker_threads);
     }
     builder

@@ -23,7 +23,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -38,7 +38,9 @@ pub const QUIET: Duration = Duration::from_millis(50);
 pub const QUIET_MAX_WAIT: Duration = Duration::from_secs(1);
 
 const BUF_SIZE: usize = 16 * 1024;
-const MAX_POOLED_BUFFERS: usize = 64;
+/// Buffers kept for reuse; more than the reads in flight at once on a
+/// small machine, and at most 256 KiB.
+const MAX_POOLED_BUFFERS: usize = 16;
 
 /// Buffers shared by all tunnels, so that an idle tunnel owns none.
 static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
@@ -48,13 +50,15 @@ fn take_buffer() -> Vec<u8> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .pop();
-    pooled.unwrap_or_else(|| vec![0; BUF_SIZE])
+    // Reads fill the spare capacity (`try_read_buf`): no zeroing needed.
+    pooled.unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
 }
 
-fn give_buffer(buf: Vec<u8>) {
-    if buf.len() != BUF_SIZE {
+fn give_buffer(mut buf: Vec<u8>) {
+    if buf.capacity() != BUF_SIZE {
         return;
     }
+    buf.clear();
     let mut pool = BUFFERS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -126,9 +130,9 @@ impl Flow {
             let mut buf = if pending.len() <= BUF_SIZE {
                 take_buffer()
             } else {
-                vec![0; pending.len()]
+                Vec::with_capacity(pending.len())
             };
-            buf[..pending.len()].copy_from_slice(&pending);
+            buf.extend_from_slice(&pending);
             flow.tracker.scan(&pending, false);
             flow.end = pending.len();
             flow.buf = Some(buf);
@@ -239,7 +243,8 @@ impl Flow {
                 self.buf = Some(take_buffer());
             }
             let buf = self.buf.as_mut().expect("buffer taken above");
-            match src.try_read(buf) {
+            buf.clear();
+            match read_available(src, buf) {
                 Ok(0) => {
                     self.eof = true;
                 }
@@ -254,6 +259,29 @@ impl Flow {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+/// Reads what `src` has into `buf`'s spare capacity.
+///
+/// A read that does not fill the buffer has drained the socket, so the
+/// readiness is cleared right away: the next read attempt costs no system
+/// call that would only answer "would block". (tokio keeps readiness that a
+/// newer event set, so data arriving meanwhile is not missed.)
+fn read_available(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    let mut short_read = None;
+    let result = src.try_io(Interest::READABLE, || {
+        let n = src.try_read_buf(buf)?;
+        if n > 0 && n < spare {
+            short_read = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short_read {
+        Some(n) => Ok(n),
+        None => result,
     }
 }
 
