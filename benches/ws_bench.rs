@@ -369,7 +369,7 @@ impl ProxyKind {
 
 fn sluice_config(port: u16, backends: &[SocketAddr]) -> String {
     let mut text = format!(
-        "worker_threads = 1\nshutdown_timeout = \"2s\"\n\n\
+        "worker_threads = 1\nshutdown_timeout = \"2s\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
          [[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:{port}\"\npool = \"echo\"\nmax_connections = 9000\n\n\
          [[pool]]\nname = \"echo\"\nalgorithm = \"least_conn\"\n"
     );

@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
+use crate::config::{AdminConfig, BackendConfig, Config, ListenerConfig, PoolConfig};
 
 const PAGE: &str = include_str!("demo_page.html");
 
@@ -270,6 +270,11 @@ pub fn config(bind: SocketAddr, backends: &[EchoBackend]) -> Config {
         .collect();
     Config {
         listeners: vec![ListenerConfig::new("demo", bind, 0)],
+        // The admin API on any free loopback port; the token is generated.
+        admin: Some(AdminConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: None,
+        }),
         pools: vec![PoolConfig::new("demo", backends)],
         shutdown_timeout: Config::DEFAULT_SHUTDOWN_TIMEOUT,
         worker_threads: 0,

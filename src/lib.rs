@@ -1,19 +1,24 @@
 //! sluice: a WebSocket-native load balancer.
 //!
-//! [`start`] binds the configured listeners and serves until its shutdown
-//! token is cancelled; then it stops accepting, asks every WebSocket to close
-//! with 1001 (Going Away) at a message boundary, lets in-flight HTTP requests
-//! finish, and returns within the shutdown timeout.
+//! [`start`] binds the configured listeners and the admin API and serves
+//! until its shutdown token is cancelled; then it stops accepting, drains
+//! every backend (WebSockets close with 1001, Going Away, at message
+//! boundaries, spread over each pool's drain window), lets in-flight HTTP
+//! requests finish, and returns.
 //!
 //! Data path: `listener` → `http` → `upstream` (+ `balance`) → `tunnel`.
-//! Meeting point: `registry`. Control plane: `config` (and, later, health,
-//! drain, rebalance, admin). See docs/ARCHITECTURE.md.
+//! Meeting point: `registry`. Control plane: `config`, `drain`, `admin`,
+//! `metrics`, `trim`, `ctl` (the client). See docs/ARCHITECTURE.md.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod ctl;
 pub mod demo;
+pub mod drain;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod registry;
 pub mod trim;
 pub mod tunnel;
@@ -44,14 +49,32 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("admin API: binding {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where the admin API listens and its token.
+#[derive(Debug, Clone)]
+pub struct AdminInfo {
+    pub addr: SocketAddr,
+    pub token: String,
+    /// The token was generated at start (none was configured).
+    pub generated: bool,
 }
 
 /// A running sluice.
 pub struct Running {
     /// Each listener's name and bound address (the real port when 0 was configured).
     pub listeners: Vec<(String, SocketAddr)>,
+    /// The admin API, when enabled.
+    pub admin: Option<AdminInfo>,
     /// Live connections per backend.
     pub registry: Arc<Registry>,
+    /// Drains in progress.
+    pub drains: Arc<drain::Drains>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -62,6 +85,12 @@ impl Running {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
+    }
+
+    /// During shutdown: stop spreading the closes, close every WebSocket now
+    /// (still at message boundaries).
+    pub fn close_now(&self) {
+        self.registry.close_all(SHUTDOWN_CLOSE_CODE);
     }
 
     /// Waits until sluice has shut down.
@@ -75,11 +104,22 @@ impl Running {
 /// Binds every listener of `cfg` and serves until `shutdown` is cancelled.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     let registry = Arc::new(Registry::new(&cfg));
+    let metrics = Arc::new(metrics::Metrics::new(registry.clone()));
+    let drains = Arc::new(drain::Drains::new(
+        registry.clone(),
+        cfg.pools.iter().map(|p| p.drain).collect(),
+    ));
     let upstreams: Vec<Arc<Upstream>> = cfg
         .pools
         .iter()
         .enumerate()
-        .map(|(i, pool)| Arc::new(Upstream::new(pool.clone(), i)))
+        .map(|(i, pool)| {
+            Arc::new(Upstream::new(
+                pool.clone(),
+                i,
+                metrics.connect_seconds.clone(),
+            ))
+        })
         .collect();
     listener::raise_fd_limit(cfg.listeners.iter().map(|l| l.max_connections).sum());
     let tasks = TaskTracker::new();
@@ -98,9 +138,37 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
             upstream: upstreams[lcfg.pool].clone(),
             registry: registry.clone(),
             tasks: tasks.clone(),
+            accepted: metrics.accepted(&lcfg.name),
         });
         bound.push((socket, ctx));
     }
+    // The admin API outlives the listeners, so a drain at shutdown can be watched.
+    let admin_stop = CancellationToken::new();
+    let admin = match &cfg.admin {
+        None => None,
+        Some(acfg) => {
+            let socket = admin::bind(acfg.bind)
+                .await
+                .map_err(|source| StartError::AdminBind {
+                    addr: acfg.bind,
+                    source,
+                })?;
+            let info = AdminInfo {
+                addr: socket.local_addr().unwrap_or(acfg.bind),
+                token: acfg.token.clone().unwrap_or_else(admin::generate_token),
+                generated: acfg.token.is_none(),
+            };
+            let state = admin::AdminState::new(
+                &cfg,
+                info.token.clone(),
+                registry.clone(),
+                drains.clone(),
+                metrics.clone(),
+            );
+            tokio::spawn(admin::serve(socket, Arc::new(state), admin_stop.clone()));
+            Some(info)
+        }
+    };
     for (socket, ctx) in bound {
         tasks.spawn(listener::serve(
             socket,
@@ -110,31 +178,43 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         ));
     }
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
+    let longest_window = cfg
+        .pools
+        .iter()
+        .map(|p| p.drain.window)
+        .max()
+        .unwrap_or_default();
     let done = tokio::spawn(shut_down_on_cancel(
         registry.clone(),
+        drains.clone(),
         tasks,
         shutdown,
-        cfg.shutdown_timeout,
+        admin_stop,
+        longest_window + cfg.shutdown_timeout,
     ));
     Ok(Running {
         listeners: addrs,
+        admin,
         registry,
+        drains,
         done,
     })
 }
 
 async fn shut_down_on_cancel(
     registry: Arc<Registry>,
+    drains: Arc<drain::Drains>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    admin_stop: CancellationToken,
     grace: Duration,
 ) {
     shutdown.cancelled().await;
     info!(
         websockets = registry.ws_total(),
-        "shutting down: closing WebSockets with 1001"
+        "shutting down: draining every backend, closing WebSockets with 1001"
     );
-    registry.close_all(SHUTDOWN_CLOSE_CODE);
+    drains.drain_all(SHUTDOWN_CLOSE_CODE);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         warn!(
@@ -144,5 +224,6 @@ async fn shut_down_on_cancel(
         registry.abort_all();
         let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     }
+    admin_stop.cancel();
     info!("shut down");
 }

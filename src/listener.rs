@@ -80,6 +80,7 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        ctx.accepted.inc();
         let _ = stream.set_nodelay(true);
         tasks.spawn(http::serve_connection(
             stream,

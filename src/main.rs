@@ -34,6 +34,61 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
     },
+    /// Operate a running sluice through its admin API.
+    Ctl {
+        /// Admin API address [env: SLUICE_ADMIN] (default: from --config, else 127.0.0.1:9901).
+        #[arg(long, global = true)]
+        admin: Option<SocketAddr>,
+        /// Bearer token [env: SLUICE_TOKEN] (default: the config's token_file).
+        #[arg(long, global = true)]
+        token: Option<String>,
+        /// Read the admin address and token file from this config.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Pools, backends, states, connection counts, drain progress.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take POOL/BACKEND out of rotation and close its WebSockets gradually.
+    Drain {
+        target: String,
+        /// Spread the closes over this window (default: the pool's drain window).
+        #[arg(long)]
+        window: Option<String>,
+        /// Show progress and return when the backend has no connection.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Put POOL/BACKEND back in rotation.
+    Undrain { target: String },
+    /// Restart POOL's backends one at a time: drain, run CMD, wait, undrain.
+    Rollout {
+        pool: String,
+        /// Shell command; {backend} and {address} are replaced.
+        #[arg(long)]
+        exec: String,
+        /// Drain window (default: the pool's).
+        #[arg(long)]
+        window: Option<String>,
+        /// Longest wait for a drained backend to be empty.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+        /// Longest wait for a restarted backend to accept connections.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        health_timeout: std::time::Duration,
+        /// Longest wait for the pool to level out before the next backend.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        balance_timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,11 +127,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             runtime(cfg.worker_threads)?.block_on(async {
                 let shutdown = CancellationToken::new();
                 let running = sluice::start(cfg, shutdown.clone()).await?;
-                let registry = running.registry.clone();
-                tokio::spawn(on_signals(shutdown, registry));
-                running.wait().await;
+                print_admin(&running);
+                serve_until_signalled(running, shutdown).await;
                 Ok(())
             })
+        }
+        Command::Ctl {
+            admin,
+            token,
+            config,
+            command,
+        } => {
+            let client = admin_client(admin, token, config)?;
+            runtime(1)?.block_on(ctl(client, command))
         }
         Command::Demo { bind } => runtime(0)?.block_on(async {
             let shutdown = CancellationToken::new();
@@ -88,10 +151,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             for b in &backends {
                 println!("  backend {}:            http://{}/", b.name, b.addr);
             }
+            print_admin(&running);
             println!("Press Ctrl-C to stop.");
-            let registry = running.registry.clone();
-            tokio::spawn(on_signals(shutdown, registry));
-            running.wait().await;
+            serve_until_signalled(running, shutdown).await;
             Ok(())
         }),
     }
@@ -113,29 +175,113 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// First SIGTERM or Ctrl-C: graceful shutdown. Second: drop everything now.
-async fn on_signals(
-    shutdown: CancellationToken,
-    registry: std::sync::Arc<sluice::registry::Registry>,
-) {
+fn print_admin(running: &sluice::Running) {
+    if let Some(admin) = &running.admin {
+        println!(
+            "  admin API:                http://{}/api/v1/status",
+            admin.addr
+        );
+        println!("  metrics:                  http://{}/metrics", admin.addr);
+        if admin.generated {
+            println!("  admin token (generated):  {}", admin.token);
+        }
+    }
+}
+
+/// Runs until sluice has shut down. First SIGTERM or Ctrl-C: drain and stop.
+/// Second: close every WebSocket now. Third: drop everything.
+async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         tracing::error!("cannot listen for signals");
+        running.wait().await;
         return;
     };
-    for round in 0..2 {
+    let registry = running.registry.clone();
+    let handle = tokio::spawn(running.wait());
+    let mut signals = 0;
+    tokio::pin!(handle);
+    loop {
         tokio::select! {
+            _ = &mut handle => return,
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        if round == 0 {
-            shutdown.cancel();
-        } else {
-            tracing::warn!("second signal: dropping all connections now");
-            registry.abort_all();
+        signals += 1;
+        match signals {
+            1 => shutdown.cancel(),
+            2 => {
+                tracing::warn!("second signal: closing every WebSocket now");
+                registry.close_all(sluice::SHUTDOWN_CLOSE_CODE);
+            }
+            _ => {
+                tracing::warn!("third signal: dropping all connections");
+                registry.abort_all();
+            }
         }
     }
+}
+
+/// The admin address and token: flags, then environment, then the config.
+fn admin_client(
+    admin: Option<SocketAddr>,
+    token: Option<String>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<sluice::admin::client::AdminClient> {
+    let from_config = match config {
+        Some(path) => sluice::config::load(&path)?.admin,
+        None => None,
+    };
+    let env_admin = match std::env::var("SLUICE_ADMIN") {
+        Ok(text) => Some(
+            text.parse::<SocketAddr>()
+                .with_context(|| format!("SLUICE_ADMIN={text:?} is not host:port"))?,
+        ),
+        Err(_) => None,
+    };
+    let addr = admin
+        .or(env_admin)
+        .or(from_config.as_ref().map(|a| a.bind))
+        .unwrap_or(sluice::config::AdminConfig::DEFAULT_BIND);
+    let token = token
+        .or_else(|| std::env::var("SLUICE_TOKEN").ok())
+        .or(from_config.and_then(|a| a.token));
+    Ok(sluice::admin::client::AdminClient { addr, token })
+}
+
+async fn ctl(
+    client: sluice::admin::client::AdminClient,
+    command: CtlCommand,
+) -> anyhow::Result<()> {
+    use sluice::ctl;
+    match command {
+        CtlCommand::Status { json } => ctl::status(&client, json).await?,
+        CtlCommand::Drain {
+            target,
+            window,
+            wait,
+        } => ctl::drain(&client, &target, window.as_deref(), wait).await?,
+        CtlCommand::Undrain { target } => ctl::undrain(&client, &target).await?,
+        CtlCommand::Rollout {
+            pool,
+            exec,
+            window,
+            drain_timeout,
+            health_timeout,
+            balance_timeout,
+        } => {
+            let plan = ctl::Rollout {
+                exec,
+                window,
+                drain_timeout,
+                health_timeout,
+                balance_timeout,
+            };
+            ctl::rollout(&client, &pool, &plan).await?
+        }
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -84,6 +84,54 @@ impl ConnControl {
     }
 }
 
+/// Whether a backend takes new connections, as the control plane set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BackendState {
+    /// In rotation.
+    Up = 0,
+    /// Takes no new connections; its WebSockets are being closed.
+    Draining = 1,
+    /// Drained: takes no new connections and has none left.
+    Drained = 2,
+}
+
+impl BackendState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Draining,
+            2 => Self::Drained,
+            _ => Self::Up,
+        }
+    }
+
+    /// The name users see in the API and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
+        }
+    }
+}
+
+/// Traffic through one backend's WebSockets, in one direction.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Traffic {
+    /// Adds what a tunnel just moved.
+    pub fn add(&self, messages: u64, bytes: u64) {
+        if messages > 0 {
+            self.messages.fetch_add(messages, Ordering::Relaxed);
+        }
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
 /// One backend: its identity, counters and live WebSockets.
 #[derive(Debug)]
 pub struct Backend {
@@ -93,6 +141,14 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Relative share of connections.
     pub weight: u32,
+    /// A `BackendState`, set by the control plane, read by the balancer.
+    state: AtomicU8,
+    /// Client to backend.
+    pub up: Traffic,
+    /// Backend to client.
+    pub down: Traffic,
+    /// WebSockets closed by a drain.
+    pub drain_closed: AtomicU64,
     /// Live proxied WebSockets.
     ws: AtomicUsize,
     /// HTTP requests in flight (including upgrade handshakes).
@@ -107,10 +163,29 @@ impl Backend {
             name,
             addr,
             weight,
+            state: AtomicU8::new(BackendState::Up as u8),
+            up: Traffic::default(),
+            down: Traffic::default(),
+            drain_closed: AtomicU64::new(0),
             ws: AtomicUsize::new(0),
             http: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The state the control plane set.
+    pub fn state(&self) -> BackendState {
+        BackendState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state (control plane only).
+    pub fn set_state(&self, state: BackendState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// True when the backend may get new connections.
+    pub fn is_accepting(&self) -> bool {
+        self.state() == BackendState::Up
     }
 
     /// Live WebSockets plus HTTP requests in flight: what least_conn compares.

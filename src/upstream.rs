@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -134,6 +135,8 @@ pub struct Upstream {
     pub cfg: PoolConfig,
     /// Index of this pool in the config and registry.
     pub index: usize,
+    /// Where connect times are recorded.
+    connect_seconds: Histogram,
     balancer: Balancer,
     idle: Vec<Arc<IdlePool>>,
 }
@@ -146,7 +149,7 @@ pub struct Connected {
 }
 
 impl Upstream {
-    pub fn new(cfg: PoolConfig, index: usize) -> Self {
+    pub fn new(cfg: PoolConfig, index: usize, connect_seconds: Histogram) -> Self {
         let idle = cfg
             .backends
             .iter()
@@ -156,6 +159,7 @@ impl Upstream {
             balancer: Balancer::new(cfg.algorithm),
             cfg,
             index,
+            connect_seconds,
             idle,
         }
     }
@@ -171,7 +175,7 @@ impl Upstream {
         let loads: Vec<Load> = backends
             .iter()
             .enumerate()
-            .map(|(i, b)| load_of(b, !tried.contains(&i)))
+            .map(|(i, b)| load_of(b, b.is_accepting() && !tried.contains(&i)))
             .collect();
         let i = self.balancer.pick(&loads)?;
         Some((i, registry.lease(&backends[i])))
@@ -187,7 +191,7 @@ impl Upstream {
         loop {
             let (i, lease) = self.next_lease(registry, &tried)?;
             let addr = lease.backend().addr;
-            match connect(addr, self.cfg.connect_timeout).await {
+            match self.open(addr).await {
                 Ok(stream) => return Ok((i, Connected { lease, stream })),
                 Err(error) => {
                     warn!(pool = %self.cfg.name, backend = %lease.backend().name, %error, "upstream connect failed");
@@ -196,6 +200,18 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// Opens a TCP connection to `addr` with the pool's timeout, recording
+    /// how long it took.
+    pub async fn open(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
+        let started = Instant::now();
+        let result = connect(addr, self.cfg.connect_timeout).await;
+        if result.is_ok() {
+            self.connect_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
     }
 
     /// A lease on a backend not tried yet, or why there is none.

@@ -19,6 +19,8 @@ use reader::{Source, Table};
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
+    /// The admin API; `None` when `[admin] enabled = false`.
+    pub admin: Option<AdminConfig>,
     /// How long SIGTERM waits for connections to close before dropping them.
     pub shutdown_timeout: Duration,
     /// Runtime worker threads; 0 means one per core.
@@ -40,6 +42,40 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
 }
 
+/// The admin API listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Bearer token from `token_file`; `None`: generated and printed at start.
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    pub const DEFAULT_BIND: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
+}
+
+/// How a backend's WebSockets are closed when it is drained.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainConfig {
+    /// Closes are spread evenly over this window.
+    pub window: Duration,
+    /// Close code sent to both sides.
+    pub close_code: u16,
+    /// Time allowed for the close handshake after sluice sends a Close frame.
+    pub close_timeout: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(120),
+            close_code: 1012,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// How a pool picks a backend for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
@@ -47,6 +83,16 @@ pub enum Algorithm {
     LeastConn,
     /// Smooth weighted round robin.
     RoundRobin,
+}
+
+impl Algorithm {
+    /// The name used in the config and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastConn => "least_conn",
+            Self::RoundRobin => "round_robin",
+        }
+    }
 }
 
 /// A group of interchangeable backends.
@@ -58,8 +104,8 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Further backends tried when connecting fails before anything was sent.
     pub retries: usize,
-    /// Time allowed for the close handshake after sluice sends a Close frame.
-    pub close_timeout: Duration,
+    /// Draining: window, close code, close handshake timeout.
+    pub drain: DrainConfig,
     /// How long an idle upstream HTTP connection is kept for reuse.
     pub keepalive_timeout: Duration,
     /// Idle upstream HTTP connections kept per backend.
@@ -106,7 +152,7 @@ impl PoolConfig {
             algorithm: Algorithm::LeastConn,
             connect_timeout: Duration::from_secs(3),
             retries: 2,
-            close_timeout: Duration::from_secs(5),
+            drain: DrainConfig::default(),
             keepalive_timeout: Duration::from_secs(60),
             keepalive_max_idle: 32,
             backends,
@@ -147,6 +193,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let mut root = Table::root(src, doc);
 
     let shutdown_timeout = root.duration("shutdown_timeout", Config::DEFAULT_SHUTDOWN_TIMEOUT)?;
+    let admin = read_admin(&mut root, path)?;
     let worker_threads = root.integer("worker_threads", 0, 0, 1024)? as usize;
 
     let mut pools = Vec::new();
@@ -209,6 +256,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     root.finish()?;
     Ok(Config {
         listeners,
+        admin,
         pools: pools.into_iter().map(|(p, _)| p).collect(),
         shutdown_timeout,
         worker_threads,
@@ -264,7 +312,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
         algorithm,
         connect_timeout: t.duration("connect_timeout", defaults.connect_timeout)?,
         retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,
-        close_timeout: t.duration("close_timeout", defaults.close_timeout)?,
+        drain: read_drain(&mut t)?,
         keepalive_timeout: t.duration("keepalive_timeout", defaults.keepalive_timeout)?,
         keepalive_max_idle: t.integer(
             "keepalive_max_idle",
@@ -277,6 +325,90 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     };
     t.finish()?;
     Ok((pool, name.span))
+}
+
+fn read_admin(
+    root: &mut Table<'_>,
+    config_path: &Path,
+) -> Result<Option<AdminConfig>, ConfigError> {
+    let Some(mut t) = root.table("admin", "admin".into())? else {
+        return Ok(Some(AdminConfig {
+            bind: AdminConfig::DEFAULT_BIND,
+            token: None,
+        }));
+    };
+    let enabled = t.boolean("enabled", true)?;
+    let bind = match t.string("bind")? {
+        None => (AdminConfig::DEFAULT_BIND, None),
+        Some(v) => (
+            resolve(&v.value).map_err(|m| t.error_at(&v.span, "bind", m))?,
+            Some(v.span),
+        ),
+    };
+    let token = match t.string("token_file")? {
+        None => None,
+        Some(v) => {
+            // Relative to the config file's folder.
+            let file = config_path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&v.value);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                t.error_at(
+                    &v.span,
+                    "token_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let token = text.trim().to_string();
+            if token.is_empty() {
+                return Err(t.error_at(
+                    &v.span,
+                    "token_file",
+                    format!("{} is empty", file.display()),
+                ));
+            }
+            Some(token)
+        }
+    };
+    if enabled && token.is_none() && !bind.0.ip().is_loopback() {
+        let span = bind.1.unwrap_or(0..0);
+        return Err(t.error_at(
+            &span,
+            "bind",
+            format!(
+                "admin on non-loopback address {} needs a token_file",
+                bind.0
+            ),
+        ));
+    }
+    t.finish()?;
+    Ok(enabled.then_some(AdminConfig {
+        bind: bind.0,
+        token,
+    }))
+}
+
+fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
+    let defaults = DrainConfig::default();
+    let context = format!("{} drain", pool.context());
+    let Some(mut t) = pool.table("drain", context)? else {
+        return Ok(defaults);
+    };
+    let window = t.duration("window", defaults.window)?;
+    let close_code = t.integer("close_code", u64::from(defaults.close_code), 1000, 4999)? as u16;
+    if matches!(close_code, 1004..=1006 | 1015) {
+        return Err(t.error_here(format!(
+            "close_code {close_code} is reserved and may not be sent (RFC 6455 §7.4.1)"
+        )));
+    }
+    let close_timeout = t.duration("close_timeout", defaults.close_timeout)?;
+    t.finish()?;
+    Ok(DrainConfig {
+        window,
+        close_code,
+        close_timeout,
+    })
 }
 
 /// Parses `host:port` (a literal address or a name resolved now).

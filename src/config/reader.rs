@@ -181,7 +181,29 @@ impl<'s> Table<'s> {
         })
     }
 
-    /// An array of tables (`[[pool]]`), each named for messages by `name_of`.
+    /// A sub-table (`[admin]`, or inline: `drain = { window = "2m" }`),
+    /// named `context` in messages.
+    pub fn table(&mut self, key: &str, context: String) -> Result<Option<Table<'s>>, ConfigError> {
+        let Some(v) = self.take(key) else {
+            return Ok(None);
+        };
+        let span = v.span();
+        match v.into_inner() {
+            DeValue::Table(entries) => Ok(Some(Table {
+                src: self.src,
+                entries,
+                span,
+                context,
+            })),
+            other => Err(self.error_at(
+                &span,
+                key,
+                format!("expected a table, found {}", kind(&other)),
+            )),
+        }
+    }
+
+    /// An array of tables (`[[pool]]`).
     pub fn tables(&mut self, key: &str) -> Result<Vec<Table<'s>>, ConfigError> {
         let Some(v) = self.take(key) else {
             return Ok(Vec::new());

@@ -21,6 +21,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,8 @@ pub struct ListenerCtx {
     pub registry: Arc<Registry>,
     /// Tunnels are tracked here so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Client connections accepted by this listener.
+    pub accepted: Counter,
 }
 
 /// Serves one client connection until it closes, or until `shutdown`, after
@@ -116,7 +119,7 @@ async fn forward(
         let mut sender = match pooled {
             Some(sender) => sender,
             None => {
-                let opened = match upstream::connect(addr, upstream.cfg.connect_timeout).await {
+                let opened = match upstream.open(addr).await {
                     Ok(stream) => upstream::handshake(stream, addr).await,
                     Err(error) => Err(error),
                 };
@@ -194,7 +197,7 @@ async fn upgrade(
         return resp.map(|body| ProxyBody::upstream(body, lease, None));
     }
     let backend_upgrade = hyper::upgrade::on(&mut resp);
-    let close_timeout = upstream.cfg.close_timeout;
+    let close_timeout = upstream.cfg.drain.close_timeout;
     ctx.tasks.spawn(async move {
         let _permit = permit;
         let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {

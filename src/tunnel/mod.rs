@@ -27,7 +27,7 @@ use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::registry::{CloseRequest, ConnControl, WsEntry};
+use crate::registry::{CloseRequest, ConnControl, Traffic, WsEntry};
 use frame::FrameTracker;
 
 /// Silence needed, with both directions between messages, before sluice
@@ -108,6 +108,8 @@ struct Flow {
     shut: bool,
     /// Bytes were read during the last poll.
     active: bool,
+    /// Messages already added to the backend's traffic counters.
+    counted: u64,
 }
 
 impl Flow {
@@ -124,6 +126,7 @@ impl Flow {
             eof: false,
             shut: false,
             active: false,
+            counted: 0,
         };
         if !pending.is_empty() {
             // Bytes that arrived with the upgrade response or request.
@@ -163,7 +166,7 @@ impl Flow {
 
     /// Takes `n` bytes just read into `buf[..n]`: tracks them and decides
     /// which to forward.
-    fn accept_read(&mut self, n: usize) {
+    fn accept_read(&mut self, n: usize, traffic: &Traffic) {
         let Some(buf) = self.buf.take() else {
             return;
         };
@@ -186,6 +189,9 @@ impl Flow {
             self.end = n;
         }
         self.buf = Some(buf);
+        let messages = self.tracker.messages();
+        traffic.add(messages - self.counted, n as u64);
+        self.counted = messages;
     }
 
     fn release_buffer(&mut self) {
@@ -202,6 +208,7 @@ impl Flow {
         &mut self,
         src: &TcpStream,
         dst: &mut TcpStream,
+        traffic: &Traffic,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         self.active = false;
@@ -250,7 +257,7 @@ impl Flow {
                 }
                 Ok(n) => {
                     self.active = true;
-                    self.accept_read(n);
+                    self.accept_read(n, traffic);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Idle again: give the buffer back until data comes.
@@ -427,8 +434,13 @@ impl Future for Tunnel {
                 }
                 _ => {}
             }
-            let up = this.up.poll_move(&this.client, &mut this.backend, cx)?;
-            let down = this.down.poll_move(&this.backend, &mut this.client, cx)?;
+            let target = this.entry.backend();
+            let up = this
+                .up
+                .poll_move(&this.client, &mut this.backend, &target.up, cx)?;
+            let down = this
+                .down
+                .poll_move(&this.backend, &mut this.client, &target.down, cx)?;
             if up.is_ready() && down.is_ready() {
                 return Poll::Ready(Ok(this.stats()));
             }

@@ -149,6 +149,7 @@ async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
     let (ws_port, http_port) = (free_port(), free_port());
     let text = format!(
         "shutdown_timeout = \"5s\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\
          [[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:{ws_port}\"\npool = \"ws\"\n\
          [[listener]]\nname = \"api\"\nbind = \"127.0.0.1:{http_port}\"\npool = \"api\"\n\
          [[pool]]\nname = \"ws\"\n[[pool.backend]]\nname = \"echo\"\naddress = \"{}\"\n\

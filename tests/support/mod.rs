@@ -11,7 +11,10 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use sluice::config::{Algorithm, BackendConfig, Config, ListenerConfig, PoolConfig};
+use sluice::config::{AdminConfig, Algorithm, BackendConfig, Config, ListenerConfig, PoolConfig};
+
+/// The admin token of test configs.
+pub const ADMIN_TOKEN: &str = "test-token";
 use sluice::demo::EchoBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -77,10 +80,14 @@ pub fn config(addrs: &[SocketAddr]) -> Config {
     let mut pool = PoolConfig::new("app", backends);
     pool.algorithm = Algorithm::LeastConn;
     pool.connect_timeout = Duration::from_secs(2);
-    pool.close_timeout = Duration::from_secs(2);
+    pool.drain.close_timeout = Duration::from_secs(2);
     Config {
         listeners: vec![ListenerConfig::new("public", SocketAddr::from(LOOPBACK), 0)],
         pools: vec![pool],
+        admin: Some(AdminConfig {
+            bind: SocketAddr::from(LOOPBACK),
+            token: Some(ADMIN_TOKEN.to_string()),
+        }),
         shutdown_timeout: Duration::from_secs(5),
         worker_threads: 0,
     }

@@ -1,0 +1,312 @@
+//! The admin API: status, drain and undrain, Prometheus metrics.
+//!
+//! Owns the admin listener and its JSON API. Everything under `/api/` needs
+//! `Authorization: Bearer TOKEN`; `/metrics` does not, so a scraper needs
+//! no secret (it is on loopback unless configured otherwise). Acts on the
+//! rest of sluice only through `drain::Drains` and registry reads.
+
+pub mod client;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::drain::{DrainError, Drains};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the admin API serves from.
+pub struct AdminState {
+    pub token: String,
+    pub registry: Arc<Registry>,
+    pub drains: Arc<Drains>,
+    pub metrics: Arc<Metrics>,
+    /// Pool algorithms by index, for status.
+    pub algorithms: Vec<&'static str>,
+}
+
+impl AdminState {
+    pub fn new(
+        cfg: &Config,
+        token: String,
+        registry: Arc<Registry>,
+        drains: Arc<Drains>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            token,
+            registry,
+            drains,
+            metrics,
+            algorithms: cfg.pools.iter().map(|p| p.algorithm.as_str()).collect(),
+        }
+    }
+}
+
+/// A new random token, for when none is configured.
+pub fn generate_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Serves the admin API on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    info!(addr = ?listener.local_addr().ok(), "admin API listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(client.addr = %peer, %error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    if path == "/metrics" {
+        if req.method() != Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return resp;
+    }
+    if !path.starts_with("/api/") {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint; try /api/v1/status or /metrics",
+        );
+    }
+    if !authorized(&req, &state.token) {
+        let mut resp = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["api", "v1", "status"]) => ok(status(state)),
+        (
+            Method::POST,
+            [
+                "api",
+                "v1",
+                "pools",
+                pool,
+                "backends",
+                backend,
+                action @ ("drain" | "undrain"),
+            ],
+        ) => {
+            let (pool, backend, action) = (pool.to_string(), backend.to_string(), *action);
+            let body = match read_json(req).await {
+                Ok(body) => body,
+                Err(resp) => return resp,
+            };
+            backend_action(state, &pool, &backend, action, &body)
+        }
+        (_, ["api", "v1", "status"])
+        | (_, ["api", "v1", "pools", _, "backends", _, "drain" | "undrain"]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "wrong method for this endpoint",
+        ),
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+fn authorized<B>(req: &Request<B>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Compare in constant time, so timing does not reveal the token.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Reads a JSON object body; an empty body is `{}`.
+async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Full<Bytes>>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large or unreadable",
+            ));
+        }
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(error(StatusCode::BAD_REQUEST, "body must be a JSON object")),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+fn backend_action(
+    state: &AdminState,
+    pool: &str,
+    backend: &str,
+    action: &str,
+    body: &Value,
+) -> Response<Full<Bytes>> {
+    let (p, b) = match state.drains.find(pool, backend) {
+        Ok(found) => found,
+        Err(e @ (DrainError::UnknownPool(_) | DrainError::UnknownBackend { .. })) => {
+            return error(StatusCode::NOT_FOUND, &e.to_string());
+        }
+    };
+    if action == "undrain" {
+        if let Some(key) = body.as_object().and_then(|o| o.keys().next()) {
+            return error(StatusCode::BAD_REQUEST, &format!("unknown field {key:?}"));
+        }
+        state.drains.undrain(p, b);
+    } else {
+        let mut window = None;
+        for (key, value) in body.as_object().into_iter().flatten() {
+            match (key.as_str(), value) {
+                ("window", Value::String(text)) => match humantime::parse_duration(text) {
+                    Ok(d) => window = Some(d),
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("window {text:?}: {e}; write e.g. \"30s\" or \"5m\""),
+                        );
+                    }
+                },
+                ("window", _) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "window must be a string such as \"5m\"",
+                    );
+                }
+                (other, _) => {
+                    return error(StatusCode::BAD_REQUEST, &format!("unknown field {other:?}"));
+                }
+            }
+        }
+        state.drains.drain(p, b, window);
+    }
+    ok(backend_json(state, p, b))
+}
+
+fn status(state: &AdminState) -> Value {
+    let pools: Vec<Value> = state
+        .registry
+        .pools()
+        .iter()
+        .enumerate()
+        .map(|(p, pool)| {
+            let backends: Vec<Value> = (0..pool.backends.len())
+                .map(|b| backend_json(state, p, b))
+                .collect();
+            json!({
+                "name": pool.name,
+                "algorithm": state.algorithms.get(p).copied().unwrap_or("least_conn"),
+                "connections": pool.backends.iter().map(|b| b.active()).sum::<usize>(),
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({ "pools": pools })
+}
+
+fn backend_json(state: &AdminState, p: usize, b: usize) -> Value {
+    let pool = state.registry.pool(p);
+    let backend = &pool.backends[b];
+    let drain = state.drains.progress(p, b).map(|d| {
+        json!({
+            "window_ms": d.window.as_millis() as u64,
+            "elapsed_ms": d.elapsed.as_millis() as u64,
+            "planned": d.planned,
+            "closed": d.closed,
+        })
+    });
+    json!({
+        "pool": pool.name,
+        "name": backend.name,
+        "address": backend.addr.to_string(),
+        "weight": backend.weight,
+        "state": backend.state().as_str(),
+        "connections": { "ws": backend.ws_count(), "http": backend.http_count() },
+        "drain": drain,
+    })
+}
+
+fn ok(value: Value) -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, &value)
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json_response(status, &json!({ "error": message }))
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
+    let mut body = value.to_string();
+    body.push('\n');
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

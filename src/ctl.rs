@@ -1,0 +1,366 @@
+//! `sluice ctl`: operating a running sluice through its admin API.
+//!
+//! Owns the operator's commands: status table, drain (optionally waiting
+//! until the backend is empty), undrain, and rollout (drain, restart, wait
+//! healthy, undrain, one backend at a time). Talks HTTP to the admin API
+//! only; holds no state of its own.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::admin::client::{AdminClient, ClientError};
+
+/// How often waits poll the status.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Why a ctl command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("expected POOL/BACKEND, got {0:?}")]
+    BadTarget(String),
+    #[error("no pool named {0:?}")]
+    UnknownPool(String),
+    #[error("{0}")]
+    Rollout(String),
+    #[error("admin API sent an unexpected status document")]
+    Malformed,
+}
+
+/// One backend as the status endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct BackendView {
+    pub pool: String,
+    pub name: String,
+    pub address: String,
+    pub state: String,
+    pub ws: u64,
+    pub http: u64,
+    pub drain: Option<(u64, u64, u64, u64)>,
+}
+
+impl BackendView {
+    fn from_json(v: &Value) -> Option<Self> {
+        let drain = v.get("drain").filter(|d| !d.is_null()).and_then(|d| {
+            Some((
+                d.get("closed")?.as_u64()?,
+                d.get("planned")?.as_u64()?,
+                d.get("elapsed_ms")?.as_u64()?,
+                d.get("window_ms")?.as_u64()?,
+            ))
+        });
+        Some(Self {
+            pool: v.get("pool")?.as_str()?.to_string(),
+            name: v.get("name")?.as_str()?.to_string(),
+            address: v.get("address")?.as_str()?.to_string(),
+            state: v.get("state")?.as_str()?.to_string(),
+            ws: v.get("connections")?.get("ws")?.as_u64()?,
+            http: v.get("connections")?.get("http")?.as_u64()?,
+            drain,
+        })
+    }
+
+    /// Live connections of any kind.
+    pub fn connections(&self) -> u64 {
+        self.ws + self.http
+    }
+}
+
+/// Every backend in the status document, pool by pool.
+pub fn backends(status: &Value) -> Result<Vec<BackendView>, CtlError> {
+    let pools = status
+        .get("pools")
+        .and_then(Value::as_array)
+        .ok_or(CtlError::Malformed)?;
+    let mut out = Vec::new();
+    for pool in pools {
+        let list = pool
+            .get("backends")
+            .and_then(Value::as_array)
+            .ok_or(CtlError::Malformed)?;
+        for b in list {
+            out.push(BackendView::from_json(b).ok_or(CtlError::Malformed)?);
+        }
+    }
+    Ok(out)
+}
+
+fn split_target(target: &str) -> Result<(&str, &str), CtlError> {
+    match target.split_once('/') {
+        Some((p, b)) if !p.is_empty() && !b.is_empty() && !b.contains('/') => Ok((p, b)),
+        _ => Err(CtlError::BadTarget(target.to_string())),
+    }
+}
+
+fn backend_path(pool: &str, backend: &str, action: &str) -> String {
+    format!("/api/v1/pools/{pool}/backends/{backend}/{action}")
+}
+
+/// The status as a table (or the raw JSON).
+pub async fn status(client: &AdminClient, raw_json: bool) -> Result<(), CtlError> {
+    let status = client.get("/api/v1/status").await?;
+    if raw_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let rows: Vec<[String; 7]> = backends(&status)?
+        .into_iter()
+        .map(|b| {
+            let drain = b
+                .drain
+                .map_or("-".to_string(), |(closed, planned, elapsed, window)| {
+                    format!(
+                        "{closed}/{planned} closed, {:.1}s of {:.1}s",
+                        elapsed as f64 / 1000.0,
+                        window as f64 / 1000.0
+                    )
+                });
+            [
+                b.pool,
+                b.name,
+                b.address,
+                b.state,
+                b.ws.to_string(),
+                b.http.to_string(),
+                drain,
+            ]
+        })
+        .collect();
+    print_table(
+        &["POOL", "BACKEND", "ADDRESS", "STATE", "WS", "HTTP", "DRAIN"],
+        &rows,
+    );
+    Ok(())
+}
+
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Drains POOL/BACKEND; with `wait`, prints progress until it is empty.
+pub async fn drain(
+    client: &AdminClient,
+    target: &str,
+    window: Option<&str>,
+    wait: bool,
+) -> Result<(), CtlError> {
+    let (pool, backend) = split_target(target)?;
+    let body = window.map_or(json!({}), |w| json!({ "window": w }));
+    let view = client
+        .post(&backend_path(pool, backend, "drain"), body)
+        .await?;
+    let view = BackendView::from_json(&view).ok_or(CtlError::Malformed)?;
+    let window_ms = view.drain.map_or(0, |d| d.3);
+    println!(
+        "{pool}/{backend}: draining over {:.1}s ({} connections)",
+        window_ms as f64 / 1000.0,
+        view.connections()
+    );
+    if wait {
+        wait_empty(client, pool, backend, None).await?;
+    }
+    Ok(())
+}
+
+/// Polls until POOL/BACKEND has no connection, printing each change.
+async fn wait_empty(
+    client: &AdminClient,
+    pool: &str,
+    backend: &str,
+    limit: Option<Duration>,
+) -> Result<(), CtlError> {
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let view = find(client, pool, backend).await?;
+        let left = view.connections();
+        if last != Some(left) {
+            println!("{pool}/{backend}: {left} connections left");
+            last = Some(left);
+        }
+        if left == 0 {
+            println!("{pool}/{backend}: drained");
+            return Ok(());
+        }
+        if limit.is_some_and(|l| started.elapsed() > l) {
+            return Err(CtlError::Rollout(format!(
+                "{pool}/{backend} still has {left} connections after {:?}",
+                started.elapsed()
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn find(client: &AdminClient, pool: &str, backend: &str) -> Result<BackendView, CtlError> {
+    let status = client.get("/api/v1/status").await?;
+    backends(&status)?
+        .into_iter()
+        .find(|b| b.pool == pool && b.name == backend)
+        .ok_or_else(|| CtlError::BadTarget(format!("{pool}/{backend}")))
+}
+
+/// Puts POOL/BACKEND back in rotation.
+pub async fn undrain(client: &AdminClient, target: &str) -> Result<(), CtlError> {
+    let (pool, backend) = split_target(target)?;
+    client
+        .post(&backend_path(pool, backend, "undrain"), json!({}))
+        .await?;
+    println!("{pool}/{backend}: back in rotation");
+    Ok(())
+}
+
+/// Rollout settings.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// Shell command run for each backend; `{backend}` and `{address}` are
+    /// replaced by its name and address.
+    pub exec: String,
+    /// Drain window (the pool's when `None`).
+    pub window: Option<String>,
+    /// Longest wait for a drained backend to be empty.
+    pub drain_timeout: Duration,
+    /// Longest wait for a restarted backend to accept connections.
+    pub health_timeout: Duration,
+    /// Longest wait for the pool to level out before the next backend.
+    pub balance_timeout: Duration,
+}
+
+/// Restarts the backends of `pool` one at a time: drain and wait empty, run
+/// the command, wait until the backend accepts connections, undrain, wait
+/// for the pool to level out (or the timeout), next. Stops at the first
+/// failure and leaves that backend drained.
+pub async fn rollout(client: &AdminClient, pool: &str, plan: &Rollout) -> Result<(), CtlError> {
+    let status = client.get("/api/v1/status").await?;
+    let targets: Vec<BackendView> = backends(&status)?
+        .into_iter()
+        .filter(|b| b.pool == pool)
+        .collect();
+    if targets.is_empty() {
+        return Err(CtlError::UnknownPool(pool.to_string()));
+    }
+    let n = targets.len();
+    for (i, b) in targets.iter().enumerate() {
+        let step = format!("[{}/{n}] {pool}/{}", i + 1, b.name);
+        println!("{step}: draining");
+        let body = plan
+            .window
+            .as_ref()
+            .map_or(json!({}), |w| json!({ "window": w }));
+        client
+            .post(&backend_path(pool, &b.name, "drain"), body)
+            .await?;
+        wait_empty(client, pool, &b.name, Some(plan.drain_timeout)).await?;
+        let command = plan
+            .exec
+            .replace("{backend}", &b.name)
+            .replace("{address}", &b.address);
+        println!("{step}: running {command}");
+        let exit = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .status()
+            .await
+            .map_err(|e| {
+                CtlError::Rollout(format!(
+                    "{step}: cannot run the command: {e}; {} left drained",
+                    b.name
+                ))
+            })?;
+        if !exit.success() {
+            return Err(CtlError::Rollout(format!(
+                "{step}: command failed ({exit}); {} left drained",
+                b.name
+            )));
+        }
+        let addr: SocketAddr = b
+            .address
+            .parse()
+            .map_err(|_| CtlError::Rollout(format!("{step}: bad address {}", b.address)))?;
+        println!("{step}: waiting until {addr} accepts connections");
+        wait_accepting(addr, plan.health_timeout)
+            .await
+            .map_err(|()| {
+                CtlError::Rollout(format!(
+                    "{step}: {addr} not accepting after {:?}; {} left drained",
+                    plan.health_timeout, b.name
+                ))
+            })?;
+        client
+            .post(&backend_path(pool, &b.name, "undrain"), json!({}))
+            .await?;
+        println!("{step}: back in rotation");
+        if wait_balanced(client, pool, plan.balance_timeout).await? {
+            println!("{step}: pool is level");
+        } else {
+            println!(
+                "{step}: pool not level after {:?}; going on",
+                plan.balance_timeout
+            );
+        }
+    }
+    println!("rollout of {pool} done: {n} backends restarted");
+    Ok(())
+}
+
+async fn wait_accepting(addr: SocketAddr, limit: Duration) -> Result<(), ()> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Err(())
+}
+
+/// True once every backend of `pool` in rotation holds at least 80 % of
+/// its even share of the pool's WebSockets; false after `limit`.
+async fn wait_balanced(
+    client: &AdminClient,
+    pool: &str,
+    limit: Duration,
+) -> Result<bool, CtlError> {
+    let started = Instant::now();
+    loop {
+        let status = client.get("/api/v1/status").await?;
+        let up: Vec<BackendView> = backends(&status)?
+            .into_iter()
+            .filter(|b| b.pool == pool && b.state == "up")
+            .collect();
+        let total: u64 = up.iter().map(|b| b.ws).sum();
+        let share = total as f64 / up.len().max(1) as f64;
+        if up.iter().all(|b| b.ws as f64 >= 0.8 * share) {
+            return Ok(true);
+        }
+        if started.elapsed() >= limit {
+            return Ok(false);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}

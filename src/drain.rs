@@ -1,0 +1,269 @@
+//! Gradual draining of backends.
+//!
+//! Owns the drain plan: which of a draining backend's WebSockets to close,
+//! and when, across the drain window. Does not touch sockets: it marks the
+//! backend out of rotation in the registry and calls `request_close(code)`
+//! on registry handles; the tunnel closes each at a message boundary.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::DrainConfig;
+use crate::registry::{Backend, BackendState, Registry};
+
+/// How often a drain looks for late WebSockets and for the backend to be empty.
+const EMPTY_POLL: Duration = Duration::from_millis(100);
+
+/// Offsets from the start of the drain at which to close `count`
+/// connections, evenly over `window`: the i-th at `window × i / count`.
+pub fn plan_drain(count: usize, window: Duration) -> Vec<Duration> {
+    (0..count)
+        .map(|i| window.mul_f64(i as f64 / count as f64))
+        .collect()
+}
+
+/// Why a drain request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("no pool named {0:?}")]
+    UnknownPool(String),
+    #[error("pool {pool:?} has no backend named {backend:?}")]
+    UnknownBackend { pool: String, backend: String },
+}
+
+/// How far a drain has come.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainProgress {
+    pub window: Duration,
+    pub elapsed: Duration,
+    /// WebSockets the drain has planned to close so far.
+    pub planned: usize,
+    /// Close requests sent so far.
+    pub closed: usize,
+}
+
+/// One drain in progress (or finished, until undrain).
+#[derive(Debug)]
+struct Drain {
+    cancel: CancellationToken,
+    started: Instant,
+    window: Duration,
+    planned: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+}
+
+/// All drains, by (pool, backend) index.
+#[derive(Debug)]
+pub struct Drains {
+    registry: Arc<Registry>,
+    /// Each pool's drain settings.
+    settings: Vec<DrainConfig>,
+    drains: Mutex<HashMap<(usize, usize), Drain>>,
+}
+
+impl Drains {
+    pub fn new(registry: Arc<Registry>, settings: Vec<DrainConfig>) -> Self {
+        Self {
+            registry,
+            settings,
+            drains: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), Drain>> {
+        self.drains
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Finds a backend by pool and backend name.
+    pub fn find(&self, pool: &str, backend: &str) -> Result<(usize, usize), DrainError> {
+        let p = self
+            .registry
+            .pools()
+            .iter()
+            .position(|p| p.name == pool)
+            .ok_or_else(|| DrainError::UnknownPool(pool.to_string()))?;
+        let b = self
+            .registry
+            .pool(p)
+            .backends
+            .iter()
+            .position(|b| b.name == backend)
+            .ok_or_else(|| DrainError::UnknownBackend {
+                pool: pool.to_string(),
+                backend: backend.to_string(),
+            })?;
+        Ok((p, b))
+    }
+
+    /// Starts draining backend `b` of pool `p` over `window` (the pool's by
+    /// default). Draining a backend that is already draining or drained
+    /// changes nothing.
+    pub fn drain(&self, p: usize, b: usize, window: Option<Duration>) {
+        let mut cfg = self.settings[p];
+        if let Some(window) = window {
+            cfg.window = window;
+        }
+        self.start(p, b, cfg);
+    }
+
+    /// Drains every backend with `close_code` (shutdown).
+    pub fn drain_all(&self, close_code: u16) {
+        for (p, pool) in self.registry.pools().iter().enumerate() {
+            for b in 0..pool.backends.len() {
+                let mut cfg = self.settings[p];
+                cfg.close_code = close_code;
+                self.start(p, b, cfg);
+            }
+        }
+    }
+
+    fn start(&self, p: usize, b: usize, cfg: DrainConfig) {
+        let mut drains = self.lock();
+        if drains.contains_key(&(p, b)) {
+            return;
+        }
+        let pool = self.registry.pool(p);
+        let backend = pool.backends[b].clone();
+        backend.set_state(BackendState::Draining);
+        let drain = Drain {
+            cancel: CancellationToken::new(),
+            started: Instant::now(),
+            window: cfg.window,
+            planned: Arc::default(),
+            closed: Arc::default(),
+        };
+        info!(pool = %pool.name, backend = %backend.name, window = ?cfg.window, websockets = backend.ws_count(), "drain started");
+        tokio::spawn(run_drain(
+            backend,
+            pool.name.clone(),
+            cfg,
+            drain.started,
+            drain.planned.clone(),
+            drain.closed.clone(),
+            drain.cancel.clone(),
+        ));
+        drains.insert((p, b), drain);
+    }
+
+    /// Stops draining and puts the backend back in rotation. Close requests
+    /// already sent stand; no further ones are sent.
+    pub fn undrain(&self, p: usize, b: usize) {
+        if let Some(drain) = self.lock().remove(&(p, b)) {
+            drain.cancel.cancel();
+        }
+        let pool = self.registry.pool(p);
+        let backend = &pool.backends[b];
+        if backend.state() != BackendState::Up {
+            info!(pool = %pool.name, backend = %backend.name, "back in rotation");
+        }
+        backend.set_state(BackendState::Up);
+    }
+
+    /// Progress of the drain of backend `b` of pool `p`, if one is running.
+    pub fn progress(&self, p: usize, b: usize) -> Option<DrainProgress> {
+        self.lock().get(&(p, b)).map(|d| DrainProgress {
+            window: d.window,
+            elapsed: d.started.elapsed(),
+            planned: d.planned.load(Ordering::Relaxed),
+            closed: d.closed.load(Ordering::Relaxed),
+        })
+    }
+
+    /// True when any backend of pool `p` is draining or drained.
+    pub fn pool_busy(&self, p: usize) -> bool {
+        self.lock().keys().any(|&(pool, _)| pool == p)
+    }
+}
+
+/// Closes `backend`'s WebSockets spread over the window, then any that
+/// arrive late, and marks it drained once it has no connection left.
+async fn run_drain(
+    backend: Arc<Backend>,
+    pool: String,
+    cfg: DrainConfig,
+    started: Instant,
+    planned: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+) {
+    let mut conns = backend.connections();
+    // Random order, so that the oldest connections do not all go first.
+    conns.shuffle(&mut rand::rng());
+    planned.store(conns.len(), Ordering::Relaxed);
+    let mut asked: HashSet<u64> = HashSet::with_capacity(conns.len());
+    let close = |conn: &crate::registry::ConnControl| {
+        conn.request_close(cfg.close_code);
+        backend.drain_closed.fetch_add(1, Ordering::Relaxed);
+        closed.fetch_add(1, Ordering::Relaxed);
+    };
+    for (conn, offset) in conns.iter().zip(plan_drain(conns.len(), cfg.window)) {
+        if backend.active() == 0 {
+            // Everything left on its own: nothing more to spread.
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(started + offset) => {}
+            () = cancel.cancelled() => return,
+        }
+        close(conn);
+        asked.insert(conn.id);
+    }
+    // Upgrades that were under way when the drain began close the same way;
+    // then wait until the backend has no connection at all.
+    loop {
+        for conn in backend.connections() {
+            if asked.insert(conn.id) {
+                planned.fetch_add(1, Ordering::Relaxed);
+                close(&conn);
+            }
+        }
+        if backend.active() == 0 {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(EMPTY_POLL) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+    backend.set_state(BackendState::Drained);
+    info!(%pool, backend = %backend.name, closed = closed.load(Ordering::Relaxed), "drained");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_spreads_closes_over_window() {
+        let offsets = plan_drain(4, Duration::from_secs(60));
+        assert_eq!(offsets, [0, 15, 30, 45].map(Duration::from_secs));
+        assert!(plan_drain(0, Duration::from_secs(1)).is_empty());
+        assert_eq!(plan_drain(3, Duration::ZERO), [Duration::ZERO; 3]);
+    }
+
+    #[test]
+    fn no_tenth_of_the_window_gets_more_than_its_share() {
+        for count in [1usize, 7, 10, 99, 600, 6000] {
+            let window = Duration::from_secs(30);
+            let mut tenths = [0usize; 10];
+            for offset in plan_drain(count, window) {
+                tenths[(offset.as_secs_f64() / window.as_secs_f64() * 10.0) as usize] += 1;
+            }
+            let share = count as f64 / 10.0;
+            assert!(
+                tenths.iter().all(|&n| n as f64 <= (1.5 * share).ceil()),
+                "{count}: {tenths:?}"
+            );
+            assert_eq!(tenths.iter().sum::<usize>(), count);
+        }
+    }
+}

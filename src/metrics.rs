@@ -1,0 +1,155 @@
+//! Prometheus metrics.
+//!
+//! Owns the metric registry and its text encoding for `GET /metrics`. What
+//! the data path counts as it goes (accepted connections, upstream connect
+//! time) lives in prometheus-client metrics handed to it at start; what the
+//! registry already counts (live connections, messages, bytes, drain
+//! closes, backend states) is read at scrape time, so the data path pays
+//! nothing extra for it.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use crate::registry::{BackendState, Registry};
+
+type ListenerLabels = [(&'static str, String); 1];
+
+/// The metrics sluice exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: prometheus_client::registry::Registry,
+    accepted: Family<ListenerLabels, Counter>,
+    /// Time to open a TCP connection to a backend.
+    pub connect_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new(live: Arc<Registry>) -> Self {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let accepted = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "sluice_connections_accepted",
+            "Client connections accepted, by listener",
+            accepted.clone(),
+        );
+        // 0.1 ms .. ~1.6 s
+        let connect_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        registry.register(
+            "sluice_upstream_connect_seconds",
+            "Time to open a TCP connection to a backend",
+            connect_seconds.clone(),
+        );
+        registry.register_collector(Box::new(LiveCollector(live)));
+        Self {
+            registry,
+            accepted,
+            connect_seconds,
+        }
+    }
+
+    /// The accepted-connections counter of `listener`, for its accept loop.
+    pub fn accepted(&self, listener: &str) -> Counter {
+        self.accepted
+            .get_or_create(&[("listener", listener.to_string())])
+            .clone()
+    }
+
+    /// All metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads the registry's counters at scrape time.
+#[derive(Debug)]
+struct LiveCollector(Arc<Registry>);
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pools = self.0.pools();
+        let backends = || {
+            pools
+                .iter()
+                .flat_map(|p| p.backends.iter().map(move |b| (p.name.as_str(), b)))
+        };
+        {
+            let mut m = encoder.encode_descriptor(
+                "sluice_connections",
+                "Live connections per backend: WebSockets and in-flight HTTP requests",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pool, b) in backends() {
+                for (kind, n) in [("ws", b.ws_count()), ("http", b.http_count())] {
+                    let labels = [("pool", pool), ("backend", b.name.as_str()), ("kind", kind)];
+                    ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        for (name, help, pick_bytes) in [
+            (
+                "sluice_ws_messages",
+                "WebSocket messages proxied, by direction",
+                false,
+            ),
+            (
+                "sluice_bytes",
+                "WebSocket bytes proxied, by direction",
+                true,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (pool, b) in backends() {
+                for (direction, traffic) in [("up", &b.up), ("down", &b.down)] {
+                    let value = if pick_bytes {
+                        &traffic.bytes
+                    } else {
+                        &traffic.messages
+                    };
+                    let labels = [
+                        ("pool", pool),
+                        ("backend", b.name.as_str()),
+                        ("direction", direction),
+                    ];
+                    ConstCounter::new(value.load(std::sync::atomic::Ordering::Relaxed))
+                        .encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "sluice_backend_up",
+                "1 when the backend is in rotation, 0 when draining or drained",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pool, b) in backends() {
+                let labels = [("pool", pool), ("backend", b.name.as_str())];
+                let up = i64::from(b.state() == BackendState::Up);
+                ConstGauge::new(up).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "sluice_drain_closed",
+            "WebSockets asked to close by a drain",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, b) in backends() {
+            let labels = [("pool", pool), ("backend", b.name.as_str())];
+            ConstCounter::new(b.drain_closed.load(std::sync::atomic::Ordering::Relaxed))
+                .encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
