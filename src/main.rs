@@ -34,6 +34,15 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
     },
+    /// Run one demo echo backend (HTTP echo, WebSocket echo, page at /), to
+    /// try drains and rollouts against real processes.
+    EchoBackend {
+        /// Name it greets WebSockets with.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        bind: SocketAddr,
+    },
     /// Operate a running sluice through its admin API.
     Ctl {
         /// Admin API address [env: SLUICE_ADMIN] (default: from --config, else 127.0.0.1:9901).
@@ -132,6 +141,16 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::EchoBackend { name, bind } => runtime(1)?.block_on(async {
+            let backend = sluice::demo::EchoBackend::start(&name, bind)
+                .await
+                .with_context(|| format!("starting echo backend on {bind}"))?;
+            println!("echo backend {name} on http://{}/", backend.addr);
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
+            Ok(())
+        }),
         Command::Ctl {
             admin,
             token,

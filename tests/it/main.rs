@@ -3,6 +3,7 @@
 mod balance;
 mod cli;
 mod close;
+mod drain;
 mod failures;
 mod http;
 #[path = "../support/mod.rs"]

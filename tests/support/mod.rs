@@ -411,3 +411,127 @@ pub async fn read_exact(stream: &mut TcpStream, n: usize) -> Vec<u8> {
         .expect("read");
     buf
 }
+
+impl Sluice {
+    /// The admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.running
+            .as_ref()
+            .expect("running")
+            .admin
+            .as_ref()
+            .expect("admin enabled")
+            .addr
+    }
+
+    /// A client of the admin API with the test token.
+    pub fn admin(&self) -> sluice::admin::client::AdminClient {
+        sluice::admin::client::AdminClient {
+            addr: self.admin_addr(),
+            token: Some(ADMIN_TOKEN.to_string()),
+        }
+    }
+}
+
+/// What a chatting client saw.
+#[derive(Debug, Default, Clone)]
+pub struct ChatStats {
+    /// Backends it was connected to, in order.
+    pub backends: Vec<String>,
+    /// Close frames it received: code and when.
+    pub closes: Vec<(u16, std::time::Instant)>,
+    /// Messages sent whose echo never came (connection closed first).
+    pub lost: u64,
+    /// Echoes received intact.
+    pub echoed: u64,
+    /// Echoes that did not match what was sent.
+    pub wrong: u64,
+}
+
+/// A client that sends a numbered message every `every`, checks each echo,
+/// and reconnects through `url` whenever the connection is closed, until
+/// `stop`.
+pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> ChatStats {
+    let mut stats = ChatStats::default();
+    let mut seq = 0u64;
+    'connect: for _attempt in 0..1000 {
+        if stop.is_cancelled() {
+            break;
+        }
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(big_ws_config()), true),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                stats
+                    .backends
+                    .push(t.as_str().trim_start_matches("connected to ").to_string());
+            }
+            _ => continue,
+        }
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    let _ = ws.close(None).await;
+                    break 'connect;
+                }
+                () = tokio::time::sleep(every) => {}
+                msg = ws.next() => {
+                    // Only a Close can come while we are not waiting for an echo.
+                    if let Some(Ok(Message::Close(frame))) = msg {
+                        stats.closes.push((frame.map_or(1005, |f| u16::from(f.code)), std::time::Instant::now()));
+                        finish_close(&mut ws).await;
+                    }
+                    continue 'connect;
+                }
+            }
+            seq += 1;
+            let text = format!("msg {seq}");
+            if ws.send(Message::text(text.clone())).await.is_err() {
+                stats.lost += 1;
+                continue 'connect;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) if t.as_str() == text => {
+                        stats.echoed += 1;
+                        break;
+                    }
+                    Ok(Some(Ok(Message::Text(_) | Message::Binary(_)))) => {
+                        stats.wrong += 1;
+                        break;
+                    }
+                    Ok(Some(Ok(Message::Close(frame)))) => {
+                        stats.lost += 1;
+                        stats.closes.push((
+                            frame.map_or(1005, |f| u16::from(f.code)),
+                            std::time::Instant::now(),
+                        ));
+                        finish_close(&mut ws).await;
+                        continue 'connect;
+                    }
+                    Ok(Some(Ok(_))) => continue,
+                    _ => {
+                        stats.lost += 1;
+                        continue 'connect;
+                    }
+                }
+            }
+        }
+    }
+    stats
+}
+
+/// Lets tungstenite answer a Close and see the end of the stream.
+async fn finish_close(ws: &mut Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while ws.next().await.is_some() {}
+    })
+    .await;
+}
