@@ -225,10 +225,14 @@ async fn upgrade(
             entry,
             close_timeout,
         );
-        match tunnel.await {
-            Ok(stats) => debug!(client.addr = %peer, backend = %target.name, messages.up = stats.messages_up, messages.down = stats.messages_down, "tunnel closed"),
-            Err(error) => debug!(client.addr = %peer, backend = %target.name, %error, "tunnel ended with an error"),
-        }
+        let stats = tunnel.await;
+        debug!(
+            client.addr = %peer,
+            backend = %target.name,
+            messages.up = stats.messages_up,
+            messages.down = stats.messages_down,
+            "tunnel closed"
+        );
     });
     resp.map(|_| ProxyBody::empty())
 }

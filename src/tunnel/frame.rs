@@ -62,25 +62,45 @@ impl FrameTracker {
             if pos == data.len() {
                 return None;
             }
-            if self.remaining > 0 {
-                let left = (data.len() - pos) as u64;
-                let take = self.remaining.min(left);
-                self.remaining -= take;
-                pos += take as usize;
-                continue;
-            }
-            // Reading a header: copy bytes until it is complete.
-            let filled = self.header_len as usize;
-            let need = header_len(&self.header[..filled]);
-            let take = (need - filled).min(data.len() - pos);
-            self.header[filled..filled + take].copy_from_slice(&data[pos..pos + take]);
-            self.header_len += take as u8;
-            pos += take;
-            let filled = self.header_len as usize;
-            if filled == header_len(&self.header[..filled]) {
-                self.complete_header();
-            }
+            pos += self.step(&data[pos..]);
         }
+    }
+
+    /// Follows `data` up to the start of the next Close frame and returns
+    /// its offset (the Close frame itself is not tracked); `None` when
+    /// `data` holds no Close frame start.
+    pub fn scan_to_close(&mut self, data: &[u8]) -> Option<usize> {
+        let mut pos = 0;
+        loop {
+            let at_frame_start = self.header_len == 0 && self.remaining == 0;
+            if at_frame_start && pos < data.len() && data[pos] & 0x0f == OPCODE_CLOSE {
+                return Some(pos);
+            }
+            if pos == data.len() {
+                return None;
+            }
+            pos += self.step(&data[pos..]);
+        }
+    }
+
+    /// Consumes payload bytes of the current frame, or header bytes of the
+    /// next one, from non-empty `data`; returns how many.
+    fn step(&mut self, data: &[u8]) -> usize {
+        if self.remaining > 0 {
+            let take = self.remaining.min(data.len() as u64);
+            self.remaining -= take;
+            return take as usize;
+        }
+        let filled = self.header_len as usize;
+        let need = header_len(&self.header[..filled]);
+        let take = (need - filled).min(data.len());
+        self.header[filled..filled + take].copy_from_slice(&data[..take]);
+        self.header_len += take as u8;
+        let filled = self.header_len as usize;
+        if filled == header_len(&self.header[..filled]) {
+            self.complete_header();
+        }
+        take
     }
 
     fn complete_header(&mut self) {
@@ -234,6 +254,30 @@ mod tests {
         t.scan(&f[..n], false);
         assert!(t.close_seen());
         assert!(t.is_at_boundary());
+    }
+
+    #[test]
+    fn scan_to_close_stops_before_the_close_frame() {
+        let mut data = frame(true, 1, 300, false);
+        let close_at = data.len();
+        let (close, n) = close_frame(1000, None);
+        data.extend_from_slice(&close[..n]);
+        for split in [1, 5, close_at, close_at + 1] {
+            let mut t = FrameTracker::default();
+            let first = t.scan_to_close(&data[..split]);
+            let found = match first {
+                Some(k) => k,
+                None => split + t.scan_to_close(&data[split..]).expect("close frame found"),
+            };
+            assert_eq!(found, close_at, "split at {split}");
+            assert!(!t.close_seen(), "the close frame itself is not tracked");
+        }
+        // A payload byte that looks like a Close opcode is not a frame start.
+        let mut t = FrameTracker::default();
+        assert_eq!(t.scan_to_close(&frame(true, 2, 3, false)[..3]), None);
+        let looks_like_close = [0x82, 0x02, 0x88, 0x88];
+        let mut t = FrameTracker::default();
+        assert_eq!(t.scan_to_close(&looks_like_close), None);
     }
 
     #[test]

@@ -5,10 +5,14 @@
 //! both are closed. Reads frame headers only (see [`frame`]), never payloads.
 //! It watches its registry control handle: on a close request it waits for a
 //! quiet point (both directions between messages and silent for
-//! [`QUIET`]), or, after [`QUIET_MAX_WAIT`], for each direction's next
-//! message boundary, then sends a Close frame each way (masked towards the
-//! backend) and gives the peers `close_timeout` to answer. It never cuts a
-//! message: only an abort (the shutdown deadline) drops a tunnel mid-message.
+//! [`QUIET`]), or, after [`QUIET_MAX_WAIT`], for the next message boundary,
+//! then sends a masked Close frame to the backend. What the backend still
+//! sends before its Close reply (answers already on their way) goes on to
+//! the client; the backend's reply is replaced by sluice's own Close with
+//! the requested code. Should the backend not answer within
+//! `close_timeout`, the client gets its Close at its next message boundary.
+//! It never cuts a message: only an abort (the shutdown deadline) drops a
+//! tunnel mid-message.
 //!
 //! An idle tunnel holds no buffer: one is taken from a small pool when a
 //! socket becomes readable and given back when the data has been written.
@@ -98,6 +102,9 @@ struct Flow {
     masked: bool,
     /// Close code to send at this flow's next message boundary.
     inject: Option<u16>,
+    /// Close code to send in place of the source's own Close frame, when it
+    /// comes (the source's data before it is still forwarded).
+    replace_close: Option<u16>,
     /// Our Close frame, still to be written.
     close_out: Option<PendingClose>,
     /// sluice sent its Close frame: bytes from the source are no longer forwarded.
@@ -110,6 +117,8 @@ struct Flow {
     active: bool,
     /// Messages already added to the backend's traffic counters.
     counted: u64,
+    /// Writing to the destination failed: nothing more moves this way.
+    failed: bool,
 }
 
 impl Flow {
@@ -121,12 +130,14 @@ impl Flow {
             end: 0,
             masked,
             inject: None,
+            replace_close: None,
             close_out: None,
             closed_by_us: false,
             eof: false,
             shut: false,
             active: false,
             counted: 0,
+            failed: false,
         };
         if !pending.is_empty() {
             // Bytes that arrived with the upgrade response or request.
@@ -175,6 +186,16 @@ impl Flow {
         if self.closed_by_us {
             self.tracker.scan(data, false);
             self.end = 0;
+        } else if let Some(code) = self.replace_close {
+            match self.tracker.scan_to_close(data) {
+                Some(k) => {
+                    self.end = k;
+                    self.replace_close = None;
+                    self.queue_close(code);
+                    self.tracker.scan(&data[k..], false);
+                }
+                None => self.end = n,
+            }
         } else if let Some(code) = self.inject {
             match self.tracker.scan(data, true) {
                 Some(k) => {
@@ -212,6 +233,9 @@ impl Flow {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         self.active = false;
+        if self.failed {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if let Some(buf) = self.buf.as_ref() {
                 while self.start < self.end {
@@ -235,6 +259,11 @@ impl Flow {
             }
             if self.eof {
                 self.release_buffer();
+                // A Close this flow still owes its destination goes first.
+                if let Some(code) = self.replace_close.take().or(self.inject) {
+                    self.queue_close(code);
+                    continue;
+                }
                 if !self.shut {
                     ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
                     self.shut = true;
@@ -263,7 +292,12 @@ impl Flow {
                     // Idle again: give the buffer back until data comes.
                     self.release_buffer();
                 }
-                Err(e) => return Poll::Ready(Err(e)),
+                Err(error) => {
+                    // The source is gone (e.g. reset): for the destination
+                    // that is the end of the stream.
+                    tracing::debug!(%error, "tunnel read failed");
+                    self.eof = true;
+                }
             }
         }
     }
@@ -292,6 +326,22 @@ fn read_available(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     }
 }
 
+/// A flow whose destination failed cannot deliver anything more: it is
+/// finished, and the other direction goes on (e.g. to give the client its
+/// Close when the backend has reset).
+fn finished_on_error(flow: &mut Flow, polled: Poll<io::Result<()>>) -> Poll<()> {
+    match polled {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(())) => Poll::Ready(()),
+        Poll::Ready(Err(error)) => {
+            tracing::debug!(%error, "tunnel write failed");
+            flow.failed = true;
+            flow.release_buffer();
+            Poll::Ready(())
+        }
+    }
+}
+
 /// Where the tunnel is in its life.
 #[derive(Debug, Clone, Copy)]
 enum Phase {
@@ -304,7 +354,13 @@ enum Phase {
         last_activity: Instant,
     },
     /// Close frames are out (ours or the peers'); waiting for the peers.
-    Closing { deadline: Instant },
+    Closing {
+        deadline: Instant,
+        /// Our close code while the client still waits for our Close: if
+        /// the backend has not answered by the deadline, the client gets it
+        /// then.
+        client_pending: Option<u16>,
+    },
 }
 
 /// One proxied WebSocket. A future: await it to run the tunnel to its end.
@@ -363,9 +419,13 @@ impl Tunnel {
 
     /// Advances the close state machine; returns the next time it must be
     /// looked at, if any.
+    ///
+    /// sluice closes towards the backend first and keeps forwarding what the
+    /// backend still sends (answers already on their way), then gives the
+    /// client its Close in place of the backend's reply. So an answer in
+    /// flight is never cut, and the backend sees the close before the client
+    /// can send anything more.
     fn step_phase(&mut self, now: Instant) -> Option<Instant> {
-        let peers_closing = (self.up.tracker.close_seen() && !self.down.closed_by_us)
-            || (self.down.tracker.close_seen() && !self.up.closed_by_us);
         match self.phase {
             Phase::Open => None,
             Phase::Requested {
@@ -376,10 +436,11 @@ impl Tunnel {
                 if self.up.active || self.down.active {
                     last_activity = now;
                 }
-                if peers_closing {
+                if self.up.tracker.close_seen() || self.down.tracker.close_seen() {
                     // A peer started the close handshake itself: let it finish.
                     self.phase = Phase::Closing {
                         deadline: now + self.close_timeout,
+                        client_pending: None,
                     };
                     return self.step_phase(now);
                 }
@@ -388,9 +449,10 @@ impl Tunnel {
                     && now >= last_activity + QUIET;
                 if quiet || now >= since + QUIET_MAX_WAIT {
                     self.up.inject = Some(code);
-                    self.down.inject = Some(code);
+                    self.down.replace_close = Some(code);
                     self.phase = Phase::Closing {
                         deadline: now + self.close_timeout,
+                        client_pending: Some(code),
                     };
                     return None;
                 }
@@ -401,7 +463,26 @@ impl Tunnel {
                 };
                 Some((last_activity + QUIET).min(since + QUIET_MAX_WAIT))
             }
-            Phase::Closing { deadline } => Some(deadline),
+            Phase::Closing {
+                deadline,
+                client_pending,
+            } => {
+                if now >= deadline
+                    && let Some(code) = client_pending
+                    && !self.down.closed_by_us
+                {
+                    // The backend did not answer: the client gets its Close
+                    // at its next message boundary, and close_timeout more.
+                    self.down.replace_close = None;
+                    self.down.inject = Some(code);
+                    self.phase = Phase::Closing {
+                        deadline: now + self.close_timeout,
+                        client_pending: None,
+                    };
+                    return None;
+                }
+                Some(deadline)
+            }
         }
     }
 
@@ -417,13 +498,13 @@ impl Tunnel {
 }
 
 impl Future for Tunnel {
-    type Output = io::Result<TunnelStats>;
+    type Output = TunnelStats;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         loop {
             match this.control().poll_request(cx.waker()) {
-                CloseRequest::Abort => return Poll::Ready(Ok(this.stats())),
+                CloseRequest::Abort => return Poll::Ready(this.stats()),
                 CloseRequest::Close(code) if matches!(this.phase, Phase::Open) => {
                     let now = Instant::now();
                     this.phase = Phase::Requested {
@@ -437,12 +518,16 @@ impl Future for Tunnel {
             let target = this.entry.backend();
             let up = this
                 .up
-                .poll_move(&this.client, &mut this.backend, &target.up, cx)?;
+                .poll_move(&this.client, &mut this.backend, &target.up, cx);
             let down = this
                 .down
-                .poll_move(&this.backend, &mut this.client, &target.down, cx)?;
+                .poll_move(&this.backend, &mut this.client, &target.down, cx);
+            let (up, down) = (
+                finished_on_error(&mut this.up, up),
+                finished_on_error(&mut this.down, down),
+            );
             if up.is_ready() && down.is_ready() {
-                return Poll::Ready(Ok(this.stats()));
+                return Poll::Ready(this.stats());
             }
             if matches!(this.phase, Phase::Open) && up.is_pending() && down.is_pending() {
                 // The common case: proxying, nothing timed to wait for.
@@ -453,7 +538,7 @@ impl Future for Tunnel {
                 // Both Close frames answered: end TCP on both sides.
                 let _ = Pin::new(&mut this.client).poll_shutdown(cx);
                 let _ = Pin::new(&mut this.backend).poll_shutdown(cx);
-                return Poll::Ready(Ok(this.stats()));
+                return Poll::Ready(this.stats());
             }
             let injecting = this.up.inject.is_some() || this.down.inject.is_some();
             let mut wake_at = this.step_phase(now);
@@ -465,15 +550,15 @@ impl Future for Tunnel {
                 let linger = *this.linger_deadline.get_or_insert(now + this.close_timeout);
                 wake_at = Some(wake_at.map_or(linger, |w| w.min(linger)));
             }
-            if let Phase::Closing { deadline } = this.phase
+            if let Phase::Closing { deadline, .. } = this.phase
                 && now >= deadline
             {
-                return Poll::Ready(Ok(this.stats()));
+                return Poll::Ready(this.stats());
             }
             if let Some(linger) = this.linger_deadline
                 && now >= linger
             {
-                return Poll::Ready(Ok(this.stats()));
+                return Poll::Ready(this.stats());
             }
             let Some(at) = wake_at else {
                 this.timer = None;

@@ -30,11 +30,23 @@ async fn slow_big_sender() -> RawBackend {
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                // Record everything else the client side sends (our Close).
+                // Record everything else the client side sends, and answer
+                // a Close (sluice's) as a server does.
+                let mut answered = false;
                 loop {
                     match stream.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => seen_push(&seen, index, &buf[..n]),
+                    }
+                    let got_close = seen.lock().expect("lock")[index]
+                        .bytes
+                        .windows(2)
+                        .any(|w| w == [0x88, 0x82]);
+                    if got_close && !answered {
+                        answered = true;
+                        let _ = stream
+                            .write_all(&frame(0x88, &1012u16.to_be_bytes(), None))
+                            .await;
                     }
                 }
             })

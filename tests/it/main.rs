@@ -1,8 +1,10 @@
 //! Integration tests: real sluice, real backends, real clients on loopback.
 
+mod admin;
 mod balance;
 mod cli;
 mod close;
+mod ctl;
 mod drain;
 mod failures;
 mod http;

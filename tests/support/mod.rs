@@ -440,20 +440,26 @@ pub struct ChatStats {
     pub backends: Vec<String>,
     /// Close frames it received: code and when.
     pub closes: Vec<(u16, std::time::Instant)>,
-    /// Messages sent whose echo never came (connection closed first).
+    /// Messages whose echo had not come when the connection closed, so they
+    /// were sent again after reconnecting (a message sent while the close was
+    /// on its way: a robust client resends what was not acknowledged).
+    pub resent: u64,
+    /// Messages never echoed at all.
     pub lost: u64,
     /// Echoes received intact.
     pub echoed: u64,
-    /// Echoes that did not match what was sent.
+    /// Echoes that did not match what was sent (cut or mixed up messages).
     pub wrong: u64,
 }
 
 /// A client that sends a numbered message every `every`, checks each echo,
 /// and reconnects through `url` whenever the connection is closed, until
-/// `stop`.
+/// `stop`. A message not yet echoed when the connection closed is sent
+/// again on the next connection.
 pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> ChatStats {
     let mut stats = ChatStats::default();
     let mut seq = 0u64;
+    let mut unanswered: Option<String> = None;
     'connect: for _attempt in 0..1000 {
         if stop.is_cancelled() {
             break;
@@ -476,39 +482,48 @@ pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> Chat
             _ => continue,
         }
         loop {
-            tokio::select! {
-                () = stop.cancelled() => {
-                    let _ = ws.close(None).await;
-                    break 'connect;
+            let text = match unanswered.clone() {
+                Some(text) => {
+                    stats.resent += 1;
+                    text
                 }
-                () = tokio::time::sleep(every) => {}
-                msg = ws.next() => {
-                    // Only a Close can come while we are not waiting for an echo.
-                    if let Some(Ok(Message::Close(frame))) = msg {
-                        stats.closes.push((frame.map_or(1005, |f| u16::from(f.code)), std::time::Instant::now()));
-                        finish_close(&mut ws).await;
+                None => {
+                    tokio::select! {
+                        () = stop.cancelled() => {
+                            let _ = ws.close(None).await;
+                            break 'connect;
+                        }
+                        () = tokio::time::sleep(every) => {}
+                        msg = ws.next() => {
+                            // Only a Close can come while no echo is awaited.
+                            if let Some(Ok(Message::Close(frame))) = msg {
+                                stats.closes.push((frame.map_or(1005, |f| u16::from(f.code)), std::time::Instant::now()));
+                                finish_close(&mut ws).await;
+                            }
+                            continue 'connect;
+                        }
                     }
-                    continue 'connect;
+                    seq += 1;
+                    format!("msg {seq}")
                 }
-            }
-            seq += 1;
-            let text = format!("msg {seq}");
+            };
+            unanswered = Some(text.clone());
             if ws.send(Message::text(text.clone())).await.is_err() {
-                stats.lost += 1;
                 continue 'connect;
             }
             loop {
                 match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
                     Ok(Some(Ok(Message::Text(t)))) if t.as_str() == text => {
                         stats.echoed += 1;
+                        unanswered = None;
                         break;
                     }
                     Ok(Some(Ok(Message::Text(_) | Message::Binary(_)))) => {
                         stats.wrong += 1;
+                        unanswered = None;
                         break;
                     }
                     Ok(Some(Ok(Message::Close(frame)))) => {
-                        stats.lost += 1;
                         stats.closes.push((
                             frame.map_or(1005, |f| u16::from(f.code)),
                             std::time::Instant::now(),
@@ -517,14 +532,12 @@ pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> Chat
                         continue 'connect;
                     }
                     Ok(Some(Ok(_))) => continue,
-                    _ => {
-                        stats.lost += 1;
-                        continue 'connect;
-                    }
+                    _ => continue 'connect,
                 }
             }
         }
     }
+    stats.lost = u64::from(unanswered.is_some());
     stats
 }
 

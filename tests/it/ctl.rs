@@ -1,0 +1,329 @@
+//! `sluice ctl` against a running sluice, and a real rollout.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+async fn ctl(sluice: &Sluice, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.kill_on_drop(true)
+        .arg("ctl")
+        .args([
+            "--admin",
+            &sluice.admin_addr().to_string(),
+            "--token",
+            ADMIN_TOKEN,
+        ])
+        .args(args);
+    within(60, "sluice ctl", cmd.output())
+        .await
+        .expect("ctl runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn ctl_status_drain_wait_and_undrain() {
+    let backends = echo_backends(2).await;
+    let sluice = Sluice::start(&[&backends[0], &backends[1]]).await;
+    let stop = CancellationToken::new();
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::spawn(chat(
+                sluice.url("/ws"),
+                Duration::from_millis(100),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    eventually(10, "clients connected", || {
+        backends[0].ws_open() == 3 && backends[1].ws_open() == 3
+    })
+    .await;
+
+    let out = ctl(&sluice, &["status"]).await;
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("POOL  BACKEND  ADDRESS"), "{text}");
+    assert!(
+        lines[1].starts_with("app   b1       ")
+            && lines[1].contains(" up ")
+            && lines[1].contains(" 3 "),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 3, "{text}");
+
+    let out = ctl(&sluice, &["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["pools"][0]["backends"][1]["name"], "b2");
+
+    let out = ctl(&sluice, &["drain", "app/b1", "--window", "1s", "--wait"]).await;
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("app/b1: draining over 1.0s (3 connections)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("app/b1: 0 connections left\napp/b1: drained\n"),
+        "{text}"
+    );
+    assert_eq!(backends[0].ws_open(), 0);
+
+    let out = ctl(&sluice, &["undrain", "app/b1"]).await;
+    assert_eq!(stdout(&out), "app/b1: back in rotation\n");
+    stop.cancel();
+    let stats: Vec<ChatStats> = join_all(clients)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    assert_eq!(stats.iter().map(|s| s.lost + s.wrong).sum::<u64>(), 0);
+    assert!(stats.iter().map(|s| s.resent).sum::<u64>() <= 2);
+}
+
+#[tokio::test]
+async fn ctl_reports_errors_and_reads_the_environment() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::start(&[&backends[0]]).await;
+    let out = within(
+        20,
+        "ctl",
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "status"])
+            .env("SLUICE_ADMIN", sluice.admin_addr().to_string())
+            .env("SLUICE_TOKEN", ADMIN_TOKEN)
+            .output(),
+    )
+    .await
+    .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("app   b1"));
+
+    for (args, message) in [
+        (vec!["drain", "app"], "expected POOL/BACKEND"),
+        (vec!["drain", "app/nope"], "404"),
+        (vec!["undrain", "nope/b1"], "no pool named \"nope\""),
+    ] {
+        let out = ctl(&sluice, &args).await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+    let out = within(
+        20,
+        "ctl",
+        tokio::process::Command::new(BIN)
+            .args([
+                "ctl",
+                "--admin",
+                &sluice.admin_addr().to_string(),
+                "--token",
+                "wrong",
+                "status",
+            ])
+            .output(),
+    )
+    .await
+    .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+/// Echo backends in processes of their own, restartable by a script.
+struct BackendProcs {
+    dir: PathBuf,
+    names: Vec<String>,
+}
+
+impl BackendProcs {
+    fn start(names: &[&str], addrs: &[SocketAddr]) -> Self {
+        let dir = std::env::temp_dir().join(format!("sluice-rollout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let script = "#!/bin/sh\n\
+            # restart.sh NAME ADDRESS: stop the echo backend NAME and start it again.\n\
+            dir=$(dirname \"$0\")\n\
+            pid=$(cat \"$dir/$1.pid\")\n\
+            kill \"$pid\"\n\
+            while kill -0 \"$pid\" 2>/dev/null; do sleep 0.05; done\n\
+            \"$SLUICE_BIN\" echo-backend --name \"$1\" --bind \"$2\" >/dev/null 2>&1 &\n\
+            echo $! > \"$dir/$1.pid\"\n";
+        std::fs::write(dir.join("restart.sh"), script).expect("script");
+        for (name, addr) in names.iter().zip(addrs) {
+            let mut child = Command::new(BIN)
+                .args(["echo-backend", "--name", name, "--bind", &addr.to_string()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("backend starts");
+            std::fs::write(dir.join(format!("{name}.pid")), child.id().to_string())
+                .expect("pid file");
+            // Reap it when the restart script stops it, so it does not
+            // linger as a zombie that `kill -0` still finds.
+            std::thread::spawn(move || child.wait());
+        }
+        Self {
+            dir,
+            names: names.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn script(&self) -> PathBuf {
+        self.dir.join("restart.sh")
+    }
+
+    fn pid(dir: &Path, name: &str) -> Option<String> {
+        std::fs::read_to_string(dir.join(format!("{name}.pid")))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+}
+
+impl Drop for BackendProcs {
+    fn drop(&mut self) {
+        for name in &self.names {
+            if let Some(pid) = Self::pid(&self.dir, name) {
+                let _ = Command::new("kill").arg(&pid).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+#[tokio::test]
+async fn rollout_restarts_every_backend_without_losing_a_message() {
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let procs = BackendProcs::start(&["b1", "b2", "b3"], &addrs);
+    for addr in &addrs {
+        within(10, "backend up", async {
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    let sluice = Sluice::with_config(config(&addrs)).await;
+    let stop = CancellationToken::new();
+    const CLIENTS: usize = 60;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            tokio::spawn(chat(
+                sluice.url("/ws"),
+                Duration::from_millis(200),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    eventually(20, "clients connected", || {
+        sluice.registry().ws_total() == CLIENTS
+    })
+    .await;
+    let pids_before: Vec<_> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| BackendProcs::pid(&procs.dir, n))
+        .collect();
+
+    let exec = format!("sh {} {{backend}} {{address}}", procs.script().display());
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.kill_on_drop(true)
+        .env("SLUICE_BIN", BIN)
+        .args([
+            "ctl",
+            "--admin",
+            &sluice.admin_addr().to_string(),
+            "--token",
+            ADMIN_TOKEN,
+        ])
+        .args([
+            "rollout",
+            "app",
+            "--exec",
+            &exec,
+            "--window",
+            "1s",
+            "--balance-timeout",
+            "2s",
+        ]);
+    let out = within(90, "rollout", cmd.output())
+        .await
+        .expect("rollout runs");
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "[1/3] app/b1: draining",
+        "[2/3] app/b2: back in rotation",
+        "[3/3] app/b3: running sh",
+    ] {
+        assert!(text.contains(step), "missing {step:?} in\n{text}");
+    }
+    assert!(
+        text.ends_with("rollout of app done: 3 backends restarted\n"),
+        "{text}"
+    );
+    let pids_after: Vec<_> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| BackendProcs::pid(&procs.dir, n))
+        .collect();
+    for (before, after) in pids_before.iter().zip(&pids_after) {
+        assert_ne!(before, after, "every backend process was replaced");
+    }
+
+    eventually(20, "everyone connected again", || {
+        sluice.registry().ws_total() == CLIENTS
+    })
+    .await;
+    for b in &sluice.registry().pool(0).backends {
+        assert_eq!(b.state().as_str(), "up");
+    }
+    stop.cancel();
+    let stats: Vec<ChatStats> = join_all(clients)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let lost: u64 = stats.iter().map(|s| s.lost).sum();
+    let wrong: u64 = stats.iter().map(|s| s.wrong).sum();
+    let closes: usize = stats.iter().map(|s| s.closes.len()).sum();
+    let resent: u64 = stats.iter().map(|s| s.resent).sum();
+    assert_eq!((lost, wrong), (0, 0));
+    assert!(resent <= 5, "{resent} messages had to be sent again");
+    assert!(
+        closes >= CLIENTS,
+        "every client was moved at least once: {closes} closes"
+    );
+    assert!(
+        stats
+            .iter()
+            .flat_map(|s| &s.closes)
+            .all(|(code, _)| *code == 1012)
+    );
+}
