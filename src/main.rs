@@ -100,6 +100,15 @@ enum CtlCommand {
     },
 }
 
+/// Prints a line to stdout, ignoring errors: a long-running sluice must not
+/// die because whoever started it stopped reading its output.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -145,7 +154,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let backend = sluice::demo::EchoBackend::start(&name, bind)
                 .await
                 .with_context(|| format!("starting echo backend on {bind}"))?;
-            println!("echo backend {name} on http://{}/", backend.addr);
+            say!("echo backend {name} on http://{}/", backend.addr);
             tokio::signal::ctrl_c()
                 .await
                 .context("waiting for Ctrl-C")?;
@@ -164,14 +173,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             let (backends, running) = sluice::demo::start(bind, shutdown.clone()).await?;
             let addr = running.listeners[0].1;
-            println!("sluice demo is running");
-            println!("  page (open in a browser): http://{addr}/");
-            println!("  websocket endpoint:       ws://{addr}/ws");
+            say!("sluice demo is running");
+            say!("  page (open in a browser): http://{addr}/");
+            say!("  websocket endpoint:       ws://{addr}/ws");
             for b in &backends {
-                println!("  backend {}:            http://{}/", b.name, b.addr);
+                say!("  backend {}:            http://{}/", b.name, b.addr);
             }
             print_admin(&running);
-            println!("Press Ctrl-C to stop.");
+            say!("Press Ctrl-C to stop.");
             serve_until_signalled(running, shutdown).await;
             Ok(())
         }),
@@ -196,13 +205,13 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn print_admin(running: &sluice::Running) {
     if let Some(admin) = &running.admin {
-        println!(
+        say!(
             "  admin API:                http://{}/api/v1/status",
             admin.addr
         );
-        println!("  metrics:                  http://{}/metrics", admin.addr);
+        say!("  metrics:                  http://{}/metrics", admin.addr);
         if admin.generated {
-            println!("  admin token (generated):  {}", admin.token);
+            say!("  admin token (generated):  {}", admin.token);
         }
     }
 }

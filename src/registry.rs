@@ -230,7 +230,8 @@ pub struct Registry {
     next_id: AtomicU64,
     /// Leases taken since start: every HTTP request and upgrade.
     leases_total: AtomicU64,
-    /// Close code every new WebSocket gets at once (0: none): set at shutdown.
+    /// Close code every new WebSocket gets at once (0: none, `ABORT`: drop
+    /// it): set at shutdown.
     closing: AtomicU32,
 }
 
@@ -287,8 +288,9 @@ impl Registry {
         }
     }
 
-    /// Drops every live WebSocket now.
+    /// Drops every live WebSocket now, and every one that starts from now on.
     pub fn abort_all(&self) {
+        self.closing.store(ABORT, Ordering::Release);
         for backend in self.backends() {
             for conn in backend.connections() {
                 conn.abort();
@@ -333,9 +335,10 @@ impl Lease {
         let backend = self.backend.clone();
         backend.ws.fetch_add(1, Ordering::Relaxed);
         backend.lock_conns().insert(id, control.clone());
-        let closing = self.registry.closing.load(Ordering::Acquire);
-        if closing != 0 {
-            control.request_close(closing as u16);
+        match self.registry.closing.load(Ordering::Acquire) {
+            0 => {}
+            ABORT => control.abort(),
+            code => control.request_close(code as u16),
         }
         // Dropping self gives back the HTTP slot.
         WsEntry { backend, control }

@@ -78,6 +78,10 @@ pub async fn handshake(
     Ok(sender)
 }
 
+/// How long a finished response's connection may take to become ready
+/// (its request body still uploading) and still be kept for reuse.
+const CHECKIN_WAIT: Duration = Duration::from_secs(5);
+
 /// Idle HTTP/1.1 connections to one backend, most recent last.
 #[derive(Debug)]
 pub struct IdlePool {
@@ -102,23 +106,36 @@ impl IdlePool {
     }
 
     /// A live idle connection ready for a request, if one is kept.
-    pub async fn checkout(&self) -> Option<SendRequest<Incoming>> {
-        loop {
-            let (mut sender, since) = self.lock().pop()?;
-            if sender.is_closed() || since.elapsed() > self.timeout {
-                continue;
-            }
-            if sender.ready().await.is_ok() {
+    pub fn checkout(&self) -> Option<SendRequest<Incoming>> {
+        let mut conns = self.lock();
+        while let Some((sender, since)) = conns.pop() {
+            if sender.is_ready() && since.elapsed() <= self.timeout {
                 return Some(sender);
             }
         }
+        None
     }
 
-    /// Keeps `sender` for reuse, unless the pool is full or it is closed.
-    pub fn checkin(&self, sender: SendRequest<Incoming>) {
+    /// Keeps `sender` for reuse once it can take a request. A connection
+    /// whose request body is still being sent (the backend answered before
+    /// the upload ended) is kept only when the upload finishes in time.
+    pub fn checkin(self: &Arc<Self>, mut sender: SendRequest<Incoming>) {
         if sender.is_closed() {
             return;
         }
+        if sender.is_ready() {
+            self.keep(sender);
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(CHECKIN_WAIT, sender.ready()).await {
+                pool.keep(sender);
+            }
+        });
+    }
+
+    fn keep(&self, sender: SendRequest<Incoming>) {
         let mut conns = self.lock();
         let timeout = self.timeout;
         conns.retain(|(s, since)| !s.is_closed() && since.elapsed() <= timeout);

@@ -219,7 +219,13 @@ fn backend_action(
         for (key, value) in body.as_object().into_iter().flatten() {
             match (key.as_str(), value) {
                 ("window", Value::String(text)) => match humantime::parse_duration(text) {
-                    Ok(d) => window = Some(d),
+                    Ok(d) if d <= crate::config::MAX_DURATION => window = Some(d),
+                    Ok(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("window {text:?} is longer than 30 days"),
+                        );
+                    }
                     Err(e) => {
                         return error(
                             StatusCode::BAD_REQUEST,

@@ -12,7 +12,11 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use reader::MAX_DURATION;
 use reader::{Source, Table};
+
+/// The shortest timeout a key accepts.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -102,6 +106,8 @@ pub struct PoolConfig {
     pub algorithm: Algorithm,
     /// Time allowed to open a TCP connection to a backend.
     pub connect_timeout: Duration,
+    /// Time a backend has to start its answer (response head or 101).
+    pub response_timeout: Duration,
     /// Further backends tried when connecting fails before anything was sent.
     pub retries: usize,
     /// Draining: window, close code, close handshake timeout.
@@ -151,6 +157,7 @@ impl PoolConfig {
             name: name.to_string(),
             algorithm: Algorithm::LeastConn,
             connect_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(60),
             retries: 2,
             drain: DrainConfig::default(),
             keepalive_timeout: Duration::from_secs(60),
@@ -192,7 +199,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     })?;
     let mut root = Table::root(src, doc);
 
-    let shutdown_timeout = root.duration("shutdown_timeout", Config::DEFAULT_SHUTDOWN_TIMEOUT)?;
+    let shutdown_timeout = root.duration(
+        "shutdown_timeout",
+        Config::DEFAULT_SHUTDOWN_TIMEOUT,
+        Duration::ZERO,
+    )?;
     let admin = read_admin(&mut root, path)?;
     let worker_threads = root.integer("worker_threads", 0, 0, 1024)? as usize;
 
@@ -235,7 +246,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 10_000_000,
             )? as usize,
             forwarded_headers: t.boolean("forwarded_headers", defaults.forwarded_headers)?,
-            header_read_timeout: t.duration("header_read_timeout", defaults.header_read_timeout)?,
+            header_read_timeout: t.duration(
+                "header_read_timeout",
+                defaults.header_read_timeout,
+                MIN_TIMEOUT,
+            )?,
             ..defaults
         };
         if listeners
@@ -310,10 +325,15 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     }
     let pool = PoolConfig {
         algorithm,
-        connect_timeout: t.duration("connect_timeout", defaults.connect_timeout)?,
+        connect_timeout: t.duration("connect_timeout", defaults.connect_timeout, MIN_TIMEOUT)?,
+        response_timeout: t.duration("response_timeout", defaults.response_timeout, MIN_TIMEOUT)?,
         retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,
         drain: read_drain(&mut t)?,
-        keepalive_timeout: t.duration("keepalive_timeout", defaults.keepalive_timeout)?,
+        keepalive_timeout: t.duration(
+            "keepalive_timeout",
+            defaults.keepalive_timeout,
+            Duration::ZERO,
+        )?,
         keepalive_max_idle: t.integer(
             "keepalive_max_idle",
             defaults.keepalive_max_idle as u64,
@@ -395,14 +415,14 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
     let Some(mut t) = pool.table("drain", context)? else {
         return Ok(defaults);
     };
-    let window = t.duration("window", defaults.window)?;
+    let window = t.duration("window", defaults.window, Duration::ZERO)?;
     let close_code = t.integer("close_code", u64::from(defaults.close_code), 1000, 4999)? as u16;
     if matches!(close_code, 1004..=1006 | 1015) {
         return Err(t.error_here(format!(
             "close_code {close_code} is reserved and may not be sent (RFC 6455 §7.4.1)"
         )));
     }
-    let close_timeout = t.duration("close_timeout", defaults.close_timeout)?;
+    let close_timeout = t.duration("close_timeout", defaults.close_timeout, MIN_TIMEOUT)?;
     t.finish()?;
     Ok(DrainConfig {
         window,
@@ -470,6 +490,28 @@ address = "127.0.0.1:4000"
         let text = MINIMAL.replace("\"127.0.0.1:4000\"", "\"nowhere\"");
         let err = check(&text).unwrap_err();
         assert!(err.starts_with("sluice.toml:11: pool \"app\" backend \"app-1\": key \"address\": invalid address \"nowhere\""), "{err}");
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nconnect_timeout = \"0s\"\n",
+        );
+        assert!(
+            check(&text)
+                .unwrap_err()
+                .contains("key \"connect_timeout\": 0s is out of range 1ms..=30days"),
+            "{}",
+            check(&text).unwrap_err()
+        );
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\ndrain = { close_timeout = \"295000000000y\" }\n",
+        );
+        assert!(
+            check(&text).unwrap_err().contains(
+                "pool \"app\" drain: key \"close_timeout\": 295000000000y is out of range"
+            ),
+            "{}",
+            check(&text).unwrap_err()
+        );
         let text = format!("shutdown_timeout = \"soon\"\n{MINIMAL}");
         assert!(
             check(&text)

@@ -13,6 +13,10 @@ use toml::de::{DeTable, DeValue};
 
 use super::ConfigError;
 
+/// The longest duration any key takes (30 days): far beyond any sensible
+/// timeout, and far from overflowing a clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// The source being read, to turn byte offsets into lines.
 #[derive(Clone, Copy)]
 pub(super) struct Source<'s> {
@@ -164,12 +168,18 @@ impl<'s> Table<'s> {
         }
     }
 
-    /// A duration written with units: "250ms", "2s", "5m".
-    pub fn duration(&mut self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+    /// A duration written with units ("250ms", "2s", "5m"), at least `min`
+    /// and at most [`MAX_DURATION`].
+    pub fn duration(
+        &mut self,
+        key: &str,
+        default: Duration,
+        min: Duration,
+    ) -> Result<Duration, ConfigError> {
         let Some(v) = self.string(key)? else {
             return Ok(default);
         };
-        humantime::parse_duration(&v.value).map_err(|e| {
+        let d = humantime::parse_duration(&v.value).map_err(|e| {
             self.error_at(
                 &v.span,
                 key,
@@ -178,7 +188,20 @@ impl<'s> Table<'s> {
                     v.value
                 ),
             )
-        })
+        })?;
+        if d < min || d > MAX_DURATION {
+            return Err(self.error_at(
+                &v.span,
+                key,
+                format!(
+                    "{} is out of range {}..={}",
+                    v.value,
+                    humantime::format_duration(min),
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            ));
+        }
+        Ok(d)
     }
 
     /// A sub-table (`[admin]`, or inline: `drain = { window = "2m" }`),

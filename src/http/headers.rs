@@ -83,9 +83,9 @@ pub fn prepare_request<B>(
     websocket: bool,
 ) {
     if req.uri().authority().is_some() {
-        // Absolute-form target: the backend gets origin-form and a Host.
+        // Absolute-form target: the backend gets origin-form, and a Host
+        // equal to the target's authority (RFC 9112 §3.2.2).
         if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned())
-            && !req.headers().contains_key(header::HOST)
             && let Ok(host) = HeaderValue::from_str(&authority)
         {
             req.headers_mut().insert(header::HOST, host);
@@ -116,10 +116,17 @@ pub fn prepare_request<B>(
 /// X-Forwarded-Proto to the scheme the client used.
 pub fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, proto: &'static str) {
     let ip = peer.ip().to_canonical();
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip.to_string(),
-    };
+    // Every X-Forwarded-For line the client sent, in order, then the client.
+    let mut xff: Vec<String> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect();
+    xff.push(ip.to_string());
+    let xff = xff.join(", ");
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }
@@ -209,6 +216,17 @@ mod tests {
         let mut r = req(&[]);
         prepare_request(&mut r, "[::1]:80".parse().expect("addr"), true, false);
         assert_eq!(r.headers()["forwarded"], "for=\"[::1]\";proto=http");
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept() {
+        let mut r = req(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+        ]);
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), true, false);
+        let all: Vec<_> = r.headers().get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
     }
 
     #[test]

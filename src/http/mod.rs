@@ -114,7 +114,7 @@ async fn forward(
             Err(error) => return upstream_error(&error),
         };
         let addr = lease.backend().addr;
-        let pooled = upstream.idle(i).checkout().await;
+        let pooled = upstream.idle(i).checkout();
         let reused = pooled.is_some();
         let mut sender = match pooled {
             Some(sender) => sender,
@@ -136,7 +136,16 @@ async fn forward(
                 }
             }
         };
-        match sender.try_send_request(req).await {
+        let sent =
+            tokio::time::timeout(upstream.cfg.response_timeout, sender.try_send_request(req)).await;
+        let Ok(sent) = sent else {
+            warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, timeout = ?upstream.cfg.response_timeout, "backend did not answer in time");
+            return status(
+                StatusCode::GATEWAY_TIMEOUT,
+                "backend did not answer in time\n",
+            );
+        };
+        match sent {
             Ok(mut resp) => {
                 headers::strip_hop_by_hop(resp.headers_mut());
                 let reuse = Reuse {
@@ -184,7 +193,15 @@ async fn upgrade(
         Ok(sender) => sender,
         Err(error) => return upstream_error(&error),
     };
-    let mut resp = match sender.send_request(req).await {
+    let sent = tokio::time::timeout(upstream.cfg.response_timeout, sender.send_request(req)).await;
+    let Ok(sent) = sent else {
+        warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, timeout = ?upstream.cfg.response_timeout, "backend did not answer the upgrade in time");
+        return status(
+            StatusCode::GATEWAY_TIMEOUT,
+            "backend did not answer in time\n",
+        );
+    };
+    let mut resp = match sent {
         Ok(resp) => resp,
         Err(error) => {
             warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, %error, "backend failed before answering the upgrade");

@@ -37,6 +37,11 @@ impl FrameTracker {
         self.header_len == 0 && self.remaining == 0 && !self.in_message
     }
 
+    /// True between frames (possibly inside a fragmented message).
+    pub fn is_at_frame_boundary(&self) -> bool {
+        self.header_len == 0 && self.remaining == 0
+    }
+
     /// True once a Close frame has started in this direction.
     pub fn close_seen(&self) -> bool {
         self.close_seen

@@ -461,7 +461,14 @@ impl Tunnel {
                     since,
                     last_activity,
                 };
-                Some((last_activity + QUIET).min(since + QUIET_MAX_WAIT))
+                // Silent but mid-message: only new data (a readiness wake)
+                // or the end of the wait can change anything.
+                let quiet_at = last_activity + QUIET;
+                if now >= quiet_at {
+                    Some(since + QUIET_MAX_WAIT)
+                } else {
+                    Some(quiet_at.min(since + QUIET_MAX_WAIT))
+                }
             }
             Phase::Closing {
                 deadline,
@@ -488,12 +495,17 @@ impl Tunnel {
 
     /// True when the close handshake is complete on both sides.
     fn close_complete(&self) -> bool {
-        let flushed = |f: &Flow| f.inject.is_none() && f.close_out.is_none();
-        matches!(self.phase, Phase::Closing { .. })
-            && flushed(&self.up)
-            && flushed(&self.down)
-            && self.up.tracker.close_seen()
-            && self.down.tracker.close_seen()
+        // Each side's Close has been read whole and everything owed to the
+        // other side has been written.
+        let done = |f: &Flow| {
+            f.inject.is_none()
+                && f.replace_close.is_none()
+                && f.close_out.is_none()
+                && f.start >= f.end
+                && f.tracker.close_seen()
+                && f.tracker.is_at_frame_boundary()
+        };
+        matches!(self.phase, Phase::Closing { .. }) && done(&self.up) && done(&self.down)
     }
 }
 
@@ -534,17 +546,17 @@ impl Future for Tunnel {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            if this.close_complete() {
-                // Both Close frames answered: end TCP on both sides.
-                let _ = Pin::new(&mut this.client).poll_shutdown(cx);
-                let _ = Pin::new(&mut this.backend).poll_shutdown(cx);
-                return Poll::Ready(this.stats());
-            }
             let injecting = this.up.inject.is_some() || this.down.inject.is_some();
             let mut wake_at = this.step_phase(now);
             if !injecting && (this.up.inject.is_some() || this.down.inject.is_some()) {
                 // Close frames were just scheduled: let the flows send them.
                 continue;
+            }
+            if this.close_complete() {
+                // Both Close frames answered: end TCP on both sides.
+                let _ = Pin::new(&mut this.client).poll_shutdown(cx);
+                let _ = Pin::new(&mut this.backend).poll_shutdown(cx);
+                return Poll::Ready(this.stats());
             }
             if up.is_ready() != down.is_ready() {
                 let linger = *this.linger_deadline.get_or_insert(now + this.close_timeout);

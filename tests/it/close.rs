@@ -159,3 +159,44 @@ async fn websocket_opened_during_shutdown_is_closed_too() {
         other => panic!("expected Close 1001, got {other:?}"),
     }
 }
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a rusage into the buffer we own.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let t = |tv: libc::timeval| Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000);
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+/// Regression (review of the core): a close requested while a message was
+/// stalled half-way made the tunnel spin until the quiet-point wait ended.
+#[tokio::test]
+async fn close_request_on_a_stalled_message_does_not_spin() {
+    let backend = RawBackend::start(
+        "",
+        Arc::new(|mut stream: TcpStream, _seen, _index| {
+            Box::pin(async move {
+                // Half of a 1,000-byte message, then silence.
+                let msg = frame(0x82, &[7u8; 1000], None);
+                let _ = stream.write_all(&msg[..500]).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            })
+        }),
+    )
+    .await;
+    let sluice = Sluice::with_config(config(&[backend.addr])).await;
+    let (mut client, _) = raw_ws_client(sluice.addr, "").await;
+    let _ = read_exact(&mut client, 500).await;
+    let before = thread_cpu();
+    sluice.registry().close_all(1012);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let spent = thread_cpu() - before;
+    assert!(
+        spent < Duration::from_millis(200),
+        "tunnel used {spent:?} of CPU in 800 ms"
+    );
+}

@@ -126,3 +126,47 @@ async fn malformed_websocket_upgrade_gets_400() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert_eq!(backends[0].stats.tcp_accepted.load(Ordering::SeqCst), 0);
 }
+
+/// Regression (review of the core): a backend connection whose request
+/// body was still uploading went back to the idle pool, and the next
+/// request waited on it for as long as the upload stalled.
+#[tokio::test]
+async fn stalled_upload_does_not_hold_up_the_next_request() {
+    // A backend that answers from the request line alone, without reading bodies.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    let answer: &[u8] = if head.starts_with("POST") {
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
+                    } else if head.is_empty() {
+                        return;
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let sluice = Sluice::with_config(config(&[addr])).await;
+    let mut uploader = TcpStream::connect(sluice.addr).await.expect("connect");
+    uploader
+        .write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    let head = within(5, "early answer", read_head(&mut uploader)).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    let reply = within(3, "the next request", async {
+        sluice.http().await.get("/next").await
+    })
+    .await;
+    assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+}
