@@ -264,3 +264,104 @@ async fn demo_serves_the_page_and_websockets_through_sluice() {
     }
     assert_eq!(wait_exit(&mut proc.0, 10).code(), Some(0));
 }
+
+#[tokio::test]
+async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
+    let echo = echo_backends(1).await;
+    let (port, admin_port) = (free_port(), free_port());
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:{admin_port}\"\ntoken_file = \"admin.token\"\n\
+         [[listener]]\nbind = \"127.0.0.1:{port}\"\npool = \"app\"\n\
+         [[pool]]\nname = \"app\"\ndrain = {{ window = \"60s\" }}\n\
+         [[pool.backend]]\nname = \"b1\"\naddress = \"{}\"\n",
+        echo[0].addr
+    );
+    let path = temp_file("ctl-config", &text);
+    std::fs::write(path.with_file_name("admin.token"), "s3cret\n").expect("token file");
+    let mut proc = Proc(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr).await;
+    wait_listening(format!("127.0.0.1:{admin_port}").parse().expect("addr")).await;
+
+    let mut sockets = Vec::new();
+    for _ in 0..10 {
+        let mut ws = ws_connect(&format!("ws://{addr}/ws")).await;
+        greeting(&mut ws).await;
+        sockets.push(ws);
+    }
+    let out = Command::new(BIN)
+        .args(["ctl", "--config"])
+        .arg(&path)
+        .arg("status")
+        .output()
+        .expect("ctl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("app   b1       "));
+
+    // First SIGTERM: closes spread over 60 s, so only the first comes soon.
+    sigterm(&proc.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = Command::new(BIN)
+        .args(["ctl", "--config"])
+        .arg(&path)
+        .args(["status", "--json"])
+        .output()
+        .expect("ctl runs");
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let backend = &v["pools"][0]["backends"][0];
+    assert_eq!(backend["state"], "draining");
+    assert_eq!(backend["drain"]["planned"], 10);
+    assert_eq!(
+        backend["drain"]["closed"], 1,
+        "one close in the first 1.5 s of 60: {backend}"
+    );
+    // Second SIGTERM: everything closes now, with 1001.
+    sigterm(&proc.0);
+    let mut closed = 0;
+    for mut ws in sockets {
+        match within(5, "close", ws.next()).await {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1001);
+                closed += 1;
+            }
+            Some(Err(_)) | None => {} // one of the first closes, handshake already done
+            other => panic!("expected Close 1001, got {other:?}"),
+        }
+        while within(5, "close handshake", ws.next()).await.is_some() {}
+    }
+    assert!(closed >= 8, "{closed} closes after the second SIGTERM");
+    assert_eq!(wait_exit(&mut proc.0, 10).code(), Some(0));
+}
+
+#[test]
+fn admin_on_a_public_address_needs_a_token() {
+    let path = temp_file(
+        "public-admin",
+        "[admin]\nbind = \"0.0.0.0:9901\"\n[[listener]]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            ":2: admin: key \"bind\": admin on non-loopback address 0.0.0.0:9901 needs a token_file"
+        ),
+        "{stderr}"
+    );
+}
