@@ -440,10 +440,14 @@ pub struct ChatStats {
     pub backends: Vec<String>,
     /// Close frames it received: code and when.
     pub closes: Vec<(u16, std::time::Instant)>,
+    /// When each connection ended, for any reason (Close frame, reset, EOF).
+    pub disconnects: Vec<std::time::Instant>,
     /// Messages whose echo had not come when the connection closed, so they
     /// were sent again after reconnecting (a message sent while the close was
     /// on its way: a robust client resends what was not acknowledged).
     pub resent: u64,
+    /// When each of those was sent again.
+    pub resent_at: Vec<std::time::Instant>,
     /// Messages never echoed at all.
     pub lost: u64,
     /// Echoes received intact.
@@ -485,6 +489,7 @@ pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> Chat
             let text = match unanswered.clone() {
                 Some(text) => {
                     stats.resent += 1;
+                    stats.resent_at.push(std::time::Instant::now());
                     text
                 }
                 None => {
@@ -496,6 +501,7 @@ pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> Chat
                         () = tokio::time::sleep(every) => {}
                         msg = ws.next() => {
                             // Only a Close can come while no echo is awaited.
+                            stats.disconnects.push(std::time::Instant::now());
                             if let Some(Ok(Message::Close(frame))) = msg {
                                 stats.closes.push((frame.map_or(1005, |f| u16::from(f.code)), std::time::Instant::now()));
                                 finish_close(&mut ws).await;
@@ -509,6 +515,7 @@ pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> Chat
             };
             unanswered = Some(text.clone());
             if ws.send(Message::text(text.clone())).await.is_err() {
+                stats.disconnects.push(std::time::Instant::now());
                 continue 'connect;
             }
             loop {
