@@ -62,17 +62,22 @@ fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
     }
 }
 
+/// Runs `sluice check` on `path`.
+fn check(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .expect("runs")
+}
+
 #[test]
 fn check_names_file_line_and_key_and_fails() {
     let path = temp_file(
         "bad",
         "[[listener]]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\nalgoritm = \"least_conn\"\n\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n",
     );
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let out = check(&path);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     let expected = format!(
@@ -87,50 +92,15 @@ fn check_names_file_line_and_key_and_fails() {
             .expect("read")
             .replace("algoritm", "algorithm"),
     );
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&good)
-        .output()
-        .expect("runs");
+    let out = check(&good);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let missing = Command::new(BIN)
-        .args(["check", "--config", "/nonexistent/sluice.toml"])
-        .output()
-        .expect("runs");
+    let missing = check(std::path::Path::new("/nonexistent/sluice.toml"));
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/sluice.toml"));
-}
-
-/// An HTTP backend that answers after `delay`.
-async fn slow_http_backend(delay: Duration) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                loop {
-                    let head = read_head(&mut s).await;
-                    if head.is_empty() {
-                        return;
-                    }
-                    tokio::time::sleep(delay).await;
-                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow!")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 async fn wait_listening(addr: SocketAddr) {
@@ -145,7 +115,10 @@ async fn wait_listening(addr: SocketAddr) {
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
     let echo = echo_backends(1).await;
-    let slow = slow_http_backend(Duration::from_millis(800)).await;
+    let slow = scripted_backend(Duration::from_millis(800), |_| {
+        Some(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow!"[..])
+    })
+    .await;
     let (ws_port, http_port) = (free_port(), free_port());
     let text = format!(
         "shutdown_timeout = \"5s\"\n\
@@ -351,11 +324,7 @@ fn admin_on_a_public_address_needs_a_token() {
         "public-admin",
         "[admin]\nbind = \"0.0.0.0:9901\"\n[[listener]]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n",
     );
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let out = check(&path);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -2,8 +2,6 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::AsyncWriteExt;
-
 use crate::support::*;
 
 /// An address on which nothing listens (connections are refused).
@@ -69,16 +67,7 @@ async fn retries_are_bounded_then_502() {
 
 #[tokio::test]
 async fn backend_closing_before_answering_gives_502() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let _ = read_head(&mut s).await;
-            let _ = s.shutdown().await;
-        }
-    });
+    let addr = scripted_backend(std::time::Duration::ZERO, |_| None).await;
     let sluice = Sluice::with_config(config(&[addr])).await;
     let mut client = sluice.http().await;
     assert_eq!(client.get("/").await.status, 502);

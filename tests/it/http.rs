@@ -133,29 +133,14 @@ async fn malformed_websocket_upgrade_gets_400() {
 #[tokio::test]
 async fn stalled_upload_does_not_hold_up_the_next_request() {
     // A backend that answers from the request line alone, without reading bodies.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                loop {
-                    let head = read_head(&mut s).await;
-                    let answer: &[u8] = if head.starts_with("POST") {
-                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
-                    } else if head.is_empty() {
-                        return;
-                    } else {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-                    };
-                    if s.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let addr = scripted_backend(std::time::Duration::ZERO, |head| {
+        Some(if head.starts_with("POST") {
+            &b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"[..]
+        } else {
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]
+        })
+    })
+    .await;
     let sluice = Sluice::with_config(config(&[addr])).await;
     let mut uploader = TcpStream::connect(sluice.addr).await.expect("connect");
     uploader

@@ -169,16 +169,10 @@ async fn close_codes_pass_in_both_directions() {
 #[tokio::test]
 async fn backend_refusing_the_upgrade_is_answered_as_is() {
     // A backend that answers the upgrade with 403 and a body.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let _ = read_head(&mut s).await;
-            let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\nX-Why: origin\r\n\r\nnope!\r\n").await;
-        }
-    });
+    let addr = scripted_backend(std::time::Duration::ZERO, |_| {
+        Some(&b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\nX-Why: origin\r\n\r\nnope!\r\n"[..])
+    })
+    .await;
     let sluice = Sluice::with_config(config(&[addr])).await;
     let err = tokio_tungstenite::connect_async(sluice.url("/ws"))
         .await

@@ -555,3 +555,39 @@ async fn finish_close(ws: &mut Ws) {
     })
     .await;
 }
+
+/// A backend that reads each request head (never a body) and answers with
+/// what `answer` returns for it, after `delay`; `None` closes the
+/// connection without answering.
+pub async fn scripted_backend(
+    delay: Duration,
+    answer: impl Fn(&str) -> Option<&'static [u8]> + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from(LOOPBACK))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    let Some(bytes) = answer(&head) else {
+                        let _ = s.shutdown().await;
+                        return;
+                    };
+                    if s.write_all(bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
