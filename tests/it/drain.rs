@@ -134,10 +134,11 @@ async fn undrain_puts_the_backend_back_and_drain_of_empty_backend_is_immediate()
         sluice.registry().pool(0).backends[0].state().as_str() == "drained"
     })
     .await;
-    // New connections avoid it.
+    // New connections avoid it, WebSocket or HTTP.
     for _ in 0..4 {
         let (_ws, name) = sluice.ws_named("/ws").await;
         assert_eq!(name, "b2");
+        assert_eq!(sluice.http().await.get("/x").await.backend(), "b2");
     }
     admin
         .post("/api/v1/pools/app/backends/b1/undrain", json!({}))
