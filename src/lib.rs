@@ -19,6 +19,7 @@ pub mod drain;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod rebalance;
 pub mod registry;
 pub mod trim;
 pub mod tunnel;
@@ -109,6 +110,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         registry.clone(),
         cfg.pools.iter().map(|p| p.drain).collect(),
     ));
+    let rebalance_reports = Arc::new(rebalance::Reports::new(cfg.pools.len()));
     let upstreams: Vec<Arc<Upstream>> = cfg
         .pools
         .iter()
@@ -164,6 +166,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
                 registry.clone(),
                 drains.clone(),
                 metrics.clone(),
+                rebalance_reports.clone(),
             );
             tokio::spawn(admin::serve(socket, Arc::new(state), admin_stop.clone()));
             Some(info)
@@ -178,6 +181,18 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         ));
     }
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
+    for (p, pool) in cfg.pools.iter().enumerate() {
+        if pool.rebalance.enabled {
+            tokio::spawn(rebalance::run(
+                p,
+                registry.clone(),
+                pool.rebalance,
+                pool.drain.close_code,
+                rebalance_reports.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
     let longest_window = cfg
         .pools
         .iter()

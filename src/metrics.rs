@@ -139,16 +139,29 @@ impl Collector for LiveCollector {
                 ConstGauge::new(up).encode(m.encode_family(&labels)?)?;
             }
         }
-        let mut m = encoder.encode_descriptor(
-            "sluice_drain_closed",
-            "WebSockets asked to close by a drain",
-            None,
-            MetricType::Counter,
-        )?;
-        for (pool, b) in backends() {
-            let labels = [("pool", pool), ("backend", b.name.as_str())];
-            ConstCounter::new(b.drain_closed.load(std::sync::atomic::Ordering::Relaxed))
-                .encode(m.encode_family(&labels)?)?;
+        for (name, help, shed) in [
+            (
+                "sluice_drain_closed",
+                "WebSockets asked to close by a drain",
+                false,
+            ),
+            (
+                "sluice_rebalance_shed",
+                "WebSockets closed by the rebalancer",
+                true,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (pool, b) in backends() {
+                let labels = [("pool", pool), ("backend", b.name.as_str())];
+                let value = if shed {
+                    &b.rebalance_shed
+                } else {
+                    &b.drain_closed
+                };
+                ConstCounter::new(value.load(std::sync::atomic::Ordering::Relaxed))
+                    .encode(m.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

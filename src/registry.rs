@@ -149,6 +149,8 @@ pub struct Backend {
     pub down: Traffic,
     /// WebSockets closed by a drain.
     pub drain_closed: AtomicU64,
+    /// WebSockets closed by the rebalancer.
+    pub rebalance_shed: AtomicU64,
     /// Live proxied WebSockets.
     ws: AtomicUsize,
     /// HTTP requests in flight (including upgrade handshakes).
@@ -167,6 +169,7 @@ impl Backend {
             up: Traffic::default(),
             down: Traffic::default(),
             drain_closed: AtomicU64::new(0),
+            rebalance_shed: AtomicU64::new(0),
             ws: AtomicUsize::new(0),
             http: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),

@@ -41,6 +41,10 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Pool algorithms by index, for status.
     pub algorithms: Vec<&'static str>,
+    /// Pool rebalance settings by index, for status.
+    pub rebalance: Vec<crate::config::RebalanceConfig>,
+    /// The rebalancer's last decisions.
+    pub reports: Arc<crate::rebalance::Reports>,
 }
 
 impl AdminState {
@@ -50,6 +54,7 @@ impl AdminState {
         registry: Arc<Registry>,
         drains: Arc<Drains>,
         metrics: Arc<Metrics>,
+        reports: Arc<crate::rebalance::Reports>,
     ) -> Self {
         Self {
             token,
@@ -57,6 +62,8 @@ impl AdminState {
             drains,
             metrics,
             algorithms: cfg.pools.iter().map(|p| p.algorithm.as_str()).collect(),
+            rebalance: cfg.pools.iter().map(|p| p.rebalance).collect(),
+            reports,
         }
     }
 }
@@ -264,10 +271,40 @@ fn status(state: &AdminState) -> Value {
                 "algorithm": state.algorithms.get(p).copied().unwrap_or("least_conn"),
                 "connections": pool.backends.iter().map(|b| b.active()).sum::<usize>(),
                 "backends": backends,
+                "rebalance": rebalance_json(state, p),
             })
         })
         .collect();
     json!({ "pools": pools })
+}
+
+fn rebalance_json(state: &AdminState, p: usize) -> Value {
+    let Some(cfg) = state.rebalance.get(p) else {
+        return Value::Null;
+    };
+    let names = |indices: &[usize]| -> Vec<String> {
+        let pool = state.registry.pool(p);
+        indices
+            .iter()
+            .filter_map(|&i| pool.backends.get(i).map(|b| b.name.clone()))
+            .collect()
+    };
+    let last = state.reports.get(p).map(|r| {
+        json!({
+            "ago_ms": r.at.elapsed().as_millis() as u64,
+            "total": r.plan.total,
+            "shares": r.plan.shares.iter().map(|s| s.round() as u64).collect::<Vec<_>>(),
+            "outliers": names(&r.plan.outliers),
+            "shed": r.plan.shed.map(|s| json!({ "backend": names(&[s.backend]).pop(), "planned": s.count, "closing": r.shed })),
+            "note": r.plan.note,
+        })
+    });
+    json!({
+        "enabled": cfg.enabled,
+        "interval_ms": cfg.interval.as_millis() as u64,
+        "tolerance": cfg.tolerance,
+        "last": last,
+    })
 }
 
 fn backend_json(state: &AdminState, p: usize, b: usize) -> Value {

@@ -80,6 +80,32 @@ impl Default for DrainConfig {
     }
 }
 
+/// Automatic rebalancing of long-lived connections.
+#[derive(Debug, Clone, Copy)]
+pub struct RebalanceConfig {
+    pub enabled: bool,
+    /// How often the pool is looked at.
+    pub interval: Duration,
+    /// A backend is an outlier above `share × (1 + tolerance)`...
+    pub tolerance: f64,
+    /// ...and more than `min_excess` connections over its share.
+    pub min_excess: usize,
+    /// Connections one backend may shed in one interval.
+    pub max_shed_per_interval: usize,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(15),
+            tolerance: 0.2,
+            min_excess: 10,
+            max_shed_per_interval: 50,
+        }
+    }
+}
+
 /// How a pool picks a backend for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
@@ -112,6 +138,8 @@ pub struct PoolConfig {
     pub retries: usize,
     /// Draining: window, close code, close handshake timeout.
     pub drain: DrainConfig,
+    /// Automatic rebalancing.
+    pub rebalance: RebalanceConfig,
     /// How long an idle upstream HTTP connection is kept for reuse.
     pub keepalive_timeout: Duration,
     /// Idle upstream HTTP connections kept per backend.
@@ -160,6 +188,7 @@ impl PoolConfig {
             response_timeout: Duration::from_secs(60),
             retries: 2,
             drain: DrainConfig::default(),
+            rebalance: RebalanceConfig::default(),
             keepalive_timeout: Duration::from_secs(60),
             keepalive_max_idle: 32,
             backends,
@@ -329,6 +358,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
         response_timeout: t.duration("response_timeout", defaults.response_timeout, MIN_TIMEOUT)?,
         retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,
         drain: read_drain(&mut t)?,
+        rebalance: read_rebalance(&mut t)?,
         keepalive_timeout: t.duration(
             "keepalive_timeout",
             defaults.keepalive_timeout,
@@ -429,6 +459,28 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
         close_code,
         close_timeout,
     })
+}
+
+fn read_rebalance(pool: &mut Table<'_>) -> Result<RebalanceConfig, ConfigError> {
+    let d = RebalanceConfig::default();
+    let context = format!("{} rebalance", pool.context());
+    let Some(mut t) = pool.table("rebalance", context)? else {
+        return Ok(d);
+    };
+    let cfg = RebalanceConfig {
+        enabled: t.boolean("enabled", d.enabled)?,
+        interval: t.duration("interval", d.interval, Duration::from_millis(100))?,
+        tolerance: t.number("tolerance", d.tolerance, 0.0, 10.0)?,
+        min_excess: t.integer("min_excess", d.min_excess as u64, 0, 1_000_000)? as usize,
+        max_shed_per_interval: t.integer(
+            "max_shed_per_interval",
+            d.max_shed_per_interval as u64,
+            1,
+            1_000_000,
+        )? as usize,
+    };
+    t.finish()?;
+    Ok(cfg)
 }
 
 /// Parses `host:port` (a literal address or a name resolved now).
@@ -569,6 +621,39 @@ address = "127.0.0.1:4000"
                 panic!("{e}");
             }
         }
+    }
+
+    #[test]
+    fn rebalance_settings() {
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nrebalance = { interval = \"500ms\", tolerance = 0.3, min_excess = 5, max_shed_per_interval = 20 }\n",
+        );
+        let r = check(&text).expect("valid").pools[0].rebalance;
+        assert_eq!(
+            (
+                r.interval,
+                r.tolerance,
+                r.min_excess,
+                r.max_shed_per_interval,
+                r.enabled
+            ),
+            (Duration::from_millis(500), 0.3, 5, 20, true)
+        );
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nrebalance = { tolerance = \"lots\" }\n",
+        );
+        assert!(
+            check(&text)
+                .unwrap_err()
+                .contains("pool \"app\" rebalance: key \"tolerance\": expected a number")
+        );
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nrebalance = { enabled = false, tolerance = 1 }\n",
+        );
+        assert!(!check(&text).expect("valid").pools[0].rebalance.enabled);
     }
 
     #[test]

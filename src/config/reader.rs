@@ -168,6 +168,30 @@ impl<'s> Table<'s> {
         }
     }
 
+    /// A number (integer or float) in `min..=max`.
+    pub fn number(
+        &mut self,
+        key: &str,
+        default: f64,
+        min: f64,
+        max: f64,
+    ) -> Result<f64, ConfigError> {
+        let Some(v) = self.take(key) else {
+            return Ok(default);
+        };
+        let n = match v.get_ref() {
+            DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
+            DeValue::Integer(i) if i.radix() == 10 => {
+                i.as_str().replace('_', "").parse::<f64>().ok()
+            }
+            _ => return Err(self.wrong_type(key, &v, "a number")),
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.error_at(&v.span(), key, format!("out of range {min}..={max}"))),
+        }
+    }
+
     /// A duration written with units ("250ms", "2s", "5m"), at least `min`
     /// and at most [`MAX_DURATION`].
     pub fn duration(

@@ -8,6 +8,7 @@ mod ctl;
 mod drain;
 mod failures;
 mod http;
+mod rebalance;
 #[path = "../support/mod.rs"]
 mod support;
 mod websocket;
