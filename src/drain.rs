@@ -165,6 +165,9 @@ impl Drains {
         if backend.state() != BackendState::Up {
             info!(pool = %pool.name, backend = %backend.name, "back in rotation");
         }
+        if backend.state() != BackendState::Up {
+            backend.mark_back();
+        }
         backend.set_state(BackendState::Up);
     }
 

@@ -11,11 +11,13 @@
 //! `metrics`, `trim`, `ctl` (the client). See docs/ARCHITECTURE.md.
 
 pub mod admin;
+pub mod admission;
 pub mod balance;
 pub mod config;
 pub mod ctl;
 pub mod demo;
 pub mod drain;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod metrics;
@@ -120,6 +122,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
                 pool.clone(),
                 i,
                 metrics.connect_seconds.clone(),
+                metrics.admission_rejected(&pool.name),
             ))
         })
         .collect();
@@ -182,6 +185,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
     }
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
     for (p, pool) in cfg.pools.iter().enumerate() {
+        tokio::spawn(health::run(
+            p,
+            registry.clone(),
+            pool.clone(),
+            shutdown.clone(),
+        ));
         if pool.rebalance.enabled {
             tokio::spawn(rebalance::run(
                 p,

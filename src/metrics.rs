@@ -17,15 +17,17 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-use crate::registry::{BackendState, Registry};
+use crate::registry::Registry;
 
 type ListenerLabels = [(&'static str, String); 1];
+type PoolLabels = [(&'static str, String); 1];
 
 /// The metrics sluice exports.
 #[derive(Debug)]
 pub struct Metrics {
     registry: prometheus_client::registry::Registry,
     accepted: Family<ListenerLabels, Counter>,
+    rejected: Family<PoolLabels, Counter>,
     /// Time to open a TCP connection to a backend.
     pub connect_seconds: Histogram,
 }
@@ -46,10 +48,17 @@ impl Metrics {
             "Time to open a TCP connection to a backend",
             connect_seconds.clone(),
         );
+        let rejected = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "sluice_admission_rejected",
+            "New connections refused with 503 by admission (rate or full backends), by pool",
+            rejected.clone(),
+        );
         registry.register_collector(Box::new(LiveCollector(live)));
         Self {
             registry,
             accepted,
+            rejected,
             connect_seconds,
         }
     }
@@ -58,6 +67,13 @@ impl Metrics {
     pub fn accepted(&self, listener: &str) -> Counter {
         self.accepted
             .get_or_create(&[("listener", listener.to_string())])
+            .clone()
+    }
+
+    /// The admission-rejected counter of `pool`.
+    pub fn admission_rejected(&self, pool: &str) -> Counter {
+        self.rejected
+            .get_or_create(&[("pool", pool.to_string())])
             .clone()
     }
 
@@ -129,13 +145,13 @@ impl Collector for LiveCollector {
         {
             let mut m = encoder.encode_descriptor(
                 "sluice_backend_up",
-                "1 when the backend is in rotation, 0 when draining or drained",
+                "1 when the backend is healthy (active check and passive ejection), else 0",
                 None,
                 MetricType::Gauge,
             )?;
             for (pool, b) in backends() {
                 let labels = [("pool", pool), ("backend", b.name.as_str())];
-                let up = i64::from(b.state() == BackendState::Up);
+                let up = i64::from(b.is_healthy());
                 ConstGauge::new(up).encode(m.encode_family(&labels)?)?;
             }
         }

@@ -200,7 +200,7 @@ pub async fn run(
             .iter()
             .map(|b| Member {
                 count: b.ws_count(),
-                weight: f64::from(b.weight),
+                weight: b.effective_weight(),
                 eligible: b.is_accepting(),
             })
             .collect();

@@ -10,8 +10,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
 use futures_util::task::AtomicWaker;
@@ -151,6 +152,18 @@ pub struct Backend {
     pub drain_closed: AtomicU64,
     /// WebSockets closed by the rebalancer.
     pub rebalance_shed: AtomicU64,
+    /// Reference point of the time stamps below.
+    epoch: Instant,
+    /// Slow-start ramp of the pool (zero: off).
+    slow_start: Duration,
+    /// The active health check says down.
+    active_down: AtomicBool,
+    /// Passively ejected until this time (ns after `epoch`); 0: not ejected.
+    ejected_until: AtomicU64,
+    /// Back in rotation since (ns after `epoch`, plus 1); 0: not ramping.
+    back_since: AtomicU64,
+    /// Passive failures in a row.
+    failures: AtomicU32,
     /// Live proxied WebSockets.
     ws: AtomicUsize,
     /// HTTP requests in flight (including upgrade handshakes).
@@ -160,7 +173,13 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn new(name: String, addr: SocketAddr, weight: u32) -> Self {
+    fn new(
+        name: String,
+        addr: SocketAddr,
+        weight: u32,
+        slow_start: Duration,
+        epoch: Instant,
+    ) -> Self {
         Self {
             name,
             addr,
@@ -170,6 +189,12 @@ impl Backend {
             down: Traffic::default(),
             drain_closed: AtomicU64::new(0),
             rebalance_shed: AtomicU64::new(0),
+            epoch,
+            slow_start,
+            active_down: AtomicBool::new(false),
+            ejected_until: AtomicU64::new(0),
+            back_since: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
             ws: AtomicUsize::new(0),
             http: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
@@ -186,9 +211,103 @@ impl Backend {
         self.state.store(state as u8, Ordering::Release);
     }
 
-    /// True when the backend may get new connections.
+    /// True when the backend may get new connections: in rotation and healthy.
     pub fn is_accepting(&self) -> bool {
-        self.state() == BackendState::Up
+        self.state() == BackendState::Up && self.is_healthy()
+    }
+
+    /// Neither failing its active check nor passively ejected.
+    pub fn is_healthy(&self) -> bool {
+        !self.active_down.load(Ordering::Relaxed) && self.ejected_until.load(Ordering::Relaxed) == 0
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
+    }
+
+    /// The weight balancing uses: the configured one, ramping up during
+    /// slow start.
+    pub fn effective_weight(&self) -> f64 {
+        let weight = f64::from(self.weight);
+        match self.back_since.load(Ordering::Relaxed) {
+            0 => weight,
+            since => {
+                let back = self.epoch + Duration::from_nanos(since - 1);
+                weight * crate::health::slow_start_factor(back.elapsed(), self.slow_start)
+            }
+        }
+    }
+
+    /// True while the slow-start ramp is running.
+    pub fn is_ramping(&self) -> bool {
+        self.back_since.load(Ordering::Relaxed) != 0
+    }
+
+    /// The backend is back in rotation: start its slow-start ramp.
+    pub fn mark_back(&self) {
+        if !self.slow_start.is_zero() {
+            self.back_since
+                .store(self.stamp(Instant::now()), Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the ramp once it has run its course; true when it did.
+    pub fn finish_ramp(&self) -> bool {
+        let since = self.back_since.load(Ordering::Relaxed);
+        if since != 0 && (self.epoch + Duration::from_nanos(since - 1)).elapsed() >= self.slow_start
+        {
+            self.back_since.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Sets what the active check says; true when that changed it.
+    pub fn set_active_down(&self, down: bool) -> bool {
+        self.active_down.swap(down, Ordering::Relaxed) != down
+    }
+
+    /// Counts a failure seen by the data path (connect failure, reset
+    /// before an answer, 5xx to an upgrade). At `threshold` in a row the
+    /// backend is ejected for `ejection`; returns true then.
+    pub fn note_failure(&self, threshold: u32, ejection: Duration) -> bool {
+        if threshold == 0 {
+            return false;
+        }
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= threshold && self.ejected_until.load(Ordering::Relaxed) == 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until
+                .store(self.stamp(Instant::now() + ejection), Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// A request or connection went through: the failure streak ends.
+    pub fn note_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends an ejection whose time is up; true when it did.
+    pub fn end_ejection_if_due(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until != 0 && self.stamp(Instant::now()) >= until {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// The state users see: `draining`, `drained`, `down`, `slow_start` or `up`.
+    pub fn display_state(&self) -> &'static str {
+        match self.state() {
+            BackendState::Up if !self.is_healthy() => "down",
+            BackendState::Up if self.is_ramping() => "slow_start",
+            other => other.as_str(),
+        }
     }
 
     /// Live WebSockets plus HTTP requests in flight: what least_conn compares.
@@ -241,6 +360,7 @@ pub struct Registry {
 impl Registry {
     /// Builds the registry for the pools of `cfg`.
     pub fn new(cfg: &Config) -> Self {
+        let epoch = Instant::now();
         let pools = cfg
             .pools
             .iter()
@@ -249,7 +369,15 @@ impl Registry {
                 backends: pool
                     .backends
                     .iter()
-                    .map(|b| Arc::new(Backend::new(b.name.clone(), b.address, b.weight)))
+                    .map(|b| {
+                        Arc::new(Backend::new(
+                            b.name.clone(),
+                            b.address,
+                            b.weight,
+                            pool.slow_start,
+                            epoch,
+                        ))
+                    })
                     .collect(),
             })
             .collect();

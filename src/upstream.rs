@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::Semaphore;
+
+use crate::admission::TokenBucket;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -37,13 +41,18 @@ pub enum UpstreamError {
     AllFailed { pool: String },
     #[error("pool {pool:?}: no backend is available")]
     NoBackend { pool: String },
+    #[error("pool {pool:?}: no backend could take a new connection in time (admission)")]
+    Overloaded { pool: String },
 }
 
 impl UpstreamError {
     /// True when the pool had nothing to offer (503), rather than a backend
     /// failing (502).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::AllFailed { .. } | Self::NoBackend { .. })
+        matches!(
+            self,
+            Self::AllFailed { .. } | Self::NoBackend { .. } | Self::Overloaded { .. }
+        )
     }
 }
 
@@ -77,6 +86,9 @@ pub async fn handshake(
     });
     Ok(sender)
 }
+
+/// How often a waiting connection looks for a full backend to free a slot.
+const FULL_POLL: Duration = Duration::from_millis(20);
 
 /// How long a finished response's connection may take to become ready
 /// (its request body still uploading) and still be kept for reuse.
@@ -154,6 +166,14 @@ pub struct Upstream {
     pub index: usize,
     /// Where connect times are recorded.
     connect_seconds: Histogram,
+    /// Connections refused by admission.
+    rejected: Counter,
+    /// Admission token buckets, one per backend, when a rate is set.
+    buckets: Option<Mutex<Vec<TokenBucket>>>,
+    /// Places in the admission queue.
+    queue: Semaphore,
+    /// Whose turn it is in the admission queue (tokio's mutex is fair).
+    turn: tokio::sync::Mutex<()>,
     balancer: Balancer,
     idle: Vec<Arc<IdlePool>>,
 }
@@ -166,14 +186,33 @@ pub struct Connected {
 }
 
 impl Upstream {
-    pub fn new(cfg: PoolConfig, index: usize, connect_seconds: Histogram) -> Self {
+    pub fn new(
+        cfg: PoolConfig,
+        index: usize,
+        connect_seconds: Histogram,
+        rejected: Counter,
+    ) -> Self {
         let idle = cfg
             .backends
             .iter()
             .map(|_| Arc::new(IdlePool::new(cfg.keepalive_max_idle, cfg.keepalive_timeout)))
             .collect();
+        let admission = cfg.admission;
+        let buckets = (admission.connect_rate > 0.0).then(|| {
+            let now = Instant::now();
+            Mutex::new(
+                cfg.backends
+                    .iter()
+                    .map(|_| TokenBucket::new(admission.connect_rate, admission.burst, now))
+                    .collect(),
+            )
+        });
         Self {
             balancer: Balancer::new(cfg.algorithm),
+            queue: Semaphore::new(admission.queue_size),
+            turn: tokio::sync::Mutex::new(()),
+            buckets,
+            rejected,
             cfg,
             index,
             connect_seconds,
@@ -186,16 +225,125 @@ impl Upstream {
         &self.idle[backend]
     }
 
-    /// Picks a backend not in `tried` and leases a slot on it.
-    pub fn lease(&self, registry: &Arc<Registry>, tried: &[usize]) -> Option<(usize, Lease)> {
+    /// Picks a backend not in `tried` that may take a new connection now
+    /// (in rotation, healthy, not full, an admission token to spare) and
+    /// leases a slot on it. `Ok(None)`: backends accept, but none can take
+    /// one right now.
+    fn try_lease(
+        &self,
+        registry: &Arc<Registry>,
+        tried: &[usize],
+    ) -> Result<Option<(usize, Lease)>, UpstreamError> {
         let backends = &registry.pool(self.index).backends;
+        let now = Instant::now();
+        let max = self.cfg.max_connections_per_backend;
+        let mut buckets = self
+            .buckets
+            .as_ref()
+            .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut any_accepting = false;
         let loads: Vec<Load> = backends
             .iter()
             .enumerate()
-            .map(|(i, b)| load_of(b, b.is_accepting() && !tried.contains(&i)))
+            .map(|(i, b)| {
+                let candidate = b.is_accepting() && !tried.contains(&i);
+                any_accepting |= candidate;
+                let room = max == 0 || b.active() < max;
+                let token = buckets.as_mut().is_none_or(|bk| bk[i].has_token(now));
+                load_of(b, candidate && room && token)
+            })
             .collect();
-        let i = self.balancer.pick(&loads)?;
-        Some((i, registry.lease(&backends[i])))
+        if !any_accepting {
+            let pool = self.cfg.name.clone();
+            return Err(if tried.is_empty() {
+                UpstreamError::NoBackend { pool }
+            } else {
+                UpstreamError::AllFailed { pool }
+            });
+        }
+        let Some(i) = self.balancer.pick(&loads) else {
+            return Ok(None);
+        };
+        if let Some(bk) = buckets.as_mut() {
+            bk[i].try_take(now);
+        }
+        Ok(Some((i, registry.lease(&backends[i]))))
+    }
+
+    /// Time until some candidate backend has an admission token again.
+    fn next_token(&self, tried: &[usize]) -> Option<Duration> {
+        let now = Instant::now();
+        let mut buckets = self
+            .buckets
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        buckets
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| !tried.contains(i))
+            .map(|(_, b)| b.wait(now))
+            .min()
+    }
+
+    /// A lease on a backend not tried yet, or why there is none. When every
+    /// backend that accepts is full or out of admission tokens, waits in
+    /// the pool's bounded, first-come-first-served queue for up to
+    /// `admission.queue_timeout`; then `Overloaded`.
+    pub async fn next_lease(
+        &self,
+        registry: &Arc<Registry>,
+        tried: &[usize],
+    ) -> Result<(usize, Lease), UpstreamError> {
+        let nobody_waiting = self.queue.available_permits() == self.cfg.admission.queue_size;
+        if nobody_waiting && let Some(lease) = self.try_lease(registry, tried)? {
+            return Ok(lease);
+        }
+        let deadline = tokio::time::Instant::now() + self.cfg.admission.queue_timeout;
+        let Ok(_place) = self.queue.try_acquire() else {
+            return Err(self.overloaded());
+        };
+        let Ok(_turn) = tokio::time::timeout_at(deadline, self.turn.lock()).await else {
+            return Err(self.overloaded());
+        };
+        loop {
+            if let Some(lease) = self.try_lease(registry, tried)? {
+                return Ok(lease);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(self.overloaded());
+            }
+            // Wait for a token, or poll for a full backend to free a slot.
+            let wait = self
+                .next_token(tried)
+                .unwrap_or(FULL_POLL)
+                .clamp(Duration::from_millis(1), FULL_POLL);
+            tokio::time::sleep_until((now + wait).min(deadline)).await;
+        }
+    }
+
+    fn overloaded(&self) -> UpstreamError {
+        self.rejected.inc();
+        UpstreamError::Overloaded {
+            pool: self.cfg.name.clone(),
+        }
+    }
+
+    /// Counts a data-path failure against `backend`; ejects it after too
+    /// many in a row.
+    pub fn note_failure(&self, backend: &Backend, what: &str) {
+        let passive = self.cfg.passive;
+        if backend.note_failure(passive.consecutive_failures, passive.ejection_time) {
+            warn!(
+                pool = %self.cfg.name,
+                backend = %backend.name,
+                failures = passive.consecutive_failures,
+                ejection = ?passive.ejection_time,
+                reason = what,
+                "backend down: ejected after failures in a row"
+            );
+        }
     }
 
     /// Picks a backend and connects to it; on a failed connect, tries other
@@ -206,12 +354,13 @@ impl Upstream {
     ) -> Result<(usize, Connected), UpstreamError> {
         let mut tried = Vec::new();
         loop {
-            let (i, lease) = self.next_lease(registry, &tried)?;
+            let (i, lease) = self.next_lease(registry, &tried).await?;
             let addr = lease.backend().addr;
             match self.open(addr).await {
                 Ok(stream) => return Ok((i, Connected { lease, stream })),
                 Err(error) => {
                     warn!(pool = %self.cfg.name, backend = %lease.backend().name, %error, "upstream connect failed");
+                    self.note_failure(lease.backend(), "connect failed");
                     tried.push(i);
                     self.give_up_after(&tried, error)?;
                 }
@@ -229,22 +378,6 @@ impl Upstream {
                 .observe(started.elapsed().as_secs_f64());
         }
         result
-    }
-
-    /// A lease on a backend not tried yet, or why there is none.
-    pub fn next_lease(
-        &self,
-        registry: &Arc<Registry>,
-        tried: &[usize],
-    ) -> Result<(usize, Lease), UpstreamError> {
-        self.lease(registry, tried).ok_or_else(|| {
-            let pool = self.cfg.name.clone();
-            if tried.is_empty() {
-                UpstreamError::NoBackend { pool }
-            } else {
-                UpstreamError::AllFailed { pool }
-            }
-        })
     }
 
     /// After a failed attempt: `Err` when no further attempt may be made.
@@ -268,7 +401,7 @@ impl Upstream {
 fn load_of(backend: &Backend, eligible: bool) -> Load {
     Load {
         active: backend.active(),
-        weight: backend.weight,
+        weight: backend.effective_weight(),
         eligible,
     }
 }

@@ -323,7 +323,7 @@ fn backend_json(state: &AdminState, p: usize, b: usize) -> Value {
         "name": backend.name,
         "address": backend.addr.to_string(),
         "weight": backend.weight,
-        "state": backend.state().as_str(),
+        "state": backend.display_state(),
         "connections": { "ws": backend.ws_count(), "http": backend.http_count() },
         "drain": drain,
     })

@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::config::Algorithm;
 
 /// What the balancer knows of one backend at pick time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Load {
     /// Live WebSockets + in-flight HTTP requests.
     pub active: usize,
-    pub weight: u32,
+    /// Effective weight: the configured one, lowered during slow start.
+    pub weight: f64,
     /// False when the backend must not get this connection (already tried).
     pub eligible: bool,
 }
@@ -35,9 +36,7 @@ pub fn pick_least_conn(loads: &[Load], start: usize) -> Option<usize> {
             None => true,
             Some(b) => {
                 let cur = loads[b];
-                // (a_i + 1) / w_i < (a_b + 1) / w_b, without division.
-                (load.active as u128 + 1) * u128::from(cur.weight)
-                    < (cur.active as u128 + 1) * u128::from(load.weight)
+                (load.active as f64 + 1.0) / load.weight < (cur.active as f64 + 1.0) / cur.weight
             }
         };
         if better {
@@ -51,19 +50,19 @@ pub fn pick_least_conn(loads: &[Load], start: usize) -> Option<usize> {
 /// picks, each backend is picked `weight` times, interleaved.
 #[derive(Debug, Default)]
 pub struct SmoothRoundRobin {
-    current: Vec<i64>,
+    current: Vec<f64>,
 }
 
 impl SmoothRoundRobin {
     pub fn next(&mut self, loads: &[Load]) -> Option<usize> {
-        self.current.resize(loads.len(), 0);
-        let mut total = 0i64;
+        self.current.resize(loads.len(), 0.0);
+        let mut total = 0.0;
         let mut best: Option<usize> = None;
         for (i, load) in loads.iter().enumerate() {
             if !load.eligible {
                 continue;
             }
-            let w = i64::from(load.weight);
+            let w = load.weight;
             self.current[i] += w;
             total += w;
             if best.is_none_or(|b| self.current[i] > self.current[b]) {
@@ -117,7 +116,7 @@ impl Balancer {
 mod tests {
     use super::*;
 
-    fn loads(active: &[usize], weights: &[u32]) -> Vec<Load> {
+    fn loads(active: &[usize], weights: &[f64]) -> Vec<Load> {
         active
             .iter()
             .zip(weights)
@@ -131,12 +130,12 @@ mod tests {
 
     #[test]
     fn least_conn_picks_the_emptiest() {
-        assert_eq!(pick_least_conn(&loads(&[5, 2, 9], &[1, 1, 1]), 0), Some(1));
+        assert_eq!(pick_least_conn(&loads(&[5, 2, 9], &[1.0; 3]), 0), Some(1));
     }
 
     #[test]
     fn least_conn_ties_rotate_with_start() {
-        let l = loads(&[3, 3, 3], &[1, 1, 1]);
+        let l = loads(&[3, 3, 3], &[1.0; 3]);
         assert_eq!(pick_least_conn(&l, 0), Some(0));
         assert_eq!(pick_least_conn(&l, 1), Some(1));
         assert_eq!(pick_least_conn(&l, 2), Some(2));
@@ -144,7 +143,7 @@ mod tests {
 
     #[test]
     fn least_conn_skips_ineligible_and_empty() {
-        let mut l = loads(&[0, 4], &[1, 1]);
+        let mut l = loads(&[0, 4], &[1.0; 2]);
         l[0].eligible = false;
         assert_eq!(pick_least_conn(&l, 0), Some(1));
         l[1].eligible = false;
@@ -155,7 +154,7 @@ mod tests {
     #[test]
     fn least_conn_honours_weight() {
         // Sequential picks with weights 1:2:3 fill backends 1:2:3.
-        let weights = [1, 2, 3];
+        let weights = [1.0, 2.0, 3.0];
         let mut active = [0usize; 3];
         for round in 0..600 {
             let i = pick_least_conn(&loads(&active, &weights), round % 3).expect("eligible");
@@ -165,9 +164,37 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_in_slow_start_takes_a_fraction() {
+        // Effective weight 0.1 against two full ones with 100 each: it
+        // takes new connections until it holds about a tenth as many.
+        let mut active = [100usize, 100, 0];
+        for round in 0..30 {
+            let l = [
+                Load {
+                    active: active[0],
+                    weight: 1.0,
+                    eligible: true,
+                },
+                Load {
+                    active: active[1],
+                    weight: 1.0,
+                    eligible: true,
+                },
+                Load {
+                    active: active[2],
+                    weight: 0.1,
+                    eligible: true,
+                },
+            ];
+            active[pick_least_conn(&l, round % 3).expect("eligible")] += 1;
+        }
+        assert!((9..=12).contains(&active[2]), "{active:?}");
+    }
+
+    #[test]
     fn round_robin_is_smooth_and_weighted() {
         let mut rr = SmoothRoundRobin::default();
-        let l = loads(&[0, 0, 0], &[5, 1, 1]);
+        let l = loads(&[0, 0, 0], &[5.0, 1.0, 1.0]);
         let seq: Vec<usize> = (0..7).map(|_| rr.next(&l).expect("eligible")).collect();
         assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
     }
@@ -175,7 +202,7 @@ mod tests {
     #[test]
     fn round_robin_skips_ineligible() {
         let mut rr = SmoothRoundRobin::default();
-        let mut l = loads(&[0, 0], &[1, 1]);
+        let mut l = loads(&[0, 0], &[1.0; 2]);
         l[0].eligible = false;
         assert_eq!(rr.next(&l), Some(1));
         assert_eq!(rr.next(&l), Some(1));

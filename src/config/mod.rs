@@ -106,6 +106,78 @@ impl Default for RebalanceConfig {
     }
 }
 
+/// Active health checks.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// HTTP path to GET; `None`: a TCP connect is the check.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that bring a down backend up.
+    pub rise: u32,
+    /// Failures in a row that take an up backend down.
+    pub fall: u32,
+    /// Status a healthy backend answers; `None`: any 2xx or 3xx.
+    pub expect_status: Option<u16>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            expect_status: None,
+        }
+    }
+}
+
+/// Passive health: what the data path sees counts against a backend.
+#[derive(Debug, Clone, Copy)]
+pub struct PassiveConfig {
+    /// Connect failures, resets before an answer, 5xx to an upgrade, in a
+    /// row, that eject a backend; 0 turns passive health off.
+    pub consecutive_failures: u32,
+    /// How long an ejected backend stays out.
+    pub ejection_time: Duration,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            ejection_time: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reconnect-storm admission: new upstream connections per backend.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionConfig {
+    /// New connections per second per backend; 0: no rate limit.
+    pub connect_rate: f64,
+    /// Connections a backend may take at once above the rate.
+    pub burst: f64,
+    /// How long a new connection may wait for its turn (rate or a full
+    /// backend) before it gets 503.
+    pub queue_timeout: Duration,
+    /// Connections that may wait at once per pool; more get 503 at once.
+    pub queue_size: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            connect_rate: 0.0,
+            burst: 0.0,
+            queue_timeout: Duration::from_secs(2),
+            queue_size: 10_000,
+        }
+    }
+}
+
 /// How a pool picks a backend for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
@@ -140,6 +212,16 @@ pub struct PoolConfig {
     pub drain: DrainConfig,
     /// Automatic rebalancing.
     pub rebalance: RebalanceConfig,
+    /// Active health checks, when configured.
+    pub health: Option<HealthConfig>,
+    /// Passive health (outlier ejection).
+    pub passive: PassiveConfig,
+    /// A returning backend's weight ramps up over this time; zero: off.
+    pub slow_start: Duration,
+    /// Live connections per backend above which it is skipped; 0: no limit.
+    pub max_connections_per_backend: usize,
+    /// Admission of new upstream connections.
+    pub admission: AdmissionConfig,
     /// How long an idle upstream HTTP connection is kept for reuse.
     pub keepalive_timeout: Duration,
     /// Idle upstream HTTP connections kept per backend.
@@ -189,6 +271,11 @@ impl PoolConfig {
             retries: 2,
             drain: DrainConfig::default(),
             rebalance: RebalanceConfig::default(),
+            health: None,
+            passive: PassiveConfig::default(),
+            slow_start: Duration::ZERO,
+            max_connections_per_backend: 0,
+            admission: AdmissionConfig::default(),
             keepalive_timeout: Duration::from_secs(60),
             keepalive_max_idle: 32,
             backends,
@@ -359,6 +446,12 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
         retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,
         drain: read_drain(&mut t)?,
         rebalance: read_rebalance(&mut t)?,
+        health: read_health(&mut t)?,
+        passive: read_passive(&mut t)?,
+        slow_start: t.duration("slow_start", defaults.slow_start, Duration::ZERO)?,
+        max_connections_per_backend: t.integer("max_connections_per_backend", 0, 0, 10_000_000)?
+            as usize,
+        admission: read_admission(&mut t)?,
         keepalive_timeout: t.duration(
             "keepalive_timeout",
             defaults.keepalive_timeout,
@@ -459,6 +552,75 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
         close_code,
         close_timeout,
     })
+}
+
+fn read_health(pool: &mut Table<'_>) -> Result<Option<HealthConfig>, ConfigError> {
+    let d = HealthConfig::default();
+    let context = format!("{} health", pool.context());
+    let Some(mut t) = pool.table("health", context)? else {
+        return Ok(None);
+    };
+    let path = match t.string("path")? {
+        Some(v) if !v.value.starts_with('/') => {
+            return Err(t.error_at(
+                &v.span,
+                "path",
+                format!("\"{}\" must start with /", v.value),
+            ));
+        }
+        v => v.map(|v| v.value),
+    };
+    let cfg = HealthConfig {
+        path,
+        interval: t.duration("interval", d.interval, MIN_TIMEOUT)?,
+        timeout: t.duration("timeout", d.timeout, MIN_TIMEOUT)?,
+        rise: t.integer("rise", u64::from(d.rise), 1, 1000)? as u32,
+        fall: t.integer("fall", u64::from(d.fall), 1, 1000)? as u32,
+        expect_status: match t.integer("expect_status", 0, 0, 599)? {
+            0 => None,
+            code if code >= 100 => Some(code as u16),
+            code => return Err(t.error_here(format!("expect_status {code} is not an HTTP status"))),
+        },
+    };
+    t.finish()?;
+    Ok(Some(cfg))
+}
+
+fn read_passive(pool: &mut Table<'_>) -> Result<PassiveConfig, ConfigError> {
+    let d = PassiveConfig::default();
+    let context = format!("{} passive", pool.context());
+    let Some(mut t) = pool.table("passive", context)? else {
+        return Ok(d);
+    };
+    let cfg = PassiveConfig {
+        consecutive_failures: t.integer(
+            "consecutive_failures",
+            u64::from(d.consecutive_failures),
+            0,
+            1000,
+        )? as u32,
+        ejection_time: t.duration("ejection_time", d.ejection_time, MIN_TIMEOUT)?,
+    };
+    t.finish()?;
+    Ok(cfg)
+}
+
+fn read_admission(pool: &mut Table<'_>) -> Result<AdmissionConfig, ConfigError> {
+    let d = AdmissionConfig::default();
+    let context = format!("{} admission", pool.context());
+    let Some(mut t) = pool.table("admission", context)? else {
+        return Ok(d);
+    };
+    let connect_rate = t.number("connect_rate", d.connect_rate, 0.0, 1e9)?;
+    let cfg = AdmissionConfig {
+        connect_rate,
+        // Without a burst, one connection at a time may go through.
+        burst: t.number("burst", connect_rate.max(1.0), 1.0, 1e9)?,
+        queue_timeout: t.duration("queue_timeout", d.queue_timeout, Duration::ZERO)?,
+        queue_size: t.integer("queue_size", d.queue_size as u64, 0, 10_000_000)? as usize,
+    };
+    t.finish()?;
+    Ok(cfg)
 }
 
 fn read_rebalance(pool: &mut Table<'_>) -> Result<RebalanceConfig, ConfigError> {

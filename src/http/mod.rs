@@ -109,7 +109,7 @@ async fn forward(
     // Idle connections the backend closed under us do not count as attempts.
     let mut stale_left = 3;
     loop {
-        let (i, lease) = match upstream.next_lease(&ctx.registry, &tried) {
+        let (i, lease) = match upstream.next_lease(&ctx.registry, &tried).await {
             Ok(picked) => picked,
             Err(error) => return upstream_error(&error),
         };
@@ -127,6 +127,7 @@ async fn forward(
                     Ok(sender) => sender,
                     Err(error) => {
                         warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, %error, "upstream connect failed");
+                        upstream.note_failure(lease.backend(), "connect failed");
                         tried.push(i);
                         if let Err(error) = upstream.give_up_after(&tried, error) {
                             return upstream_error(&error);
@@ -147,6 +148,7 @@ async fn forward(
         };
         match sent {
             Ok(mut resp) => {
+                lease.backend().note_success();
                 headers::strip_hop_by_hop(resp.headers_mut());
                 let reuse = Reuse {
                     sender,
@@ -163,6 +165,7 @@ async fn forward(
                 }
                 _ => {
                     warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, error = %error.error(), "backend failed before answering");
+                    upstream.note_failure(lease.backend(), "failed before answering");
                     return status(StatusCode::BAD_GATEWAY, "backend failed before answering\n");
                 }
             },
@@ -205,9 +208,15 @@ async fn upgrade(
         Ok(resp) => resp,
         Err(error) => {
             warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, %error, "backend failed before answering the upgrade");
+            upstream.note_failure(lease.backend(), "failed before answering the upgrade");
             return status(StatusCode::BAD_GATEWAY, "backend failed before answering\n");
         }
     };
+    if resp.status().is_server_error() {
+        upstream.note_failure(lease.backend(), "5xx to an upgrade");
+    } else {
+        lease.backend().note_success();
+    }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend declined the upgrade: pass its answer on as it is.
         headers::strip_hop_by_hop(resp.headers_mut());
@@ -258,7 +267,12 @@ fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
     if error.is_unavailable() {
         let mut resp = status(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
         // Spread retries over a few seconds so that clients do not come back together.
-        let secs = 1 + rand::random_range(0..3u32);
+        let spread = if matches!(error, UpstreamError::Overloaded { .. }) {
+            5
+        } else {
+            3
+        };
+        let secs = 1 + rand::random_range(0..spread);
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs));
         resp

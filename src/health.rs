@@ -1,0 +1,180 @@
+//! Health: active checks, passive ejection's return, slow start.
+//!
+//! Owns one task per pool that checks each backend every interval (an HTTP
+//! GET of `path`, or a TCP connect when no path is set) on its own tasks,
+//! moves backends down after `fall` failures and up after `rise` successes,
+//! brings passively ejected backends back when their time is up, and ends
+//! slow-start ramps. It only sets registry flags; the data path reads them
+//! (and counts its own failures through `Backend::note_failure`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http_body_util::Empty;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{HealthConfig, PoolConfig};
+use crate::registry::Registry;
+
+/// How often ejections and ramps are looked at when no active check runs
+/// more often.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
+
+/// The active check's view of one backend (a pure state machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckState {
+    pub up: bool,
+    /// Results in a row that disagree with `up`.
+    streak: u32,
+}
+
+impl Default for CheckState {
+    fn default() -> Self {
+        // Backends start up: sluice does not refuse traffic while it looks.
+        Self {
+            up: true,
+            streak: 0,
+        }
+    }
+}
+
+impl CheckState {
+    /// Records one result; returns the new state when it changed.
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.up { fall } else { rise };
+        if self.streak >= needed {
+            self.up = ok;
+            self.streak = 0;
+            return Some(ok);
+        }
+        None
+    }
+}
+
+/// Share of its weight a backend gets `elapsed` into a slow start of
+/// `ramp`: from near zero up to all of it, linearly.
+pub fn slow_start_factor(elapsed: Duration, ramp: Duration) -> f64 {
+    if ramp.is_zero() || elapsed >= ramp {
+        return 1.0;
+    }
+    (elapsed.as_secs_f64() / ramp.as_secs_f64()).max(0.02)
+}
+
+/// One check of `addr`: true when healthy.
+pub async fn check(addr: SocketAddr, cfg: &HealthConfig) -> bool {
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let Some(path) = &cfg.path else {
+            return Some(true);
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let req = Request::get(path.as_str())
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::USER_AGENT, "sluice-health-check")
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let status = sender.send_request(req).await.ok()?.status().as_u16();
+        Some(match cfg.expect_status {
+            Some(expected) => status == expected,
+            None => (200..400).contains(&status),
+        })
+    };
+    matches!(
+        tokio::time::timeout(cfg.timeout, attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// Watches the health of pool `p` until `shutdown`.
+pub async fn run(p: usize, registry: Arc<Registry>, cfg: PoolConfig, shutdown: CancellationToken) {
+    let pool = registry.pool(p);
+    let mut states = vec![CheckState::default(); pool.backends.len()];
+    let period = cfg
+        .health
+        .as_ref()
+        .map_or(HOUSEKEEPING, |h| h.interval.min(HOUSEKEEPING));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_check = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        for b in &pool.backends {
+            if b.end_ejection_if_due() {
+                info!(pool = %pool.name, backend = %b.name, reason = "ejection time over", "backend back in rotation");
+                b.mark_back();
+            }
+            if b.finish_ramp() {
+                debug!(pool = %pool.name, backend = %b.name, "slow start done");
+            }
+        }
+        let Some(health) = &cfg.health else { continue };
+        if tokio::time::Instant::now() < next_check {
+            continue;
+        }
+        next_check = tokio::time::Instant::now() + health.interval;
+        let results = join_all(pool.backends.iter().map(|b| check(b.addr, health))).await;
+        for ((b, state), ok) in pool.backends.iter().zip(states.iter_mut()).zip(results) {
+            match state.record(ok, health.rise, health.fall) {
+                Some(false) => {
+                    b.set_active_down(true);
+                    warn!(pool = %pool.name, backend = %b.name, fall = health.fall, reason = "health check failed", "backend down");
+                }
+                Some(true) => {
+                    b.set_active_down(false);
+                    b.mark_back();
+                    info!(pool = %pool.name, backend = %b.name, rise = health.rise, reason = "health check passed", "backend up");
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise_successes() {
+        let mut s = CheckState::default();
+        assert_eq!(s.record(false, 2, 3), None);
+        assert_eq!(s.record(false, 2, 3), None);
+        assert_eq!(s.record(true, 2, 3), None, "a success resets the streak");
+        assert_eq!(s.record(false, 2, 3), None);
+        assert_eq!(s.record(false, 2, 3), None);
+        assert_eq!(s.record(false, 2, 3), Some(false));
+        assert!(!s.up);
+        assert_eq!(s.record(true, 2, 3), None);
+        assert_eq!(s.record(true, 2, 3), Some(true));
+        assert!(s.up);
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_from_near_zero() {
+        let ramp = Duration::from_secs(30);
+        assert_eq!(slow_start_factor(Duration::ZERO, ramp), 0.02);
+        assert_eq!(slow_start_factor(Duration::from_secs(15), ramp), 0.5);
+        assert_eq!(slow_start_factor(Duration::from_secs(30), ramp), 1.0);
+        assert_eq!(
+            slow_start_factor(Duration::from_secs(1), Duration::ZERO),
+            1.0
+        );
+    }
+}
