@@ -37,6 +37,8 @@ pub struct BackendView {
     pub name: String,
     pub address: String,
     pub state: String,
+    /// Passing its health checks and not ejected.
+    pub healthy: bool,
     pub ws: u64,
     pub http: u64,
     pub drain: Option<(u64, u64, u64, u64)>,
@@ -57,6 +59,7 @@ impl BackendView {
             name: v.get("name")?.as_str()?.to_string(),
             address: v.get("address")?.as_str()?.to_string(),
             state: v.get("state")?.as_str()?.to_string(),
+            healthy: v.get("healthy")?.as_bool()?,
             ws: v.get("connections")?.get("ws")?.as_u64()?,
             http: v.get("connections")?.get("http")?.as_u64()?,
             drain,

@@ -45,6 +45,10 @@ pub struct EchoStats {
     pub ws_accepted: AtomicUsize,
     /// WebSockets open now.
     pub ws_open: AtomicUsize,
+    /// When each WebSocket was accepted (the first 100,000).
+    pub accept_times: std::sync::Mutex<Vec<std::time::Instant>>,
+    /// `/health` answers 503 when false.
+    pub unhealthy: std::sync::atomic::AtomicBool,
 }
 
 /// A demo backend: HTTP echo and WebSocket echo on one port.
@@ -80,6 +84,21 @@ impl EchoBackend {
     /// WebSockets open now.
     pub fn ws_open(&self) -> usize {
         self.stats.ws_open.load(Ordering::SeqCst)
+    }
+
+    /// Makes `/health` answer 503 (false) or 200 (true).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.stats.unhealthy.store(!healthy, Ordering::SeqCst);
+    }
+
+    /// WebSockets accepted at or after `since`.
+    pub fn accepted_since(&self, since: std::time::Instant) -> Vec<std::time::Instant> {
+        let times = self
+            .stats
+            .accept_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        times.iter().copied().filter(|t| *t >= since).collect()
     }
 
     /// Stops accepting and drops every connection, as a crashed server would.
@@ -164,6 +183,12 @@ async fn serve_request(
             let ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             stats.ws_accepted.fetch_add(1, Ordering::SeqCst);
+            {
+                let mut times = stats.accept_times.lock().unwrap_or_else(|p| p.into_inner());
+                if times.len() < 100_000 {
+                    times.push(std::time::Instant::now());
+                }
+            }
             stats.ws_open.fetch_add(1, Ordering::SeqCst);
             tokio::select! {
                 () = echo(ws, &ws_name) => {}
@@ -197,6 +222,9 @@ async fn serve_request(
                 HeaderValue::from_static("text/html; charset=utf-8"),
             );
             resp
+        }
+        "/health" if stats.unhealthy.load(Ordering::SeqCst) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n".into())
         }
         "/health" => text(StatusCode::OK, "ok\n".into()),
         _ => {

@@ -324,6 +324,7 @@ fn backend_json(state: &AdminState, p: usize, b: usize) -> Value {
         "address": backend.addr.to_string(),
         "weight": backend.weight,
         "state": backend.display_state(),
+        "healthy": backend.is_healthy(),
         "connections": { "ws": backend.ws_count(), "http": backend.http_count() },
         "drain": drain,
     })

@@ -7,6 +7,7 @@ mod close;
 mod ctl;
 mod drain;
 mod failures;
+mod health;
 mod http;
 mod rebalance;
 #[path = "../support/mod.rs"]

@@ -1,0 +1,262 @@
+//! Health checks, passive ejection, slow start and storm admission.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use serde_json::json;
+use sluice::config::{AdmissionConfig, HealthConfig, PassiveConfig};
+
+use crate::support::*;
+
+fn state(sluice: &Sluice, b: usize) -> &'static str {
+    sluice.registry().pool(0).backends[b].display_state()
+}
+
+#[tokio::test]
+async fn failing_health_check_takes_a_backend_out_and_back() {
+    let backends = echo_backends(2).await;
+    let mut cfg = config(&[backends[0].addr, backends[1].addr]);
+    let interval = Duration::from_millis(100);
+    cfg.pools[0].health = Some(HealthConfig {
+        path: Some("/health".into()),
+        interval,
+        timeout: Duration::from_millis(500),
+        rise: 2,
+        fall: 3,
+        expect_status: None,
+    });
+    let sluice = Sluice::with_config(cfg).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state(&sluice, 0), "up");
+
+    let failing_since = Instant::now();
+    backends[0].set_healthy(false);
+    eventually(5, "b1 down", || state(&sluice, 0) == "down").await;
+    let down_after = failing_since.elapsed();
+    // interval x fall, plus one interval of phase and some slack.
+    assert!(
+        down_after <= interval * 5 + Duration::from_millis(200),
+        "down after {down_after:?}"
+    );
+    for _ in 0..6 {
+        assert_eq!(sluice.http().await.get("/x").await.backend(), "b2");
+    }
+    let healthy_since = Instant::now();
+    backends[0].set_healthy(true);
+    eventually(5, "b1 up", || state(&sluice, 0) == "up").await;
+    let up_after = healthy_since.elapsed();
+    assert!(
+        up_after >= interval,
+        "came back after {up_after:?}, before rise checks could pass"
+    );
+    let (_ws, name) = sluice.ws_named("/ws").await;
+    assert_eq!(name, "b1", "back in rotation (and emptiest)");
+    println!(
+        "active check: down {down_after:?} after /health failed, up {up_after:?} after it recovered"
+    );
+}
+
+#[tokio::test]
+async fn killed_backend_is_ejected_passively_before_the_next_check() {
+    let backends = echo_backends(2).await;
+    let mut cfg = config(&[backends[0].addr, backends[1].addr]);
+    cfg.pools[0].health = Some(HealthConfig {
+        interval: Duration::from_secs(30), // the next active check is far away
+        ..HealthConfig::default()
+    });
+    cfg.pools[0].passive = PassiveConfig {
+        consecutive_failures: 3,
+        ejection_time: Duration::from_secs(30),
+    };
+    let sluice = Sluice::with_config(cfg).await;
+    let killed = Instant::now();
+    backends[0].kill();
+    // Traffic keeps coming; every request still succeeds (retried on b2).
+    let mut requests = 0;
+    while state(&sluice, 0) != "down" {
+        let reply = sluice.http().await.get("/x").await;
+        assert_eq!((reply.status, reply.backend().as_str()), (200, "b2"));
+        requests += 1;
+        assert!(killed.elapsed() < Duration::from_secs(5), "not ejected");
+    }
+    let ejected_after = killed.elapsed();
+    assert!(requests <= 6, "{requests} requests before ejection");
+    let status = sluice.admin().get("/api/v1/status").await.expect("status");
+    assert_eq!(status["pools"][0]["backends"][0]["state"], "down");
+    println!("passive ejection {ejected_after:?} after the kill, after {requests} requests");
+}
+
+#[tokio::test]
+async fn a_returning_backend_ramps_up_instead_of_taking_everything() {
+    let backends = echo_backends(2).await;
+    let mut cfg = config(&[backends[0].addr, backends[1].addr]);
+    cfg.pools[0].slow_start = Duration::from_secs(3);
+    let sluice = Sluice::with_config(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        held.push(sluice.ws_named("/ws").await);
+    }
+    // b1 leaves (its clients close) and comes back empty.
+    let admin = sluice.admin();
+    admin
+        .post(
+            "/api/v1/pools/app/backends/b1/drain",
+            json!({ "window": "0s" }),
+        )
+        .await
+        .expect("drain");
+    for (ws, name) in held.iter_mut() {
+        if name == "b1" {
+            let _ = within(5, "close", ws.next()).await;
+        }
+    }
+    eventually(10, "b1 drained", || state(&sluice, 0) == "drained").await;
+    admin
+        .post("/api/v1/pools/app/backends/b1/undrain", json!({}))
+        .await
+        .expect("undrain");
+    assert_eq!(state(&sluice, 0), "slow_start");
+    // 30 new clients every 300 ms for 3 s. Without slow start the empty
+    // backend would take every one of the first ~100.
+    let mut to_b1 = Vec::new();
+    for _ in 0..10 {
+        let batch = join_all((0..30).map(|_| sluice.ws_named("/ws"))).await;
+        to_b1.push(batch.iter().filter(|(_, n)| n == "b1").count());
+        held.extend(batch);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let first: usize = to_b1[..3].iter().sum();
+    let last: usize = to_b1[7..].iter().sum();
+    assert!(
+        first < last,
+        "share of b1 per batch did not grow: {to_b1:?}"
+    );
+    assert!(
+        first <= 45,
+        "the returning backend took {first} of the first 90: {to_b1:?}"
+    );
+    eventually(5, "ramp over", || state(&sluice, 0) == "up").await;
+    println!("new connections to b1 per batch of 30 over the 3 s ramp: {to_b1:?}");
+}
+
+/// A client that stays connected, and when its connection ends reconnects,
+/// waiting as long as a 503's Retry-After says. Returns (503s seen,
+/// Retry-After values, reconnected).
+async fn storm_client(url: String, mut ws: Ws) -> (u32, Vec<u64>, bool) {
+    while ws.next().await.is_some() {}
+    let mut refused = 0;
+    let mut waits = Vec::new();
+    for _ in 0..20 {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((mut ws, _)) => {
+                let ok = matches!(ws.next().await, Some(Ok(_)));
+                // Stay connected until the test ends.
+                tokio::spawn(async move { while ws.next().await.is_some() {} });
+                return (refused, waits, ok);
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status() == 503 => {
+                refused += 1;
+                let secs: u64 = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .expect("503 carries Retry-After");
+                waits.push(secs);
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    (refused, waits, false)
+}
+
+/// 1,000 clients on 3 backends; one backend dies; returns the new
+/// WebSockets per 100 ms on the survivors, and the clients' outcomes.
+async fn storm(
+    admission: Option<AdmissionConfig>,
+) -> (Vec<usize>, Vec<(u32, Vec<u64>, bool)>, Duration) {
+    let backends = echo_backends(3).await;
+    let mut cfg = config(&[backends[0].addr, backends[1].addr, backends[2].addr]);
+    if let Some(a) = admission {
+        cfg.pools[0].admission = a;
+    }
+    let sluice = Sluice::with_config(cfg).await;
+    let mut clients = Vec::new();
+    while clients.len() < 1000 {
+        clients.extend(join_all((0..100).map(|_| sluice.ws_named("/ws"))).await);
+    }
+    let mut on_b1 = Vec::new();
+    let mut others = Vec::new();
+    for (ws, name) in clients {
+        if name == "b1" {
+            on_b1.push(ws);
+        } else {
+            others.push(ws);
+        }
+    }
+    let url = sluice.url("/ws");
+    let tasks: Vec<_> = on_b1
+        .into_iter()
+        .map(|ws| tokio::spawn(storm_client(url.clone(), ws)))
+        .collect();
+    let killed = Instant::now();
+    backends[0].kill();
+    let outcomes: Vec<_> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let all_back = killed.elapsed();
+    let mut curve = vec![0usize; 40];
+    for b in &backends[1..] {
+        for t in b.accepted_since(killed) {
+            let slot = (t.duration_since(killed).as_millis() / 100) as usize;
+            if slot < curve.len() {
+                curve[slot] += 1;
+            }
+        }
+    }
+    drop(others);
+    (curve, outcomes, all_back)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_is_admitted_at_the_configured_rate() {
+    let (burst, rate) = (20.0, 100.0);
+    let admission = AdmissionConfig {
+        connect_rate: rate,
+        burst,
+        queue_timeout: Duration::from_millis(500),
+        queue_size: 10_000,
+    };
+    let (curve, outcomes, all_back) = storm(Some(admission)).await;
+    // Per survivor: never more than burst + rate x t new connections by t.
+    let mut total = 0;
+    for (slot, n) in curve.iter().enumerate() {
+        total += n;
+        let t = (slot + 1) as f64 * 0.1;
+        assert!(
+            total as f64 <= 2.0 * (burst + rate * t) + 2.0,
+            "{total} by {t:.1} s: {curve:?}"
+        );
+    }
+    let refused: u32 = outcomes.iter().map(|o| o.0).sum();
+    assert!(outcomes.iter().all(|o| o.2), "every client connected again");
+    assert!(refused > 0, "some clients had to wait their turn");
+    assert!(
+        outcomes
+            .iter()
+            .flat_map(|o| &o.1)
+            .all(|s| (1..=5).contains(s))
+    );
+    let (plain_curve, plain, plain_back) = storm(None).await;
+    assert!(plain.iter().all(|o| o.2 && o.0 == 0));
+    println!(
+        "with admission ({rate}/s, burst {burst} per backend): all back after {all_back:?}, {refused} 503s; new connections per 100 ms: {curve:?}"
+    );
+    println!(
+        "without admission: all back after {plain_back:?}; new connections per 100 ms: {plain_curve:?}"
+    );
+}
