@@ -241,8 +241,8 @@ async fn upgrade(
             return;
         };
         let entry = lease.into_ws();
-        let target = entry.backend().clone();
-        debug!(client.addr = %peer, backend = %target.name, "tunnel opened");
+        // Only what the tunnel owns lives on while it runs: log the rest now.
+        debug!(client.addr = %peer, backend = %entry.backend().name, conn.id = entry.control().id, "tunnel opened");
         let tunnel = Tunnel::new(
             client.io.into_inner(),
             client.read_buf,
@@ -253,8 +253,7 @@ async fn upgrade(
         );
         let stats = tunnel.await;
         debug!(
-            client.addr = %peer,
-            backend = %target.name,
+            conn.id = stats.id,
             messages.up = stats.messages_up,
             messages.down = stats.messages_down,
             "tunnel closed"

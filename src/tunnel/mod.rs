@@ -74,6 +74,8 @@ fn give_buffer(mut buf: Vec<u8>) {
 /// What a finished tunnel reports.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TunnelStats {
+    /// The connection's registry id.
+    pub id: u64,
     /// Messages from the client to the backend.
     pub messages_up: u64,
     /// Messages from the backend to the client.
@@ -94,10 +96,9 @@ struct PendingClose {
 #[derive(Debug)]
 struct Flow {
     tracker: FrameTracker,
-    /// Data read and not yet written, `buf[start..end]`; `None` when idle.
+    /// Data read and not yet written, `buf[start..]`; `None` when idle.
     buf: Option<Vec<u8>>,
-    start: usize,
-    end: usize,
+    start: u32,
     /// Frames towards the backend are masked.
     masked: bool,
     /// Close code to send at this flow's next message boundary.
@@ -127,7 +128,6 @@ impl Flow {
             tracker: FrameTracker::default(),
             buf: None,
             start: 0,
-            end: 0,
             masked,
             inject: None,
             replace_close: None,
@@ -148,7 +148,6 @@ impl Flow {
             };
             buf.extend_from_slice(&pending);
             flow.tracker.scan(&pending, false);
-            flow.end = pending.len();
             flow.buf = Some(buf);
         }
         flow
@@ -175,40 +174,42 @@ impl Flow {
         self.closed_by_us = true;
     }
 
-    /// Takes `n` bytes just read into `buf[..n]`: tracks them and decides
-    /// which to forward.
-    fn accept_read(&mut self, n: usize, traffic: &Traffic) {
-        let Some(buf) = self.buf.take() else {
+    /// Takes the bytes just read (all of `buf`): tracks them and keeps in
+    /// `buf` those to forward.
+    fn accept_read(&mut self, traffic: &Traffic) {
+        let Some(mut buf) = self.buf.take() else {
             return;
         };
-        let data = &buf[..n];
+        let n = buf.len();
+        let data = &buf[..];
         self.start = 0;
-        if self.closed_by_us {
+        let keep = if self.closed_by_us {
             self.tracker.scan(data, false);
-            self.end = 0;
+            0
         } else if let Some(code) = self.replace_close {
             match self.tracker.scan_to_close(data) {
                 Some(k) => {
-                    self.end = k;
                     self.replace_close = None;
                     self.queue_close(code);
                     self.tracker.scan(&data[k..], false);
+                    k
                 }
-                None => self.end = n,
+                None => n,
             }
         } else if let Some(code) = self.inject {
             match self.tracker.scan(data, true) {
                 Some(k) => {
-                    self.end = k;
                     self.queue_close(code);
                     self.tracker.scan(&data[k..], false);
+                    k
                 }
-                None => self.end = n,
+                None => n,
             }
         } else {
             self.tracker.scan(data, false);
-            self.end = n;
-        }
+            n
+        };
+        buf.truncate(keep);
         self.buf = Some(buf);
         let messages = self.tracker.messages();
         traffic.add(messages - self.counted, n as u64);
@@ -220,7 +221,13 @@ impl Flow {
             give_buffer(buf);
         }
         self.start = 0;
-        self.end = 0;
+    }
+
+    /// True when everything read has been written.
+    fn is_flushed(&self) -> bool {
+        self.buf
+            .as_ref()
+            .is_none_or(|b| self.start as usize >= b.len())
     }
 
     /// Moves bytes until the source would block (Pending) or the flow is
@@ -238,12 +245,13 @@ impl Flow {
         }
         loop {
             if let Some(buf) = self.buf.as_ref() {
-                while self.start < self.end {
-                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[self.start..self.end]))?;
+                while (self.start as usize) < buf.len() {
+                    let n =
+                        ready!(Pin::new(&mut *dst).poll_write(cx, &buf[self.start as usize..]))?;
                     if n == 0 {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
-                    self.start += n;
+                    self.start += n as u32;
                 }
             }
             if let Some(close) = self.close_out.as_mut() {
@@ -284,9 +292,9 @@ impl Flow {
                 Ok(0) => {
                     self.eof = true;
                 }
-                Ok(n) => {
+                Ok(_) => {
                     self.active = true;
-                    self.accept_read(n, traffic);
+                    self.accept_read(traffic);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Idle again: give the buffer back until data comes.
@@ -411,6 +419,7 @@ impl Tunnel {
 
     fn stats(&self) -> TunnelStats {
         TunnelStats {
+            id: self.control().id,
             messages_up: self.up.tracker.messages(),
             messages_down: self.down.tracker.messages(),
             closed_by_sluice: self.up.closed_by_us || self.down.closed_by_us,
@@ -501,7 +510,7 @@ impl Tunnel {
             f.inject.is_none()
                 && f.replace_close.is_none()
                 && f.close_out.is_none()
-                && f.start >= f.end
+                && f.is_flushed()
                 && f.tracker.close_seen()
                 && f.tracker.is_at_frame_boundary()
         };
