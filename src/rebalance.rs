@@ -124,6 +124,24 @@ pub fn plan(members: &[Member], cfg: &RebalanceConfig) -> Plan {
     out
 }
 
+/// Why the pool must not shed now, if it must not: a drain under way, or
+/// admission holding clients back (some waiting now, or refused since the
+/// last look, given as (refused so far, any waiting)).
+pub fn hold(
+    draining: bool,
+    admission_now: (u64, bool),
+    admission_before: (u64, bool),
+) -> Option<&'static str> {
+    if draining {
+        Some("drain in progress")
+    } else if admission_now.1 || admission_now.0 != admission_before.0 {
+        // Moving more clients would only add to the queue.
+        Some("admission is holding connections back")
+    } else {
+        None
+    }
+}
+
 /// The last decision for a pool, for the admin API.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -176,6 +194,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut last_pressure = registry.pool(p).admission_pressure();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -183,13 +202,16 @@ pub async fn run(
         }
         let pool = registry.pool(p);
         let at = Instant::now();
-        if pool
+        let pressure = pool.admission_pressure();
+        let draining = pool
             .backends
             .iter()
-            .any(|b| b.state() == BackendState::Draining)
-        {
+            .any(|b| b.state() == BackendState::Draining);
+        let busy = hold(draining, pressure, last_pressure);
+        last_pressure = pressure;
+        if let Some(note) = busy {
             let plan = Plan {
-                note: "drain in progress",
+                note,
                 ..Plan::default()
             };
             reports.set(p, Report { at, plan, shed: 0 });
@@ -336,6 +358,23 @@ mod tests {
         let p = plan(&members(&[70, 115, 115], &[1.0; 3]), &cfg);
         assert_eq!(p.outliers, [0], "only the underloaded one is out of range");
         assert_eq!(p.shed.map(|s| s.count), Some(15));
+    }
+
+    #[test]
+    fn no_shedding_during_a_drain_or_while_admission_holds_back() {
+        assert_eq!(
+            hold(true, (0, false), (0, false)),
+            Some("drain in progress")
+        );
+        assert_eq!(
+            hold(false, (0, true), (0, false)),
+            Some("admission is holding connections back")
+        );
+        assert_eq!(
+            hold(false, (5, false), (3, false)),
+            Some("admission is holding connections back")
+        );
+        assert_eq!(hold(false, (5, false), (5, false)), None);
     }
 
     #[test]

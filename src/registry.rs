@@ -343,6 +343,21 @@ impl Backend {
 pub struct PoolEntry {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
+    /// New connections waiting for admission now.
+    pub admission_waiting: AtomicUsize,
+    /// New connections refused by admission since start.
+    pub admission_rejected: AtomicU64,
+}
+
+impl PoolEntry {
+    /// A value that changes when admission refuses a connection, with
+    /// whether any connection is waiting for admission now.
+    pub fn admission_pressure(&self) -> (u64, bool) {
+        (
+            self.admission_rejected.load(Ordering::Relaxed),
+            self.admission_waiting.load(Ordering::Relaxed) > 0,
+        )
+    }
 }
 
 /// All pools' live state.
@@ -365,6 +380,8 @@ impl Registry {
             .pools
             .iter()
             .map(|pool| PoolEntry {
+                admission_waiting: AtomicUsize::new(0),
+                admission_rejected: AtomicU64::new(0),
                 name: pool.name.clone(),
                 backends: pool
                     .backends

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -300,9 +301,30 @@ impl Upstream {
             return Ok(lease);
         }
         let deadline = tokio::time::Instant::now() + self.cfg.admission.queue_timeout;
+        let pool = registry.pool(self.index);
         let Ok(_place) = self.queue.try_acquire() else {
+            pool.admission_rejected.fetch_add(1, Ordering::Relaxed);
             return Err(self.overloaded());
         };
+        pool.admission_waiting.fetch_add(1, Ordering::Relaxed);
+        let result = self.wait_for_lease(registry, tried, deadline).await;
+        pool.admission_waiting.fetch_sub(1, Ordering::Relaxed);
+        if result
+            .as_ref()
+            .is_err_and(|e| matches!(e, UpstreamError::Overloaded { .. }))
+        {
+            pool.admission_rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Waits, in turn, for a backend that can take the connection.
+    async fn wait_for_lease(
+        &self,
+        registry: &Arc<Registry>,
+        tried: &[usize],
+        deadline: tokio::time::Instant,
+    ) -> Result<(usize, Lease), UpstreamError> {
         let Ok(_turn) = tokio::time::timeout_at(deadline, self.turn.lock()).await else {
             return Err(self.overloaded());
         };
