@@ -155,6 +155,22 @@ impl Collector for LiveCollector {
                 ConstGauge::new(up).encode(m.encode_family(&labels)?)?;
             }
         }
+        {
+            let mut m = encoder.encode_descriptor(
+                "sluice_sticky_repins",
+                "Sticky clients sent to a new backend because theirs could not take them",
+                None,
+                MetricType::Counter,
+            )?;
+            for pool in pools {
+                let labels = [("pool", pool.name.as_str())];
+                ConstCounter::new(
+                    pool.sticky_repins
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )
+                .encode(m.encode_family(&labels)?)?;
+            }
+        }
         for (name, help, shed) in [
             (
                 "sluice_drain_closed",

@@ -347,6 +347,8 @@ pub struct PoolEntry {
     pub admission_waiting: AtomicUsize,
     /// New connections refused by admission since start.
     pub admission_rejected: AtomicU64,
+    /// Sticky clients sent to a new backend because theirs could not take them.
+    pub sticky_repins: AtomicU64,
 }
 
 impl PoolEntry {
@@ -382,6 +384,7 @@ impl Registry {
             .map(|pool| PoolEntry {
                 admission_waiting: AtomicUsize::new(0),
                 admission_rejected: AtomicU64::new(0),
+                sticky_repins: AtomicU64::new(0),
                 name: pool.name.clone(),
                 backends: pool
                     .backends

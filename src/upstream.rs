@@ -22,8 +22,10 @@ use crate::admission::TokenBucket;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::balance::{Balancer, Load};
+use crate::balance::sticky::{self, Sticky};
+use crate::balance::{Balancer, Load, hash};
 use crate::config::PoolConfig;
+use crate::config::{Algorithm, HashKey};
 use crate::registry::{Backend, Lease, Registry};
 
 /// Why no upstream connection could be had.
@@ -175,8 +177,19 @@ pub struct Upstream {
     queue: Semaphore,
     /// Whose turn it is in the admission queue (tokio's mutex is fair).
     turn: tokio::sync::Mutex<()>,
+    /// Sticky cookies, when configured.
+    pub sticky: Option<Sticky>,
     balancer: Balancer,
     idle: Vec<Arc<IdlePool>>,
+}
+
+/// What ties a request to a backend, besides load.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Affinity {
+    /// The backend a sticky cookie pins the client to.
+    pub pinned: Option<usize>,
+    /// The request's hash key, for `algorithm = "hash"`.
+    pub key: Option<u64>,
 }
 
 /// An open connection to a leased backend.
@@ -208,8 +221,13 @@ impl Upstream {
                     .collect(),
             )
         });
+        let sticky = cfg.sticky.clone().map(|sc| {
+            let names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
+            Sticky::new(sc, &cfg.name, &names)
+        });
         Self {
-            balancer: Balancer::new(cfg.algorithm),
+            sticky,
+            balancer: Balancer::new(&cfg),
             queue: Semaphore::new(admission.queue_size),
             turn: tokio::sync::Mutex::new(()),
             buckets,
@@ -234,6 +252,7 @@ impl Upstream {
         &self,
         registry: &Arc<Registry>,
         tried: &[usize],
+        affinity: Affinity,
     ) -> Result<Option<(usize, Lease)>, UpstreamError> {
         let backends = &registry.pool(self.index).backends;
         let now = Instant::now();
@@ -262,7 +281,11 @@ impl Upstream {
                 UpstreamError::AllFailed { pool }
             });
         }
-        let Some(i) = self.balancer.pick(&loads) else {
+        // A pinned client goes to its backend whenever that one can take it.
+        let pinned = affinity
+            .pinned
+            .filter(|&p| loads.get(p).is_some_and(|l| l.eligible));
+        let Some(i) = pinned.or_else(|| self.balancer.pick(&loads, affinity.key)) else {
             return Ok(None);
         };
         if let Some(bk) = buckets.as_mut() {
@@ -295,9 +318,10 @@ impl Upstream {
         &self,
         registry: &Arc<Registry>,
         tried: &[usize],
+        affinity: Affinity,
     ) -> Result<(usize, Lease), UpstreamError> {
         let nobody_waiting = self.queue.available_permits() == self.cfg.admission.queue_size;
-        if nobody_waiting && let Some(lease) = self.try_lease(registry, tried)? {
+        if nobody_waiting && let Some(lease) = self.try_lease(registry, tried, affinity)? {
             return Ok(lease);
         }
         let deadline = tokio::time::Instant::now() + self.cfg.admission.queue_timeout;
@@ -307,7 +331,9 @@ impl Upstream {
             return Err(self.overloaded());
         };
         pool.admission_waiting.fetch_add(1, Ordering::Relaxed);
-        let result = self.wait_for_lease(registry, tried, deadline).await;
+        let result = self
+            .wait_for_lease(registry, tried, affinity, deadline)
+            .await;
         pool.admission_waiting.fetch_sub(1, Ordering::Relaxed);
         if result
             .as_ref()
@@ -323,13 +349,14 @@ impl Upstream {
         &self,
         registry: &Arc<Registry>,
         tried: &[usize],
+        affinity: Affinity,
         deadline: tokio::time::Instant,
     ) -> Result<(usize, Lease), UpstreamError> {
         let Ok(_turn) = tokio::time::timeout_at(deadline, self.turn.lock()).await else {
             return Err(self.overloaded());
         };
         loop {
-            if let Some(lease) = self.try_lease(registry, tried)? {
+            if let Some(lease) = self.try_lease(registry, tried, affinity)? {
                 return Ok(lease);
             }
             let now = tokio::time::Instant::now();
@@ -373,10 +400,11 @@ impl Upstream {
     pub async fn connect(
         &self,
         registry: &Arc<Registry>,
+        affinity: Affinity,
     ) -> Result<(usize, Connected), UpstreamError> {
         let mut tried = Vec::new();
         loop {
-            let (i, lease) = self.next_lease(registry, &tried).await?;
+            let (i, lease) = self.next_lease(registry, &tried, affinity).await?;
             let addr = lease.backend().addr;
             match self.open(addr).await {
                 Ok(stream) => return Ok((i, Connected { lease, stream })),
@@ -388,6 +416,38 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// How `req` is tied to a backend: its sticky cookie and hash key.
+    pub fn affinity<B>(&self, req: &hyper::Request<B>, peer: SocketAddr) -> Affinity {
+        let pinned = self.sticky.as_ref().and_then(|s| s.pinned(req.headers()));
+        let key = match &self.cfg.algorithm {
+            Algorithm::Hash(key) => hash_key(key, req, peer),
+            _ => None,
+        };
+        Affinity { pinned, key }
+    }
+
+    /// The Set-Cookie that pins the client to `chosen`, unless its cookie
+    /// already does; a client whose pinned backend could not take it is
+    /// re-pinned, and counted.
+    pub fn pin(
+        &self,
+        registry: &Registry,
+        affinity: Affinity,
+        chosen: usize,
+    ) -> Option<hyper::header::HeaderValue> {
+        let sticky = self.sticky.as_ref()?;
+        if affinity.pinned == Some(chosen) {
+            return None;
+        }
+        if affinity.pinned.is_some() {
+            registry
+                .pool(self.index)
+                .sticky_repins
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        sticky.set_cookie(chosen)
     }
 
     /// Opens a TCP connection to `addr` with the pool's timeout, recording
@@ -418,6 +478,25 @@ impl Upstream {
         }
         Ok(())
     }
+}
+
+/// The hash of what `key` names in `req`, if the request has it.
+fn hash_key<B>(key: &HashKey, req: &hyper::Request<B>, peer: SocketAddr) -> Option<u64> {
+    let bytes: Vec<u8> = match key {
+        HashKey::Ip => peer.ip().to_canonical().to_string().into_bytes(),
+        HashKey::Header(name) => req.headers().get(name.as_str())?.as_bytes().to_vec(),
+        HashKey::Cookie(name) => sticky::cookie(req.headers(), name)?.as_bytes().to_vec(),
+        HashKey::Query(name) => req
+            .uri()
+            .query()?
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|(k, _)| k == name)?
+            .1
+            .as_bytes()
+            .to_vec(),
+    };
+    Some(hash::hash64(&bytes))
 }
 
 fn load_of(backend: &Backend, eligible: bool) -> Load {

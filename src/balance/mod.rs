@@ -1,13 +1,20 @@
 //! Backend selection for new connections.
 //!
-//! Owns the algorithms: plain functions over each backend's load and weight,
-//! plus the little state round robin needs. Reads counts only; never
-//! connects and never changes a count (the caller leases the pick).
+//! Owns the algorithms: plain functions over each backend's load and weight
+//! (least_conn, p2c), the little state round robin needs, the consistent
+//! hash ring (`hash`) and sticky cookies (`sticky`). Reads counts only;
+//! never connects and never changes a count (the caller leases the pick).
+
+pub mod hash;
+pub mod sticky;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::config::Algorithm;
+use rand::RngExt;
+
+use crate::config::{Algorithm, PoolConfig};
+use hash::Ring;
 
 /// What the balancer knows of one backend at pick time.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,6 +53,23 @@ pub fn pick_least_conn(loads: &[Load], start: usize) -> Option<usize> {
     best
 }
 
+/// Power of two random choices: of two distinct eligible backends drawn
+/// at random, the one with less load relative to weight.
+pub fn pick_p2c(loads: &[Load], rng: &mut impl rand::Rng) -> Option<usize> {
+    let eligible: Vec<usize> = (0..loads.len()).filter(|&i| loads[i].eligible).collect();
+    match eligible.len() {
+        0 => None,
+        1 => Some(eligible[0]),
+        n => {
+            let a = rng.random_range(0..n);
+            let b = (a + 1 + rng.random_range(0..n - 1)) % n;
+            let score = |i: usize| (loads[i].active as f64 + 1.0) / loads[i].weight;
+            let (a, b) = (eligible[a], eligible[b]);
+            Some(if score(b) < score(a) { b } else { a })
+        }
+    }
+}
+
 /// Smooth weighted round robin (as in nginx): over a cycle of total weight
 /// picks, each backend is picked `weight` times, interleaved.
 #[derive(Debug, Default)]
@@ -79,35 +103,52 @@ impl SmoothRoundRobin {
 #[derive(Debug)]
 pub struct Balancer {
     algorithm: Algorithm,
+    /// The ring, for `hash`.
+    ring: Option<Ring>,
     /// Where least_conn starts looking, so that ties rotate.
     rotation: AtomicUsize,
     round_robin: Mutex<SmoothRoundRobin>,
 }
 
 impl Balancer {
-    pub fn new(algorithm: Algorithm) -> Self {
+    pub fn new(pool: &PoolConfig) -> Self {
+        let ring = matches!(pool.algorithm, Algorithm::Hash(_)).then(|| {
+            let names: Vec<(&str, u32)> = pool
+                .backends
+                .iter()
+                .map(|b| (b.name.as_str(), b.weight))
+                .collect();
+            Ring::new(&names)
+        });
         Self {
-            algorithm,
+            algorithm: pool.algorithm.clone(),
+            ring,
             rotation: AtomicUsize::new(0),
             round_robin: Mutex::new(SmoothRoundRobin::default()),
         }
     }
 
-    /// Picks among `loads`; `None` when no backend is eligible.
-    pub fn pick(&self, loads: &[Load]) -> Option<usize> {
+    /// Picks among `loads`; `None` when no backend is eligible. `key` is
+    /// the request's hash key, for `hash` (without one it falls back to
+    /// least connections).
+    pub fn pick(&self, loads: &[Load], key: Option<u64>) -> Option<usize> {
         if loads.is_empty() {
             return None;
         }
-        match self.algorithm {
-            Algorithm::LeastConn => {
-                let start = self.rotation.fetch_add(1, Ordering::Relaxed) % loads.len();
-                pick_least_conn(loads, start)
+        match (&self.algorithm, &self.ring, key) {
+            (Algorithm::Hash(_), Some(ring), Some(key)) => {
+                ring.pick(key, |i| loads.get(i).is_some_and(|l| l.eligible))
             }
-            Algorithm::RoundRobin => self
+            (Algorithm::RoundRobin, _, _) => self
                 .round_robin
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .next(loads),
+            (Algorithm::P2c, _, _) => pick_p2c(loads, &mut rand::rng()),
+            _ => {
+                let start = self.rotation.fetch_add(1, Ordering::Relaxed) % loads.len();
+                pick_least_conn(loads, start)
+            }
         }
     }
 }
@@ -197,6 +238,39 @@ mod tests {
         let l = loads(&[0, 0, 0], &[5.0, 1.0, 1.0]);
         let seq: Vec<usize> = (0..7).map(|_| rr.next(&l).expect("eligible")).collect();
         assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn p2c_prefers_the_lighter_of_two_and_skips_ineligible() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut l = loads(&[0, 1000, 1000], &[1.0; 3]);
+        // Backend 0 is drawn in 2 of 3 pairs, and always wins them.
+        let wins = (0..3000)
+            .filter(|_| pick_p2c(&l, &mut rng) == Some(0))
+            .count();
+        assert!((1900..=2100).contains(&wins), "{wins}");
+        l[0].eligible = false;
+        assert!((0..100).all(|_| pick_p2c(&l, &mut rng) != Some(0)));
+        l[1].eligible = false;
+        assert_eq!(pick_p2c(&l, &mut rng), Some(2));
+        l[2].eligible = false;
+        assert_eq!(pick_p2c(&l, &mut rng), None);
+    }
+
+    #[test]
+    fn p2c_spreads_evenly() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let mut active = [0usize; 3];
+        for _ in 0..3000 {
+            let i = pick_p2c(&loads(&active, &[1.0; 3]), &mut rng).expect("eligible");
+            active[i] += 1;
+        }
+        assert!(
+            active.iter().all(|&n| (980..=1020).contains(&n)),
+            "{active:?}"
+        );
     }
 
     #[test]

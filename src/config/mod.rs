@@ -179,20 +179,60 @@ impl Default for AdmissionConfig {
 }
 
 /// How a pool picks a backend for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Algorithm {
     /// Fewest live WebSockets + in-flight HTTP requests, relative to weight.
     LeastConn,
     /// Smooth weighted round robin.
     RoundRobin,
+    /// Power of two random choices on live connection counts.
+    P2c,
+    /// Consistent hash of a request key; least_conn when the key is missing.
+    Hash(HashKey),
+}
+
+/// What `algorithm = "hash"` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query-string parameter.
+    Query(String),
+    /// The client's IP address.
+    Ip,
+}
+
+/// `SameSite` of the sticky cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+/// Sticky sessions: a cookie pins a client to a backend.
+#[derive(Debug, Clone)]
+pub struct StickyConfig {
+    pub cookie: String,
+    pub ttl: Duration,
+    pub secure: bool,
+    pub http_only: bool,
+    pub same_site: SameSite,
+    /// Key that signs cookie values; `None`: random at start (pins then do
+    /// not survive a restart, nor hold across several sluice instances).
+    pub secret: Option<Vec<u8>>,
 }
 
 impl Algorithm {
     /// The name used in the config and the API.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Self::LeastConn => "least_conn",
             Self::RoundRobin => "round_robin",
+            Self::P2c => "p2c",
+            Self::Hash(_) => "hash",
         }
     }
 }
@@ -222,6 +262,8 @@ pub struct PoolConfig {
     pub max_connections_per_backend: usize,
     /// Admission of new upstream connections.
     pub admission: AdmissionConfig,
+    /// Sticky sessions, when configured.
+    pub sticky: Option<StickyConfig>,
     /// How long an idle upstream HTTP connection is kept for reuse.
     pub keepalive_timeout: Duration,
     /// Idle upstream HTTP connections kept per backend.
@@ -276,6 +318,7 @@ impl PoolConfig {
             slow_start: Duration::ZERO,
             max_connections_per_backend: 0,
             admission: AdmissionConfig::default(),
+            sticky: None,
             keepalive_timeout: Duration::from_secs(60),
             keepalive_max_idle: 32,
             backends,
@@ -398,22 +441,44 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     let name = t.required_string("name")?;
     t.set_context(format!("pool \"{}\"", name.value));
     let defaults = PoolConfig::new(&name.value, Vec::new());
+    let key = t.string("key")?;
     let algorithm = match t.string("algorithm")? {
-        None => defaults.algorithm,
-        Some(v) => {
-            match v.value.as_str() {
-                "least_conn" => Algorithm::LeastConn,
-                "round_robin" => Algorithm::RoundRobin,
-                other => {
+        None => defaults.algorithm.clone(),
+        Some(v) => match v.value.as_str() {
+            "least_conn" => Algorithm::LeastConn,
+            "round_robin" => Algorithm::RoundRobin,
+            "p2c" => Algorithm::P2c,
+            "hash" => {
+                let Some(key) = &key else {
                     return Err(t.error_at(
+                        &v.span,
+                        "algorithm",
+                        "\"hash\" needs a key, e.g. key = \"header:X-User\"".into(),
+                    ));
+                };
+                Algorithm::Hash(
+                    parse_hash_key(&key.value).map_err(|m| t.error_at(&key.span, "key", m))?,
+                )
+            }
+            other => {
+                return Err(t.error_at(
                     &v.span,
                     "algorithm",
-                    format!("unknown algorithm \"{other}\"; expected \"least_conn\" or \"round_robin\""),
+                    format!("unknown algorithm \"{other}\"; expected \"least_conn\", \"round_robin\", \"p2c\" or \"hash\""),
                 ));
-                }
             }
-        }
+        },
     };
+    if let Some(key) = &key
+        && !matches!(algorithm, Algorithm::Hash(_))
+    {
+        return Err(t.error_at(
+            &key.span,
+            "key",
+            "only used with algorithm = \"hash\"".into(),
+        ));
+    }
+    let sticky = read_sticky(&mut t)?;
     let mut backends: Vec<BackendConfig> = Vec::new();
     for mut b in t.tables("backend")? {
         let bname = b.required_string("name")?;
@@ -452,6 +517,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
         max_connections_per_backend: t.integer("max_connections_per_backend", 0, 0, 10_000_000)?
             as usize,
         admission: read_admission(&mut t)?,
+        sticky,
         keepalive_timeout: t.duration(
             "keepalive_timeout",
             defaults.keepalive_timeout,
@@ -552,6 +618,98 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
         close_code,
         close_timeout,
     })
+}
+
+fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    let bad = || {
+        format!("\"{text}\": expected \"header:NAME\", \"cookie:NAME\", \"query:NAME\" or \"ip\"")
+    };
+    if text == "ip" {
+        return Ok(HashKey::Ip);
+    }
+    let (kind, name) = text.split_once(':').ok_or_else(bad)?;
+    if name.is_empty() {
+        return Err(bad());
+    }
+    match kind {
+        "header" => hyper::header::HeaderName::from_bytes(name.as_bytes())
+            .map(|h| HashKey::Header(h.as_str().to_string()))
+            .map_err(|_| format!("\"{name}\" is not a valid header name")),
+        "cookie" => Ok(HashKey::Cookie(name.to_string())),
+        "query" => Ok(HashKey::Query(name.to_string())),
+        _ => Err(bad()),
+    }
+}
+
+fn read_sticky(pool: &mut Table<'_>) -> Result<Option<StickyConfig>, ConfigError> {
+    let context = format!("{} sticky", pool.context());
+    let Some(mut t) = pool.table("sticky", context)? else {
+        return Ok(None);
+    };
+    let cookie = t
+        .string("cookie")?
+        .map_or("SLUICE_AFFINITY".to_string(), |v| v.value);
+    if cookie.is_empty()
+        || !cookie
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(t.error_here(format!(
+            "cookie name \"{cookie}\" may hold only letters, digits, _ - ."
+        )));
+    }
+    let same_site = match t.string("same_site")? {
+        None => SameSite::Lax,
+        Some(v) => match v.value.to_ascii_lowercase().as_str() {
+            "lax" => SameSite::Lax,
+            "strict" => SameSite::Strict,
+            "none" => SameSite::None,
+            other => {
+                return Err(t.error_at(
+                    &v.span,
+                    "same_site",
+                    format!("\"{other}\": expected \"lax\", \"strict\" or \"none\""),
+                ));
+            }
+        },
+    };
+    let secure = t.boolean("secure", false)?;
+    let secret = match t.string("secret_file")? {
+        None => None,
+        Some(v) => {
+            let file = t.path_near_config(&v.value);
+            let text = std::fs::read(&file).map_err(|e| {
+                t.error_at(
+                    &v.span,
+                    "secret_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            if text.trim_ascii().len() < 16 {
+                return Err(t.error_at(
+                    &v.span,
+                    "secret_file",
+                    format!("{} holds fewer than 16 bytes", file.display()),
+                ));
+            }
+            Some(text.trim_ascii().to_vec())
+        }
+    };
+    let cfg = StickyConfig {
+        cookie,
+        ttl: t.duration("ttl", Duration::from_secs(3600), Duration::from_secs(1))?,
+        secure,
+        http_only: t.boolean("http_only", true)?,
+        same_site,
+        secret,
+    };
+    if cfg.same_site == SameSite::None && !cfg.secure {
+        return Err(t.error_here(
+            "same_site = \"none\" needs secure = true (browsers drop it otherwise)".into(),
+        ));
+    }
+    t.finish()?;
+    Ok(Some(cfg))
 }
 
 fn read_health(pool: &mut Table<'_>) -> Result<Option<HealthConfig>, ConfigError> {
@@ -783,6 +941,58 @@ address = "127.0.0.1:4000"
                 panic!("{e}");
             }
         }
+    }
+
+    #[test]
+    fn sticky_hash_and_p2c_settings() {
+        let with = |extra: &str| {
+            MINIMAL.replace("name = \"app\"\n", &format!("name = \"app\"\n{extra}\n"))
+        };
+        let cfg = check(&with("algorithm = \"hash\"\nkey = \"header:X-User\"")).expect("valid");
+        assert_eq!(
+            cfg.pools[0].algorithm,
+            Algorithm::Hash(HashKey::Header("x-user".into()))
+        );
+        let cfg = check(&with("algorithm = \"hash\"\nkey = \"ip\"")).expect("valid");
+        assert_eq!(cfg.pools[0].algorithm, Algorithm::Hash(HashKey::Ip));
+        assert_eq!(
+            check(&with("algorithm = \"p2c\"")).expect("valid").pools[0].algorithm,
+            Algorithm::P2c
+        );
+        assert!(
+            check(&with("algorithm = \"hash\""))
+                .unwrap_err()
+                .contains("\"hash\" needs a key")
+        );
+        assert!(
+            check(&with("key = \"ip\""))
+                .unwrap_err()
+                .contains("only used with algorithm = \"hash\"")
+        );
+        assert!(
+            check(&with("algorithm = \"hash\"\nkey = \"body:x\""))
+                .unwrap_err()
+                .contains("expected \"header:NAME\"")
+        );
+        let cfg = check(&with(
+            "sticky = { cookie = \"S\", ttl = \"30m\", secure = true, same_site = \"strict\" }",
+        ))
+        .expect("valid");
+        let s = cfg.pools[0].sticky.clone().expect("sticky");
+        assert_eq!(
+            (s.cookie.as_str(), s.ttl, s.secure, s.http_only, s.same_site),
+            ("S", Duration::from_secs(1800), true, true, SameSite::Strict)
+        );
+        assert!(
+            check(&with("sticky = { same_site = \"none\" }"))
+                .unwrap_err()
+                .contains("needs secure = true")
+        );
+        assert!(
+            check(&with("sticky = { cookie = \"a b\" }"))
+                .unwrap_err()
+                .contains("may hold only")
+        );
     }
 
     #[test]

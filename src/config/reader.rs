@@ -92,6 +92,15 @@ impl<'s> Table<'s> {
         self.context = context;
     }
 
+    /// `relative` resolved against the config file's folder.
+    pub fn path_near_config(&self, relative: &str) -> std::path::PathBuf {
+        self.src
+            .path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(relative)
+    }
+
     /// An error about the table itself (e.g. a missing key).
     pub fn error_here(&self, message: String) -> ConfigError {
         self.src.error(&self.span, &self.context, message)

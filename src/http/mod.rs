@@ -103,13 +103,14 @@ async fn forward(
     peer: SocketAddr,
     ctx: &ListenerCtx,
 ) -> Response<ProxyBody> {
+    let affinity = ctx.upstream.affinity(&req, peer);
     headers::prepare_request(&mut req, peer, ctx.cfg.forwarded_headers, false);
     let upstream = &ctx.upstream;
     let mut tried = Vec::new();
     // Idle connections the backend closed under us do not count as attempts.
     let mut stale_left = 3;
     loop {
-        let (i, lease) = match upstream.next_lease(&ctx.registry, &tried).await {
+        let (i, lease) = match upstream.next_lease(&ctx.registry, &tried, affinity).await {
             Ok(picked) => picked,
             Err(error) => return upstream_error(&error),
         };
@@ -150,6 +151,9 @@ async fn forward(
             Ok(mut resp) => {
                 lease.backend().note_success();
                 headers::strip_hop_by_hop(resp.headers_mut());
+                if let Some(cookie) = upstream.pin(&ctx.registry, affinity, i) {
+                    resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
+                }
                 let reuse = Reuse {
                     sender,
                     pool: upstream.idle(i).clone(),
@@ -184,9 +188,10 @@ async fn upgrade(
         return status(StatusCode::BAD_REQUEST, reason);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
+    let affinity = ctx.upstream.affinity(&req, peer);
     headers::prepare_request(&mut req, peer, ctx.cfg.forwarded_headers, true);
     let upstream = &ctx.upstream;
-    let (_, connected) = match upstream.connect(&ctx.registry).await {
+    let (chosen, connected) = match upstream.connect(&ctx.registry, affinity).await {
         Ok(connected) => connected,
         Err(error) => return upstream_error(&error),
     };
@@ -216,6 +221,9 @@ async fn upgrade(
         upstream.note_failure(lease.backend(), "5xx to an upgrade");
     } else {
         lease.backend().note_success();
+    }
+    if let Some(cookie) = upstream.pin(&ctx.registry, affinity, chosen) {
+        resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend declined the upgrade: pass its answer on as it is.

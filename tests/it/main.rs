@@ -10,6 +10,7 @@ mod failures;
 mod health;
 mod http;
 mod rebalance;
+mod sticky;
 #[path = "../support/mod.rs"]
 mod support;
 mod websocket;

@@ -1,0 +1,226 @@
+//! Sticky sessions, consistent hashing and p2c with real sockets.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use sluice::config::{Algorithm, HashKey, SameSite, StickyConfig};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::support::*;
+
+fn sticky() -> StickyConfig {
+    StickyConfig {
+        cookie: "SLUICE_AFFINITY".into(),
+        ttl: Duration::from_secs(3600),
+        secure: false,
+        http_only: true,
+        same_site: SameSite::Lax,
+        secret: Some(b"test secret, at least 16 bytes".to_vec()),
+    }
+}
+
+async fn sticky_sluice(backends: &[sluice::demo::EchoBackend]) -> Sluice {
+    let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    cfg.pools[0].sticky = Some(sticky());
+    Sluice::with_config(cfg).await
+}
+
+/// The `NAME=value` part of the response's sticky Set-Cookie, if any.
+fn pin_of(reply: &HttpReply) -> Option<String> {
+    reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("SLUICE_AFFINITY="))
+        .map(|v| v.split(';').next().unwrap_or_default().to_string())
+}
+
+async fn get_with_cookie(sluice: &Sluice, cookie: Option<&str>) -> HttpReply {
+    let mut req = hyper::Request::get("/poll").header("host", "sluice.test");
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    sluice
+        .http()
+        .await
+        .send(req.body(Full::new(Bytes::new())).expect("request"))
+        .await
+}
+
+#[tokio::test]
+async fn long_polling_then_upgrade_stays_on_one_backend() {
+    let backends = echo_backends(3).await;
+    let sluice = sticky_sluice(&backends).await;
+    for _client in 0..3 {
+        let first = get_with_cookie(&sluice, None).await;
+        let pin = pin_of(&first).expect("a sticky cookie on the first response");
+        let backend = first.backend();
+        assert!(
+            pin.len() == "SLUICE_AFFINITY=".len() + 32 && !pin.contains(&backend),
+            "{pin}"
+        );
+        for _ in 0..5 {
+            let reply = get_with_cookie(&sluice, Some(&format!("theme=dark; {pin}"))).await;
+            assert_eq!(reply.backend(), backend);
+            assert_eq!(pin_of(&reply), None, "no new cookie while the pin holds");
+        }
+        let mut req = sluice.url("/ws").into_client_request().expect("request");
+        req.headers_mut()
+            .insert("cookie", pin.parse().expect("value"));
+        let (mut ws, resp) = within(10, "upgrade", tokio_tungstenite::connect_async(req))
+            .await
+            .expect("upgrade");
+        assert!(resp.headers().get("set-cookie").is_none());
+        assert_eq!(
+            greeting(&mut ws).await,
+            backend,
+            "the WebSocket lands on the same backend"
+        );
+    }
+}
+
+#[tokio::test]
+async fn new_clients_spread_evenly() {
+    let backends = echo_backends(3).await;
+    let sluice = sticky_sluice(&backends).await;
+    let mut per_backend = HashMap::<String, usize>::new();
+    for _ in 0..300 {
+        let reply = get_with_cookie(&sluice, None).await;
+        assert!(pin_of(&reply).is_some());
+        *per_backend.entry(reply.backend()).or_default() += 1;
+    }
+    assert!(
+        per_backend.values().all(|&n| (90..=110).contains(&n)),
+        "{per_backend:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_pinned_backend_means_a_new_pin_that_holds() {
+    let backends = echo_backends(2).await;
+    let sluice = sticky_sluice(&backends).await;
+    let first = get_with_cookie(&sluice, None).await;
+    let pin = pin_of(&first).expect("cookie");
+    let dead = backends
+        .iter()
+        .find(|b| b.name == first.backend())
+        .expect("pinned backend");
+    dead.kill();
+    let reply = get_with_cookie(&sluice, Some(&pin)).await;
+    assert_eq!(reply.status, 200);
+    assert_ne!(reply.backend(), first.backend());
+    let new_pin = pin_of(&reply).expect("a fresh cookie");
+    assert_ne!(new_pin, pin);
+    for _ in 0..5 {
+        let again = get_with_cookie(&sluice, Some(&new_pin)).await;
+        assert_eq!(again.backend(), reply.backend());
+        assert_eq!(pin_of(&again), None);
+    }
+    let repins = sluice
+        .registry()
+        .pool(0)
+        .sticky_repins
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(repins, 1);
+}
+
+#[tokio::test]
+async fn a_forged_cookie_is_ignored() {
+    let backends = echo_backends(2).await;
+    let sluice = sticky_sluice(&backends).await;
+    for forged in [
+        "SLUICE_AFFINITY=b1",
+        "SLUICE_AFFINITY=00000000000000000000000000000000",
+        "SLUICE_AFFINITY=127.0.0.1:1",
+    ] {
+        let reply = get_with_cookie(&sluice, Some(forged)).await;
+        assert_eq!(reply.status, 200);
+        let pin = pin_of(&reply).expect("treated as no cookie: a fresh one is set");
+        assert_ne!(pin, forged);
+    }
+    assert_eq!(
+        sluice
+            .registry()
+            .pool(0)
+            .sticky_repins
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_apps_own_cookies_survive() {
+    let addr = scripted_backend(Duration::ZERO, |_| {
+        Some(&b"HTTP/1.1 200 OK\r\nSet-Cookie: app_session=xyz; Path=/\r\nSet-Cookie: theme=dark\r\nContent-Length: 2\r\n\r\nok"[..])
+    })
+    .await;
+    let mut cfg = config(&[addr]);
+    cfg.pools[0].sticky = Some(sticky());
+    let sluice = Sluice::with_config(cfg).await;
+    let reply = get_with_cookie(&sluice, None).await;
+    let cookies: Vec<&str> = reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(cookies.len(), 3, "{cookies:?}");
+    assert_eq!(cookies[0], "app_session=xyz; Path=/");
+    assert_eq!(cookies[1], "theme=dark");
+    assert!(cookies[2].starts_with("SLUICE_AFFINITY="));
+}
+
+#[tokio::test]
+async fn hash_on_a_header_is_consistent_and_falls_back_without_it() {
+    let backends = echo_backends(3).await;
+    let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    cfg.pools[0].algorithm = Algorithm::Hash(HashKey::Header("x-user".into()));
+    let sluice = Sluice::with_config(cfg).await;
+    let mut seen = HashMap::<String, String>::new();
+    for round in 0..3 {
+        for user in 0..30 {
+            let req = hyper::Request::get("/h")
+                .header("host", "x")
+                .header("x-user", format!("user-{user}"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let backend = sluice.http().await.send(req).await.backend();
+            if round == 0 {
+                seen.insert(format!("user-{user}"), backend);
+            } else {
+                assert_eq!(seen[&format!("user-{user}")], backend, "user-{user} moved");
+            }
+        }
+    }
+    let used: std::collections::HashSet<_> = seen.values().collect();
+    assert_eq!(used.len(), 3, "30 users use all three backends");
+    // Without the header: least connections, so all three take turns.
+    let mut no_key = std::collections::HashSet::new();
+    for _ in 0..3 {
+        no_key.insert(sluice.http().await.get("/h").await.backend());
+    }
+    assert_eq!(no_key.len(), 3);
+}
+
+#[tokio::test]
+async fn p2c_spreads_connections() {
+    let backends = echo_backends(3).await;
+    let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    cfg.pools[0].algorithm = Algorithm::P2c;
+    let sluice = Sluice::with_config(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        held.push(sluice.ws_named("/ws").await);
+    }
+    for b in &backends {
+        assert!(
+            (85..=115).contains(&b.ws_open()),
+            "{}: {}",
+            b.name,
+            b.ws_open()
+        );
+    }
+}
