@@ -32,6 +32,7 @@ fn picks(c: &mut Criterion) {
         .map(|i| Load {
             active: 1000 + i * 7,
             weight: 1.0,
+            ramp: 1.0,
             eligible: i != 3,
         })
         .collect();

@@ -228,12 +228,16 @@ impl Backend {
     /// The weight balancing uses: the configured one, ramping up during
     /// slow start.
     pub fn effective_weight(&self) -> f64 {
-        let weight = f64::from(self.weight);
+        f64::from(self.weight) * self.ramp()
+    }
+
+    /// Where the slow-start ramp is: from near 0 to 1 (1 when not ramping).
+    pub fn ramp(&self) -> f64 {
         match self.back_since.load(Ordering::Relaxed) {
-            0 => weight,
+            0 => 1.0,
             since => {
                 let back = self.epoch + Duration::from_nanos(since - 1);
-                weight * crate::health::slow_start_factor(back.elapsed(), self.slow_start)
+                crate::health::slow_start_factor(back.elapsed(), self.slow_start)
             }
         }
     }

@@ -500,9 +500,11 @@ fn hash_key<B>(key: &HashKey, req: &hyper::Request<B>, peer: SocketAddr) -> Opti
 }
 
 fn load_of(backend: &Backend, eligible: bool) -> Load {
+    let ramp = backend.ramp();
     Load {
         active: backend.active(),
-        weight: backend.effective_weight(),
+        weight: f64::from(backend.weight) * ramp,
+        ramp,
         eligible,
     }
 }

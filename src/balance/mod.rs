@@ -23,6 +23,8 @@ pub struct Load {
     pub active: usize,
     /// Effective weight: the configured one, lowered during slow start.
     pub weight: f64,
+    /// Slow-start ramp, 0 to 1 (1 when not ramping).
+    pub ramp: f64,
     /// False when the backend must not get this connection (already tried).
     pub eligible: bool,
 }
@@ -68,6 +70,11 @@ pub fn pick_p2c(loads: &[Load], rng: &mut impl rand::Rng) -> Option<usize> {
             Some(if score(b) < score(a) { b } else { a })
         }
     }
+}
+
+/// A hash mapped onto [0, 1).
+fn unit(h: u64) -> f64 {
+    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Smooth weighted round robin (as in nginx): over a cycle of total weight
@@ -136,9 +143,15 @@ impl Balancer {
             return None;
         }
         match (&self.algorithm, &self.ring, key) {
-            (Algorithm::Hash(_), Some(ring), Some(key)) => {
-                ring.pick(key, |i| loads.get(i).is_some_and(|l| l.eligible))
-            }
+            (Algorithm::Hash(_), Some(ring), Some(key)) => ring.pick(key, |i| {
+                // During slow start a backend takes back only the share of
+                // its keys the ramp allows, the same keys every time.
+                loads.get(i).is_some_and(|l| {
+                    l.eligible
+                        && (l.ramp >= 1.0
+                            || unit(hash::hash64(&(key ^ i as u64).to_le_bytes())) < l.ramp)
+                })
+            }),
             (Algorithm::RoundRobin, _, _) => self
                 .round_robin
                 .lock()
@@ -164,6 +177,7 @@ mod tests {
             .map(|(&active, &weight)| Load {
                 active,
                 weight,
+                ramp: 1.0,
                 eligible: true,
             })
             .collect()
@@ -214,16 +228,19 @@ mod tests {
                 Load {
                     active: active[0],
                     weight: 1.0,
+                    ramp: 1.0,
                     eligible: true,
                 },
                 Load {
                     active: active[1],
                     weight: 1.0,
+                    ramp: 1.0,
                     eligible: true,
                 },
                 Load {
                     active: active[2],
                     weight: 0.1,
+                    ramp: 0.1,
                     eligible: true,
                 },
             ];
@@ -270,6 +287,37 @@ mod tests {
         assert!(
             active.iter().all(|&n| (980..=1020).contains(&n)),
             "{active:?}"
+        );
+    }
+
+    #[test]
+    fn hash_gives_a_ramping_backend_a_growing_part_of_its_keys() {
+        use crate::config::{BackendConfig, HashKey, PoolConfig};
+        let backends = (0..3)
+            .map(|i| BackendConfig {
+                name: format!("b{i}"),
+                address: "127.0.0.1:1".parse().expect("addr"),
+                weight: 1,
+            })
+            .collect();
+        let mut pool = PoolConfig::new("p", backends);
+        pool.algorithm = Algorithm::Hash(HashKey::Ip);
+        let balancer = Balancer::new(&pool);
+        let mut l = loads(&[0, 0, 0], &[1.0; 3]);
+        let owned = |l: &[Load]| {
+            (0..3000u64)
+                .filter(|k| balancer.pick(l, Some(hash::hash64(&k.to_le_bytes()))) == Some(0))
+                .count()
+        };
+        let full = owned(&l);
+        l[0].ramp = 0.25;
+        let quarter = owned(&l);
+        l[0].ramp = 0.75;
+        let most = owned(&l);
+        assert!(quarter < most && most < full, "{quarter} {most} {full}");
+        assert!(
+            (quarter as f64 - 0.25 * full as f64).abs() < 0.06 * full as f64,
+            "{quarter} of {full}"
         );
     }
 
