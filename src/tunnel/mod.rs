@@ -234,8 +234,8 @@ impl Flow {
     /// finished: source ended and destination shut down (Ready).
     fn poll_move(
         &mut self,
-        src: &TcpStream,
-        dst: &mut TcpStream,
+        src: &mut impl TunnelIo,
+        dst: &mut impl TunnelIo,
         traffic: &Traffic,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
@@ -288,7 +288,7 @@ impl Flow {
             }
             let buf = self.buf.as_mut().expect("buffer taken above");
             buf.clear();
-            match read_available(src, buf) {
+            match src.read_available(buf) {
                 Ok(0) => {
                     self.eof = true;
                 }
@@ -311,26 +311,41 @@ impl Flow {
     }
 }
 
-/// Reads what `src` has into `buf`'s spare capacity.
-///
-/// A read that does not fill the buffer has drained the socket, so the
-/// readiness is cleared right away: the next read attempt costs no system
-/// call that would only answer "would block". (tokio keeps readiness that a
-/// newer event set, so data arriving meanwhile is not missed.)
-fn read_available(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buf.capacity() - buf.len();
-    let mut short_read = None;
-    let result = src.try_io(Interest::READABLE, || {
-        let n = src.try_read_buf(buf)?;
-        if n > 0 && n < spare {
-            short_read = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
+/// A stream the tunnel can wait on without holding a buffer.
+pub trait TunnelIo: AsyncWrite + Unpin + Send + 'static {
+    /// Ready when a read would make progress (data, end of stream, error).
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Reads what is available into `buf`'s spare capacity; `WouldBlock`
+    /// when nothing is.
+    fn read_available(&mut self, buf: &mut Vec<u8>) -> io::Result<usize>;
+}
+
+impl TunnelIo for TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    /// A read that does not fill the buffer has drained the socket, so the
+    /// readiness is cleared right away: the next read attempt costs no
+    /// system call that would only answer "would block". (tokio keeps
+    /// readiness that a newer event set, so data arriving meanwhile is not
+    /// missed.)
+    fn read_available(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        let spare = buf.capacity() - buf.len();
+        let mut short_read = None;
+        let result = self.try_io(Interest::READABLE, || {
+            let n = self.try_read_buf(buf)?;
+            if n > 0 && n < spare {
+                short_read = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match short_read {
+            Some(n) => Ok(n),
+            None => result,
         }
-        Ok(n)
-    });
-    match short_read {
-        Some(n) => Ok(n),
-        None => result,
     }
 }
 
@@ -372,9 +387,9 @@ enum Phase {
 }
 
 /// One proxied WebSocket. A future: await it to run the tunnel to its end.
-pub struct Tunnel {
-    client: TcpStream,
-    backend: TcpStream,
+pub struct Tunnel<C = TcpStream, B = TcpStream> {
+    client: C,
+    backend: B,
     /// Client to backend.
     up: Flow,
     /// Backend to client.
@@ -388,14 +403,14 @@ pub struct Tunnel {
     linger_deadline: Option<Instant>,
 }
 
-impl Tunnel {
+impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
     /// A tunnel between `client` and `backend`. `client_pending` and
     /// `backend_pending` are bytes that arrived with the upgrade and are
     /// forwarded first.
     pub fn new(
-        client: TcpStream,
+        client: C,
         client_pending: Bytes,
-        backend: TcpStream,
+        backend: B,
         backend_pending: Bytes,
         entry: WsEntry,
         close_timeout: Duration,
@@ -518,7 +533,7 @@ impl Tunnel {
     }
 }
 
-impl Future for Tunnel {
+impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
     type Output = TunnelStats;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -539,10 +554,10 @@ impl Future for Tunnel {
             let target = this.entry.backend();
             let up = this
                 .up
-                .poll_move(&this.client, &mut this.backend, &target.up, cx);
+                .poll_move(&mut this.client, &mut this.backend, &target.up, cx);
             let down = this
                 .down
-                .poll_move(&this.backend, &mut this.client, &target.down, cx);
+                .poll_move(&mut this.backend, &mut this.client, &target.down, cx);
             let (up, down) = (
                 finished_on_error(&mut this.up, up),
                 finished_on_error(&mut this.down, down),
