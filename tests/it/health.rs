@@ -142,18 +142,19 @@ async fn a_returning_backend_ramps_up_instead_of_taking_everything() {
 
 /// A client that stays connected, and when its connection ends reconnects,
 /// waiting as long as a 503's Retry-After says. Returns (503s seen,
-/// Retry-After values, reconnected).
-async fn storm_client(url: String, mut ws: Ws) -> (u32, Vec<u64>, bool) {
+/// Retry-After values, reconnected, other errors).
+async fn storm_client(url: String, mut ws: Ws) -> (u32, Vec<u64>, bool, Vec<String>) {
     while ws.next().await.is_some() {}
     let mut refused = 0;
     let mut waits = Vec::new();
-    for _ in 0..20 {
+    let mut errors = Vec::new();
+    for _ in 0..60 {
         match tokio_tungstenite::connect_async(url.as_str()).await {
             Ok((mut ws, _)) => {
                 let ok = matches!(ws.next().await, Some(Ok(_)));
                 // Stay connected until the test ends.
                 tokio::spawn(async move { while ws.next().await.is_some() {} });
-                return (refused, waits, ok);
+                return (refused, waits, ok, errors);
             }
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status() == 503 => {
                 refused += 1;
@@ -166,17 +167,20 @@ async fn storm_client(url: String, mut ws: Ws) -> (u32, Vec<u64>, bool) {
                 waits.push(secs);
                 tokio::time::sleep(Duration::from_secs(secs)).await;
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(error) => {
+                errors.push(error.to_string());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
-    (refused, waits, false)
+    (refused, waits, false, errors)
 }
 
 /// 1,000 clients on 3 backends; one backend dies; returns the new
 /// WebSockets per 100 ms on the survivors, and the clients' outcomes.
-async fn storm(
-    admission: Option<AdmissionConfig>,
-) -> (Vec<usize>, Vec<(u32, Vec<u64>, bool)>, Duration) {
+type Outcome = (u32, Vec<u64>, bool, Vec<String>);
+
+async fn storm(admission: Option<AdmissionConfig>) -> (Vec<usize>, Vec<Outcome>, Duration) {
     let backends = echo_backends(3).await;
     let mut cfg = config(&[backends[0].addr, backends[1].addr, backends[2].addr]);
     if let Some(a) = admission {
@@ -243,7 +247,8 @@ async fn reconnect_storm_is_admitted_at_the_configured_rate() {
         );
     }
     let refused: u32 = outcomes.iter().map(|o| o.0).sum();
-    assert!(outcomes.iter().all(|o| o.2), "every client connected again");
+    let stuck: Vec<_> = outcomes.iter().filter(|o| !o.2).collect();
+    assert!(stuck.is_empty(), "clients that never got back: {stuck:?}");
     assert!(refused > 0, "some clients had to wait their turn");
     assert!(
         outcomes
