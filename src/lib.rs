@@ -23,6 +23,7 @@ pub mod listener;
 pub mod metrics;
 pub mod rebalance;
 pub mod registry;
+pub mod tls;
 pub mod trim;
 pub mod tunnel;
 pub mod upstream;
@@ -57,6 +58,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("listener {name:?}: {source}")]
+    Tls { name: String, source: tls::TlsError },
 }
 
 /// Where the admin API listens and its token.
@@ -78,6 +81,8 @@ pub struct Running {
     pub registry: Arc<Registry>,
     /// Drains in progress.
     pub drains: Arc<drain::Drains>,
+    /// Notified to reload TLS certificates (SIGHUP).
+    pub reload_certificates: Arc<tokio::sync::Notify>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -128,6 +133,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         .collect();
     listener::raise_fd_limit(cfg.listeners.iter().map(|l| l.max_connections).sum());
     let tasks = TaskTracker::new();
+    let hup = Arc::new(tokio::sync::Notify::new());
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
     for lcfg in &cfg.listeners {
@@ -138,7 +144,23 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         })?;
         let addr = socket.local_addr().unwrap_or(lcfg.bind);
         addrs.push((lcfg.name.clone(), addr));
+        let tls = match &lcfg.tls {
+            None => None,
+            Some(settings) => {
+                let tls = tls::Tls::new(settings).map_err(|source| StartError::Tls {
+                    name: lcfg.name.clone(),
+                    source,
+                })?;
+                tokio::spawn(
+                    tls.clone()
+                        .watch(lcfg.name.clone(), hup.clone(), shutdown.clone()),
+                );
+                Some(tls)
+            }
+        };
         let ctx = Arc::new(ListenerCtx {
+            tls,
+            handshake_errors: metrics.tls_handshake_errors(&lcfg.name),
             cfg: lcfg.clone(),
             upstream: upstreams[lcfg.pool].clone(),
             registry: registry.clone(),
@@ -217,6 +239,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         longest_window + cfg.shutdown_timeout,
     ));
     Ok(Running {
+        reload_certificates: hup,
         listeners: addrs,
         admin,
         registry,

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::http::{self, ListenerCtx};
 
@@ -82,13 +82,32 @@ pub async fn serve(
         };
         ctx.accepted.inc();
         let _ = stream.set_nodelay(true);
-        tasks.spawn(http::serve_connection(
-            stream,
-            peer,
-            ctx.clone(),
-            permit,
-            shutdown.clone(),
-        ));
+        let Some(tls) = ctx.tls.clone() else {
+            tasks.spawn(http::serve_connection(
+                stream,
+                peer,
+                ctx.clone(),
+                permit,
+                shutdown.clone(),
+            ));
+            continue;
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => http::serve_connection(stream, peer, ctx, permit, shutdown).await,
+                // Port scanners and broken clients: counted, logged at debug.
+                Ok(Err(error)) => {
+                    ctx.handshake_errors.inc();
+                    debug!(client.addr = %peer, %error, "TLS handshake failed");
+                }
+                Err(_) => {
+                    ctx.handshake_errors.inc();
+                    debug!(client.addr = %peer, "TLS handshake timed out");
+                }
+            }
+        });
     }
     info!(listener = %ctx.cfg.name, "stopped accepting");
 }

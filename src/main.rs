@@ -220,15 +220,17 @@ fn print_admin(running: &sluice::Running) {
 /// Second: close every WebSocket now. Third: drop everything.
 async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot listen for signals");
         running.wait().await;
         return;
     };
     let registry = running.registry.clone();
+    let reload = running.reload_certificates.clone();
     let handle = tokio::spawn(running.wait());
     let mut signals = 0;
     tokio::pin!(handle);
@@ -237,6 +239,11 @@ async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationT
             _ = &mut handle => return,
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading certificates");
+                reload.notify_waiters();
+                continue;
+            }
         }
         signals += 1;
         match signals {

@@ -28,6 +28,7 @@ pub struct Metrics {
     registry: prometheus_client::registry::Registry,
     accepted: Family<ListenerLabels, Counter>,
     rejected: Family<PoolLabels, Counter>,
+    handshake_errors: Family<ListenerLabels, Counter>,
     /// Time to open a TCP connection to a backend.
     pub connect_seconds: Histogram,
 }
@@ -54,11 +55,18 @@ impl Metrics {
             "New connections refused with 503 by admission (rate or full backends), by pool",
             rejected.clone(),
         );
+        let handshake_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "sluice_tls_handshake_errors",
+            "TLS handshakes that failed or timed out, by listener",
+            handshake_errors.clone(),
+        );
         registry.register_collector(Box::new(LiveCollector(live)));
         Self {
             registry,
             accepted,
             rejected,
+            handshake_errors,
             connect_seconds,
         }
     }
@@ -66,6 +74,13 @@ impl Metrics {
     /// The accepted-connections counter of `listener`, for its accept loop.
     pub fn accepted(&self, listener: &str) -> Counter {
         self.accepted
+            .get_or_create(&[("listener", listener.to_string())])
+            .clone()
+    }
+
+    /// The failed-TLS-handshake counter of `listener`.
+    pub fn tls_handshake_errors(&self, listener: &str) -> Counter {
+        self.handshake_errors
             .get_or_create(&[("listener", listener.to_string())])
             .clone()
     }

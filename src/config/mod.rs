@@ -44,6 +44,8 @@ pub struct ListenerConfig {
     pub forwarded_headers: bool,
     /// Time a client has to send a complete request head.
     pub header_read_timeout: Duration,
+    /// TLS termination, when configured.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// The admin API listener.
@@ -336,6 +338,7 @@ impl ListenerConfig {
             max_connections: 8192,
             forwarded_headers: true,
             header_read_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -410,6 +413,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 defaults.header_read_timeout,
                 MIN_TIMEOUT,
             )?,
+            tls: read_tls(&mut t)?,
             ..defaults
         };
         if listeners
@@ -618,6 +622,56 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
         close_code,
         close_timeout,
     })
+}
+
+/// `tls = { cert, key, handshake_timeout }` with `[[listener.tls.sni]]`
+/// entries; every certificate is loaded and checked now, so `sluice check`
+/// reports an unreadable, expired or mismatched one with its file.
+fn read_tls(listener: &mut Table<'_>) -> Result<Option<crate::tls::TlsSettings>, ConfigError> {
+    use crate::tls::{CertSource, TlsSettings, load_certified_key};
+    let context = format!("{} tls", listener.context());
+    let Some(mut t) = listener.table("tls", context)? else {
+        return Ok(None);
+    };
+    fn source(t: &mut Table<'_>) -> Result<CertSource, ConfigError> {
+        let cert = t.required_string("cert")?;
+        let key = t.required_string("key")?;
+        let source = CertSource::Files {
+            cert: t.path_near_config(&cert.value),
+            key: t.path_near_config(&key.value),
+        };
+        load_certified_key(&source).map_err(|e| t.error_at(&cert.span, "cert", e.to_string()))?;
+        Ok(source)
+    }
+    let default = source(&mut t)?;
+    let handshake_timeout =
+        t.duration("handshake_timeout", Duration::from_secs(10), MIN_TIMEOUT)?;
+    let mut sni = Vec::new();
+    for mut entry in t.tables("sni")? {
+        let hosts = entry
+            .strings("hosts")?
+            .ok_or_else(|| entry.error_here("missing key \"hosts\"".into()))?;
+        if hosts.value.is_empty()
+            || hosts.value.iter().any(|h| {
+                h.is_empty() || h[h.starts_with("*.").then_some(2).unwrap_or(0)..].contains('*')
+            })
+        {
+            return Err(entry.error_at(
+                &hosts.span,
+                "hosts",
+                "host names, or *.domain wildcards, are needed".into(),
+            ));
+        }
+        let src = source(&mut entry)?;
+        entry.finish()?;
+        sni.push((hosts.value, src));
+    }
+    t.finish()?;
+    Ok(Some(TlsSettings {
+        default,
+        sni,
+        handshake_timeout,
+    }))
 }
 
 fn parse_hash_key(text: &str) -> Result<HashKey, String> {

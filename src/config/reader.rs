@@ -137,6 +137,27 @@ impl<'s> Table<'s> {
         }
     }
 
+    /// An array of strings.
+    pub fn strings(&mut self, key: &str) -> Result<Option<Value<Vec<String>>>, ConfigError> {
+        let Some(v) = self.take(key) else {
+            return Ok(None);
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.wrong_type(key, &v, "an array of strings"));
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::String(s) => out.push(s.to_string()),
+                _ => return Err(self.wrong_type(key, item, "a string")),
+            }
+        }
+        Ok(Some(Value {
+            value: out,
+            span: v.span(),
+        }))
+    }
+
     pub fn required_string(&mut self, key: &str) -> Result<Value<String>, ConfigError> {
         self.string(key)?
             .ok_or_else(|| self.error_here(format!("missing key \"{key}\"")))

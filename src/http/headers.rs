@@ -75,11 +75,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Turns a client request into the request for the backend: origin-form
 /// target, HTTP/1.1, no hop-by-hop headers (but the upgrade pair for a
-/// WebSocket), and forwarded headers when enabled.
+/// WebSocket), and forwarded headers with the client's scheme (`forwarded`,
+/// `None` when disabled).
 pub fn prepare_request<B>(
     req: &mut Request<B>,
     peer: SocketAddr,
-    forwarded: bool,
+    forwarded: Option<&'static str>,
     websocket: bool,
 ) {
     if req.uri().authority().is_some() {
@@ -107,8 +108,8 @@ pub fn prepare_request<B>(
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
-    if forwarded {
-        add_forwarded(headers, peer, "http");
+    if let Some(proto) = forwarded {
+        add_forwarded(headers, peer, proto);
     }
 }
 
@@ -180,7 +181,7 @@ mod tests {
             ("keep-alive", "5"),
             ("cookie", "a=b"),
         ]);
-        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), false, false);
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), None, false);
         let h = r.headers();
         assert!(
             h.get("connection").is_none()
@@ -197,7 +198,12 @@ mod tests {
             ("upgrade", "websocket"),
             ("origin", "http://x"),
         ]);
-        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), true, true);
+        prepare_request(
+            &mut r,
+            "10.1.2.3:5555".parse().expect("addr"),
+            Some("http"),
+            true,
+        );
         let h = r.headers();
         assert_eq!(h["connection"], "Upgrade");
         assert_eq!(h["upgrade"], "websocket");
@@ -207,14 +213,24 @@ mod tests {
     #[test]
     fn forwarded_headers_append() {
         let mut r = req(&[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=1.1.1.1")]);
-        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), true, false);
+        prepare_request(
+            &mut r,
+            "10.1.2.3:5555".parse().expect("addr"),
+            Some("http"),
+            false,
+        );
         let h = r.headers();
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         let fwd: Vec<_> = h.get_all("forwarded").iter().collect();
         assert_eq!(fwd, ["for=1.1.1.1", "for=10.1.2.3;proto=http"]);
         let mut r = req(&[]);
-        prepare_request(&mut r, "[::1]:80".parse().expect("addr"), true, false);
+        prepare_request(
+            &mut r,
+            "[::1]:80".parse().expect("addr"),
+            Some("http"),
+            false,
+        );
         assert_eq!(r.headers()["forwarded"], "for=\"[::1]\";proto=http");
     }
 
@@ -224,7 +240,12 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
         ]);
-        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), true, false);
+        prepare_request(
+            &mut r,
+            "10.1.2.3:5555".parse().expect("addr"),
+            Some("http"),
+            false,
+        );
         let all: Vec<_> = r.headers().get_all("x-forwarded-for").iter().collect();
         assert_eq!(all, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
     }
@@ -235,7 +256,7 @@ mod tests {
             .uri("http://example.com/a?b=1")
             .body(())
             .expect("valid");
-        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), false, false);
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), None, false);
         assert_eq!(r.uri(), "/a?b=1");
         assert_eq!(r.headers()["host"], "example.com");
     }

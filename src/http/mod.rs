@@ -22,6 +22,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +34,7 @@ use body::Reuse;
 
 use crate::config::ListenerConfig;
 use crate::registry::Registry;
-use crate::tunnel::Tunnel;
+use crate::tunnel::{Tunnel, TunnelIo};
 use crate::upstream::{self, Upstream, UpstreamError};
 
 /// What every connection of one listener shares.
@@ -45,14 +46,27 @@ pub struct ListenerCtx {
     pub tasks: TaskTracker,
     /// Client connections accepted by this listener.
     pub accepted: Counter,
+    /// TLS termination, when the listener has it.
+    pub tls: Option<crate::tls::Tls>,
+    /// TLS handshakes that failed or timed out.
+    pub handshake_errors: Counter,
+}
+
+impl ListenerCtx {
+    /// The scheme for forwarded headers, `None` when they are off.
+    fn forwarded(&self) -> Option<&'static str> {
+        self.cfg
+            .forwarded_headers
+            .then_some(if self.tls.is_some() { "https" } else { "http" })
+    }
 }
 
 /// Serves one client connection until it closes, or until `shutdown`, after
 /// which in-flight requests finish and the connection closes.
 /// `permit` counts the connection against the listener's limit; an upgraded
 /// WebSocket keeps it until the tunnel ends.
-pub async fn serve_connection(
-    stream: TcpStream,
+pub async fn serve_connection<S: TunnelIo + AsyncRead>(
+    stream: S,
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     permit: OwnedSemaphorePermit,
@@ -63,7 +77,7 @@ pub async fn serve_connection(
     let service = service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let permit = permit.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, ctx, permit).await) }
+        async move { Ok::<_, Infallible>(handle::<S>(req, peer, ctx, permit).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -84,14 +98,14 @@ pub async fn serve_connection(
     }
 }
 
-async fn handle(
+async fn handle<S: TunnelIo + AsyncRead>(
     req: Request<Incoming>,
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
     if headers::is_websocket_upgrade(&req) {
-        upgrade(req, peer, ctx, permit).await
+        upgrade::<S>(req, peer, ctx, permit).await
     } else {
         forward(req, peer, &ctx).await
     }
@@ -104,7 +118,7 @@ async fn forward(
     ctx: &ListenerCtx,
 ) -> Response<ProxyBody> {
     let affinity = ctx.upstream.affinity(&req, peer);
-    headers::prepare_request(&mut req, peer, ctx.cfg.forwarded_headers, false);
+    headers::prepare_request(&mut req, peer, ctx.forwarded(), false);
     let upstream = &ctx.upstream;
     let mut tried = Vec::new();
     // Idle connections the backend closed under us do not count as attempts.
@@ -178,7 +192,7 @@ async fn forward(
 }
 
 /// Forwards a WebSocket upgrade; on 101, joins client and backend in a tunnel.
-async fn upgrade(
+async fn upgrade<S: TunnelIo + AsyncRead>(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
@@ -189,7 +203,7 @@ async fn upgrade(
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let affinity = ctx.upstream.affinity(&req, peer);
-    headers::prepare_request(&mut req, peer, ctx.cfg.forwarded_headers, true);
+    headers::prepare_request(&mut req, peer, ctx.forwarded(), true);
     let upstream = &ctx.upstream;
     let (chosen, connected) = match upstream.connect(&ctx.registry, affinity).await {
         Ok(connected) => connected,
@@ -242,7 +256,7 @@ async fn upgrade(
             }
         };
         let (Ok(client), Ok(backend)) = (
-            client.downcast::<TokioIo<TcpStream>>(),
+            client.downcast::<TokioIo<S>>(),
             backend.downcast::<TokioIo<TcpStream>>(),
         ) else {
             warn!("upgraded connection is not a TCP stream");

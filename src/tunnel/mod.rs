@@ -120,6 +120,8 @@ struct Flow {
     counted: u64,
     /// Writing to the destination failed: nothing more moves this way.
     failed: bool,
+    /// Bytes were written since the last flush.
+    unflushed: bool,
 }
 
 impl Flow {
@@ -138,6 +140,7 @@ impl Flow {
             active: false,
             counted: 0,
             failed: false,
+            unflushed: false,
         };
         if !pending.is_empty() {
             // Bytes that arrived with the upgrade response or request.
@@ -252,6 +255,7 @@ impl Flow {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
                     self.start += n as u32;
+                    self.unflushed = true;
                 }
             }
             if let Some(close) = self.close_out.as_mut() {
@@ -262,8 +266,15 @@ impl Flow {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
                     close.written += n as u8;
+                    self.unflushed = true;
                 }
                 self.close_out = None;
+            }
+            if self.unflushed {
+                // A TLS stream may hold records back until flushed; for TCP
+                // this costs nothing.
+                ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+                self.unflushed = false;
             }
             if self.eof {
                 self.release_buffer();
