@@ -55,7 +55,11 @@ impl TokenBucket {
         if self.tokens >= 1.0 || self.rate <= 0.0 {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        // A very low rate could overflow a Duration: waits are re-checked
+        // anyway, so a second is as long as one needs to be.
+        Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1))
     }
 }
 

@@ -39,6 +39,7 @@ pub struct BackendView {
     pub state: String,
     /// Passing its health checks and not ejected.
     pub healthy: bool,
+    pub weight: u64,
     pub ws: u64,
     pub http: u64,
     pub drain: Option<(u64, u64, u64, u64)>,
@@ -60,6 +61,7 @@ impl BackendView {
             address: v.get("address")?.as_str()?.to_string(),
             state: v.get("state")?.as_str()?.to_string(),
             healthy: v.get("healthy")?.as_bool()?,
+            weight: v.get("weight")?.as_u64()?.max(1),
             ws: v.get("connections")?.get("ws")?.as_u64()?,
             http: v.get("connections")?.get("http")?.as_u64()?,
             drain,
@@ -342,8 +344,9 @@ async fn wait_accepting(addr: SocketAddr, limit: Duration) -> Result<(), ()> {
     Err(())
 }
 
-/// True once every backend of `pool` in rotation holds at least 80 % of
-/// its even share of the pool's WebSockets; false after `limit`.
+/// True once every backend of `pool` in rotation (up or in slow start)
+/// holds at least 80 % of its weighted share of the pool's WebSockets;
+/// false after `limit`.
 async fn wait_balanced(
     client: &AdminClient,
     pool: &str,
@@ -354,11 +357,12 @@ async fn wait_balanced(
         let status = client.get("/api/v1/status").await?;
         let up: Vec<BackendView> = backends(&status)?
             .into_iter()
-            .filter(|b| b.pool == pool && b.state == "up")
+            .filter(|b| b.pool == pool && (b.state == "up" || b.state == "slow_start"))
             .collect();
         let total: u64 = up.iter().map(|b| b.ws).sum();
-        let share = total as f64 / up.len().max(1) as f64;
-        if up.iter().all(|b| b.ws as f64 >= 0.8 * share) {
+        let weights: u64 = up.iter().map(|b| b.weight).sum::<u64>().max(1);
+        let share = |b: &BackendView| total as f64 * b.weight as f64 / weights as f64;
+        if up.iter().all(|b| b.ws as f64 >= 0.8 * share(b)) {
             return Ok(true);
         }
         if started.elapsed() >= limit {

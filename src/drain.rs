@@ -36,6 +36,8 @@ pub enum DrainError {
     UnknownPool(String),
     #[error("pool {pool:?} has no backend named {backend:?}")]
     UnknownBackend { pool: String, backend: String },
+    #[error("sluice is shutting down: every backend is being drained")]
+    ShuttingDown,
 }
 
 /// How far a drain has come.
@@ -66,6 +68,8 @@ pub struct Drains {
     /// Each pool's drain settings.
     settings: Vec<DrainConfig>,
     drains: Mutex<HashMap<(usize, usize), Drain>>,
+    /// Set at shutdown: the shutdown drains stand.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Drains {
@@ -74,6 +78,7 @@ impl Drains {
             registry,
             settings,
             drains: Mutex::new(HashMap::new()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -107,16 +112,25 @@ impl Drains {
     /// Starts draining backend `b` of pool `p` over `window` (the pool's by
     /// default). Draining a backend that is already draining or drained
     /// changes nothing.
-    pub fn drain(&self, p: usize, b: usize, window: Option<Duration>) {
+    pub fn drain(&self, p: usize, b: usize, window: Option<Duration>) -> Result<(), DrainError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(DrainError::ShuttingDown);
+        }
         let mut cfg = self.settings[p];
         if let Some(window) = window {
             cfg.window = window;
         }
         self.start(p, b, cfg);
+        Ok(())
     }
 
-    /// Drains every backend with `close_code` (shutdown).
+    /// Drains every backend with `close_code` (shutdown), in place of any
+    /// drain an operator started; no drain or undrain is taken after it.
     pub fn drain_all(&self, close_code: u16) {
+        self.shutting_down.store(true, Ordering::Release);
+        for (_, drain) in self.lock().drain() {
+            drain.cancel.cancel();
+        }
         for (p, pool) in self.registry.pools().iter().enumerate() {
             for b in 0..pool.backends.len() {
                 let mut cfg = self.settings[p];
@@ -156,7 +170,10 @@ impl Drains {
 
     /// Stops draining and puts the backend back in rotation. Close requests
     /// already sent stand; no further ones are sent.
-    pub fn undrain(&self, p: usize, b: usize) {
+    pub fn undrain(&self, p: usize, b: usize) -> Result<(), DrainError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(DrainError::ShuttingDown);
+        }
         if let Some(drain) = self.lock().remove(&(p, b)) {
             drain.cancel.cancel();
         }
@@ -169,6 +186,7 @@ impl Drains {
             backend.mark_back();
         }
         backend.set_state(BackendState::Up);
+        Ok(())
     }
 
     /// Progress of the drain of backend `b` of pool `p`, if one is running.
@@ -217,8 +235,11 @@ async fn run_drain(
             () = tokio::time::sleep_until(started + offset) => {}
             () = cancel.cancelled() => return,
         }
-        close(conn);
         asked.insert(conn.id);
+        // Only our snapshot still holds a connection that has ended.
+        if Arc::strong_count(conn) > 1 {
+            close(conn);
+        }
     }
     // Upgrades that were under way when the drain began close the same way;
     // then wait until the backend has no connection at all.
@@ -237,8 +258,9 @@ async fn run_drain(
             () = cancel.cancelled() => return,
         }
     }
-    backend.set_state(BackendState::Drained);
-    info!(%pool, backend = %backend.name, closed = closed.load(Ordering::Relaxed), "drained");
+    if backend.finish_drain() {
+        info!(%pool, backend = %backend.name, closed = closed.load(Ordering::Relaxed), "drained");
+    }
 }
 
 #[cfg(test)]

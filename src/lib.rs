@@ -213,7 +213,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
             pool.clone(),
             shutdown.clone(),
         ));
-        if pool.rebalance.enabled {
+        // Clients of hash and sticky pools come back to the backend their
+        // key or cookie names: shedding them would move nothing.
+        let pinned = matches!(pool.algorithm, config::Algorithm::Hash(_)) || pool.sticky.is_some();
+        if pool.rebalance.enabled && pinned {
+            info!(pool = %pool.name, "rebalancing off: hash and sticky clients return to their backend");
+        }
+        if pool.rebalance.enabled && !pinned {
             tokio::spawn(rebalance::run(
                 p,
                 registry.clone(),

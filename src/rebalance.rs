@@ -274,8 +274,13 @@ pub async fn run(
                 () = tokio::time::sleep_until((at + offset).into()) => {}
                 () = shutdown.cancelled() => return,
             }
-            if !backend.is_accepting() {
-                break; // drained or down meanwhile: a drain takes over
+            if !backend.is_accepting()
+                || pool
+                    .backends
+                    .iter()
+                    .any(|b| b.state() == BackendState::Draining)
+            {
+                break; // a drain began, or the backend went down: stop
             }
             conn.request_close(close_code);
             backend

@@ -206,6 +206,19 @@ impl Backend {
         BackendState::from_u8(self.state.load(Ordering::Acquire))
     }
 
+    /// `Draining` becomes `Drained`, unless the state changed meanwhile
+    /// (an undrain); true when it did.
+    pub fn finish_drain(&self) -> bool {
+        self.state
+            .compare_exchange(
+                BackendState::Draining as u8,
+                BackendState::Drained as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
     /// Sets the state (control plane only).
     pub fn set_state(&self, state: BackendState) {
         self.state.store(state as u8, Ordering::Release);
@@ -299,6 +312,9 @@ impl Backend {
     pub fn end_ejection_if_due(&self) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
         if until != 0 && self.stamp(Instant::now()) >= until {
+            // Failures of requests that were in flight during the ejection
+            // do not count against the fresh start.
+            self.failures.store(0, Ordering::Relaxed);
             self.ejected_until.store(0, Ordering::Relaxed);
             return true;
         }

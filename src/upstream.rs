@@ -131,6 +131,13 @@ impl IdlePool {
         None
     }
 
+    /// True when a ready idle connection is kept.
+    pub fn has_ready(&self) -> bool {
+        self.lock()
+            .iter()
+            .any(|(s, since)| s.is_ready() && since.elapsed() <= self.timeout)
+    }
+
     /// Keeps `sender` for reuse once it can take a request. A connection
     /// whose request body is still being sent (the backend answered before
     /// the upload ended) is kept only when the upload finishes in time.
@@ -183,6 +190,22 @@ pub struct Upstream {
     idle: Vec<Arc<IdlePool>>,
 }
 
+/// One connection counted as waiting for admission, until dropped.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What ties a request to a backend, besides load.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Affinity {
@@ -190,6 +213,9 @@ pub struct Affinity {
     pub pinned: Option<usize>,
     /// The request's hash key, for `algorithm = "hash"`.
     pub key: Option<u64>,
+    /// A plain HTTP request, which an idle kept-alive connection can carry
+    /// without a new connection (and so without an admission token).
+    pub reusable: bool,
 }
 
 /// An open connection to a leased backend.
@@ -269,7 +295,11 @@ impl Upstream {
                 let candidate = b.is_accepting() && !tried.contains(&i);
                 any_accepting |= candidate;
                 let room = max == 0 || b.active() < max;
-                let token = buckets.as_mut().is_none_or(|bk| bk[i].has_token(now));
+                // Admission limits new connections only: a request that an
+                // idle connection can carry needs no token.
+                let token = buckets.as_mut().is_none_or(|bk| {
+                    (affinity.reusable && self.idle[i].has_ready()) || bk[i].has_token(now)
+                });
                 load_of(b, candidate && room && token)
             })
             .collect();
@@ -288,7 +318,9 @@ impl Upstream {
         let Some(i) = pinned.or_else(|| self.balancer.pick(&loads, affinity.key)) else {
             return Ok(None);
         };
-        if let Some(bk) = buckets.as_mut() {
+        if let Some(bk) = buckets.as_mut()
+            && !(affinity.reusable && self.idle[i].has_ready())
+        {
             bk[i].try_take(now);
         }
         Ok(Some((i, registry.lease(&backends[i]))))
@@ -330,11 +362,13 @@ impl Upstream {
             pool.admission_rejected.fetch_add(1, Ordering::Relaxed);
             return Err(self.overloaded());
         };
-        pool.admission_waiting.fetch_add(1, Ordering::Relaxed);
+        // Counted while waiting, also when the client goes away meanwhile
+        // (the future is dropped): the guard gives the count back.
+        let waiting = Waiting::new(&pool.admission_waiting);
         let result = self
             .wait_for_lease(registry, tried, affinity, deadline)
             .await;
-        pool.admission_waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(waiting);
         if result
             .as_ref()
             .is_err_and(|e| matches!(e, UpstreamError::Overloaded { .. }))
@@ -425,7 +459,11 @@ impl Upstream {
             Algorithm::Hash(key) => hash_key(key, req, peer),
             _ => None,
         };
-        Affinity { pinned, key }
+        Affinity {
+            pinned,
+            key,
+            reusable: !crate::http::is_upgrade(req),
+        }
     }
 
     /// The Set-Cookie that pins the client to `chosen`, unless its cookie

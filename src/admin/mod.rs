@@ -212,15 +212,16 @@ fn backend_action(
 ) -> Response<Full<Bytes>> {
     let (p, b) = match state.drains.find(pool, backend) {
         Ok(found) => found,
-        Err(e @ (DrainError::UnknownPool(_) | DrainError::UnknownBackend { .. })) => {
-            return error(StatusCode::NOT_FOUND, &e.to_string());
-        }
+        Err(e @ DrainError::ShuttingDown) => return error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
     };
     if action == "undrain" {
         if let Some(key) = body.as_object().and_then(|o| o.keys().next()) {
             return error(StatusCode::BAD_REQUEST, &format!("unknown field {key:?}"));
         }
-        state.drains.undrain(p, b);
+        if let Err(e) = state.drains.undrain(p, b) {
+            return error(StatusCode::CONFLICT, &e.to_string());
+        }
     } else {
         let mut window = None;
         for (key, value) in body.as_object().into_iter().flatten() {
@@ -251,7 +252,9 @@ fn backend_action(
                 }
             }
         }
-        state.drains.drain(p, b, window);
+        if let Err(e) = state.drains.drain(p, b, window) {
+            return error(StatusCode::CONFLICT, &e.to_string());
+        }
     }
     ok(backend_json(state, p, b))
 }

@@ -143,15 +143,18 @@ impl Balancer {
             return None;
         }
         match (&self.algorithm, &self.ring, key) {
-            (Algorithm::Hash(_), Some(ring), Some(key)) => ring.pick(key, |i| {
+            (Algorithm::Hash(_), Some(ring), Some(key)) => {
+                let eligible = |i: usize| loads.get(i).is_some_and(|l| l.eligible);
                 // During slow start a backend takes back only the share of
-                // its keys the ramp allows, the same keys every time.
-                loads.get(i).is_some_and(|l| {
-                    l.eligible
-                        && (l.ramp >= 1.0
-                            || unit(hash::hash64(&(key ^ i as u64).to_le_bytes())) < l.ramp)
+                // its keys the ramp allows, the same keys every time; when
+                // every candidate is ramping, the ramp gives way.
+                ring.pick(key, |i| {
+                    eligible(i) && loads[i].ramp >= 1.0
+                        || eligible(i)
+                            && unit(hash::hash64(&(key ^ i as u64).to_le_bytes())) < loads[i].ramp
                 })
-            }),
+                .or_else(|| ring.pick(key, eligible))
+            }
             (Algorithm::RoundRobin, _, _) => self
                 .round_robin
                 .lock()
@@ -318,6 +321,25 @@ mod tests {
         assert!(
             (quarter as f64 - 0.25 * full as f64).abs() < 0.06 * full as f64,
             "{quarter} of {full}"
+        );
+    }
+
+    #[test]
+    fn hash_still_places_keys_when_every_backend_is_ramping() {
+        use crate::config::{BackendConfig, HashKey, PoolConfig};
+        let backends = vec![BackendConfig {
+            name: "only".into(),
+            address: "127.0.0.1:1".parse().expect("addr"),
+            weight: 1,
+        }];
+        let mut pool = PoolConfig::new("p", backends);
+        pool.algorithm = Algorithm::Hash(HashKey::Ip);
+        let balancer = Balancer::new(&pool);
+        let mut l = loads(&[0], &[1.0]);
+        l[0].ramp = 0.02;
+        assert!(
+            (0..1000u64)
+                .all(|k| balancer.pick(&l, Some(hash::hash64(&k.to_le_bytes()))) == Some(0))
         );
     }
 

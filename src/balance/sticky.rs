@@ -22,16 +22,22 @@ pub struct Sticky {
     values: Vec<String>,
 }
 
-/// The value of cookie `name` in the request's Cookie headers.
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// Every value of cookie `name` in the request's Cookie headers (a
+/// browser sends several when paths or ports differ).
+pub fn cookies<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'h str> {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim())
+        .filter(move |(k, _)| *k == name)
+        .map(|(_, v)| v.trim().trim_matches('"'))
+}
+
+/// The first value of cookie `name`.
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &'h str) -> Option<&'h str> {
+    cookies(headers, name).next()
 }
 
 impl Sticky {
@@ -63,7 +69,10 @@ impl Sticky {
 
     /// The backend the request's cookie pins it to, if it has a valid one.
     pub fn pinned(&self, headers: &HeaderMap) -> Option<usize> {
-        let given = cookie(headers, &self.cfg.cookie)?;
+        cookies(headers, &self.cfg.cookie).find_map(|given| self.backend_of(given))
+    }
+
+    fn backend_of(&self, given: &str) -> Option<usize> {
         if given.len() != VALUE_LEN {
             return None;
         }
@@ -165,5 +174,14 @@ mod tests {
             None
         );
         assert_eq!(s.pinned(&HeaderMap::new()), None);
+        // A foreign value first does not hide ours.
+        let ours = &s.values[1];
+        assert_eq!(
+            s.pinned(&headers(&format!(
+                "SLUICE_AFFINITY={}; SLUICE_AFFINITY={ours}",
+                "f".repeat(32)
+            ))),
+            Some(1)
+        );
     }
 }

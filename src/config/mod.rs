@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use reader::MAX_DURATION;
-use reader::{Source, Table};
+use reader::{Source, Table, Value};
 
 /// The shortest timeout a key accepts.
 const MIN_TIMEOUT: Duration = Duration::from_millis(1);
@@ -382,9 +382,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     }
     let mut listeners = Vec::new();
     for (i, mut t) in root.tables("listener")?.into_iter().enumerate() {
-        let name = t
-            .string("name")?
-            .map_or_else(|| format!("listener{}", i + 1), |v| v.value);
+        let name = match t.string("name")? {
+            Some(v) => {
+                check_name(&t, "listener", &v)?;
+                v.value
+            }
+            None => format!("listener{}", i + 1),
+        };
         t.set_context(format!("listener \"{name}\""));
         let bind = t.required_string("bind")?;
         let bind = resolve(&bind.value).map_err(|m| t.error_at(&bind.span, "bind", m))?;
@@ -443,6 +447,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
 
 fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), ConfigError> {
     let name = t.required_string("name")?;
+    check_name(&t, "pool", &name)?;
     t.set_context(format!("pool \"{}\"", name.value));
     let defaults = PoolConfig::new(&name.value, Vec::new());
     let key = t.string("key")?;
@@ -486,6 +491,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     let mut backends: Vec<BackendConfig> = Vec::new();
     for mut b in t.tables("backend")? {
         let bname = b.required_string("name")?;
+        check_name(&b, "backend", &bname)?;
         b.set_context(format!("{} backend \"{}\"", t.context(), bname.value));
         let address = b.required_string("address")?;
         let address =
@@ -652,9 +658,10 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<crate::tls::TlsSettings>,
             .strings("hosts")?
             .ok_or_else(|| entry.error_here("missing key \"hosts\"".into()))?;
         if hosts.value.is_empty()
-            || hosts.value.iter().any(|h| {
-                h.is_empty() || h[h.starts_with("*.").then_some(2).unwrap_or(0)..].contains('*')
-            })
+            || hosts
+                .value
+                .iter()
+                .any(|h| h.is_empty() || h.strip_prefix("*.").unwrap_or(h).contains('*'))
         {
             return Err(entry.error_at(
                 &hosts.span,
@@ -773,11 +780,14 @@ fn read_health(pool: &mut Table<'_>) -> Result<Option<HealthConfig>, ConfigError
         return Ok(None);
     };
     let path = match t.string("path")? {
-        Some(v) if !v.value.starts_with('/') => {
+        Some(v)
+            if !v.value.starts_with('/')
+                || v.value.parse::<hyper::http::uri::PathAndQuery>().is_err() =>
+        {
             return Err(t.error_at(
                 &v.span,
                 "path",
-                format!("\"{}\" must start with /", v.value),
+                format!("\"{}\" is not a request path such as /health", v.value),
             ));
         }
         v => v.map(|v| v.value),
@@ -855,6 +865,29 @@ fn read_rebalance(pool: &mut Table<'_>) -> Result<RebalanceConfig, ConfigError> 
     };
     t.finish()?;
     Ok(cfg)
+}
+
+/// Checks a pool, backend or listener name: it appears in URLs of the
+/// admin API and in metric labels.
+fn check_name(t: &Table<'_>, what: &str, name: &Value<String>) -> Result<(), ConfigError> {
+    let ok = !name.value.is_empty()
+        && name.value.len() <= 64
+        && name
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(t.error_at(
+            &name.span,
+            "name",
+            format!(
+                "{what} name \"{}\" may hold only letters, digits, . _ - (64 at most)",
+                name.value
+            ),
+        ))
+    }
 }
 
 /// Parses `host:port` (a literal address or a name resolved now).
@@ -958,6 +991,23 @@ address = "127.0.0.1:4000"
             check(&text).unwrap_err(),
             "sluice.toml:3: listener \"listener1\": key \"bind\": expected a string, found an integer"
         );
+    }
+
+    #[test]
+    fn names_must_be_url_and_label_safe() {
+        let text = MINIMAL.replace("name = \"app-1\"", "name = \"app 1/x\"");
+        assert!(
+            check(&text)
+                .unwrap_err()
+                .contains("backend name \"app 1/x\" may hold only"),
+            "{}",
+            check(&text).unwrap_err()
+        );
+        let text = MINIMAL.replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nhealth = { path = \"/health check\" }\n",
+        );
+        assert!(check(&text).unwrap_err().contains("is not a request path"));
     }
 
     #[test]

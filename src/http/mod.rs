@@ -98,6 +98,11 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     }
 }
 
+/// True for a WebSocket upgrade request.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    headers::is_websocket_upgrade(req)
+}
+
 async fn handle<S: TunnelIo + AsyncRead>(
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -180,6 +185,12 @@ async fn forward(
                     // request was not sent, so it can go on a fresh one.
                     stale_left -= 1;
                     req = unsent;
+                }
+                _ if error.error().is_user() => {
+                    // The client's own request body failed (it went away
+                    // mid-upload): not the backend's fault.
+                    debug!(client.addr = %peer, error = %error.error(), "request body failed");
+                    return status(StatusCode::BAD_REQUEST, "request body failed\n");
                 }
                 _ => {
                     warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, error = %error.error(), "backend failed before answering");

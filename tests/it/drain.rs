@@ -186,3 +186,24 @@ async fn shutdown_spreads_closes_over_the_drain_window() {
     );
     sluice.stop().await;
 }
+
+/// Regression (review): an undrain right after a drain of an empty
+/// backend could be overwritten by the drain task marking it drained.
+#[tokio::test]
+async fn undrain_right_after_drain_sticks() {
+    let backends = echo_backends(2).await;
+    let sluice = Sluice::start(&[&backends[0], &backends[1]]).await;
+    let admin = sluice.admin();
+    for _ in 0..30 {
+        admin
+            .post("/api/v1/pools/app/backends/b1/drain", json!({}))
+            .await
+            .expect("drain");
+        admin
+            .post("/api/v1/pools/app/backends/b1/undrain", json!({}))
+            .await
+            .expect("undrain");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sluice.registry().pool(0).backends[0].state().as_str(), "up");
+}

@@ -265,3 +265,78 @@ async fn reconnect_storm_is_admitted_at_the_configured_rate() {
         "without admission: all back after {plain_back:?}; new connections per 100 ms: {plain_curve:?}"
     );
 }
+
+/// Regression (review): a client that gave up mid-upload counted as a
+/// backend failure, so three of them ejected a healthy backend.
+#[tokio::test]
+async fn clients_abandoning_uploads_do_not_eject_a_backend() {
+    use tokio::io::AsyncWriteExt;
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::start(&[&backends[0]]).await;
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(sluice.addr)
+            .await
+            .expect("connect");
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state(&sluice, 0), "up");
+    assert_eq!(sluice.http().await.get("/after").await.status, 200);
+}
+
+/// Regression (review): a client that left while waiting for admission
+/// stayed counted as waiting, which stopped rebalancing for good.
+#[tokio::test]
+async fn a_waiter_that_leaves_is_no_longer_counted() {
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.pools[0].admission = AdmissionConfig {
+        connect_rate: 0.1,
+        burst: 1.0,
+        queue_timeout: Duration::from_secs(5),
+        queue_size: 100,
+    };
+    let sluice = Sluice::with_config(cfg).await;
+    let _first = sluice.ws_named("/ws").await;
+    let url = sluice.url("/ws");
+    let waiter =
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.map(|_| ()) });
+    let pool = || &sluice.registry().pool(0).admission_waiting;
+    eventually(5, "waiting", || {
+        pool().load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    waiter.abort();
+    eventually(5, "no longer counted", || {
+        pool().load(std::sync::atomic::Ordering::Relaxed) == 0
+    })
+    .await;
+}
+
+/// Regression (review): admission took a token for every HTTP request,
+/// also those carried by a kept-alive upstream connection.
+#[tokio::test]
+async fn keep_alive_requests_need_no_admission_token() {
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.pools[0].admission = AdmissionConfig {
+        connect_rate: 1.0,
+        burst: 1.0,
+        queue_timeout: Duration::ZERO,
+        queue_size: 100,
+    };
+    let sluice = Sluice::with_config(cfg).await;
+    let mut client = sluice.http().await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(client.get("/k").await.status);
+        }
+        v
+    };
+    assert_eq!(statuses, [200; 5]);
+}
