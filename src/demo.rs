@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::{AdminConfig, BackendConfig, Config, ListenerConfig, PoolConfig};
+use crate::tls::{CertSource, TlsSettings};
 
 const PAGE: &str = include_str!("demo_page.html");
 
@@ -287,7 +288,13 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// The demo's config: one listener on `bind`, one pool of `backends`.
-pub fn config(bind: SocketAddr, backends: &[EchoBackend]) -> Config {
+/// The demo's config: one listener on `bind` and, with `tls`, a TLS
+/// listener there with that certificate; one pool of `backends`.
+pub fn config(
+    bind: SocketAddr,
+    tls: Option<(SocketAddr, CertSource)>,
+    backends: &[EchoBackend],
+) -> Config {
     let backends = backends
         .iter()
         .map(|b| BackendConfig {
@@ -296,8 +303,18 @@ pub fn config(bind: SocketAddr, backends: &[EchoBackend]) -> Config {
             weight: 1,
         })
         .collect();
+    let mut listeners = vec![ListenerConfig::new("demo", bind, 0)];
+    if let Some((tls_bind, cert)) = tls {
+        let mut listener = ListenerConfig::new("demo-tls", tls_bind, 0);
+        listener.tls = Some(TlsSettings {
+            default: cert,
+            sni: Vec::new(),
+            handshake_timeout: std::time::Duration::from_secs(10),
+        });
+        listeners.push(listener);
+    }
     Config {
-        listeners: vec![ListenerConfig::new("demo", bind, 0)],
+        listeners,
         // The admin API on any free loopback port; the token is generated.
         admin: Some(AdminConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -309,9 +326,22 @@ pub fn config(bind: SocketAddr, backends: &[EchoBackend]) -> Config {
     }
 }
 
-/// Starts three demo backends and sluice in front of them on `bind`.
+/// A self-signed certificate for localhost and 127.0.0.1, made now.
+pub fn self_signed() -> Result<CertSource, DemoError> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let made = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| DemoError::Certificate(e.to_string()))?;
+    Ok(CertSource::Pem {
+        cert: made.cert.pem(),
+        key: made.signing_key.serialize_pem(),
+    })
+}
+
+/// Starts three demo backends and sluice in front of them on `bind` (and
+/// with TLS on `tls_bind`, with a self-signed certificate).
 pub async fn start(
     bind: SocketAddr,
+    tls_bind: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> Result<(Vec<EchoBackend>, crate::Running), DemoError> {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -323,7 +353,11 @@ pub async fn start(
             .map_err(|source| DemoError::Backend { name, source })?;
         backends.push(backend);
     }
-    let running = crate::start(config(bind, &backends), shutdown).await?;
+    let tls = match tls_bind {
+        Some(addr) => Some((addr, self_signed()?)),
+        None => None,
+    };
+    let running = crate::start(config(bind, tls, &backends), shutdown).await?;
     Ok((backends, running))
 }
 
@@ -332,6 +366,8 @@ pub async fn start(
 pub enum DemoError {
     #[error("starting demo backend {name}: {source}")]
     Backend { name: String, source: io::Error },
+    #[error("making the demo certificate: {0}")]
+    Certificate(String),
     #[error(transparent)]
     Start(#[from] crate::StartError),
 }

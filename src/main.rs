@@ -33,6 +33,9 @@ enum Command {
         /// Where the balancer listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
+        /// Where it listens with TLS (a self-signed certificate made at start).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        tls_bind: SocketAddr,
     },
     /// Run one demo echo backend (HTTP echo, WebSocket echo, page at /), to
     /// try drains and rollouts against real processes.
@@ -169,13 +172,18 @@ fn run(args: Args) -> anyhow::Result<()> {
             let client = admin_client(admin, token, config)?;
             runtime(1)?.block_on(ctl(client, command))
         }
-        Command::Demo { bind } => runtime(0)?.block_on(async {
+        Command::Demo { bind, tls_bind } => runtime(0)?.block_on(async {
             let shutdown = CancellationToken::new();
-            let (backends, running) = sluice::demo::start(bind, shutdown.clone()).await?;
+            let (backends, running) =
+                sluice::demo::start(bind, Some(tls_bind), shutdown.clone()).await?;
             let addr = running.listeners[0].1;
             say!("sluice demo is running");
             say!("  page (open in a browser): http://{addr}/");
             say!("  websocket endpoint:       ws://{addr}/ws");
+            if let Some(tls_addr) = running.addr("demo-tls") {
+                say!("  page over TLS:            https://{tls_addr}/  (self-signed certificate)");
+                say!("  secure websocket:         wss://{tls_addr}/ws");
+            }
             for b in &backends {
                 say!("  backend {}:            http://{}/", b.name, b.addr);
             }

@@ -1011,6 +1011,48 @@ address = "127.0.0.1:4000"
     }
 
     #[test]
+    fn tls_certificates_are_checked_at_load() {
+        let dir = std::env::temp_dir().join(format!("sluice-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let a = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).expect("rcgen");
+        let b = rcgen::generate_simple_self_signed(vec!["b.test".to_string()]).expect("rcgen");
+        std::fs::write(dir.join("a.pem"), a.cert.pem()).expect("write");
+        std::fs::write(dir.join("a.key"), a.signing_key.serialize_pem()).expect("write");
+        std::fs::write(dir.join("b.key"), b.signing_key.serialize_pem()).expect("write");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["old.test".to_string()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let old_key = rcgen::KeyPair::generate().expect("key");
+        std::fs::write(
+            dir.join("old.pem"),
+            params.self_signed(&old_key).expect("cert").pem(),
+        )
+        .expect("write");
+        std::fs::write(dir.join("old.key"), old_key.serialize_pem()).expect("write");
+        let path = dir.join("sluice.toml");
+        let with = |cert: &str, key: &str| {
+            MINIMAL.replace(
+                "pool = \"app\"\n",
+                &format!("pool = \"app\"\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n"),
+            )
+        };
+        let err = |text: String| parse(&text, &path).map(|_| ()).unwrap_err().to_string();
+        assert!(parse(&with("a.pem", "a.key"), &path).is_ok());
+        let e = err(with("a.pem", "b.key"));
+        assert!(
+            e.contains("key \"cert\"")
+                && e.contains("b.key")
+                && e.contains("does the key belong to"),
+            "{e}"
+        );
+        let e = err(with("missing.pem", "a.key"));
+        assert!(e.contains("missing.pem"), "{e}");
+        let e = err(with("old.pem", "old.key"));
+        assert!(e.contains("old.pem: certificate expired on"), "{e}");
+    }
+
+    #[test]
     fn structure_errors() {
         assert!(check("").unwrap_err().contains("no [[pool]]"));
         assert!(

@@ -172,18 +172,36 @@ async fn demo_serves_the_page_and_websockets_through_sluice() {
     let port = free_port();
     let mut proc = Proc(
         Command::new(BIN)
-            .args(["demo", "--bind", &format!("127.0.0.1:{port}")])
+            .args([
+                "demo",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--tls-bind",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("starts"),
     );
     let stdout = proc.0.stdout.take().expect("stdout");
-    let lines: Vec<String> = BufReader::new(stdout)
-        .lines()
-        .take(7)
-        .map(|l| l.expect("line"))
-        .collect();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        let last = line.starts_with("Press Ctrl-C");
+        lines.push(line);
+        if last {
+            break;
+        }
+    }
+    // The rest of stdout is dropped here: sluice must keep running anyway.
+    assert!(lines.iter().any(|l| l.contains("admin API:")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l
+            .trim()
+            .starts_with("secure websocket:         wss://127.0.0.1:")),
+        "{lines:?}"
+    );
     let ws_url = lines
         .iter()
         .find_map(|l| {

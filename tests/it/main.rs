@@ -13,4 +13,5 @@ mod rebalance;
 mod sticky;
 #[path = "../support/mod.rs"]
 mod support;
+mod tls;
 mod websocket;

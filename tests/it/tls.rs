@@ -1,0 +1,279 @@
+//! TLS termination: wss, https, SNI, certificate reload, handshake timeout.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use sluice::tls::{CertSource, TlsSettings};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+/// Accepts any certificate: the tests look at which one was presented.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS connection to `addr` for `name`, and the certificate it showed.
+async fn tls_connect(addr: SocketAddr, name: &str) -> (TlsStream<TcpStream>, Vec<u8>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(name.to_string()).expect("name");
+    let tls = within(
+        10,
+        "TLS handshake",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect("handshake");
+    let cert = tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec();
+    (tls, cert)
+}
+
+/// Writes a self-signed certificate for `names` to `dir/stem.pem|key`;
+/// returns the certificate's DER.
+fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> Vec<u8> {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("rcgen");
+    std::fs::write(dir.join(format!("{stem}.pem")), c.cert.pem()).expect("write cert");
+    std::fs::write(
+        dir.join(format!("{stem}.key")),
+        c.signing_key.serialize_pem(),
+    )
+    .expect("write key");
+    c.cert.der().to_vec()
+}
+
+fn files(dir: &Path, stem: &str) -> CertSource {
+    CertSource::Files {
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}.key")),
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-tls-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+async fn tls_sluice(backend: SocketAddr, settings: TlsSettings) -> Sluice {
+    let mut cfg = config(&[backend]);
+    cfg.listeners[0].tls = Some(settings);
+    Sluice::with_config(cfg).await
+}
+
+#[tokio::test]
+async fn wss_and_https_through_tls_termination() {
+    let dir = temp_dir("basic");
+    write_cert(&dir, "site", &["app.test"]);
+    let backends = echo_backends(1).await;
+    let settings = TlsSettings {
+        default: files(&dir, "site"),
+        sni: vec![],
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let sluice = tls_sluice(backends[0].addr, settings).await;
+
+    let (tls, _) = tls_connect(sluice.addr, "app.test").await;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        "wss://app.test/ws",
+        tls,
+        Some(big_ws_config()),
+    )
+    .await
+    .expect("upgrade over TLS");
+    use futures_util::{SinkExt, StreamExt};
+    let hello = ws
+        .next()
+        .await
+        .expect("greeting")
+        .expect("ok")
+        .into_text()
+        .expect("text");
+    assert_eq!(hello.as_str(), "connected to b1");
+    for size in [10, 100_000, 2 << 20] {
+        let msg = Message::binary(vec![7u8; size]);
+        ws.send(msg.clone()).await.expect("send");
+        assert_eq!(
+            within(10, "echo", ws.next())
+                .await
+                .expect("message")
+                .expect("ok"),
+            msg
+        );
+    }
+
+    let (tls, _) = tls_connect(sluice.addr, "app.test").await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/who")
+        .header("host", "app.test")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .to_string();
+    assert!(body.contains("x-forwarded-proto: https\n"), "{body}");
+    assert!(
+        body.contains("forwarded: for=127.0.0.1;proto=https\n"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn sni_chooses_the_certificate() {
+    let dir = temp_dir("sni");
+    let default = write_cert(&dir, "default", &["default.test"]);
+    let api = write_cert(&dir, "api", &["api.test"]);
+    let wild = write_cert(&dir, "wild", &["*.ws.test"]);
+    let backends = echo_backends(1).await;
+    let settings = TlsSettings {
+        default: files(&dir, "default"),
+        sni: vec![
+            (vec!["api.test".into()], files(&dir, "api")),
+            (vec!["*.ws.test".into()], files(&dir, "wild")),
+        ],
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let sluice = tls_sluice(backends[0].addr, settings).await;
+    assert_eq!(tls_connect(sluice.addr, "api.test").await.1, api);
+    assert_eq!(tls_connect(sluice.addr, "eu.ws.test").await.1, wild);
+    assert_eq!(tls_connect(sluice.addr, "other.test").await.1, default);
+    // An IP address is sent without SNI.
+    assert_eq!(tls_connect(sluice.addr, "127.0.0.1").await.1, default);
+}
+
+#[tokio::test]
+async fn certificates_reload_without_touching_open_connections() {
+    let dir = temp_dir("reload");
+    let old = write_cert(&dir, "site", &["app.test"]);
+    let backends = echo_backends(1).await;
+    let settings = TlsSettings {
+        default: files(&dir, "site"),
+        sni: vec![],
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let sluice = tls_sluice(backends[0].addr, settings).await;
+    let (tls, seen) = tls_connect(sluice.addr, "app.test").await;
+    assert_eq!(seen, old);
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://app.test/ws", tls)
+        .await
+        .expect("upgrade");
+    use futures_util::{SinkExt, StreamExt};
+    ws.next().await.expect("greeting").expect("ok");
+
+    // A broken replacement: the old certificate stays.
+    std::fs::write(dir.join("site.pem"), "not a certificate").expect("write");
+    tokio::time::sleep(sluice::tls::RELOAD_CHECK * 2).await;
+    assert_eq!(
+        tls_connect(sluice.addr, "app.test").await.1,
+        old,
+        "broken file: old certificate kept"
+    );
+
+    // A good replacement: new connections get it; the open one goes on.
+    let new = write_cert(&dir, "site", &["app.test"]);
+    let mut now = Vec::new();
+    for _ in 0..40 {
+        now = tls_connect(sluice.addr, "app.test").await.1;
+        if now == new {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(now, new, "the new certificate is served");
+    ws.send(Message::text("still here")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("echo").expect("ok"),
+        Message::text("still here")
+    );
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let dir = temp_dir("timeout");
+    write_cert(&dir, "site", &["app.test"]);
+    let backends = echo_backends(1).await;
+    let settings = TlsSettings {
+        default: files(&dir, "site"),
+        sni: vec![],
+        handshake_timeout: Duration::from_millis(300),
+    };
+    let sluice = tls_sluice(backends[0].addr, settings).await;
+    let mut silent = TcpStream::connect(sluice.addr).await.expect("connect");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = within(5, "closed by sluice", silent.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        backends[0]
+            .stats
+            .tcp_accepted
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
