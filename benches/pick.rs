@@ -20,6 +20,7 @@ fn pool(algorithm: Algorithm) -> PoolConfig {
             name: format!("app-{i}"),
             address: format!("127.0.0.1:{}", 4000 + i).parse().expect("address"),
             weight: 1,
+            tls: None,
         })
         .collect();
     let mut p = PoolConfig::new("app", backends);

@@ -301,6 +301,7 @@ pub fn config(
             name: b.name.clone(),
             address: b.addr,
             weight: 1,
+            tls: None,
         })
         .collect();
     let mut listeners = vec![ListenerConfig::new("demo", bind, 0)];

@@ -276,6 +276,148 @@ impl Tls {
     }
 }
 
+/// How to open TLS to one backend.
+#[derive(Clone)]
+pub struct BackendTlsConnector {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for BackendTlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTlsConnector")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+/// A client-side connector trusting the CAs in `ca` (PEM).
+pub fn backend_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    let pem = std::fs::read(ca).map_err(|source| TlsError::Read {
+        path: ca.to_path_buf(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| TlsError::Unusable {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        roots.add(cert).map_err(|e| TlsError::Unusable {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: ca.to_path_buf(),
+        });
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Unusable {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// A connection to a backend: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl TunnelIo for BackendStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Plain(s) => TunnelIo::poll_read_ready(s, cx),
+            Self::Tls(s) => {
+                let (tcp, conn) = s.get_mut();
+                if conn.process_new_packets().map_or(true, |state| {
+                    state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
+                }) {
+                    return Poll::Ready(Ok(()));
+                }
+                tcp.poll_read_ready(cx)
+            }
+        }
+    }
+
+    fn read_available(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read_available(buf),
+            Self::Tls(s) => read_with_noop_waker(s.as_mut(), buf),
+        }
+    }
+}
+
+/// Reads with a no-op waker: Pending means nothing is there now; the
+/// tunnel then waits in `poll_read_ready` with its own waker.
+fn read_with_noop_waker(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> io::Result<usize> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let spare = buf.spare_capacity_mut();
+    let mut read = ReadBuf::uninit(spare);
+    match Pin::new(stream).poll_read(&mut cx, &mut read) {
+        Poll::Ready(Ok(())) => {
+            let n = read.filled().len();
+            // SAFETY: poll_read initialised and filled the first n bytes of
+            // the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            Ok(n)
+        }
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+    }
+}
+
 impl TunnelIo for tokio_rustls::server::TlsStream<TcpStream> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Decrypted bytes may already wait inside rustls.
@@ -289,22 +431,7 @@ impl TunnelIo for tokio_rustls::server::TlsStream<TcpStream> {
     }
 
     fn read_available(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        // A read with a no-op waker: Pending means nothing is there now; the
-        // tunnel then waits in `poll_read_ready` with its own waker.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let spare = buf.spare_capacity_mut();
-        let mut read = ReadBuf::uninit(spare);
-        match Pin::new(&mut *self).poll_read(&mut cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                let n = read.filled().len();
-                // SAFETY: poll_read initialised and filled the first n bytes
-                // of the spare capacity.
-                unsafe { buf.set_len(buf.len() + n) };
-                Ok(n)
-            }
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        read_with_noop_waker(self, buf)
     }
 }
 

@@ -19,6 +19,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::Semaphore;
 
 use crate::admission::TokenBucket;
+use crate::tls::{BackendStream, BackendTlsConnector};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -35,6 +37,11 @@ pub enum UpstreamError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("backend {addr} did not accept a connection within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with backend {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP handshake with backend {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -75,7 +82,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, U
 /// Starts HTTP/1.1 on `stream`; the connection is driven by a spawned task
 /// that also lets an upgrade (101) hand the socket over.
 pub async fn handshake(
-    stream: TcpStream,
+    stream: BackendStream,
     addr: SocketAddr,
 ) -> Result<SendRequest<Incoming>, UpstreamError> {
     let (sender, conn) = http1::Builder::new()
@@ -186,6 +193,8 @@ pub struct Upstream {
     turn: tokio::sync::Mutex<()>,
     /// Sticky cookies, when configured.
     pub sticky: Option<Sticky>,
+    /// TLS towards each backend that wants it: connector and server name.
+    connectors: Vec<Option<BackendTlsConnector>>,
     balancer: Balancer,
     idle: Vec<Arc<IdlePool>>,
 }
@@ -222,7 +231,7 @@ pub struct Affinity {
 #[derive(Debug)]
 pub struct Connected {
     pub lease: Lease,
-    pub stream: TcpStream,
+    pub stream: BackendStream,
 }
 
 impl Upstream {
@@ -251,7 +260,20 @@ impl Upstream {
             let names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
             Sticky::new(sc, &cfg.name, &names)
         });
+        let connectors = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                let tls = b.tls.as_ref()?;
+                let connector = crate::tls::backend_connector(&tls.ca)
+                    .inspect_err(|error| warn!(backend = %b.name, %error, "backend TLS unusable; connecting without"))
+                    .ok()?;
+                let server_name = ServerName::try_from(tls.server_name.clone()).ok()?;
+                Some(BackendTlsConnector { connector, server_name })
+            })
+            .collect();
         Self {
+            connectors,
             sticky,
             balancer: Balancer::new(&cfg),
             queue: Semaphore::new(admission.queue_size),
@@ -439,8 +461,7 @@ impl Upstream {
         let mut tried = Vec::new();
         loop {
             let (i, lease) = self.next_lease(registry, &tried, affinity).await?;
-            let addr = lease.backend().addr;
-            match self.open(addr).await {
+            match self.open(i).await {
                 Ok(stream) => return Ok((i, Connected { lease, stream })),
                 Err(error) => {
                     warn!(pool = %self.cfg.name, backend = %lease.backend().name, %error, "upstream connect failed");
@@ -490,14 +511,24 @@ impl Upstream {
 
     /// Opens a TCP connection to `addr` with the pool's timeout, recording
     /// how long it took.
-    pub async fn open(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    pub async fn open(&self, backend: usize) -> Result<BackendStream, UpstreamError> {
+        let addr = self.cfg.backends[backend].address;
         let started = Instant::now();
-        let result = connect(addr, self.cfg.connect_timeout).await;
-        if result.is_ok() {
-            self.connect_seconds
-                .observe(started.elapsed().as_secs_f64());
+        let tcp = connect(addr, self.cfg.connect_timeout).await?;
+        self.connect_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let Some(tls) = &self.connectors[backend] else {
+            return Ok(BackendStream::Plain(tcp));
+        };
+        let handshake = tls.connector.connect(tls.server_name.clone(), tcp);
+        match tokio::time::timeout(self.cfg.connect_timeout, handshake).await {
+            Ok(Ok(tls)) => Ok(BackendStream::Tls(Box::new(tls))),
+            Ok(Err(source)) => Err(UpstreamError::Tls { addr, source }),
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                addr,
+                timeout: self.cfg.connect_timeout,
+            }),
         }
-        result
     }
 
     /// After a failed attempt: `Err` when no further attempt may be made.

@@ -301,6 +301,7 @@ mod tests {
                 name: format!("b{i}"),
                 address: "127.0.0.1:1".parse().expect("addr"),
                 weight: 1,
+                tls: None,
             })
             .collect();
         let mut pool = PoolConfig::new("p", backends);
@@ -331,6 +332,7 @@ mod tests {
             name: "only".into(),
             address: "127.0.0.1:1".parse().expect("addr"),
             weight: 1,
+            tls: None,
         }];
         let mut pool = PoolConfig::new("p", backends);
         pool.algorithm = Algorithm::Hash(HashKey::Ip);

@@ -279,6 +279,17 @@ pub struct BackendConfig {
     pub name: String,
     pub address: SocketAddr,
     pub weight: u32,
+    /// TLS towards this backend, for backends that only speak TLS.
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS towards a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// PEM file of the certificate authorities to trust.
+    pub ca: PathBuf,
+    /// Name to send (SNI) and to find in the backend's certificate.
+    pub server_name: String,
 }
 
 /// Why a configuration could not be loaded.
@@ -497,6 +508,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
         let address =
             resolve(&address.value).map_err(|m| b.error_at(&address.span, "address", m))?;
         let weight = b.integer("weight", 1, 1, 10_000)? as u32;
+        let tls = read_backend_tls(&mut b, &address)?;
         if backends.iter().any(|x| x.name == bname.value) {
             return Err(b.error_at(
                 &bname.span,
@@ -509,6 +521,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
             name: bname.value,
             address,
             weight,
+            tls,
         });
     }
     if backends.is_empty() {
@@ -678,6 +691,38 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<crate::tls::TlsSettings>,
         default,
         sni,
         handshake_timeout,
+    }))
+}
+
+/// `tls = { ca, server_name }` on a backend; the CA file is loaded now.
+fn read_backend_tls(
+    b: &mut Table<'_>,
+    address: &SocketAddr,
+) -> Result<Option<BackendTls>, ConfigError> {
+    let context = format!("{} tls", b.context());
+    let Some(mut t) = b.table("tls", context)? else {
+        return Ok(None);
+    };
+    let ca = t.required_string("ca")?;
+    let path = t.path_near_config(&ca.value);
+    crate::tls::backend_connector(&path).map_err(|e| t.error_at(&ca.span, "ca", e.to_string()))?;
+    let server_name = match t.string("server_name")? {
+        Some(v) => {
+            if rustls::pki_types::ServerName::try_from(v.value.clone()).is_err() {
+                return Err(t.error_at(
+                    &v.span,
+                    "server_name",
+                    format!("\"{}\" is not a host name", v.value),
+                ));
+            }
+            v.value
+        }
+        None => address.ip().to_string(),
+    };
+    t.finish()?;
+    Ok(Some(BackendTls {
+        ca: path,
+        server_name,
     }))
 }
 

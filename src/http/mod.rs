@@ -23,7 +23,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncRead;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +33,7 @@ use body::Reuse;
 
 use crate::config::ListenerConfig;
 use crate::registry::Registry;
+use crate::tls::BackendStream;
 use crate::tunnel::{Tunnel, TunnelIo};
 use crate::upstream::{self, Upstream, UpstreamError};
 
@@ -139,7 +139,7 @@ async fn forward(
         let mut sender = match pooled {
             Some(sender) => sender,
             None => {
-                let opened = match upstream.open(addr).await {
+                let opened = match upstream.open(i).await {
                     Ok(stream) => upstream::handshake(stream, addr).await,
                     Err(error) => Err(error),
                 };
@@ -268,7 +268,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         };
         let (Ok(client), Ok(backend)) = (
             client.downcast::<TokioIo<S>>(),
-            backend.downcast::<TokioIo<TcpStream>>(),
+            backend.downcast::<TokioIo<BackendStream>>(),
         ) else {
             warn!("upgraded connection is not a TCP stream");
             return;

@@ -277,3 +277,43 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
         0
     );
 }
+
+#[tokio::test]
+async fn tls_towards_a_backend_that_only_speaks_tls() {
+    let dir = temp_dir("backend");
+    write_cert(&dir, "backend", &["backend.test"]);
+    let echo_server = echo_backends(1).await;
+    // The TLS-only backend: a second sluice terminating TLS in front of the echo server.
+    let settings = TlsSettings {
+        default: files(&dir, "backend"),
+        sni: vec![],
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let tls_backend = tls_sluice(echo_server[0].addr, settings).await;
+    let mut cfg = config(&[tls_backend.addr]);
+    cfg.pools[0].backends[0].tls = Some(sluice::config::BackendTls {
+        ca: dir.join("backend.pem"),
+        server_name: "backend.test".into(),
+    });
+    let front = Sluice::with_config(cfg).await;
+    let (mut ws, name) = front.ws_named("/ws").await;
+    assert_eq!(name, "b1");
+    echo(&mut ws, Message::binary(vec![3u8; 300_000])).await;
+    let reply = front.http().await.get("/through").await;
+    assert_eq!(reply.status, 200);
+    // The TLS hop said https to the echo server.
+    assert!(
+        reply.text().contains("x-forwarded-proto: https\n"),
+        "{}",
+        reply.text()
+    );
+
+    // A name the certificate does not cover: the connection is refused.
+    let mut cfg = config(&[tls_backend.addr]);
+    cfg.pools[0].backends[0].tls = Some(sluice::config::BackendTls {
+        ca: dir.join("backend.pem"),
+        server_name: "other.test".into(),
+    });
+    let wrong = Sluice::with_config(cfg).await;
+    assert_eq!(wrong.http().await.get("/x").await.status, 503);
+}

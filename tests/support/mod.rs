@@ -75,6 +75,7 @@ pub fn config(addrs: &[SocketAddr]) -> Config {
             name: format!("b{}", i + 1),
             address: *a,
             weight: 1,
+            tls: None,
         })
         .collect();
     let mut pool = PoolConfig::new("app", backends);
