@@ -378,12 +378,7 @@ impl TunnelIo for BackendStream {
             Self::Plain(s) => TunnelIo::poll_read_ready(s, cx),
             Self::Tls(s) => {
                 let (tcp, conn) = s.get_mut();
-                if conn.process_new_packets().map_or(true, |state| {
-                    state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
-                }) {
-                    return Poll::Ready(Ok(()));
-                }
-                tcp.poll_read_ready(cx)
+                poll_tls_read_ready(tcp, conn, cx)
             }
         }
     }
@@ -394,6 +389,22 @@ impl TunnelIo for BackendStream {
             Self::Tls(s) => read_with_noop_waker(s.as_mut(), buf),
         }
     }
+}
+
+/// Ready when rustls already holds decrypted bytes (or the end of the
+/// stream, or an error), else when the socket is readable.
+fn poll_tls_read_ready<D>(
+    tcp: &TcpStream,
+    conn: &mut rustls::ConnectionCommon<D>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let buffered = conn.process_new_packets().map_or(true, |state| {
+        state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
+    });
+    if buffered {
+        return Poll::Ready(Ok(()));
+    }
+    tcp.poll_read_ready(cx)
 }
 
 /// Reads with a no-op waker: Pending means nothing is there now; the
@@ -420,14 +431,8 @@ fn read_with_noop_waker(
 
 impl TunnelIo for tokio_rustls::server::TlsStream<TcpStream> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Decrypted bytes may already wait inside rustls.
         let (tcp, conn) = self.get_mut();
-        if conn.process_new_packets().map_or(true, |state| {
-            state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
-        }) {
-            return Poll::Ready(Ok(()));
-        }
-        tcp.poll_read_ready(cx)
+        poll_tls_read_ready(tcp, conn, cx)
     }
 
     fn read_available(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {

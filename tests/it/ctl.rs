@@ -37,15 +37,7 @@ async fn ctl_status_drain_wait_and_undrain() {
     let backends = echo_backends(2).await;
     let sluice = Sluice::start(&[&backends[0], &backends[1]]).await;
     let stop = CancellationToken::new();
-    let clients: Vec<_> = (0..6)
-        .map(|_| {
-            tokio::spawn(chat(
-                sluice.url("/ws"),
-                Duration::from_millis(100),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let clients = chatters(&sluice, 6, Duration::from_millis(100), &stop);
     eventually(10, "clients connected", || {
         backends[0].ws_open() == 3 && backends[1].ws_open() == 3
     })
@@ -230,15 +222,7 @@ async fn rollout_restarts_every_backend_without_losing_a_message() {
     let sluice = Sluice::with_config(config(&addrs)).await;
     let stop = CancellationToken::new();
     const CLIENTS: usize = 60;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            tokio::spawn(chat(
-                sluice.url("/ws"),
-                Duration::from_millis(200),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let clients = chatters(&sluice, CLIENTS, Duration::from_millis(200), &stop);
     eventually(20, "clients connected", || {
         sluice.registry().ws_total() == CLIENTS
     })

@@ -257,7 +257,10 @@ async fn reconnect_storm_is_admitted_at_the_configured_rate() {
             .all(|s| (1..=5).contains(s))
     );
     let (plain_curve, plain, plain_back) = storm(None).await;
-    assert!(plain.iter().all(|o| o.2 && o.0 == 0));
+    // Without admission everyone is let through at once (nothing to assert
+    // but that they all got back; the curve is the point).
+    let bad: Vec<_> = plain.iter().filter(|o| !o.2).collect();
+    assert!(bad.is_empty(), "without admission: {bad:?}");
     println!(
         "with admission ({rate}/s, burst {burst} per backend): all back after {all_back:?}, {refused} 503s; new connections per 100 ms: {curve:?}"
     );

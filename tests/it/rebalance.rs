@@ -31,15 +31,7 @@ async fn an_empty_backend_is_filled_gently_and_a_level_pool_is_left_alone() {
         .await
         .expect("drain");
     let stop = CancellationToken::new();
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            tokio::spawn(chat(
-                sluice.url("/ws"),
-                Duration::from_millis(300),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let clients = chatters(&sluice, CLIENTS, Duration::from_millis(300), &stop);
     eventually(30, "all connected to b1 and b2", || {
         backends[0].ws_open() + backends[1].ws_open() == CLIENTS
     })

@@ -110,6 +110,15 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// TLS with the one certificate `dir/stem.pem|key`.
+fn one_cert(dir: &Path, stem: &str, handshake_timeout: Duration) -> TlsSettings {
+    TlsSettings {
+        default: files(dir, stem),
+        sni: vec![],
+        handshake_timeout,
+    }
+}
+
 async fn tls_sluice(backend: SocketAddr, settings: TlsSettings) -> Sluice {
     let mut cfg = config(&[backend]);
     cfg.listeners[0].tls = Some(settings);
@@ -121,11 +130,7 @@ async fn wss_and_https_through_tls_termination() {
     let dir = temp_dir("basic");
     write_cert(&dir, "site", &["app.test"]);
     let backends = echo_backends(1).await;
-    let settings = TlsSettings {
-        default: files(&dir, "site"),
-        sni: vec![],
-        handshake_timeout: Duration::from_secs(5),
-    };
+    let settings = one_cert(&dir, "site", Duration::from_secs(5));
     let sluice = tls_sluice(backends[0].addr, settings).await;
 
     let (tls, _) = tls_connect(sluice.addr, "app.test").await;
@@ -205,11 +210,7 @@ async fn certificates_reload_without_touching_open_connections() {
     let dir = temp_dir("reload");
     let old = write_cert(&dir, "site", &["app.test"]);
     let backends = echo_backends(1).await;
-    let settings = TlsSettings {
-        default: files(&dir, "site"),
-        sni: vec![],
-        handshake_timeout: Duration::from_secs(5),
-    };
+    let settings = one_cert(&dir, "site", Duration::from_secs(5));
     let sluice = tls_sluice(backends[0].addr, settings).await;
     let (tls, seen) = tls_connect(sluice.addr, "app.test").await;
     assert_eq!(seen, old);
@@ -251,11 +252,7 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     let dir = temp_dir("timeout");
     write_cert(&dir, "site", &["app.test"]);
     let backends = echo_backends(1).await;
-    let settings = TlsSettings {
-        default: files(&dir, "site"),
-        sni: vec![],
-        handshake_timeout: Duration::from_millis(300),
-    };
+    let settings = one_cert(&dir, "site", Duration::from_millis(300));
     let sluice = tls_sluice(backends[0].addr, settings).await;
     let mut silent = TcpStream::connect(sluice.addr).await.expect("connect");
     let started = std::time::Instant::now();
@@ -284,11 +281,7 @@ async fn tls_towards_a_backend_that_only_speaks_tls() {
     write_cert(&dir, "backend", &["backend.test"]);
     let echo_server = echo_backends(1).await;
     // The TLS-only backend: a second sluice terminating TLS in front of the echo server.
-    let settings = TlsSettings {
-        default: files(&dir, "backend"),
-        sni: vec![],
-        handshake_timeout: Duration::from_secs(5),
-    };
+    let settings = one_cert(&dir, "backend", Duration::from_secs(5));
     let tls_backend = tls_sluice(echo_server[0].addr, settings).await;
     let mut cfg = config(&[tls_backend.addr]);
     cfg.pools[0].backends[0].tls = Some(sluice::config::BackendTls {

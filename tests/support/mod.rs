@@ -549,6 +549,18 @@ pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> Chat
     stats
 }
 
+/// `n` chatting clients through `sluice`, each sending every `every`.
+pub fn chatters(
+    sluice: &Sluice,
+    n: usize,
+    every: Duration,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<ChatStats>> {
+    (0..n)
+        .map(|_| tokio::spawn(chat(sluice.url("/ws"), every, stop.clone())))
+        .collect()
+}
+
 /// Lets tungstenite answer a Close and see the end of the stream.
 async fn finish_close(ws: &mut Ws) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
