@@ -489,6 +489,26 @@ mod tests {
     }
 
     #[test]
+    fn ecdsa_and_ed25519_keys_load() {
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).expect("key");
+            let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+                .expect("params")
+                .self_signed(&key)
+                .expect("cert");
+            let source = CertSource::Pem {
+                cert: cert.pem(),
+                key: key.serialize_pem(),
+            };
+            assert!(load_certified_key(&source).is_ok(), "{alg:?}");
+        }
+    }
+
+    #[test]
     fn a_key_that_does_not_match_is_refused() {
         let (CertSource::Pem { cert, .. }, CertSource::Pem { key, .. }) =
             (generated(&["a.test"]), generated(&["b.test"]))
