@@ -21,6 +21,13 @@
 //!      ratio to the direct figure. Echo runs in 3 rounds over all
 //!      targets (direct and every proxy, order rotating each round) and
 //!      the median of each is reported, with min..max.
+//! 4. New wss connections per second: every proxy also has a TLS listener
+//!    (one self-signed certificate for `localhost` and 127.0.0.1, generated
+//!    at start). 20 clients, each in a loop for the echo duration: TCP
+//!    connect, a full TLS handshake (rustls, no session resumption), the
+//!    WebSocket upgrade, the backend's greeting, one 64-byte echo, close.
+//!    3 rounds of their own over the proxies (order rotating), median
+//!    reported; failed connections are counted, not fatal.
 //!
 //! The client load and the backends run on a multi-thread tokio runtime in
 //! this process. A process may hold at most 20,000 file descriptors here and
@@ -43,13 +50,17 @@ use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt, stream};
+use rustls::pki_types::{CertificateDer, ServerName};
 use sluice::demo::EchoBackend;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 
@@ -86,6 +97,23 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// Pause before reading RSS after closing every connection.
 const AFTER_CLOSE: Duration = Duration::from_secs(3);
 const BACKENDS: usize = 3;
+/// Concurrent clients in the TLS connection-rate test.
+const TLS_CLIENTS: usize = 20;
+/// TLS connection-rate measurements per proxy; the median is reported.
+const TLS_ROUNDS: usize = 3;
+/// sluice's TLS listener limit, small so that sluice's own check (2
+/// descriptors per connection over all listeners, + 64) stays within the
+/// 20,000 descriptors a process may hold: 2 x (9,000 + 900) + 64.
+const TLS_MAX_CONNS: usize = 900;
+/// Upper bound on connections per TLS client, whatever the duration.
+const MAX_TLS_CONNS_PER_CLIENT: u64 = 10_000_000;
+/// Limit on each step of a TLS connection (connect, handshake, upgrade, greeting).
+const TLS_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed TLS connection, so a failing proxy is not spun on.
+const TLS_RETRY_PAUSE: Duration = Duration::from_millis(10);
+/// The name the TLS clients ask for (the certificate also covers 127.0.0.1).
+const TLS_SERVER_NAME: &str = "localhost";
+const WSS_URL: &str = "wss://localhost/ws";
 
 fn main() -> Result<()> {
     let fd_limit =
@@ -175,9 +203,14 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         fd_limit,
     );
+    println!(
+        "ws_bench: TLS: {TLS_CLIENTS} clients opening new wss connections (full handshake, greeting, one {ECHO_PAYLOAD} B echo, close) for {} s, {TLS_ROUNDS} rounds",
+        opts.seconds,
+    );
     let backends = start_backends().await?;
     let backend_addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let dir = TempDir::new()?;
+    let cert = Cert::generate(dir.path())?;
 
     // Memory: one proxy at a time; each stays up (idle) for the echo rounds.
     let mut started = Vec::new();
@@ -193,11 +226,11 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
             );
             continue;
         }
-        let (proxy, addr, memory) =
-            start_and_measure_memory(kind, &backend_addrs, &backends, dir.path(), opts)
+        let (proxy, addr, tls_addr, memory) =
+            start_and_measure_memory(kind, &backend_addrs, &backends, dir.path(), &cert, opts)
                 .await
                 .with_context(|| format!("benchmarking {}", kind.name()))?;
-        started.push((kind, proxy, addr, memory));
+        started.push((kind, proxy, addr, tls_addr, memory));
     }
 
     // Echo: rounds over every target, in a rotating order, so that noise
@@ -209,7 +242,7 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
     targets.extend(
         started
             .iter()
-            .map(|(kind, _, addr, _)| (kind.name().to_string(), vec![ws_url(*addr)])),
+            .map(|(kind, _, addr, _, _)| (kind.name().to_string(), vec![ws_url(*addr)])),
     );
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut cpu_samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
@@ -241,21 +274,62 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
             samples[t].push(rate);
         }
     }
+
+    // TLS: new wss connections per second, in rounds of their own over the
+    // proxies (rotating order, as for echo); the median counts.
+    let connector = TlsConnector::from(tls_client_config(&cert.der)?);
+    let mut tls_samples: Vec<Vec<f64>> = vec![Vec::new(); started.len()];
+    let mut tls_failures: Vec<u64> = vec![0; started.len()];
+    for round in 0..TLS_ROUNDS {
+        for k in 0..started.len() {
+            let i = (k + round) % started.len();
+            let (kind, proxy, _, tls_addr, _) = &started[i];
+            let name = kind.name();
+            let ticks_before = proxy.cpu_ticks();
+            let result = measure_tls_conns(*tls_addr, &connector, opts.echo_duration()).await;
+            let conns = result.conns_per_s * opts.echo_duration().as_secs_f64();
+            let cpu_us_per_conn =
+                proxy.cpu_ticks().saturating_sub(ticks_before) as f64 / CLOCK_TICKS_PER_S * 1e6
+                    / conns.max(1.0);
+            println!(
+                "{name}: TLS round {}: {:.0} new wss conns/s, {} failed, {cpu_us_per_conn:.0} us of proxy CPU per connection",
+                round + 1,
+                result.conns_per_s,
+                result.failures,
+            );
+            if let Some(error) = &result.first_error {
+                println!("{name}: TLS round {}: first failure: {error}", round + 1);
+            }
+            tls_samples[i].push(result.conns_per_s);
+            tls_failures[i] += result.failures;
+        }
+    }
+
     let mut memories: Vec<Option<Memory>> = vec![None];
-    for (_, mut proxy, _, memory) in started {
+    let mut tls_rates: Vec<Option<WssTls>> = vec![None];
+    for ((_, mut proxy, _, _, memory), (samples, failures)) in started
+        .into_iter()
+        .zip(tls_samples.into_iter().zip(tls_failures))
+    {
         proxy.stop();
         memories.push(Some(memory));
+        tls_rates.push(Some(WssTls {
+            conns_per_s: Echo::from_samples(samples).median,
+            failures,
+        }));
     }
     let rows: Vec<Row> = targets
         .into_iter()
         .zip(samples)
         .zip(cpu_samples)
         .zip(memories)
-        .map(|((((name, _), samples), cpu), memory)| Row {
+        .zip(tls_rates)
+        .map(|(((((name, _), samples), cpu), memory), wss_tls)| Row {
             name,
             memory,
             echo: Echo::from_samples(samples),
             cpu_us_per_msg: (!cpu.is_empty()).then(|| Echo::from_samples(cpu).median),
+            wss_tls,
         })
         .collect();
     let direct = rows[0].echo.median;
@@ -286,19 +360,22 @@ async fn start_and_measure_memory(
     backend_addrs: &[SocketAddr],
     backends: &[EchoBackend],
     dir: &Path,
+    cert: &Cert,
     opts: &Options,
-) -> Result<(Proc, SocketAddr, Memory)> {
-    let port = free_port()?;
-    let mut proxy = kind.start(port, backend_addrs, dir)?;
+) -> Result<(Proc, SocketAddr, SocketAddr, Memory)> {
+    let [port, tls_port] = free_ports()?;
+    let mut proxy = kind.start(port, tls_port, backend_addrs, dir, cert)?;
     wait_until_ready(&mut proxy, port).await?;
+    wait_until_ready(&mut proxy, tls_port).await?;
     println!(
-        "{}: listening on 127.0.0.1:{port} (pid {})",
+        "{}: listening on 127.0.0.1:{port} and 127.0.0.1:{tls_port} (TLS) (pid {})",
         kind.name(),
         proxy.pid()
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
     let memory = measure_memory(&proxy, addr, backends, &opts.memory_steps()).await?;
-    Ok((proxy, addr, memory))
+    Ok((proxy, addr, tls_addr, memory))
 }
 
 // ---------------------------------------------------------------- proxies
@@ -336,8 +413,16 @@ impl ProxyKind {
         }
     }
 
-    /// Writes this proxy's config into `dir` and spawns it.
-    fn start(self, port: u16, backends: &[SocketAddr], dir: &Path) -> Result<Proc> {
+    /// Writes this proxy's config into `dir` and spawns it: plain
+    /// WebSockets on `port`, TLS with `cert` on `tls_port`.
+    fn start(
+        self,
+        port: u16,
+        tls_port: u16,
+        backends: &[SocketAddr],
+        dir: &Path,
+        cert: &Cert,
+    ) -> Result<Proc> {
         let name = self.name();
         let config = dir.join(format!("{name}.conf"));
         let log = dir.join(format!("{name}.log"));
@@ -348,18 +433,18 @@ impl ProxyKind {
                     .arg("--config")
                     .arg(&config)
                     .env("SLUICE_LOG", "warn");
-                sluice_config(port, backends)
+                sluice_config(port, tls_port, backends, cert)
             }
             Self::Haproxy => {
                 cmd.arg("-db").arg("-f").arg(&config);
-                haproxy_config(port, backends)
+                haproxy_config(port, tls_port, backends, cert)
             }
             Self::Nginx => {
                 let prefix = dir.join("nginx");
                 fs::create_dir_all(&prefix)
                     .with_context(|| format!("creating {}", prefix.display()))?;
                 cmd.arg("-p").arg(&prefix).arg("-c").arg(&config);
-                nginx_config(port, backends, &prefix, running_as_root())
+                nginx_config(port, tls_port, backends, cert, &prefix, running_as_root())
             }
         };
         fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
@@ -367,10 +452,13 @@ impl ProxyKind {
     }
 }
 
-fn sluice_config(port: u16, backends: &[SocketAddr]) -> String {
+fn sluice_config(port: u16, tls_port: u16, backends: &[SocketAddr], cert: &Cert) -> String {
+    let (cert, key) = (cert.cert.display(), cert.key.display());
     let mut text = format!(
         "worker_threads = 1\nshutdown_timeout = \"2s\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
          [[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:{port}\"\npool = \"echo\"\nmax_connections = 9000\n\n\
+         [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{tls_port}\"\npool = \"echo\"\nmax_connections = {TLS_MAX_CONNS}\n\
+         tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\n\
          [[pool]]\nname = \"echo\"\nalgorithm = \"least_conn\"\n"
     );
     for (i, addr) in backends.iter().enumerate() {
@@ -382,12 +470,14 @@ fn sluice_config(port: u16, backends: &[SocketAddr]) -> String {
     text
 }
 
-fn haproxy_config(port: u16, backends: &[SocketAddr]) -> String {
+fn haproxy_config(port: u16, tls_port: u16, backends: &[SocketAddr], cert: &Cert) -> String {
+    let combined = cert.combined.display();
     let mut text = format!(
         "global\n    nbthread 1\n    maxconn 9000\n\n\
          defaults\n    mode http\n    maxconn 9000\n    timeout connect 5s\n    timeout client 1h\n    \
          timeout server 1h\n    timeout tunnel 1h\n    timeout http-request 10s\n\n\
-         frontend bench\n    bind 127.0.0.1:{port}\n    default_backend echo\n\n\
+         frontend bench\n    bind 127.0.0.1:{port}\n\
+         \x20   bind 127.0.0.1:{tls_port} ssl crt {combined} alpn http/1.1\n    default_backend echo\n\n\
          backend echo\n    balance leastconn\n"
     );
     for (i, addr) in backends.iter().enumerate() {
@@ -396,8 +486,20 @@ fn haproxy_config(port: u16, backends: &[SocketAddr]) -> String {
     text
 }
 
-fn nginx_config(port: u16, backends: &[SocketAddr], prefix: &Path, as_root: bool) -> String {
+fn nginx_config(
+    port: u16,
+    tls_port: u16,
+    backends: &[SocketAddr],
+    cert: &Cert,
+    prefix: &Path,
+    as_root: bool,
+) -> String {
     let p = prefix.display();
+    let (cert, key) = (cert.cert.display(), cert.key.display());
+    // The same WebSocket proxying on both servers.
+    let location = "        location / {\n            proxy_pass http://echo;\n            proxy_http_version 1.1;\n\
+         \x20           proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection \"upgrade\";\n\
+         \x20           proxy_read_timeout 3600s;\n            proxy_send_timeout 3600s;\n        }\n";
     let servers: String = backends
         .iter()
         .map(|a| format!("        server {a};\n"))
@@ -412,10 +514,9 @@ fn nginx_config(port: u16, backends: &[SocketAddr], prefix: &Path, as_root: bool
          \x20   client_body_temp_path {p}/client_body;\n    proxy_temp_path {p}/proxy;\n\
          \x20   fastcgi_temp_path {p}/fastcgi;\n    uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n\n\
          \x20   upstream echo {{\n        least_conn;\n{servers}    }}\n\n\
-         \x20   server {{\n        listen 127.0.0.1:{port} backlog=4096;\n\
-         \x20       location / {{\n            proxy_pass http://echo;\n            proxy_http_version 1.1;\n\
-         \x20           proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection \"upgrade\";\n\
-         \x20           proxy_read_timeout 3600s;\n            proxy_send_timeout 3600s;\n        }}\n    }}\n}}\n"
+         \x20   server {{\n        listen 127.0.0.1:{port} backlog=4096;\n{location}    }}\n\n\
+         \x20   server {{\n        listen 127.0.0.1:{tls_port} ssl backlog=4096;\n\
+         \x20       ssl_certificate {cert};\n        ssl_certificate_key {key};\n{location}    }}\n}}\n"
     )
 }
 
@@ -713,7 +814,10 @@ async fn echo_loop(mut ws: Ws, deadline: tokio::time::Instant) -> Result<u64> {
     Ok(done)
 }
 
-async fn round_trip(ws: &mut Ws, payload: &Bytes) -> Result<()> {
+async fn round_trip<S>(ws: &mut WebSocketStream<S>, payload: &Bytes) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     ws.send(Message::Binary(payload.clone()))
         .await
         .context("sending")?;
@@ -733,6 +837,204 @@ async fn round_trip(ws: &mut Ws, payload: &Bytes) -> Result<()> {
     bail!("no echo after 8 control frames")
 }
 
+// --------------------------------------------------------------------- tls
+
+/// The bench's self-signed certificate (for `localhost` and 127.0.0.1),
+/// written where every proxy reads it; the clients trust its DER.
+struct Cert {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Certificate then key, for HAProxy.
+    combined: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+impl Cert {
+    fn generate(dir: &Path) -> Result<Self> {
+        let generated = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .context("generating a self-signed certificate")?;
+        let cert_pem = generated.cert.pem();
+        let key_pem = generated.signing_key.serialize_pem();
+        let cert = Self {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            combined: dir.join("combined.pem"),
+            der: generated.cert.der().clone(),
+        };
+        let combined = if cert_pem.ends_with('\n') {
+            format!("{cert_pem}{key_pem}")
+        } else {
+            format!("{cert_pem}\n{key_pem}")
+        };
+        for (path, text) in [
+            (&cert.cert, &cert_pem),
+            (&cert.key, &key_pem),
+            (&cert.combined, &combined),
+        ] {
+            fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(cert)
+    }
+}
+
+/// A rustls client that trusts only `cert` (a self-signed end-entity
+/// certificate is its own trust anchor), offers HTTP/1.1 by ALPN, and never
+/// resumes a session: every connection pays a full handshake.
+fn tls_client_config(cert: &CertificateDer<'static>) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(cert.clone())
+        .context("trusting the bench certificate")?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("choosing TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// New wss connections per second through one proxy.
+struct TlsRate {
+    conns_per_s: f64,
+    failures: u64,
+    first_error: Option<String>,
+}
+
+/// [`TLS_CLIENTS`] clients open wss connections to `addr` one after the
+/// other (see [`wss_once`]) for `duration`; counts those completed by then.
+async fn measure_tls_conns(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    duration: Duration,
+) -> TlsRate {
+    let deadline = tokio::time::Instant::now() + duration;
+    let tasks: Vec<_> = (0..TLS_CLIENTS)
+        .map(|_| tokio::spawn(tls_conn_loop(addr, connector.clone(), deadline)))
+        .collect();
+    let mut done = 0;
+    let mut failures = 0;
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(client) => {
+                done += client.done;
+                failures += client.failures;
+                first_error = first_error.or(client.first_error);
+            }
+            Err(error) => {
+                failures += 1;
+                first_error.get_or_insert_with(|| format!("client task failed: {error}"));
+            }
+        }
+    }
+    TlsRate {
+        conns_per_s: done as f64 / duration.as_secs_f64(),
+        failures,
+        first_error,
+    }
+}
+
+/// What one TLS client did.
+struct TlsClient {
+    done: u64,
+    failures: u64,
+    first_error: Option<String>,
+}
+
+/// Opens wss connections one after the other until `deadline`.
+async fn tls_conn_loop(
+    addr: SocketAddr,
+    connector: TlsConnector,
+    deadline: tokio::time::Instant,
+) -> TlsClient {
+    let payload = Bytes::from(vec![0x5a; ECHO_PAYLOAD]);
+    let mut client = TlsClient {
+        done: 0,
+        failures: 0,
+        first_error: None,
+    };
+    for _ in 0..MAX_TLS_CONNS_PER_CLIENT {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        match wss_once(addr, &connector, &payload).await {
+            Ok(()) => {
+                if tokio::time::Instant::now() <= deadline {
+                    client.done += 1;
+                }
+            }
+            Err(error) => {
+                client.failures += 1;
+                client
+                    .first_error
+                    .get_or_insert_with(|| format!("{error:#}"));
+                tokio::time::sleep(TLS_RETRY_PAUSE).await;
+            }
+        }
+    }
+    client
+}
+
+/// One new wss connection: TCP connect, TLS handshake, WebSocket upgrade,
+/// the backend's greeting, one echo, close; each step with its timeout.
+async fn wss_once(addr: SocketAddr, connector: &TlsConnector, payload: &Bytes) -> Result<()> {
+    let tcp = step("TCP connect", TLS_STEP_TIMEOUT, async {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    })
+    .await?;
+    let name = ServerName::try_from(TLS_SERVER_NAME)?;
+    let tls = step("TLS handshake", TLS_STEP_TIMEOUT, async {
+        Ok(connector.connect(name, tcp).await?)
+    })
+    .await?;
+    let mut ws = step("WebSocket upgrade", TLS_STEP_TIMEOUT, async {
+        Ok(tokio_tungstenite::client_async(WSS_URL, tls).await?.0)
+    })
+    .await?;
+    step("greeting", TLS_STEP_TIMEOUT, async {
+        match ws.next().await.context("closed before the greeting")?? {
+            Message::Text(text) if text.starts_with("connected to ") => Ok(()),
+            other => bail!("unexpected greeting: {other:?}"),
+        }
+    })
+    .await?;
+    step("echo", ECHO_TIMEOUT, round_trip(&mut ws, payload)).await?;
+    step("close", CLOSE_TIMEOUT, async {
+        ws.close(None).await?;
+        // Read up to the peer's Close and the end of the stream. Once the
+        // Close has come, an error only means the TCP connection ended
+        // without a TLS close_notify: the WebSocket is closed all the same.
+        let mut closed_by_peer = false;
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(_)) => closed_by_peer = true,
+                Ok(_) => {}
+                Err(_) if closed_by_peer => break,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// `work`, failing with `what` in the message if it fails or takes longer than `limit`.
+async fn step<T>(what: &str, limit: Duration, work: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| anyhow!("{what}: nothing within {limit:?}"))?
+        .with_context(|| what.to_string())
+}
+
 // ------------------------------------------------------------------ report
 
 struct Row {
@@ -741,6 +1043,16 @@ struct Row {
     echo: Echo,
     /// Median proxy CPU time per echoed message (both directions), µs.
     cpu_us_per_msg: Option<f64>,
+    /// New wss connections per second (proxies only).
+    wss_tls: Option<WssTls>,
+}
+
+/// The TLS connection rate over the rounds.
+struct WssTls {
+    /// Median, connections/s.
+    conns_per_s: f64,
+    /// Failed connections, all rounds together.
+    failures: u64,
 }
 
 /// Echo throughput over the rounds, msg/s.
@@ -773,6 +1085,7 @@ fn print_table(rows: &[Row], steps: &[usize], direct: f64) {
         "min..max".into(),
         "vs direct".into(),
         "proxy CPU us/msg".into(),
+        "wss conn/s (TLS)".into(),
     ]);
     let mut table = vec![header];
     for row in rows {
@@ -792,6 +1105,11 @@ fn print_table(rows: &[Row], steps: &[usize], direct: f64) {
         cells.push(
             row.cpu_us_per_msg
                 .map_or("-".into(), |us| format!("{us:.2}")),
+        );
+        cells.push(
+            row.wss_tls
+                .as_ref()
+                .map_or("-".into(), |t| format!("{:.0}", t.conns_per_s)),
         );
         table.push(cells);
     }
@@ -851,19 +1169,41 @@ fn print_figures(rows: &[Row], direct: f64) {
         if let Some(us) = row.cpu_us_per_msg {
             println!("{name}.cpu_us_per_msg = {us:.2}");
         }
+        if let Some(t) = &row.wss_tls {
+            println!("{name}.wss_tls_conns_per_s = {:.0}", t.conns_per_s);
+            println!("{name}.wss_tls_failures = {}", t.failures);
+        }
+    }
+    let tls_rate = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.wss_tls.as_ref())
+            .map(|t| t.conns_per_s)
+    };
+    if let (Some(sluice), Some(haproxy)) = (tls_rate("sluice"), tls_rate("haproxy"))
+        && haproxy > 0.0
+    {
+        println!("sluice.wss_tls_vs_haproxy = {:.3}", sluice / haproxy);
     }
 }
 
 // ------------------------------------------------------------------- system
 
-/// A loopback port nothing listens on right now.
-fn free_port() -> Result<u16> {
-    let listener =
-        StdTcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("reading the free port")?
-        .port())
+/// Loopback ports nothing listens on right now, all different (each is
+/// held until all are found).
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let listener = StdTcpListener::bind("127.0.0.1:0")
+            .context("binding 127.0.0.1:0 to find a free port")?;
+        *port = listener
+            .local_addr()
+            .context("reading the free port")?
+            .port();
+        listeners.push(listener);
+    }
+    Ok(ports)
 }
 
 fn on_path(program: &str) -> bool {
