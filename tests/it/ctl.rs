@@ -288,16 +288,8 @@ async fn rollout_restarts_every_backend_without_losing_a_message() {
     for b in &sluice.registry().pool(0).backends {
         assert_eq!(b.state().as_str(), "up");
     }
-    stop.cancel();
-    let stats: Vec<ChatStats> = join_all(clients)
-        .await
-        .into_iter()
-        .map(|r| r.expect("task"))
-        .collect();
-    let lost: u64 = stats.iter().map(|s| s.lost).sum();
-    let wrong: u64 = stats.iter().map(|s| s.wrong).sum();
-    let closes: usize = stats.iter().map(|s| s.closes.len()).sum();
-    let resent: u64 = stats.iter().map(|s| s.resent).sum();
+    let (stats, t) = finish_chat(&stop, clients).await;
+    let (lost, wrong, closes, resent) = (t.lost, t.wrong, t.closes, t.resent);
     assert_eq!((lost, wrong), (0, 0));
     assert!(resent <= 5, "{resent} messages had to be sent again");
     assert!(

@@ -50,17 +50,8 @@ async fn drain_closes_gradually_with_1012_and_loses_nothing() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    let stats: Vec<ChatStats> = join_all(clients)
-        .await
-        .into_iter()
-        .map(|r| r.expect("client task"))
-        .collect();
-
-    let lost: u64 = stats.iter().map(|s| s.lost).sum();
-    let wrong: u64 = stats.iter().map(|s| s.wrong).sum();
-    let echoed: u64 = stats.iter().map(|s| s.echoed).sum();
-    let resent: u64 = stats.iter().map(|s| s.resent).sum();
+    let (stats, t) = finish_chat(&stop, clients).await;
+    let (lost, wrong, echoed, resent) = (t.lost, t.wrong, t.echoed, t.resent);
     assert_eq!((lost, wrong), (0, 0), "{echoed} echoed");
     // Only a message sent in the instant the Close was on its way needs
     // sending again; answers already on their way are never cut.

@@ -3,7 +3,6 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
 use serde_json::json;
 use sluice::config::RebalanceConfig;
 use tokio_util::sync::CancellationToken;
@@ -83,15 +82,8 @@ async fn an_empty_backend_is_filled_gently_and_a_level_pool_is_left_alone() {
     assert_eq!(last["note"], "level", "{last}");
     assert_eq!(last["total"], CLIENTS);
 
-    stop.cancel();
-    let stats: Vec<ChatStats> = join_all(clients)
-        .await
-        .into_iter()
-        .map(|r| r.expect("task"))
-        .collect();
-    let (lost, wrong, resent) = stats.iter().fold((0, 0, 0), |a, s| {
-        (a.0 + s.lost, a.1 + s.wrong, a.2 + s.resent)
-    });
+    let (stats, t) = finish_chat(&stop, clients).await;
+    let (lost, wrong, resent) = (t.lost, t.wrong, t.resent);
     let moved = stats.iter().filter(|s| !s.closes.is_empty()).count();
     assert_eq!((lost, wrong), (0, 0));
     assert!(resent <= 5, "{resent} messages had to be sent again");

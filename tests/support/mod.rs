@@ -549,6 +549,37 @@ pub async fn chat(url: String, every: Duration, stop: CancellationToken) -> Chat
     stats
 }
 
+/// Sums over chatting clients.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChatTotals {
+    pub lost: u64,
+    pub wrong: u64,
+    pub resent: u64,
+    pub echoed: u64,
+    pub closes: usize,
+}
+
+/// Stops the clients and sums what they saw.
+pub async fn finish_chat(
+    stop: &CancellationToken,
+    clients: Vec<tokio::task::JoinHandle<ChatStats>>,
+) -> (Vec<ChatStats>, ChatTotals) {
+    stop.cancel();
+    let stats: Vec<ChatStats> = futures_util::future::join_all(clients)
+        .await
+        .into_iter()
+        .map(|r| r.expect("client task"))
+        .collect();
+    let totals = stats.iter().fold(ChatTotals::default(), |t, s| ChatTotals {
+        lost: t.lost + s.lost,
+        wrong: t.wrong + s.wrong,
+        resent: t.resent + s.resent,
+        echoed: t.echoed + s.echoed,
+        closes: t.closes + s.closes.len(),
+    });
+    (stats, totals)
+}
+
 /// `n` chatting clients through `sluice`, each sending every `every`.
 pub fn chatters(
     sluice: &Sluice,
