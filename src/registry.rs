@@ -484,6 +484,28 @@ impl Registry {
             backend: backend.clone(),
         }
     }
+
+    /// Like `lease`, but only while the backend holds fewer than `max`
+    /// connections (0: no limit); the check and the count are one atomic
+    /// step, so concurrent callers cannot overshoot.
+    pub fn lease_within(self: &Arc<Self>, backend: &Arc<Backend>, max: usize) -> Option<Lease> {
+        if max == 0 {
+            return Some(self.lease(backend));
+        }
+        // Connections only ever become WebSockets through a lease, so the
+        // total cannot grow behind this compare-and-swap.
+        backend
+            .http
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |http| {
+                (http + backend.ws.load(Ordering::Acquire) < max).then_some(http + 1)
+            })
+            .ok()?;
+        self.leases_total.fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            registry: self.clone(),
+            backend: backend.clone(),
+        })
+    }
 }
 
 /// A counted slot on a backend for one HTTP request; given back on drop.

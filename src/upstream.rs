@@ -340,12 +340,16 @@ impl Upstream {
         let Some(i) = pinned.or_else(|| self.balancer.pick(&loads, affinity.key)) else {
             return Ok(None);
         };
+        let Some(lease) = registry.lease_within(&backends[i], max) else {
+            // Filled up since the loads were read: wait like for a full one.
+            return Ok(None);
+        };
         if let Some(bk) = buckets.as_mut()
             && !(affinity.reusable && self.idle[i].has_ready())
         {
             bk[i].try_take(now);
         }
-        Ok(Some((i, registry.lease(&backends[i]))))
+        Ok(Some((i, lease)))
     }
 
     /// Time until some candidate backend has an admission token again.
@@ -555,17 +559,37 @@ fn hash_key<B>(key: &HashKey, req: &hyper::Request<B>, peer: SocketAddr) -> Opti
         HashKey::Ip => peer.ip().to_canonical().to_string().into_bytes(),
         HashKey::Header(name) => req.headers().get(name.as_str())?.as_bytes().to_vec(),
         HashKey::Cookie(name) => sticky::cookie(req.headers(), name)?.as_bytes().to_vec(),
-        HashKey::Query(name) => req
-            .uri()
-            .query()?
-            .split('&')
-            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-            .find(|(k, _)| k == name)?
-            .1
-            .as_bytes()
-            .to_vec(),
+        HashKey::Query(name) => percent_decode(
+            req.uri()
+                .query()?
+                .split('&')
+                .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                .find(|(k, _)| percent_decode(k) == name.as_bytes())?
+                .1,
+        ),
     };
     Some(hash::hash64(&bytes))
+}
+
+/// `%XX` escapes and `+` decoded, so that `a%40b` and `a@b` are one key.
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let hex = |b: Option<&u8>| b.and_then(|&b| (b as char).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+            (b'+', _, _) => out.push(b' '),
+            (b, _, _) => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 fn load_of(backend: &Backend, eligible: bool) -> Load {
@@ -575,5 +599,17 @@ fn load_of(backend: &Backend, eligible: bool) -> Load {
         weight: f64::from(backend.weight) * ramp,
         ramp,
         eligible,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_keys_are_percent_decoded() {
+        assert_eq!(percent_decode("a%40b+c"), b"a@b c");
+        assert_eq!(percent_decode("100%"), b"100%");
+        assert_eq!(percent_decode("%zz%4"), b"%zz%4");
     }
 }

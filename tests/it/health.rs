@@ -343,3 +343,30 @@ async fn keep_alive_requests_need_no_admission_token() {
     };
     assert_eq!(statuses, [200; 5]);
 }
+
+/// Regression (review): concurrent connections could overshoot
+/// max_connections_per_backend (check and count were two steps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_per_backend_holds_under_concurrency() {
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.pools[0].max_connections_per_backend = 5;
+    cfg.pools[0].admission.queue_timeout = Duration::ZERO;
+    let sluice = Sluice::with_config(cfg).await;
+    let url = sluice.url("/ws");
+    let attempts = join_all((0..40).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            tokio_tungstenite::connect_async(url)
+                .await
+                .map(|(ws, _)| ws)
+        })
+    }))
+    .await;
+    let connected: Vec<_> = attempts
+        .into_iter()
+        .filter_map(|r| r.expect("task").ok())
+        .collect();
+    assert_eq!(connected.len(), 5);
+    eventually(5, "five at the backend", || backends[0].ws_open() == 5).await;
+}
