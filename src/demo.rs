@@ -122,12 +122,17 @@ async fn accept_loop(
 ) {
     loop {
         let (stream, _) = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(_) => continue,
             },
-            () = stop.cancelled() => return,
         };
+        if stop.is_cancelled() {
+            // Killed meanwhile: a dead server answers nothing.
+            return;
+        }
         stats.tcp_accepted.fetch_add(1, Ordering::SeqCst);
         let name = name.clone();
         let stats = stats.clone();
@@ -144,8 +149,9 @@ async fn accept_loop(
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::select! {
-                _ = conn => {}
+                biased;
                 () = stop.cancelled() => {}
+                _ = conn => {}
             }
         });
     }
@@ -192,8 +198,9 @@ async fn serve_request(
             }
             stats.ws_open.fetch_add(1, Ordering::SeqCst);
             tokio::select! {
-                () = echo(ws, &ws_name) => {}
+                biased;
                 () = stop.cancelled() => {}
+                () = echo(ws, &ws_name) => {}
             }
             stats.ws_open.fetch_sub(1, Ordering::SeqCst);
         });
