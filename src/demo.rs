@@ -311,9 +311,14 @@ pub fn config(
             tls: None,
         })
         .collect();
-    let mut listeners = vec![ListenerConfig::new("demo", bind, 0)];
+    // 4,096 connections per listener: the two stay within a 20,000
+    // file-descriptor limit, so the demo starts without a warning.
+    let mut plain = ListenerConfig::new("demo", bind, 0);
+    plain.max_connections = 4096;
+    let mut listeners = vec![plain];
     if let Some((tls_bind, cert)) = tls {
         let mut listener = ListenerConfig::new("demo-tls", tls_bind, 0);
+        listener.max_connections = 4096;
         listener.tls = Some(TlsSettings {
             default: cert,
             sni: Vec::new(),
