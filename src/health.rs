@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{HealthConfig, PoolConfig};
 use crate::registry::Registry;
+use crate::tls::{BackendStream, BackendTlsConnector};
 
 /// How often ejections and ramps are looked at when no active check runs
 /// more often.
@@ -71,10 +72,25 @@ pub fn slow_start_factor(elapsed: Duration, ramp: Duration) -> f64 {
     (elapsed.as_secs_f64() / ramp.as_secs_f64()).max(0.02)
 }
 
-/// One check of `addr`: true when healthy.
-pub async fn check(addr: SocketAddr, cfg: &HealthConfig) -> bool {
+/// One check of `addr`: true when healthy. A backend with `tls` is
+/// checked over TLS, as the data path talks to it.
+pub async fn check(
+    addr: SocketAddr,
+    cfg: &HealthConfig,
+    tls: Option<&BackendTlsConnector>,
+) -> bool {
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (stream, host) = match tls {
+            None => (BackendStream::Plain(tcp), addr.to_string()),
+            Some(t) => {
+                let stream = t.connector.connect(t.server_name.clone(), tcp).await.ok()?;
+                (
+                    BackendStream::Tls(Box::new(stream)),
+                    t.server_name.to_str().into_owned(),
+                )
+            }
+        };
         let Some(path) = &cfg.path else {
             return Some(true);
         };
@@ -83,7 +99,7 @@ pub async fn check(addr: SocketAddr, cfg: &HealthConfig) -> bool {
             .ok()?;
         tokio::spawn(conn);
         let req = Request::get(path.as_str())
-            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::HOST, host)
             .header(hyper::header::USER_AGENT, "sluice-health-check")
             .body(Empty::<Bytes>::new())
             .ok()?;
@@ -103,6 +119,13 @@ pub async fn check(addr: SocketAddr, cfg: &HealthConfig) -> bool {
 pub async fn run(p: usize, registry: Arc<Registry>, cfg: PoolConfig, shutdown: CancellationToken) {
     let pool = registry.pool(p);
     let mut states = vec![CheckState::default(); pool.backends.len()];
+    // A backend that cannot get a TLS connector fails its checks (never
+    // checked in the clear).
+    let connectors: Vec<Option<BackendTlsConnector>> = cfg
+        .backends
+        .iter()
+        .map(|b| b.tls.as_ref().and_then(|t| crate::tls::backend_tls(t).ok()))
+        .collect();
     let period = cfg
         .health
         .as_ref()
@@ -129,7 +152,13 @@ pub async fn run(p: usize, registry: Arc<Registry>, cfg: PoolConfig, shutdown: C
             continue;
         }
         next_check = tokio::time::Instant::now() + health.interval;
-        let results = join_all(pool.backends.iter().map(|b| check(b.addr, health))).await;
+        let results = join_all(
+            pool.backends
+                .iter()
+                .zip(&connectors)
+                .map(|(b, tls)| check(b.addr, health, tls.as_ref())),
+        )
+        .await;
         for ((b, state), ok) in pool.backends.iter().zip(states.iter_mut()).zip(results) {
             match state.record(ok, health.rise, health.fall) {
                 Some(false) => {

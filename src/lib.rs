@@ -81,8 +81,8 @@ pub struct Running {
     pub registry: Arc<Registry>,
     /// Drains in progress.
     pub drains: Arc<drain::Drains>,
-    /// Notified to reload TLS certificates (SIGHUP).
-    pub reload_certificates: Arc<tokio::sync::Notify>,
+    /// Reloads TLS certificates when sent to (SIGHUP).
+    pub reload_certificates: Arc<tokio::sync::watch::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -133,7 +133,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         .collect();
     listener::raise_fd_limit(cfg.listeners.iter().map(|l| l.max_connections).sum());
     let tasks = TaskTracker::new();
-    let hup = Arc::new(tokio::sync::Notify::new());
+    let hup = Arc::new(tokio::sync::watch::Sender::new(()));
     let mut bound = Vec::new();
     let mut addrs = Vec::new();
     for lcfg in &cfg.listeners {
@@ -151,10 +151,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
                     name: lcfg.name.clone(),
                     source,
                 })?;
-                tokio::spawn(
-                    tls.clone()
-                        .watch(lcfg.name.clone(), hup.clone(), shutdown.clone()),
-                );
+                tokio::spawn(tls.clone().watch(
+                    lcfg.name.clone(),
+                    hup.subscribe(),
+                    shutdown.clone(),
+                ));
                 Some(tls)
             }
         };

@@ -249,7 +249,7 @@ async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationT
             _ = int.recv() => {}
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading certificates");
-                reload.notify_waiters();
+                reload.send_replace(());
                 continue;
             }
         }

@@ -72,8 +72,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Loads and checks one certificate chain with its key.
+/// Loads and checks one certificate chain with its key; an expired one is
+/// an error.
 pub fn load_certified_key(source: &CertSource) -> Result<Arc<CertifiedKey>, TlsError> {
+    load_key(source, true)
+}
+
+/// Loads one certificate chain with its key; an expired one is refused
+/// when `refuse_expired`, else served with a warning (a reload must not be
+/// blocked by a certificate that is already being served).
+fn load_key(source: &CertSource, refuse_expired: bool) -> Result<Arc<CertifiedKey>, TlsError> {
     let (cert_name, cert_pem, key_name, key_pem) = match source {
         CertSource::Files { cert, key } => {
             let read = |path: &Path| {
@@ -106,10 +114,14 @@ pub fn load_certified_key(source: &CertSource) -> Result<Arc<CertifiedKey>, TlsE
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         if not_after.timestamp() < now {
-            return Err(TlsError::Expired {
-                path: cert_name,
+            let error = TlsError::Expired {
+                path: cert_name.clone(),
                 not_after: not_after.to_string(),
-            });
+            };
+            if refuse_expired {
+                return Err(error);
+            }
+            warn!(%error, "serving an expired certificate");
         }
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey {
@@ -134,14 +146,14 @@ struct CertStore {
 }
 
 impl CertStore {
-    fn load(settings: &TlsSettings) -> Result<Self, TlsError> {
+    fn load(settings: &TlsSettings, refuse_expired: bool) -> Result<Self, TlsError> {
         let mut store = Self {
-            default: load_certified_key(&settings.default)?,
+            default: load_key(&settings.default, refuse_expired)?,
             exact: HashMap::new(),
             wildcard: HashMap::new(),
         };
         for (hosts, source) in &settings.sni {
-            let key = load_certified_key(source)?;
+            let key = load_key(source, refuse_expired)?;
             for host in hosts {
                 let host = host.to_ascii_lowercase();
                 match host.strip_prefix("*.") {
@@ -191,7 +203,7 @@ pub struct Tls {
 impl Tls {
     /// Loads every certificate of `settings`.
     pub fn new(settings: &TlsSettings) -> Result<Self, TlsError> {
-        let store = Arc::new(ArcSwap::from_pointee(CertStore::load(settings)?));
+        let store = Arc::new(ArcSwap::from_pointee(CertStore::load(settings, true)?));
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Unusable {
@@ -211,7 +223,7 @@ impl Tls {
 
     /// Loads the certificates again; on any failure keeps the ones in use.
     pub fn reload(&self, listener: &str) -> bool {
-        match CertStore::load(&self.settings) {
+        match CertStore::load(&self.settings, false) {
             Ok(store) => {
                 self.store.store(Arc::new(store));
                 info!(listener, "certificates reloaded");
@@ -242,7 +254,7 @@ impl Tls {
     pub async fn watch(
         self,
         listener: String,
-        hup: Arc<tokio::sync::Notify>,
+        mut hup: tokio::sync::watch::Receiver<()>,
         shutdown: CancellationToken,
     ) {
         let stamp = |files: &[PathBuf]| -> Vec<Option<(SystemTime, u64)>> {
@@ -260,15 +272,20 @@ impl Tls {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(RELOAD_CHECK) => {
+                    // A failed reload is tried again at the next look.
                     let now = stamp(&files);
-                    if now != seen {
+                    if now != seen && self.reload(&listener) {
                         seen = now;
-                        self.reload(&listener);
                     }
                 }
-                () = hup.notified() => {
-                    seen = stamp(&files);
-                    self.reload(&listener);
+                changed = hup.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = stamp(&files);
+                    if self.reload(&listener) {
+                        seen = now;
+                    }
                 }
                 () = shutdown.cancelled() => return,
             }
@@ -289,6 +306,22 @@ impl std::fmt::Debug for BackendTlsConnector {
             .field("server_name", &self.server_name)
             .finish()
     }
+}
+
+/// The connector and server name for a backend's `tls` settings.
+pub fn backend_tls(cfg: &crate::config::BackendTls) -> Result<BackendTlsConnector, TlsError> {
+    let connector = backend_connector(&cfg.ca)?;
+    let server_name =
+        rustls::pki_types::ServerName::try_from(cfg.server_name.clone()).map_err(|e| {
+            TlsError::Unusable {
+                path: cfg.ca.clone(),
+                reason: format!("server_name {:?}: {e}", cfg.server_name),
+            }
+        })?;
+    Ok(BackendTlsConnector {
+        connector,
+        server_name,
+    })
 }
 
 /// A client-side connector trusting the CAs in `ca` (PEM).
@@ -416,8 +449,13 @@ fn read_with_noop_waker(
     let mut cx = Context::from_waker(std::task::Waker::noop());
     let spare = buf.spare_capacity_mut();
     let mut read = ReadBuf::uninit(spare);
+    let start = read.filled().as_ptr();
     match Pin::new(stream).poll_read(&mut cx, &mut read) {
         Poll::Ready(Ok(())) => {
+            if read.filled().as_ptr() != start {
+                // The reader swapped the buffer: its bytes are not in ours.
+                return Err(io::Error::other("reader replaced the read buffer"));
+            }
             let n = read.filled().len();
             // SAFETY: poll_read initialised and filled the first n bytes of
             // the spare capacity.
@@ -471,7 +509,7 @@ mod tests {
             ],
             handshake_timeout: Duration::from_secs(5),
         };
-        let store = CertStore::load(&settings).expect("loads");
+        let store = CertStore::load(&settings, true).expect("loads");
         let is = |a: &Arc<CertifiedKey>, b: &Arc<CertifiedKey>| Arc::ptr_eq(a, b);
         assert!(is(
             &store.resolve(Some("API.example.com")),

@@ -20,7 +20,6 @@ use tokio::sync::Semaphore;
 
 use crate::admission::TokenBucket;
 use crate::tls::{BackendStream, BackendTlsConnector};
-use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -194,7 +193,7 @@ pub struct Upstream {
     /// Sticky cookies, when configured.
     pub sticky: Option<Sticky>,
     /// TLS towards each backend that wants it: connector and server name.
-    connectors: Vec<Option<BackendTlsConnector>>,
+    connectors: Vec<Option<Result<BackendTlsConnector, String>>>,
     balancer: Balancer,
     idle: Vec<Arc<IdlePool>>,
 }
@@ -260,16 +259,18 @@ impl Upstream {
             let names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
             Sticky::new(sc, &cfg.name, &names)
         });
+        // A backend whose TLS settings cannot be used gets no connection at
+        // all: never a downgrade to plain text.
         let connectors = cfg
             .backends
             .iter()
             .map(|b| {
-                let tls = b.tls.as_ref()?;
-                let connector = crate::tls::backend_connector(&tls.ca)
-                    .inspect_err(|error| warn!(backend = %b.name, %error, "backend TLS unusable; connecting without"))
-                    .ok()?;
-                let server_name = ServerName::try_from(tls.server_name.clone()).ok()?;
-                Some(BackendTlsConnector { connector, server_name })
+                b.tls.as_ref().map(|t| {
+                    crate::tls::backend_tls(t).map_err(|error| {
+                        warn!(backend = %b.name, %error, "backend TLS unusable; not connecting to it");
+                        error.to_string()
+                    })
+                })
             })
             .collect();
         Self {
@@ -521,8 +522,15 @@ impl Upstream {
         let tcp = connect(addr, self.cfg.connect_timeout).await?;
         self.connect_seconds
             .observe(started.elapsed().as_secs_f64());
-        let Some(tls) = &self.connectors[backend] else {
-            return Ok(BackendStream::Plain(tcp));
+        let tls = match &self.connectors[backend] {
+            None => return Ok(BackendStream::Plain(tcp)),
+            Some(Err(reason)) => {
+                return Err(UpstreamError::Tls {
+                    addr,
+                    source: std::io::Error::other(reason.clone()),
+                });
+            }
+            Some(Ok(tls)) => tls,
         };
         let handshake = tls.connector.connect(tls.server_name.clone(), tcp);
         match tokio::time::timeout(self.cfg.connect_timeout, handshake).await {

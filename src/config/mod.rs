@@ -508,7 +508,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
         let address =
             resolve(&address.value).map_err(|m| b.error_at(&address.span, "address", m))?;
         let weight = b.integer("weight", 1, 1, 10_000)? as u32;
-        let tls = read_backend_tls(&mut b, &address)?;
+        let tls = read_backend_tls(&mut b)?;
         if backends.iter().any(|x| x.name == bname.value) {
             return Err(b.error_at(
                 &bname.span,
@@ -695,10 +695,7 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<crate::tls::TlsSettings>,
 }
 
 /// `tls = { ca, server_name }` on a backend; the CA file is loaded now.
-fn read_backend_tls(
-    b: &mut Table<'_>,
-    address: &SocketAddr,
-) -> Result<Option<BackendTls>, ConfigError> {
+fn read_backend_tls(b: &mut Table<'_>) -> Result<Option<BackendTls>, ConfigError> {
     let context = format!("{} tls", b.context());
     let Some(mut t) = b.table("tls", context)? else {
         return Ok(None);
@@ -706,19 +703,17 @@ fn read_backend_tls(
     let ca = t.required_string("ca")?;
     let path = t.path_near_config(&ca.value);
     crate::tls::backend_connector(&path).map_err(|e| t.error_at(&ca.span, "ca", e.to_string()))?;
-    let server_name = match t.string("server_name")? {
-        Some(v) => {
-            if rustls::pki_types::ServerName::try_from(v.value.clone()).is_err() {
-                return Err(t.error_at(
-                    &v.span,
-                    "server_name",
-                    format!("\"{}\" is not a host name", v.value),
-                ));
-            }
-            v.value
-        }
-        None => address.ip().to_string(),
-    };
+    // Required: a default (the address' IP) would need an IP in the
+    // backend's certificate and send no SNI, which is easy to get wrong.
+    let name = t.required_string("server_name")?;
+    if rustls::pki_types::ServerName::try_from(name.value.clone()).is_err() {
+        return Err(t.error_at(
+            &name.span,
+            "server_name",
+            format!("\"{}\" is not a host name", name.value),
+        ));
+    }
+    let server_name = name.value;
     t.finish()?;
     Ok(Some(BackendTls {
         ca: path,
@@ -1095,6 +1090,16 @@ address = "127.0.0.1:4000"
         assert!(e.contains("missing.pem"), "{e}");
         let e = err(with("old.pem", "old.key"));
         assert!(e.contains("old.pem: certificate expired on"), "{e}");
+        // TLS towards a backend needs its name.
+        let backend_tls = MINIMAL.replace(
+            "address = \"127.0.0.1:4000\"",
+            "address = \"127.0.0.1:4000\"\ntls = { ca = \"a.pem\" }",
+        );
+        let e = err(backend_tls);
+        assert!(
+            e.contains("backend \"app-1\" tls: missing key \"server_name\""),
+            "{e}"
+        );
     }
 
     #[test]

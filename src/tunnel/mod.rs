@@ -537,6 +537,7 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
                 && f.replace_close.is_none()
                 && f.close_out.is_none()
                 && f.is_flushed()
+                && !f.unflushed
                 && f.tracker.close_seen()
                 && f.tracker.is_at_frame_boundary()
         };

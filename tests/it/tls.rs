@@ -310,3 +310,32 @@ async fn tls_towards_a_backend_that_only_speaks_tls() {
     let wrong = Sluice::with_config(cfg).await;
     assert_eq!(wrong.http().await.get("/x").await.status, 503);
 }
+
+/// Regression (review): health checks spoke plain HTTP to a backend that
+/// only speaks TLS, so it went down and the pool answered 503.
+#[tokio::test]
+async fn health_checks_reach_a_tls_backend_over_tls() {
+    let dir = temp_dir("health");
+    write_cert(&dir, "backend", &["backend.test"]);
+    let echo_server = echo_backends(1).await;
+    let tls_backend = tls_sluice(
+        echo_server[0].addr,
+        one_cert(&dir, "backend", Duration::from_secs(5)),
+    )
+    .await;
+    let mut cfg = config(&[tls_backend.addr]);
+    cfg.pools[0].backends[0].tls = Some(sluice::config::BackendTls {
+        ca: dir.join("backend.pem"),
+        server_name: "backend.test".into(),
+    });
+    cfg.pools[0].health = Some(sluice::config::HealthConfig {
+        path: Some("/health".into()),
+        interval: Duration::from_millis(100),
+        fall: 2,
+        ..sluice::config::HealthConfig::default()
+    });
+    let front = Sluice::with_config(cfg).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(front.registry().pool(0).backends[0].display_state(), "up");
+    assert_eq!(front.http().await.get("/x").await.status, 200);
+}
