@@ -5,14 +5,13 @@
 //! pinned backend from a Cookie header.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use hyper::header::{COOKIE, HeaderMap, HeaderValue};
 use sluice::balance::hash::hash64;
 use sluice::balance::sticky::Sticky;
 use sluice::balance::{Balancer, Load};
-use sluice::config::{Algorithm, BackendConfig, HashKey, PoolConfig, SameSite, StickyConfig};
+use sluice::config::{Algorithm, BackendConfig, HashKey, PoolConfig, StickyConfig};
 
 fn pool(algorithm: Algorithm) -> PoolConfig {
     let backends = (0..8)
@@ -57,12 +56,8 @@ fn picks(c: &mut Criterion) {
     }
     let sticky = Sticky::new(
         StickyConfig {
-            cookie: "SLUICE_AFFINITY".into(),
-            ttl: Duration::from_secs(3600),
-            secure: false,
-            http_only: true,
-            same_site: SameSite::Lax,
             secret: Some(b"bench secret, 16+ bytes".to_vec()),
+            ..StickyConfig::default()
         },
         "app",
         &[

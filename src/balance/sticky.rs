@@ -117,16 +117,12 @@ impl Sticky {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn sticky(secret: &[u8]) -> Sticky {
         let cfg = StickyConfig {
-            cookie: "SLUICE_AFFINITY".into(),
-            ttl: Duration::from_secs(3600),
             secure: true,
-            http_only: true,
-            same_site: SameSite::Lax,
             secret: Some(secret.to_vec()),
+            ..StickyConfig::default()
         };
         Sticky::new(cfg, "app", &["app-1", "app-2"])
     }

@@ -227,6 +227,19 @@ pub struct StickyConfig {
     pub secret: Option<Vec<u8>>,
 }
 
+impl Default for StickyConfig {
+    fn default() -> Self {
+        Self {
+            cookie: "SLUICE_AFFINITY".into(),
+            ttl: Duration::from_secs(3600),
+            secure: false,
+            http_only: true,
+            same_site: SameSite::Lax,
+            secret: None,
+        }
+    }
+}
+
 impl Algorithm {
     /// The name used in the config and the API.
     pub fn as_str(&self) -> &'static str {
@@ -747,9 +760,8 @@ fn read_sticky(pool: &mut Table<'_>) -> Result<Option<StickyConfig>, ConfigError
     let Some(mut t) = pool.table("sticky", context)? else {
         return Ok(None);
     };
-    let cookie = t
-        .string("cookie")?
-        .map_or("SLUICE_AFFINITY".to_string(), |v| v.value);
+    let d = StickyConfig::default();
+    let cookie = t.string("cookie")?.map_or(d.cookie, |v| v.value);
     if cookie.is_empty()
         || !cookie
             .bytes()
@@ -760,7 +772,7 @@ fn read_sticky(pool: &mut Table<'_>) -> Result<Option<StickyConfig>, ConfigError
         )));
     }
     let same_site = match t.string("same_site")? {
-        None => SameSite::Lax,
+        None => d.same_site,
         Some(v) => match v.value.to_ascii_lowercase().as_str() {
             "lax" => SameSite::Lax,
             "strict" => SameSite::Strict,
@@ -774,7 +786,7 @@ fn read_sticky(pool: &mut Table<'_>) -> Result<Option<StickyConfig>, ConfigError
             }
         },
     };
-    let secure = t.boolean("secure", false)?;
+    let secure = t.boolean("secure", d.secure)?;
     let secret = match t.string("secret_file")? {
         None => None,
         Some(v) => {
@@ -798,9 +810,9 @@ fn read_sticky(pool: &mut Table<'_>) -> Result<Option<StickyConfig>, ConfigError
     };
     let cfg = StickyConfig {
         cookie,
-        ttl: t.duration("ttl", Duration::from_secs(3600), Duration::from_secs(1))?,
+        ttl: t.duration("ttl", d.ttl, Duration::from_secs(1))?,
         secure,
-        http_only: t.boolean("http_only", true)?,
+        http_only: t.boolean("http_only", d.http_only)?,
         same_site,
         secret,
     };

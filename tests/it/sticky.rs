@@ -5,19 +5,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use sluice::config::{Algorithm, HashKey, SameSite, StickyConfig};
+use sluice::config::{Algorithm, HashKey, StickyConfig};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::support::*;
 
 fn sticky() -> StickyConfig {
     StickyConfig {
-        cookie: "SLUICE_AFFINITY".into(),
-        ttl: Duration::from_secs(3600),
-        secure: false,
-        http_only: true,
-        same_site: SameSite::Lax,
         secret: Some(b"test secret, at least 16 bytes".to_vec()),
+        ..StickyConfig::default()
     }
 }
 
