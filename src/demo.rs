@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::{AdminConfig, BackendConfig, Config, ListenerConfig, PoolConfig};
-use crate::tls::{CertSource, TlsSettings};
+use crate::config::{CertSource, TlsSettings};
 
 const PAGE: &str = include_str!("demo_page.html");
 

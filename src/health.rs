@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{HealthConfig, PoolConfig};
 use crate::registry::Registry;
-use crate::tls::{BackendStream, BackendTlsConnector};
+use crate::upstream::{BackendStream, BackendTlsConnector};
 
 /// How often ejections and ramps are looked at when no active check runs
 /// more often.
@@ -85,10 +85,7 @@ pub async fn check(
             None => (BackendStream::Plain(tcp), addr.to_string()),
             Some(t) => {
                 let stream = t.connector.connect(t.server_name.clone(), tcp).await.ok()?;
-                (
-                    BackendStream::Tls(Box::new(stream)),
-                    t.server_name.to_str().into_owned(),
-                )
+                (BackendStream::Tls(Box::new(stream)), t.host())
             }
         };
         let Some(path) = &cfg.path else {
@@ -115,17 +112,17 @@ pub async fn check(
     )
 }
 
-/// Watches the health of pool `p` until `shutdown`.
-pub async fn run(p: usize, registry: Arc<Registry>, cfg: PoolConfig, shutdown: CancellationToken) {
+/// Watches the health of pool `p` until `shutdown`. `connectors` are the
+/// backends' TLS connectors, as the data path uses them.
+pub async fn run(
+    p: usize,
+    registry: Arc<Registry>,
+    cfg: PoolConfig,
+    connectors: Vec<Option<BackendTlsConnector>>,
+    shutdown: CancellationToken,
+) {
     let pool = registry.pool(p);
     let mut states = vec![CheckState::default(); pool.backends.len()];
-    // A backend that cannot get a TLS connector fails its checks (never
-    // checked in the clear).
-    let connectors: Vec<Option<BackendTlsConnector>> = cfg
-        .backends
-        .iter()
-        .map(|b| b.tls.as_ref().and_then(|t| crate::tls::backend_tls(t).ok()))
-        .collect();
     let period = cfg
         .health
         .as_ref()

@@ -17,10 +17,12 @@ pub mod config;
 pub mod ctl;
 pub mod demo;
 pub mod drain;
+mod error_chain;
 pub mod health;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod pem;
 pub mod rebalance;
 pub mod registry;
 pub mod tls;
@@ -59,7 +61,13 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("listener {name:?}: {source}")]
-    Tls { name: String, source: tls::TlsError },
+    Tls { name: String, source: pem::PemError },
+    #[error("pool {pool:?} backend {backend:?}: TLS towards the backend: {source}")]
+    BackendTls {
+        pool: String,
+        backend: String,
+        source: pem::PemError,
+    },
 }
 
 /// Where the admin API listens and its token.
@@ -118,14 +126,36 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         cfg.pools.iter().map(|p| p.drain).collect(),
     ));
     let rebalance_reports = Arc::new(rebalance::Reports::new(cfg.pools.len()));
+    // TLS towards backends is set up once: a CA that does not load stops
+    // the start, never a silent fallback to plain text.
+    let mut connectors = Vec::new();
+    for pool in &cfg.pools {
+        let mut pool_connectors = Vec::new();
+        for b in &pool.backends {
+            let connector = b
+                .tls
+                .as_ref()
+                .map(upstream::BackendTlsConnector::new)
+                .transpose()
+                .map_err(|source| StartError::BackendTls {
+                    pool: pool.name.clone(),
+                    backend: b.name.clone(),
+                    source,
+                })?;
+            pool_connectors.push(connector);
+        }
+        connectors.push(pool_connectors);
+    }
     let upstreams: Vec<Arc<Upstream>> = cfg
         .pools
         .iter()
+        .zip(&connectors)
         .enumerate()
-        .map(|(i, pool)| {
+        .map(|(i, (pool, tls))| {
             Arc::new(Upstream::new(
                 pool.clone(),
                 i,
+                tls.clone(),
                 metrics.connect_seconds.clone(),
                 metrics.admission_rejected(&pool.name),
             ))
@@ -207,11 +237,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         ));
     }
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
-    for (p, pool) in cfg.pools.iter().enumerate() {
+    for (p, (pool, tls)) in cfg.pools.iter().zip(connectors).enumerate() {
         tokio::spawn(health::run(
             p,
             registry.clone(),
             pool.clone(),
+            tls,
             shutdown.clone(),
         ));
         // Clients of hash and sticky pools come back to the backend their

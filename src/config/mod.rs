@@ -12,8 +12,11 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::pem::CertSource;
 pub use reader::MAX_DURATION;
 use reader::{Source, Table, Value};
+
+use crate::error_chain::chain;
 
 /// The shortest timeout a key accepts.
 const MIN_TIMEOUT: Duration = Duration::from_millis(1);
@@ -45,7 +48,18 @@ pub struct ListenerConfig {
     /// Time a client has to send a complete request head.
     pub header_read_timeout: Duration,
     /// TLS termination, when configured.
-    pub tls: Option<crate::tls::TlsSettings>,
+    pub tls: Option<TlsSettings>,
+}
+
+/// A listener's TLS settings (loaded and served by `tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// For clients without SNI, or whose name no SNI entry covers.
+    pub default: CertSource,
+    /// Host names (exact, or `*.example.com`) and their certificates.
+    pub sni: Vec<(Vec<String>, CertSource)>,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
 }
 
 /// The admin API listener.
@@ -659,8 +673,7 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
 /// `tls = { cert, key, handshake_timeout }` with `[[listener.tls.sni]]`
 /// entries; every certificate is loaded and checked now, so `sluice check`
 /// reports an unreadable, expired or mismatched one with its file.
-fn read_tls(listener: &mut Table<'_>) -> Result<Option<crate::tls::TlsSettings>, ConfigError> {
-    use crate::tls::{CertSource, TlsSettings, load_certified_key};
+fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError> {
     let context = format!("{} tls", listener.context());
     let Some(mut t) = listener.table("tls", context)? else {
         return Ok(None);
@@ -672,7 +685,8 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<crate::tls::TlsSettings>,
             cert: t.path_near_config(&cert.value),
             key: t.path_near_config(&key.value),
         };
-        load_certified_key(&source).map_err(|e| t.error_at(&cert.span, "cert", e.to_string()))?;
+        crate::pem::load_certified_key(&source)
+            .map_err(|e| t.error_at(&cert.span, "cert", chain(&e).to_string()))?;
         Ok(source)
     }
     let default = source(&mut t)?;
@@ -715,7 +729,8 @@ fn read_backend_tls(b: &mut Table<'_>) -> Result<Option<BackendTls>, ConfigError
     };
     let ca = t.required_string("ca")?;
     let path = t.path_near_config(&ca.value);
-    crate::tls::backend_connector(&path).map_err(|e| t.error_at(&ca.span, "ca", e.to_string()))?;
+    crate::pem::client_config(&path)
+        .map_err(|e| t.error_at(&ca.span, "ca", chain(&e).to_string()))?;
     // Required: a default (the address' IP) would need an IP in the
     // backend's certificate and send no SNI, which is easy to get wrong.
     let name = t.required_string("server_name")?;

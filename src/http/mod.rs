@@ -33,9 +33,8 @@ use body::Reuse;
 
 use crate::config::ListenerConfig;
 use crate::registry::Registry;
-use crate::tls::BackendStream;
 use crate::tunnel::{Tunnel, TunnelIo};
-use crate::upstream::{self, Upstream, UpstreamError};
+use crate::upstream::{self, BackendStream, Upstream, UpstreamError};
 
 /// What every connection of one listener shares.
 pub struct ListenerCtx {

@@ -18,6 +18,9 @@
 //! socket becomes readable and given back when the data has been written.
 
 pub mod frame;
+mod stream;
+
+pub use stream::TunnelIo;
 
 use std::future::Future;
 use std::io;
@@ -27,7 +30,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -318,44 +320,6 @@ impl Flow {
                     self.eof = true;
                 }
             }
-        }
-    }
-}
-
-/// A stream the tunnel can wait on without holding a buffer.
-pub trait TunnelIo: AsyncWrite + Unpin + Send + 'static {
-    /// Ready when a read would make progress (data, end of stream, error).
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-
-    /// Reads what is available into `buf`'s spare capacity; `WouldBlock`
-    /// when nothing is.
-    fn read_available(&mut self, buf: &mut Vec<u8>) -> io::Result<usize>;
-}
-
-impl TunnelIo for TcpStream {
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_read_ready(self, cx)
-    }
-
-    /// A read that does not fill the buffer has drained the socket, so the
-    /// readiness is cleared right away: the next read attempt costs no
-    /// system call that would only answer "would block". (tokio keeps
-    /// readiness that a newer event set, so data arriving meanwhile is not
-    /// missed.)
-    fn read_available(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let spare = buf.capacity() - buf.len();
-        let mut short_read = None;
-        let result = self.try_io(Interest::READABLE, || {
-            let n = self.try_read_buf(buf)?;
-            if n > 0 && n < spare {
-                short_read = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match short_read {
-            Some(n) => Ok(n),
-            None => result,
         }
     }
 }

@@ -18,16 +18,19 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::Semaphore;
 
-use crate::admission::TokenBucket;
-use crate::tls::{BackendStream, BackendTlsConnector};
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
+
+use crate::admission::TokenBucket;
 
 use crate::balance::sticky::{self, Sticky};
 use crate::balance::{Balancer, Load, hash};
 use crate::config::PoolConfig;
 use crate::config::{Algorithm, HashKey};
 use crate::registry::{Backend, Lease, Registry};
+
+mod stream;
+
+pub use stream::{BackendStream, BackendTlsConnector, connect};
 
 /// Why no upstream connection could be had.
 #[derive(Debug, thiserror::Error)]
@@ -62,19 +65,6 @@ impl UpstreamError {
             self,
             Self::AllFailed { .. } | Self::NoBackend { .. } | Self::Overloaded { .. }
         )
-    }
-}
-
-/// Opens a TCP connection to `addr` within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => Err(UpstreamError::ConnectTimeout { addr, timeout }),
-        Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
-        Ok(Ok(stream)) => {
-            // Small WebSocket frames must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
     }
 }
 
@@ -193,7 +183,7 @@ pub struct Upstream {
     /// Sticky cookies, when configured.
     pub sticky: Option<Sticky>,
     /// TLS towards each backend that wants it: connector and server name.
-    connectors: Vec<Option<Result<BackendTlsConnector, String>>>,
+    connectors: Vec<Option<BackendTlsConnector>>,
     balancer: Balancer,
     idle: Vec<Arc<IdlePool>>,
 }
@@ -234,9 +224,11 @@ pub struct Connected {
 }
 
 impl Upstream {
+    /// `connectors` holds, per backend, its TLS connector when it has `tls`.
     pub fn new(
         cfg: PoolConfig,
         index: usize,
+        connectors: Vec<Option<BackendTlsConnector>>,
         connect_seconds: Histogram,
         rejected: Counter,
     ) -> Self {
@@ -259,20 +251,6 @@ impl Upstream {
             let names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
             Sticky::new(sc, &cfg.name, &names)
         });
-        // A backend whose TLS settings cannot be used gets no connection at
-        // all: never a downgrade to plain text.
-        let connectors = cfg
-            .backends
-            .iter()
-            .map(|b| {
-                b.tls.as_ref().map(|t| {
-                    crate::tls::backend_tls(t).map_err(|error| {
-                        warn!(backend = %b.name, %error, "backend TLS unusable; not connecting to it");
-                        error.to_string()
-                    })
-                })
-            })
-            .collect();
         Self {
             connectors,
             sticky,
@@ -522,15 +500,8 @@ impl Upstream {
         let tcp = connect(addr, self.cfg.connect_timeout).await?;
         self.connect_seconds
             .observe(started.elapsed().as_secs_f64());
-        let tls = match &self.connectors[backend] {
-            None => return Ok(BackendStream::Plain(tcp)),
-            Some(Err(reason)) => {
-                return Err(UpstreamError::Tls {
-                    addr,
-                    source: std::io::Error::other(reason.clone()),
-                });
-            }
-            Some(Ok(tls)) => tls,
+        let Some(tls) = &self.connectors[backend] else {
+            return Ok(BackendStream::Plain(tcp));
         };
         let handshake = tls.connector.connect(tls.server_name.clone(), tcp);
         match tokio::time::timeout(self.cfg.connect_timeout, handshake).await {
