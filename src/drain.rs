@@ -183,7 +183,7 @@ impl Drains {
             info!(pool = %pool.name, backend = %backend.name, "back in rotation");
         }
         if backend.state() != BackendState::Up {
-            backend.mark_back();
+            backend.mark_back(std::time::Instant::now());
         }
         backend.set_state(BackendState::Up);
         Ok(())

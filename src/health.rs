@@ -20,57 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{HealthConfig, PoolConfig};
+use crate::health_state::CheckState;
 use crate::registry::Registry;
 use crate::upstream::{BackendStream, BackendTlsConnector};
 
 /// How often ejections and ramps are looked at when no active check runs
 /// more often.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
-
-/// The active check's view of one backend (a pure state machine).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CheckState {
-    pub up: bool,
-    /// Results in a row that disagree with `up`.
-    streak: u32,
-}
-
-impl Default for CheckState {
-    fn default() -> Self {
-        // Backends start up: sluice does not refuse traffic while it looks.
-        Self {
-            up: true,
-            streak: 0,
-        }
-    }
-}
-
-impl CheckState {
-    /// Records one result; returns the new state when it changed.
-    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
-        if ok == self.up {
-            self.streak = 0;
-            return None;
-        }
-        self.streak += 1;
-        let needed = if self.up { fall } else { rise };
-        if self.streak >= needed {
-            self.up = ok;
-            self.streak = 0;
-            return Some(ok);
-        }
-        None
-    }
-}
-
-/// Share of its weight a backend gets `elapsed` into a slow start of
-/// `ramp`: from near zero up to all of it, linearly.
-pub fn slow_start_factor(elapsed: Duration, ramp: Duration) -> f64 {
-    if ramp.is_zero() || elapsed >= ramp {
-        return 1.0;
-    }
-    (elapsed.as_secs_f64() / ramp.as_secs_f64()).max(0.02)
-}
 
 /// One check of `addr`: true when healthy. A backend with `tls` is
 /// checked over TLS, as the data path talks to it.
@@ -135,12 +91,13 @@ pub async fn run(
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
+        let now = std::time::Instant::now();
         for b in &pool.backends {
-            if b.end_ejection_if_due() {
+            if b.end_ejection_if_due(now) {
                 info!(pool = %pool.name, backend = %b.name, reason = "ejection time over", "backend back in rotation");
-                b.mark_back();
+                b.mark_back(now);
             }
-            if b.finish_ramp() {
+            if b.finish_ramp(now) {
                 debug!(pool = %pool.name, backend = %b.name, "slow start done");
             }
         }
@@ -164,43 +121,11 @@ pub async fn run(
                 }
                 Some(true) => {
                     b.set_active_down(false);
-                    b.mark_back();
+                    b.mark_back(std::time::Instant::now());
                     info!(pool = %pool.name, backend = %b.name, rise = health.rise, reason = "health check passed", "backend up");
                 }
                 None => {}
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn falls_after_fall_failures_and_rises_after_rise_successes() {
-        let mut s = CheckState::default();
-        assert_eq!(s.record(false, 2, 3), None);
-        assert_eq!(s.record(false, 2, 3), None);
-        assert_eq!(s.record(true, 2, 3), None, "a success resets the streak");
-        assert_eq!(s.record(false, 2, 3), None);
-        assert_eq!(s.record(false, 2, 3), None);
-        assert_eq!(s.record(false, 2, 3), Some(false));
-        assert!(!s.up);
-        assert_eq!(s.record(true, 2, 3), None);
-        assert_eq!(s.record(true, 2, 3), Some(true));
-        assert!(s.up);
-    }
-
-    #[test]
-    fn slow_start_ramps_linearly_from_near_zero() {
-        let ramp = Duration::from_secs(30);
-        assert_eq!(slow_start_factor(Duration::ZERO, ramp), 0.02);
-        assert_eq!(slow_start_factor(Duration::from_secs(15), ramp), 0.5);
-        assert_eq!(slow_start_factor(Duration::from_secs(30), ramp), 1.0);
-        assert_eq!(
-            slow_start_factor(Duration::from_secs(1), Duration::ZERO),
-            1.0
-        );
     }
 }

@@ -19,6 +19,7 @@ pub mod demo;
 pub mod drain;
 mod error_chain;
 pub mod health;
+pub mod health_state;
 pub mod http;
 pub mod listener;
 pub mod metrics;

@@ -222,7 +222,7 @@ pub async fn run(
             .iter()
             .map(|b| Member {
                 count: b.ws_count(),
-                weight: b.effective_weight(),
+                weight: b.effective_weight(at),
                 eligible: b.is_accepting(),
             })
             .collect();

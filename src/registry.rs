@@ -18,6 +18,7 @@ use std::time::Instant;
 use futures_util::task::AtomicWaker;
 
 use crate::config::Config;
+use crate::health_state::slow_start_factor;
 
 /// Close-request value meaning "drop both sockets now, without a Close frame".
 const ABORT: u32 = u32::MAX;
@@ -238,19 +239,20 @@ impl Backend {
         at.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
     }
 
-    /// The weight balancing uses: the configured one, ramping up during
-    /// slow start.
-    pub fn effective_weight(&self) -> f64 {
-        f64::from(self.weight) * self.ramp()
+    /// The weight balancing uses at `now`: the configured one, ramping up
+    /// during slow start.
+    pub fn effective_weight(&self, now: Instant) -> f64 {
+        f64::from(self.weight) * self.ramp(now)
     }
 
-    /// Where the slow-start ramp is: from near 0 to 1 (1 when not ramping).
-    pub fn ramp(&self) -> f64 {
+    /// Where the slow-start ramp is at `now`: from near 0 to 1 (1 when not
+    /// ramping).
+    pub fn ramp(&self, now: Instant) -> f64 {
         match self.back_since.load(Ordering::Relaxed) {
             0 => 1.0,
             since => {
                 let back = self.epoch + Duration::from_nanos(since - 1);
-                crate::health::slow_start_factor(back.elapsed(), self.slow_start)
+                slow_start_factor(now.saturating_duration_since(back), self.slow_start)
             }
         }
     }
@@ -260,18 +262,19 @@ impl Backend {
         self.back_since.load(Ordering::Relaxed) != 0
     }
 
-    /// The backend is back in rotation: start its slow-start ramp.
-    pub fn mark_back(&self) {
+    /// The backend is back in rotation at `now`: start its slow-start ramp.
+    pub fn mark_back(&self, now: Instant) {
         if !self.slow_start.is_zero() {
-            self.back_since
-                .store(self.stamp(Instant::now()), Ordering::Relaxed);
+            self.back_since.store(self.stamp(now), Ordering::Relaxed);
         }
     }
 
-    /// Ends the ramp once it has run its course; true when it did.
-    pub fn finish_ramp(&self) -> bool {
+    /// Ends the ramp once it has run its course by `now`; true when it did.
+    pub fn finish_ramp(&self, now: Instant) -> bool {
         let since = self.back_since.load(Ordering::Relaxed);
-        if since != 0 && (self.epoch + Duration::from_nanos(since - 1)).elapsed() >= self.slow_start
+        if since != 0
+            && now.saturating_duration_since(self.epoch + Duration::from_nanos(since - 1))
+                >= self.slow_start
         {
             self.back_since.store(0, Ordering::Relaxed);
             return true;
@@ -284,10 +287,10 @@ impl Backend {
         self.active_down.swap(down, Ordering::Relaxed) != down
     }
 
-    /// Counts a failure seen by the data path (connect failure, reset
-    /// before an answer, 5xx to an upgrade). At `threshold` in a row the
-    /// backend is ejected for `ejection`; returns true then.
-    pub fn note_failure(&self, threshold: u32, ejection: Duration) -> bool {
+    /// Counts a failure seen by the data path at `now` (connect failure,
+    /// reset before an answer, 5xx to an upgrade). At `threshold` in a row
+    /// the backend is ejected for `ejection`; returns true then.
+    pub fn note_failure(&self, threshold: u32, ejection: Duration, now: Instant) -> bool {
         if threshold == 0 {
             return false;
         }
@@ -295,7 +298,7 @@ impl Backend {
         if n >= threshold && self.ejected_until.load(Ordering::Relaxed) == 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.ejected_until
-                .store(self.stamp(Instant::now() + ejection), Ordering::Relaxed);
+                .store(self.stamp(now + ejection), Ordering::Relaxed);
             return true;
         }
         false
@@ -308,10 +311,10 @@ impl Backend {
         }
     }
 
-    /// Ends an ejection whose time is up; true when it did.
-    pub fn end_ejection_if_due(&self) -> bool {
+    /// Ends an ejection whose time is up at `now`; true when it did.
+    pub fn end_ejection_if_due(&self, now: Instant) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
-        if until != 0 && self.stamp(Instant::now()) >= until {
+        if until != 0 && self.stamp(now) >= until {
             // Failures of requests that were in flight during the ejection
             // do not count against the fresh start.
             self.failures.store(0, Ordering::Relaxed);
@@ -567,5 +570,184 @@ impl Drop for WsEntry {
     fn drop(&mut self) {
         self.backend.lock_conns().remove(&self.control.id);
         self.backend.ws.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registry with one pool of `backends` backends, slow start `ramp`.
+    fn one_pool(backends: usize, ramp: &str) -> Arc<Registry> {
+        let mut text = format!(
+            "[[listener]]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\nslow_start = \"{ramp}\"\n"
+        );
+        for i in 0..backends {
+            text.push_str(&format!(
+                "\n[[pool.backend]]\nname = \"b{i}\"\naddress = \"127.0.0.1:{}\"\n",
+                4000 + i
+            ));
+        }
+        let cfg = crate::config::parse(&text, std::path::Path::new("test.toml")).expect("config");
+        Arc::new(Registry::new(&cfg))
+    }
+
+    #[test]
+    fn lease_within_never_overshoots_the_limit() {
+        let registry = one_pool(1, "0s");
+        let backend = registry.pool(0).backends[0].clone();
+        let first = registry.lease_within(&backend, 2).expect("room for 1");
+        let ws = registry
+            .lease_within(&backend, 2)
+            .expect("room for 2")
+            .into_ws();
+        assert!(registry.lease_within(&backend, 2).is_none(), "full at 2");
+        assert_eq!((backend.http_count(), backend.ws_count()), (1, 1));
+        drop(first);
+        let again = registry
+            .lease_within(&backend, 2)
+            .expect("a slot came back");
+        assert!(registry.lease_within(&backend, 2).is_none());
+        drop((again, ws));
+        assert_eq!(backend.active(), 0);
+        assert_eq!(registry.churn_marker().0, 3, "every lease counted");
+    }
+
+    #[test]
+    fn concurrent_leases_stop_exactly_at_the_limit() {
+        let registry = one_pool(1, "0s");
+        let backend = registry.pool(0).backends[0].clone();
+        let held = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        if let Some(lease) = registry.lease_within(&backend, 37) {
+                            held.lock().expect("lock").push(lease);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(held.lock().expect("lock").len(), 37);
+        assert_eq!(backend.http_count(), 37);
+    }
+
+    #[test]
+    fn a_close_request_reaches_the_handle_once_and_abort_overrides() {
+        let registry = one_pool(1, "0s");
+        let backend = registry.pool(0).backends[0].clone();
+        let entry = registry.lease(&backend).into_ws();
+        let waker = std::task::Waker::noop();
+        let control = entry.control().clone();
+        assert_eq!(control.poll_request(waker), CloseRequest::None);
+        control.request_close(1012);
+        control.request_close(1001);
+        assert_eq!(
+            control.poll_request(waker),
+            CloseRequest::Close(1012),
+            "the first request wins"
+        );
+        control.abort();
+        assert_eq!(control.poll_request(waker), CloseRequest::Abort);
+        assert_eq!(backend.connections().len(), 1);
+        drop(entry);
+        assert!(backend.connections().is_empty());
+        assert_eq!(backend.ws_count(), 0);
+    }
+
+    #[test]
+    fn close_all_marks_websockets_that_register_later() {
+        let registry = one_pool(2, "0s");
+        let b0 = registry.pool(0).backends[0].clone();
+        let b1 = registry.pool(0).backends[1].clone();
+        let early = registry.lease(&b0).into_ws();
+        let pending = registry.lease(&b1);
+        registry.close_all(1001);
+        let late = pending.into_ws();
+        let waker = std::task::Waker::noop();
+        assert_eq!(
+            early.control().poll_request(waker),
+            CloseRequest::Close(1001)
+        );
+        assert_eq!(
+            late.control().poll_request(waker),
+            CloseRequest::Close(1001)
+        );
+        registry.abort_all();
+        let later = registry.lease(&b0).into_ws();
+        assert_eq!(later.control().poll_request(waker), CloseRequest::Abort);
+        assert_eq!(early.control().poll_request(waker), CloseRequest::Abort);
+    }
+
+    #[test]
+    fn an_undrain_between_drain_and_its_end_wins() {
+        let registry = one_pool(1, "0s");
+        let backend = &registry.pool(0).backends[0];
+        backend.set_state(BackendState::Draining);
+        assert!(!backend.is_accepting());
+        // The operator undrains before the drain task sees the backend empty.
+        backend.set_state(BackendState::Up);
+        assert!(
+            !backend.finish_drain(),
+            "a finished drain must not undo the undrain"
+        );
+        assert_eq!(backend.state(), BackendState::Up);
+        backend.set_state(BackendState::Draining);
+        assert!(backend.finish_drain());
+        assert_eq!(backend.state(), BackendState::Drained);
+        assert!(!backend.finish_drain(), "only once");
+    }
+
+    #[test]
+    fn passive_ejection_at_the_threshold_then_back_after_its_time() {
+        let registry = one_pool(1, "0s");
+        let backend = &registry.pool(0).backends[0];
+        let t0 = Instant::now();
+        let ejection = Duration::from_secs(10);
+        assert!(!backend.note_failure(3, ejection, t0));
+        backend.note_success();
+        assert!(!backend.note_failure(3, ejection, t0));
+        assert!(
+            !backend.note_failure(3, ejection, t0),
+            "a success reset the streak"
+        );
+        assert!(
+            backend.note_failure(3, ejection, t0),
+            "third in a row ejects"
+        );
+        assert!(!backend.is_healthy());
+        assert_eq!(backend.display_state(), "down");
+        assert!(
+            !backend.note_failure(3, ejection, t0),
+            "an ejected backend is not ejected again"
+        );
+        assert!(!backend.end_ejection_if_due(t0 + Duration::from_secs(9)));
+        assert!(backend.end_ejection_if_due(t0 + ejection));
+        assert!(backend.is_healthy());
+        // Failures counted during the ejection do not carry over.
+        assert!(!backend.note_failure(3, ejection, t0 + ejection));
+        assert!(!backend.note_failure(3, ejection, t0 + ejection));
+        assert!(!backend.note_failure(0, ejection, t0), "threshold 0: off");
+    }
+
+    #[test]
+    fn slow_start_ramps_the_weight_then_ends() {
+        let registry = one_pool(1, "30s");
+        let backend = &registry.pool(0).backends[0];
+        let t0 = Instant::now();
+        assert_eq!(backend.effective_weight(t0), 1.0, "not ramping");
+        backend.mark_back(t0);
+        assert!(backend.is_ramping());
+        assert_eq!(backend.display_state(), "slow_start");
+        assert_eq!(backend.ramp(t0), 0.02);
+        assert_eq!(backend.effective_weight(t0 + Duration::from_secs(15)), 0.5);
+        assert!(!backend.finish_ramp(t0 + Duration::from_secs(29)));
+        assert!(backend.finish_ramp(t0 + Duration::from_secs(30)));
+        assert_eq!(backend.ramp(t0 + Duration::from_secs(31)), 1.0);
+        assert_eq!(backend.display_state(), "up");
+        let off = one_pool(1, "0s");
+        off.pool(0).backends[0].mark_back(t0);
+        assert!(!off.pool(0).backends[0].is_ramping(), "slow start off");
     }
 }

@@ -301,7 +301,7 @@ impl Upstream {
                 let token = buckets.as_mut().is_none_or(|bk| {
                     (affinity.reusable && self.idle[i].has_ready()) || bk[i].has_token(now)
                 });
-                load_of(b, candidate && room && token)
+                load_of(b, candidate && room && token, now)
             })
             .collect();
         if !any_accepting {
@@ -422,7 +422,11 @@ impl Upstream {
     /// many in a row.
     pub fn note_failure(&self, backend: &Backend, what: &str) {
         let passive = self.cfg.passive;
-        if backend.note_failure(passive.consecutive_failures, passive.ejection_time) {
+        if backend.note_failure(
+            passive.consecutive_failures,
+            passive.ejection_time,
+            Instant::now(),
+        ) {
             warn!(
                 pool = %self.cfg.name,
                 backend = %backend.name,
@@ -571,8 +575,8 @@ fn percent_decode(text: &str) -> Vec<u8> {
     out
 }
 
-fn load_of(backend: &Backend, eligible: bool) -> Load {
-    let ramp = backend.ramp();
+fn load_of(backend: &Backend, eligible: bool, now: Instant) -> Load {
+    let ramp = backend.ramp(now);
     Load {
         active: backend.active(),
         weight: f64::from(backend.weight) * ramp,
