@@ -8,6 +8,7 @@
 //! 400/414/431 for bad request heads), 502 when a backend fails, 503 with
 //! `Retry-After` when the pool has no backend to offer.
 
+mod affinity;
 pub mod body;
 mod headers;
 
@@ -34,7 +35,7 @@ use body::Reuse;
 use crate::config::ListenerConfig;
 use crate::registry::Registry;
 use crate::tunnel::{Tunnel, TunnelIo};
-use crate::upstream::{self, BackendStream, Upstream, UpstreamError};
+use crate::upstream::{BackendStream, Blame, Upstream, UpstreamError};
 
 /// What every connection of one listener shares.
 pub struct ListenerCtx {
@@ -97,11 +98,6 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     }
 }
 
-/// True for a WebSocket upgrade request.
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    headers::is_websocket_upgrade(req)
-}
-
 async fn handle<S: TunnelIo + AsyncRead>(
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -121,84 +117,24 @@ async fn forward(
     peer: SocketAddr,
     ctx: &ListenerCtx,
 ) -> Response<ProxyBody> {
-    let affinity = ctx.upstream.affinity(&req, peer);
-    headers::prepare_request(&mut req, peer, ctx.forwarded(), false);
     let upstream = &ctx.upstream;
-    let mut tried = Vec::new();
-    // Idle connections the backend closed under us do not count as attempts.
-    let mut stale_left = 3;
-    loop {
-        let (i, lease) = match upstream.next_lease(&ctx.registry, &tried, affinity).await {
-            Ok(picked) => picked,
-            Err(error) => return upstream_error(&error),
-        };
-        let addr = lease.backend().addr;
-        let pooled = upstream.idle(i).checkout();
-        let reused = pooled.is_some();
-        let mut sender = match pooled {
-            Some(sender) => sender,
-            None => {
-                let opened = match upstream.open(i).await {
-                    Ok(stream) => upstream::handshake(stream, addr).await,
-                    Err(error) => Err(error),
-                };
-                match opened {
-                    Ok(sender) => sender,
-                    Err(error) => {
-                        warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, %error, "upstream connect failed");
-                        upstream.note_failure(lease.backend(), "connect failed");
-                        tried.push(i);
-                        if let Err(error) = upstream.give_up_after(&tried, error) {
-                            return upstream_error(&error);
-                        }
-                        continue;
-                    }
-                }
-            }
-        };
-        let sent =
-            tokio::time::timeout(upstream.cfg.response_timeout, sender.try_send_request(req)).await;
-        let Ok(sent) = sent else {
-            warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, timeout = ?upstream.cfg.response_timeout, "backend did not answer in time");
-            return status(
-                StatusCode::GATEWAY_TIMEOUT,
-                "backend did not answer in time\n",
-            );
-        };
-        match sent {
-            Ok(mut resp) => {
-                lease.backend().note_success();
-                headers::strip_hop_by_hop(resp.headers_mut());
-                if let Some(cookie) = upstream.pin(&ctx.registry, affinity, i) {
-                    resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
-                }
-                let reuse = Reuse {
-                    sender,
-                    pool: upstream.idle(i).clone(),
-                };
-                return resp.map(|body| ProxyBody::upstream(body, lease, Some(reuse)));
-            }
-            Err(mut error) => match error.take_message() {
-                Some(unsent) if reused && stale_left > 0 => {
-                    // The idle connection was closed by the backend: the
-                    // request was not sent, so it can go on a fresh one.
-                    stale_left -= 1;
-                    req = unsent;
-                }
-                _ if error.error().is_user() => {
-                    // The client's own request body failed (it went away
-                    // mid-upload): not the backend's fault.
-                    debug!(client.addr = %peer, error = %error.error(), "request body failed");
-                    return status(StatusCode::BAD_REQUEST, "request body failed\n");
-                }
-                _ => {
-                    warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, error = %error.error(), "backend failed before answering");
-                    upstream.note_failure(lease.backend(), "failed before answering");
-                    return status(StatusCode::BAD_GATEWAY, "backend failed before answering\n");
-                }
-            },
-        }
+    let affinity = affinity::affinity(upstream, &req, peer);
+    headers::prepare_request(&mut req, peer, ctx.forwarded(), false);
+    let answer = match upstream.send(&ctx.registry, affinity, req).await {
+        Ok(answer) => answer,
+        Err(error) => return upstream_error(&error),
+    };
+    let mut resp = answer.resp;
+    headers::strip_hop_by_hop(resp.headers_mut());
+    if let Some(cookie) = upstream.pin(&ctx.registry, affinity, answer.backend) {
+        resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
+    let reuse = Reuse {
+        sender: answer.sender,
+        pool: upstream.idle(answer.backend).clone(),
+    };
+    let lease = answer.lease;
+    resp.map(|body| ProxyBody::upstream(body, lease, Some(reuse)))
 }
 
 /// Forwards a WebSocket upgrade; on 101, joins client and backend in a tunnel.
@@ -212,41 +148,15 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         return status(StatusCode::BAD_REQUEST, reason);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let affinity = ctx.upstream.affinity(&req, peer);
-    headers::prepare_request(&mut req, peer, ctx.forwarded(), true);
     let upstream = &ctx.upstream;
-    let (chosen, connected) = match upstream.connect(&ctx.registry, affinity).await {
-        Ok(connected) => connected,
+    let affinity = affinity::affinity(upstream, &req, peer);
+    headers::prepare_request(&mut req, peer, ctx.forwarded(), true);
+    let answer = match upstream.send(&ctx.registry, affinity, req).await {
+        Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
     };
-    let lease = connected.lease;
-    let addr = lease.backend().addr;
-    let mut sender = match upstream::handshake(connected.stream, addr).await {
-        Ok(sender) => sender,
-        Err(error) => return upstream_error(&error),
-    };
-    let sent = tokio::time::timeout(upstream.cfg.response_timeout, sender.send_request(req)).await;
-    let Ok(sent) = sent else {
-        warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, timeout = ?upstream.cfg.response_timeout, "backend did not answer the upgrade in time");
-        return status(
-            StatusCode::GATEWAY_TIMEOUT,
-            "backend did not answer in time\n",
-        );
-    };
-    let mut resp = match sent {
-        Ok(resp) => resp,
-        Err(error) => {
-            warn!(pool = %upstream.cfg.name, backend = %lease.backend().name, %error, "backend failed before answering the upgrade");
-            upstream.note_failure(lease.backend(), "failed before answering the upgrade");
-            return status(StatusCode::BAD_GATEWAY, "backend failed before answering\n");
-        }
-    };
-    if resp.status().is_server_error() {
-        upstream.note_failure(lease.backend(), "5xx to an upgrade");
-    } else {
-        lease.backend().note_success();
-    }
-    if let Some(cookie) = upstream.pin(&ctx.registry, affinity, chosen) {
+    let (lease, mut resp) = (answer.lease, answer.resp);
+    if let Some(cookie) = upstream.pin(&ctx.registry, affinity, answer.backend) {
         resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -294,21 +204,31 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     resp.map(|_| ProxyBody::empty())
 }
 
+/// The answer to a request that got none from a backend, by who failed.
 fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
-    if error.is_unavailable() {
-        let mut resp = status(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
-        // Spread retries over a few seconds so that clients do not come back together.
-        let spread = if matches!(error, UpstreamError::Overloaded { .. }) {
-            5
-        } else {
-            3
-        };
-        let secs = 1 + rand::random_range(0..spread);
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
-        resp
-    } else {
-        status(StatusCode::BAD_GATEWAY, "backend unavailable\n")
+    match (error.blame(), error) {
+        (Blame::Pool, _) => {
+            let mut resp = status(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
+            // Spread retries over a few seconds so that clients do not come back together.
+            let spread = if matches!(error, UpstreamError::Overloaded { .. }) {
+                5
+            } else {
+                3
+            };
+            let secs = 1 + rand::random_range(0..spread);
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+            resp
+        }
+        (Blame::Client, _) => status(StatusCode::BAD_REQUEST, "request body failed\n"),
+        (Blame::Backend, UpstreamError::ResponseTimeout { .. }) => status(
+            StatusCode::GATEWAY_TIMEOUT,
+            "backend did not answer in time\n",
+        ),
+        (Blame::Backend, UpstreamError::Failed { .. }) => {
+            status(StatusCode::BAD_GATEWAY, "backend failed before answering\n")
+        }
+        (Blame::Backend, _) => status(StatusCode::BAD_GATEWAY, "backend unavailable\n"),
     }
 }
 

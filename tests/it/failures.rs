@@ -134,3 +134,30 @@ async fn connect_timeout_moves_on_to_another_backend() {
     let sluice = Sluice::with_config(cfg).await;
     assert_eq!(sluice.http().await.get("/t").await.status, 503);
 }
+
+#[tokio::test]
+async fn upgrades_that_fail_before_an_answer_eject_the_backend() {
+    let broken = scripted_backend(std::time::Duration::ZERO, |_| None).await;
+    let good = echo_backends(1).await;
+    let mut cfg = config(&[broken, good[0].addr]);
+    cfg.pools[0].passive.consecutive_failures = 3;
+    let sluice = Sluice::with_config(cfg).await;
+    let (mut refused, mut upgraded) = (0, 0);
+    while sluice.registry().pool(0).backends[0].is_healthy() {
+        match tokio_tungstenite::connect_async(sluice.url("/ws")).await {
+            Ok(_) => upgraded += 1,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 502);
+                refused += 1;
+            }
+            Err(other) => panic!("upgrade failed: {other}"),
+        }
+        assert!(refused + upgraded < 20, "b1 never ejected");
+    }
+    assert_eq!(refused, 3, "each failed upgrade counted once");
+    // Ejected: every upgrade now reaches the good backend.
+    for _ in 0..4 {
+        let (_ws, name) = sluice.ws_named("/ws").await;
+        assert_eq!(name, good[0].name);
+    }
+}

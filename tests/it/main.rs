@@ -9,6 +9,7 @@ mod drain;
 mod failures;
 mod health;
 mod http;
+mod layers;
 mod rebalance;
 mod sticky;
 #[path = "../support/mod.rs"]

@@ -1,0 +1,184 @@
+//! The one path from a client request to a backend's answer, for plain
+//! requests and WebSocket upgrades alike.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use crate::error_chain::chain;
+use crate::registry::{Lease, Registry};
+
+use super::stream::{BackendStream, connect};
+use super::{Affinity, Upstream, UpstreamError};
+
+/// Idle connections the backend closed under us that a request may meet
+/// before it is sent on a fresh one; they do not count as attempts.
+const STALE_RETRIES: usize = 3;
+
+/// A backend's answer to a request, with what it was sent over.
+#[derive(Debug)]
+pub struct Answer {
+    /// The backend's index in the pool.
+    pub backend: usize,
+    /// Keeps the request counted on the backend until the answer is done.
+    pub lease: Lease,
+    /// The connection: back to the idle pool after a plain response, or
+    /// handed to the tunnel after a 101.
+    pub sender: SendRequest<Incoming>,
+    pub resp: Response<Incoming>,
+}
+
+impl Upstream {
+    /// Sends `req` to a backend of the pool and returns its answer head.
+    ///
+    /// Picks and leases a backend (waiting for admission if need be), takes
+    /// an idle connection for a plain request or opens one, sends, and
+    /// waits `response_timeout` for the answer. A backend that cannot be
+    /// connected to is counted against its passive health and another one
+    /// is tried, `retries` more at most; one that fails before answering
+    /// (or answers an upgrade with a 5xx) is counted too. The error says
+    /// who failed ([`UpstreamError::blame`]).
+    pub async fn send(
+        &self,
+        registry: &Arc<Registry>,
+        affinity: Affinity,
+        mut req: Request<Incoming>,
+    ) -> Result<Answer, UpstreamError> {
+        let kind = if affinity.reusable {
+            "request"
+        } else {
+            "upgrade"
+        };
+        let mut tried = Vec::new();
+        let mut stale_left = STALE_RETRIES;
+        loop {
+            let (i, lease) = self.next_lease(registry, &tried, affinity).await?;
+            let backend = lease.backend().clone();
+            let pooled = if affinity.reusable {
+                self.idle[i].checkout()
+            } else {
+                None
+            };
+            let reused = pooled.is_some();
+            let mut sender = match pooled {
+                Some(sender) => sender,
+                None => match self.open_http(i).await {
+                    Ok(sender) => sender,
+                    Err(error) => {
+                        warn!(pool = %self.cfg.name, backend = %backend.name, error = %chain(&error), "upstream connect failed");
+                        self.note_failure(&backend, "connect failed");
+                        tried.push(i);
+                        self.give_up_after(&tried, error)?;
+                        continue;
+                    }
+                },
+            };
+            let timeout = self.cfg.response_timeout;
+            let Ok(sent) = tokio::time::timeout(timeout, sender.try_send_request(req)).await else {
+                warn!(pool = %self.cfg.name, backend = %backend.name, kind, ?timeout, "backend did not answer in time");
+                return Err(UpstreamError::ResponseTimeout {
+                    addr: backend.addr,
+                    timeout,
+                });
+            };
+            let mut error = match sent {
+                Ok(resp) => {
+                    if !affinity.reusable && resp.status().is_server_error() {
+                        self.note_failure(&backend, "5xx to an upgrade");
+                    } else {
+                        backend.note_success();
+                    }
+                    return Ok(Answer {
+                        backend: i,
+                        lease,
+                        sender,
+                        resp,
+                    });
+                }
+                Err(error) => error,
+            };
+            match error.take_message() {
+                Some(unsent) if reused && stale_left > 0 => {
+                    // The idle connection was closed by the backend: the
+                    // request was not sent, so it can go on a fresh one.
+                    stale_left -= 1;
+                    req = unsent;
+                }
+                _ if error.error().is_user() => {
+                    // The client's own request body failed (it went away
+                    // mid-upload): not the backend's fault.
+                    debug!(error = %error.error(), "request body failed");
+                    return Err(UpstreamError::ClientBody {
+                        source: error.into_error(),
+                    });
+                }
+                _ => {
+                    warn!(pool = %self.cfg.name, backend = %backend.name, kind, error = %error.error(), "backend failed before answering");
+                    self.note_failure(&backend, "failed before answering");
+                    return Err(UpstreamError::Failed {
+                        addr: backend.addr,
+                        source: error.into_error(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Opens a connection to backend `backend` (TCP with the pool's
+    /// timeout, recording how long it took; TLS when the backend has it)
+    /// and starts HTTP/1.1 on it.
+    async fn open_http(&self, backend: usize) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let addr = self.cfg.backends[backend].address;
+        let stream = self.open(backend, addr).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        // Driven by its own task, which also lets an upgrade (101) hand the
+        // socket over.
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                debug!(backend.addr = %addr, %error, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn open(&self, backend: usize, addr: SocketAddr) -> Result<BackendStream, UpstreamError> {
+        let started = Instant::now();
+        let tcp = connect(addr, self.cfg.connect_timeout).await?;
+        self.connect_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let Some(tls) = &self.connectors[backend] else {
+            return Ok(BackendStream::Plain(tcp));
+        };
+        let handshake = tls.connector.connect(tls.server_name.clone(), tcp);
+        match tokio::time::timeout(self.cfg.connect_timeout, handshake).await {
+            Ok(Ok(tls)) => Ok(BackendStream::Tls(Box::new(tls))),
+            Ok(Err(source)) => Err(UpstreamError::Tls { addr, source }),
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                addr,
+                timeout: self.cfg.connect_timeout,
+            }),
+        }
+    }
+
+    /// After a failed attempt: `Err` when no further attempt may be made.
+    fn give_up_after(&self, tried: &[usize], error: UpstreamError) -> Result<(), UpstreamError> {
+        if tried.len() >= self.cfg.backends.len() {
+            return Err(UpstreamError::AllFailed {
+                pool: self.cfg.name.clone(),
+            });
+        }
+        if tried.len() > self.cfg.retries {
+            return Err(error);
+        }
+        Ok(())
+    }
+}
