@@ -1,0 +1,351 @@
+//! The tunnel's close machine, pure: when sluice's Close frames go out.
+//!
+//! A close request waits for a quiet point (both directions between
+//! messages and silent for [`QUIET`]) or, after [`QUIET_MAX_WAIT`], for the
+//! next message boundary of each direction. Then the backend gets the Close
+//! first and the backend's reply is replaced by sluice's own Close to the
+//! client. If the backend does not answer within `close_timeout`, the
+//! client gets its Close at its next boundary. A peer that starts the close
+//! handshake itself is left to finish it. The machine sees the flows only
+//! through [`Seen`], and time only through the `now` it is given.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Silence needed, with both directions between messages, before sluice
+/// injects its Close frames.
+pub const QUIET: Duration = Duration::from_millis(50);
+/// After this long without a quiet point, each direction gets its Close
+/// frame at its own next message boundary.
+pub const QUIET_MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// What the machine needs to know of the two directions at one step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Bytes moved, either way, since the last step.
+    pub active: bool,
+    /// Both directions are between messages.
+    pub at_boundary: bool,
+    /// A peer sent a Close frame (either direction).
+    pub peer_close: bool,
+    /// sluice's Close to the client is out or on its way (the backend's
+    /// reply came and was replaced).
+    pub client_closed: bool,
+}
+
+/// What the flows are to do after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing new.
+    None,
+    /// Close towards the backend at its next message boundary, and replace
+    /// the backend's Close reply to the client with ours.
+    CloseBackend(u16),
+    /// The backend did not answer in time: close towards the client at its
+    /// next message boundary.
+    CloseClient(u16),
+}
+
+/// Where the tunnel is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Proxying.
+    Open,
+    /// A close was requested; waiting for a quiet point.
+    Requested {
+        code: u16,
+        since: Instant,
+        last_activity: Instant,
+    },
+    /// Close frames are out (ours or the peers'); waiting for the peers.
+    Closing {
+        deadline: Instant,
+        /// Our close code while the client still waits for our Close: if
+        /// the backend has not answered by the deadline, the client gets it
+        /// then.
+        client_pending: Option<u16>,
+    },
+}
+
+/// The close state of one tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct CloseMachine {
+    phase: Phase,
+    close_timeout: Duration,
+}
+
+impl CloseMachine {
+    /// An open tunnel whose close handshake may take `close_timeout`.
+    pub fn new(close_timeout: Duration) -> Self {
+        Self {
+            phase: Phase::Open,
+            close_timeout,
+        }
+    }
+
+    /// True while proxying with no close requested or under way.
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    /// True once Close frames are out and the peers are awaited.
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
+    }
+
+    /// True when the close handshake has run out of time at `now`.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        matches!(self.phase, Phase::Closing { deadline, .. } if now >= deadline)
+    }
+
+    /// A close with `code` was requested at `now`. Only the first request
+    /// of an open tunnel counts.
+    pub fn request(&mut self, code: u16, now: Instant) {
+        if self.is_open() {
+            self.phase = Phase::Requested {
+                code,
+                since: now,
+                last_activity: now,
+            };
+        }
+    }
+
+    /// Advances the machine with what the flows show at `now`; returns what
+    /// they must do and the next time the machine must be looked at (it
+    /// also must on any new data).
+    pub fn step(&mut self, seen: Seen, now: Instant) -> (Action, Option<Instant>) {
+        match self.phase {
+            Phase::Open => (Action::None, None),
+            Phase::Requested {
+                code,
+                since,
+                mut last_activity,
+            } => {
+                if seen.active {
+                    last_activity = now;
+                }
+                if seen.peer_close {
+                    // A peer started the close handshake itself: let it finish.
+                    self.phase = Phase::Closing {
+                        deadline: now + self.close_timeout,
+                        client_pending: None,
+                    };
+                    return self.step(seen, now);
+                }
+                let quiet = seen.at_boundary && now >= last_activity + QUIET;
+                if quiet || now >= since + QUIET_MAX_WAIT {
+                    self.phase = Phase::Closing {
+                        deadline: now + self.close_timeout,
+                        client_pending: Some(code),
+                    };
+                    return (Action::CloseBackend(code), None);
+                }
+                self.phase = Phase::Requested {
+                    code,
+                    since,
+                    last_activity,
+                };
+                // Silent but mid-message: only new data (a readiness wake)
+                // or the end of the wait can change anything.
+                let quiet_at = last_activity + QUIET;
+                let wake = if now >= quiet_at {
+                    since + QUIET_MAX_WAIT
+                } else {
+                    quiet_at.min(since + QUIET_MAX_WAIT)
+                };
+                (Action::None, Some(wake))
+            }
+            Phase::Closing {
+                deadline,
+                client_pending,
+            } => {
+                if now >= deadline
+                    && let Some(code) = client_pending
+                    && !seen.client_closed
+                {
+                    // The backend did not answer: the client gets its Close
+                    // at its next message boundary, and close_timeout more.
+                    self.phase = Phase::Closing {
+                        deadline: now + self.close_timeout,
+                        client_pending: None,
+                    };
+                    return (Action::CloseClient(code), None);
+                }
+                (Action::None, Some(deadline))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    const IDLE: Seen = Seen {
+        active: false,
+        at_boundary: true,
+        peer_close: false,
+        client_closed: false,
+    };
+
+    #[test]
+    fn open_tunnels_wait_for_nothing() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        assert_eq!(m.step(IDLE, t0), (Action::None, None));
+        assert!(m.is_open());
+    }
+
+    #[test]
+    fn closes_at_the_first_quiet_point() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        m.request(1012, t0);
+        assert!(!m.is_open());
+        assert_eq!(m.step(IDLE, t0), (Action::None, Some(t0 + QUIET)));
+        // Traffic at 30 ms pushes the quiet point to 80 ms.
+        let busy = Seen {
+            active: true,
+            ..IDLE
+        };
+        assert_eq!(m.step(busy, t0 + ms(30)), (Action::None, Some(t0 + ms(80))));
+        assert_eq!(m.step(IDLE, t0 + ms(79)), (Action::None, Some(t0 + ms(80))));
+        assert_eq!(
+            m.step(IDLE, t0 + ms(80)),
+            (Action::CloseBackend(1012), None)
+        );
+        assert!(m.is_closing());
+        assert_eq!(
+            m.step(IDLE, t0 + ms(81)),
+            (Action::None, Some(t0 + ms(80) + TIMEOUT))
+        );
+    }
+
+    #[test]
+    fn a_second_request_does_not_restart_the_wait() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        m.request(1012, t0);
+        m.request(1001, t0 + ms(40));
+        assert_eq!(
+            m.step(IDLE, t0 + ms(50)),
+            (Action::CloseBackend(1012), None)
+        );
+    }
+
+    #[test]
+    fn busy_tunnels_close_after_the_longest_wait() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        m.request(1012, t0);
+        let busy = Seen {
+            active: true,
+            ..IDLE
+        };
+        let mut t = t0;
+        while t < t0 + QUIET_MAX_WAIT {
+            assert_eq!(m.step(busy, t).0, Action::None, "at {:?}", t - t0);
+            t += ms(20);
+        }
+        assert_eq!(
+            m.step(busy, t0 + QUIET_MAX_WAIT),
+            (Action::CloseBackend(1012), None)
+        );
+    }
+
+    #[test]
+    fn mid_message_it_waits_for_data_or_the_longest_wait() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        m.request(1012, t0);
+        let mid_message = Seen {
+            at_boundary: false,
+            ..IDLE
+        };
+        assert_eq!(m.step(mid_message, t0), (Action::None, Some(t0 + QUIET)));
+        // Silent past the quiet time but inside a message: no timer until
+        // the longest wait (new data wakes the tunnel anyway).
+        assert_eq!(
+            m.step(mid_message, t0 + ms(60)),
+            (Action::None, Some(t0 + QUIET_MAX_WAIT))
+        );
+        // The flows then close at their own next boundary.
+        assert_eq!(
+            m.step(mid_message, t0 + QUIET_MAX_WAIT),
+            (Action::CloseBackend(1012), None)
+        );
+    }
+
+    #[test]
+    fn a_peer_that_starts_the_close_is_left_to_finish_it() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        m.request(1012, t0);
+        let peer_closed = Seen {
+            peer_close: true,
+            at_boundary: false,
+            ..IDLE
+        };
+        assert_eq!(
+            m.step(peer_closed, t0 + ms(10)),
+            (Action::None, Some(t0 + ms(10) + TIMEOUT))
+        );
+        assert!(m.is_closing());
+        // No Close of ours is owed to the client: at the deadline it ends.
+        let deadline = t0 + ms(10) + TIMEOUT;
+        assert!(!m.is_expired(deadline - ms(1)));
+        assert_eq!(
+            m.step(peer_closed, deadline),
+            (Action::None, Some(deadline))
+        );
+        assert!(m.is_expired(deadline));
+    }
+
+    #[test]
+    fn a_backend_that_never_answers_lets_the_client_have_its_close_late() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        m.request(4000, t0);
+        assert_eq!(m.step(IDLE, t0 + QUIET), (Action::CloseBackend(4000), None));
+        let sent = t0 + QUIET;
+        assert_eq!(
+            m.step(IDLE, sent + TIMEOUT - ms(1)),
+            (Action::None, Some(sent + TIMEOUT))
+        );
+        assert_eq!(
+            m.step(IDLE, sent + TIMEOUT),
+            (Action::CloseClient(4000), None)
+        );
+        assert!(
+            !m.is_expired(sent + TIMEOUT),
+            "close_timeout more for the client"
+        );
+        assert_eq!(
+            m.step(IDLE, sent + TIMEOUT + ms(1)),
+            (Action::None, Some(sent + TIMEOUT * 2))
+        );
+        assert!(m.is_expired(sent + TIMEOUT * 2));
+    }
+
+    #[test]
+    fn a_backend_that_answers_gets_no_second_close_to_the_client() {
+        let mut m = CloseMachine::new(TIMEOUT);
+        let t0 = Instant::now();
+        m.request(1012, t0);
+        assert_eq!(m.step(IDLE, t0 + QUIET), (Action::CloseBackend(1012), None));
+        let answered = Seen {
+            client_closed: true,
+            ..IDLE
+        };
+        let deadline = t0 + QUIET + TIMEOUT;
+        assert_eq!(m.step(answered, deadline), (Action::None, Some(deadline)));
+        assert!(m.is_expired(deadline));
+    }
+}
