@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use crate::http::{self, ListenerCtx};
 
@@ -82,32 +82,33 @@ pub async fn serve(
         };
         ctx.accepted.inc();
         let _ = stream.set_nodelay(true);
+        // Everything logged about this connection, down to the tunnel, is
+        // inside this span (debug level: free unless enabled).
+        let span = debug_span!("conn", client.addr = %peer, listener = %ctx.cfg.name);
         let Some(tls) = ctx.tls.clone() else {
-            tasks.spawn(http::serve_connection(
-                stream,
-                peer,
-                ctx.clone(),
-                permit,
-                shutdown.clone(),
-            ));
+            tasks.spawn(
+                http::serve_connection(stream, peer, ctx.clone(), permit, shutdown.clone())
+                    .instrument(span),
+            );
             continue;
         };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
+        let handshake = async move {
             match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => http::serve_connection(stream, peer, ctx, permit, shutdown).await,
                 // Port scanners and broken clients: counted, logged at debug.
                 Ok(Err(error)) => {
                     ctx.handshake_errors.inc();
-                    debug!(client.addr = %peer, %error, "TLS handshake failed");
+                    debug!(%error, "TLS handshake failed");
                 }
                 Err(_) => {
                     ctx.handshake_errors.inc();
-                    debug!(client.addr = %peer, "TLS handshake timed out");
+                    debug!("TLS handshake timed out");
                 }
             }
-        });
+        };
+        tasks.spawn(handshake.instrument(span));
     }
     info!(listener = %ctx.cfg.name, "stopped accepting");
 }

@@ -27,7 +27,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, Span, debug, debug_span, field, warn};
 
 pub use body::ProxyBody;
 use body::Reuse;
@@ -94,7 +94,7 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
         }
     };
     if let Err(error) = result {
-        debug!(client.addr = %peer, %error, "client connection ended with an error");
+        debug!(%error, "client connection ended with an error");
     }
 }
 
@@ -104,10 +104,17 @@ async fn handle<S: TunnelIo + AsyncRead>(
     ctx: Arc<ListenerCtx>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
+    // One span per proxied request or WebSocket; `upstream` records the
+    // backend once it has one.
+    let pool = ctx.upstream.cfg.name.as_str();
     if headers::is_websocket_upgrade(&req) {
-        upgrade::<S>(req, peer, ctx, permit).await
+        let span = debug_span!("ws", pool, backend = field::Empty);
+        upgrade::<S>(req, peer, ctx.clone(), permit)
+            .instrument(span)
+            .await
     } else {
-        forward(req, peer, &ctx).await
+        let span = debug_span!("http", pool, backend = field::Empty);
+        forward(req, peer, &ctx).instrument(span).await
     }
 }
 
@@ -166,12 +173,12 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     }
     let backend_upgrade = hyper::upgrade::on(&mut resp);
     let close_timeout = upstream.cfg.drain.close_timeout;
-    ctx.tasks.spawn(async move {
+    let tunnel = async move {
         let _permit = permit;
         let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
             Ok(both) => both,
             Err(error) => {
-                debug!(client.addr = %peer, %error, "upgrade did not complete");
+                debug!(%error, "upgrade did not complete");
                 return;
             }
         };
@@ -183,8 +190,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
             return;
         };
         let entry = lease.into_ws();
-        // Only what the tunnel owns lives on while it runs: log the rest now.
-        debug!(client.addr = %peer, backend = %entry.backend().name, conn.id = entry.control().id, "tunnel opened");
+        debug!(conn.id = entry.control().id, "tunnel opened");
         let tunnel = Tunnel::new(
             client.io.into_inner(),
             client.read_buf,
@@ -200,7 +206,9 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
             messages.down = stats.messages_down,
             "tunnel closed"
         );
-    });
+    };
+    // The tunnel logs inside this request's span, and so its connection's.
+    ctx.tasks.spawn(tunnel.instrument(Span::current()));
     resp.map(|_| ProxyBody::empty())
 }
 

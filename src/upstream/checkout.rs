@@ -60,6 +60,7 @@ impl Upstream {
         loop {
             let (i, lease) = self.next_lease(registry, &tried, affinity).await?;
             let backend = lease.backend().clone();
+            tracing::Span::current().record("backend", backend.name.as_str());
             let pooled = if affinity.reusable {
                 self.idle[i].checkout()
             } else {
