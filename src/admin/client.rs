@@ -1,4 +1,9 @@
-//! A client for the admin API, for `sluice ctl`.
+//! A client for the admin API, for `sluice ctl` and the tests.
+//!
+//! Owns the client side of the API: one HTTP/1.1 connection per request,
+//! the bearer token, and decoding answers into the `api` types (errors
+//! into `ClientError::Status` with the API's message). Holds no state
+//! between requests.
 
 use std::net::SocketAddr;
 
@@ -7,8 +12,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::TcpStream;
+
+use super::api;
+
+/// Where the status document is.
+const STATUS_PATH: &str = "/api/v1/status";
 
 /// Why an admin request failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,25 +45,65 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub struct AdminClient {
     pub addr: SocketAddr,
+    /// Sent as `Authorization: Bearer TOKEN` when set.
     pub token: Option<String>,
 }
 
 impl AdminClient {
+    /// `GET /api/v1/status`.
+    pub async fn status(&self) -> Result<api::Status, ClientError> {
+        self.request(Method::GET, STATUS_PATH, None::<&()>).await
+    }
+
+    /// Drains `pool`/`backend` over `window` (the pool's drain window when
+    /// `None`); answers the backend as it is now.
+    pub async fn drain(
+        &self,
+        pool: &str,
+        backend: &str,
+        window: Option<&str>,
+    ) -> Result<api::Backend, ClientError> {
+        let body = api::DrainRequest {
+            window: window.map(str::to_string),
+        };
+        let path = backend_path(pool, backend, "drain");
+        self.request(Method::POST, &path, Some(&body)).await
+    }
+
+    /// Puts `pool`/`backend` back in rotation; answers the backend as it
+    /// is now.
+    pub async fn undrain(&self, pool: &str, backend: &str) -> Result<api::Backend, ClientError> {
+        let path = backend_path(pool, backend, "undrain");
+        self.request(Method::POST, &path, Some(&api::UndrainRequest {}))
+            .await
+    }
+
+    /// Any GET, answered as untyped JSON (the typed methods are the API;
+    /// this is for probing it).
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.request(Method::GET, path, None).await
+        self.request(Method::GET, path, None::<&()>).await
     }
 
+    /// Any POST with a JSON body, answered as untyped JSON.
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, ClientError> {
-        self.request(Method::POST, path, Some(body)).await
+        self.request(Method::POST, path, Some(&body)).await
     }
 
-    async fn request(
+    async fn request<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, ClientError> {
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
         let addr = self.addr;
+        let uri = path.parse().map_err(|_| ClientError::Status {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("invalid path {path:?}"),
+        })?;
+        let body = match body {
+            Some(body) => serde_json::to_vec(body).expect("request bodies always serialize"),
+            None => Vec::new(),
+        };
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
@@ -59,13 +111,9 @@ impl AdminClient {
             .await
             .map_err(|source| ClientError::Http { addr, source })?;
         tokio::spawn(conn);
-        let body = body.map(|v| v.to_string()).unwrap_or_default();
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = method;
-        *req.uri_mut() = path.parse().map_err(|_| ClientError::Status {
-            status: StatusCode::BAD_REQUEST,
-            message: format!("invalid path {path:?}"),
-        })?;
+        *req.uri_mut() = uri;
         let headers = req.headers_mut();
         headers.insert(header::HOST, HeaderValue::from_static("sluice-admin"));
         headers.insert(
@@ -90,15 +138,16 @@ impl AdminClient {
             .await
             .map_err(|source| ClientError::Http { addr, source })?
             .to_bytes();
-        let value: Value = serde_json::from_slice(&bytes)?;
         if !status.is_success() {
-            let message = value
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no message")
-                .to_string();
+            let message = serde_json::from_slice::<api::ErrorBody>(&bytes)
+                .map_or_else(|_| "no message".to_string(), |body| body.error);
             return Err(ClientError::Status { status, message });
         }
-        Ok(value)
+        Ok(serde_json::from_slice(&bytes)?)
     }
+}
+
+/// The path of a backend action (`drain`, `undrain`).
+fn backend_path(pool: &str, backend: &str, action: &str) -> String {
+    format!("/api/v1/pools/{pool}/backends/{backend}/{action}")
 }

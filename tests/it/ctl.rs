@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use sluice::admin::api::{self, BackendState};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -13,15 +14,18 @@ use crate::support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
 async fn ctl(sluice: &Sluice, args: &[&str]) -> Output {
+    ctl_at(&sluice.admin_addr().to_string(), args).await
+}
+
+/// `sluice ctl --admin ADMIN --token TEST-TOKEN ARGS`, with no admin
+/// settings from the environment.
+async fn ctl_at(admin: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.kill_on_drop(true)
+        .env_remove("SLUICE_ADMIN")
+        .env_remove("SLUICE_TOKEN")
         .arg("ctl")
-        .args([
-            "--admin",
-            &sluice.admin_addr().to_string(),
-            "--token",
-            ADMIN_TOKEN,
-        ])
+        .args(["--admin", admin, "--token", ADMIN_TOKEN])
         .args(args);
     within(60, "sluice ctl", cmd.output())
         .await
@@ -57,8 +61,9 @@ async fn ctl_status_drain_wait_and_undrain() {
     assert_eq!(lines.len(), 3, "{text}");
 
     let out = ctl(&sluice, &["status", "--json"]).await;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(v["pools"][0]["backends"][1]["name"], "b2");
+    let status: api::Status = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status.pools[0].backends[1].name, "b2");
+    assert_eq!(status.pools[0].backends[0].connections.ws, 3);
 
     let out = ctl(&sluice, &["drain", "app/b1", "--window", "1s", "--wait"]).await;
     let text = stdout(&out);
@@ -76,9 +81,20 @@ async fn ctl_status_drain_wait_and_undrain() {
         "{text}"
     );
     assert_eq!(backends[0].ws_open(), 0);
+    let b1 = sluice
+        .wait_backend_state(5, "b1", BackendState::Drained)
+        .await;
+    assert_eq!(b1.drain.map(|d| d.window_ms), Some(1000));
+    let text = stdout(&ctl(&sluice, &["status"]).await);
+    let row = text.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.starts_with("app   b1 ") && row.contains(" drained ") && row.contains(" 3/3 closed"),
+        "{text}"
+    );
 
     let out = ctl(&sluice, &["undrain", "app/b1"]).await;
     assert_eq!(stdout(&out), "app/b1: back in rotation\n");
+    assert_eq!(sluice.backend_status("b1").await.state, BackendState::Up);
     stop.cancel();
     let stats: Vec<ChatStats> = join_all(clients)
         .await
