@@ -2,7 +2,8 @@
 //!
 //! Owns the client side of the API: one HTTP/1.1 connection per request,
 //! the bearer token, and decoding answers into the `api` types (errors
-//! into `ClientError::Status` with the API's message). Holds no state
+//! into `ClientError::Status` with the API's message). Also parses the
+//! admin address users write (`--admin`, `SLUICE_ADMIN`). Holds no state
 //! between requests.
 
 use std::net::SocketAddr;
@@ -39,6 +40,50 @@ pub enum ClientError {
     Status { status: StatusCode, message: String },
     #[error("admin API sent invalid JSON: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// Why an admin address was refused. Each names the value as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminAddrError {
+    #[error(
+        "admin address {0:?}: the admin API speaks plain HTTP, not HTTPS; expected host:port or http://host:port"
+    )]
+    Https(String),
+    #[error(
+        "admin address {0:?}: only the http:// scheme is supported; expected host:port or http://host:port"
+    )]
+    Scheme(String),
+    #[error("admin address {0:?}: a path is not allowed; expected host:port or http://host:port")]
+    Path(String),
+    #[error(
+        "admin address {0:?}: not an IP address and port (e.g. 127.0.0.1:9901); expected host:port or http://host:port"
+    )]
+    Syntax(String),
+}
+
+/// Parses the admin address users write: `host:port` or `http://host:port`,
+/// where host is an IP address (IPv6 in brackets), with an optional
+/// trailing `/`. The scheme is case-insensitive; anything else (another
+/// scheme, a path, a query) is refused.
+pub fn parse_admin_addr(text: &str) -> Result<SocketAddr, AdminAddrError> {
+    let rest = match text.split_once("://") {
+        None => text,
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+            return Err(AdminAddrError::Https(text.to_string()));
+        }
+        Some(_) => return Err(AdminAddrError::Scheme(text.to_string())),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => rest.split_at(slash),
+        None => (rest, ""),
+    };
+    if !(path.is_empty() || path == "/") {
+        return Err(AdminAddrError::Path(text.to_string()));
+    }
+    authority
+        .parse()
+        .map_err(|_| AdminAddrError::Syntax(text.to_string()))
 }
 
 /// Where the admin API is and how to authenticate.
@@ -150,4 +195,68 @@ impl AdminClient {
 /// The path of a backend action (`drain`, `undrain`).
 fn backend_path(pool: &str, backend: &str, action: &str) -> String {
     format!("/api/v1/pools/{pool}/backends/{backend}/{action}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_addresses_with_and_without_the_http_scheme() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9901));
+        for text in [
+            "127.0.0.1:9901",
+            "http://127.0.0.1:9901",
+            "http://127.0.0.1:9901/",
+            "HTTP://127.0.0.1:9901",
+        ] {
+            assert_eq!(parse_admin_addr(text), Ok(addr), "{text}");
+        }
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 9901));
+        assert_eq!(parse_admin_addr("http://[::1]:9901/"), Ok(v6));
+        assert_eq!(parse_admin_addr("[::1]:9901"), Ok(v6));
+    }
+
+    #[test]
+    fn other_admin_addresses_are_refused_naming_the_value() {
+        use AdminAddrError::*;
+        let cases = [
+            (
+                "https://127.0.0.1:9901",
+                Https("https://127.0.0.1:9901".into()),
+            ),
+            (
+                "ftp://127.0.0.1:9901",
+                Scheme("ftp://127.0.0.1:9901".into()),
+            ),
+            (
+                "http://127.0.0.1:9901/api/v1/status",
+                Path("http://127.0.0.1:9901/api/v1/status".into()),
+            ),
+            ("127.0.0.1:9901/x", Path("127.0.0.1:9901/x".into())),
+            (
+                "http://127.0.0.1:9901?x=1",
+                Syntax("http://127.0.0.1:9901?x=1".into()),
+            ),
+            ("http://", Syntax("http://".into())),
+            ("127.0.0.1", Syntax("127.0.0.1".into())),
+            ("garbage", Syntax("garbage".into())),
+            ("", Syntax(String::new())),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_admin_addr(text), Err(expected), "{text}");
+        }
+        assert_eq!(
+            parse_admin_addr("https://127.0.0.1:9901")
+                .expect_err("https")
+                .to_string(),
+            "admin address \"https://127.0.0.1:9901\": the admin API speaks plain HTTP, not HTTPS; expected host:port or http://host:port"
+        );
+        assert_eq!(
+            parse_admin_addr("garbage")
+                .expect_err("garbage")
+                .to_string(),
+            "admin address \"garbage\": not an IP address and port (e.g. 127.0.0.1:9901); expected host:port or http://host:port"
+        );
+    }
 }

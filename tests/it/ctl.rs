@@ -36,6 +36,10 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 #[tokio::test]
 async fn ctl_status_drain_wait_and_undrain() {
     let backends = echo_backends(2).await;
@@ -155,6 +159,73 @@ async fn ctl_reports_errors_and_reads_the_environment() {
     .expect("runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+#[tokio::test]
+async fn ctl_takes_the_admin_address_as_an_http_url() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::start(&[&backends[0]]).await;
+    let admin = sluice.admin_addr();
+    for url in [format!("http://{admin}"), format!("http://{admin}/")] {
+        let out = ctl_at(&url, &["status"]).await;
+        assert!(out.status.success(), "--admin {url}: {}", stderr(&out));
+        assert!(stdout(&out).contains("app   b1"), "{}", stdout(&out));
+    }
+    let out = within(
+        20,
+        "ctl",
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "undrain", "app/b1"])
+            .env("SLUICE_ADMIN", format!("http://{admin}/"))
+            .env("SLUICE_TOKEN", ADMIN_TOKEN)
+            .output(),
+    )
+    .await
+    .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app/b1: back in rotation\n");
+}
+
+#[tokio::test]
+async fn ctl_refuses_an_admin_address_it_cannot_use() {
+    for (value, reason) in [
+        (
+            "https://127.0.0.1:9901",
+            "the admin API speaks plain HTTP, not HTTPS",
+        ),
+        (
+            "http://127.0.0.1:9901/api/v1/status",
+            "a path is not allowed",
+        ),
+        ("garbage", "not an IP address and port"),
+    ] {
+        let out = ctl_at(value, &["status"]).await;
+        assert!(!out.status.success(), "--admin {value} was accepted");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '--admin <ADMIN>'"))
+                && err.contains(&format!("admin address {value:?}: {reason}")),
+            "--admin {value}: {err}"
+        );
+        let out = within(
+            20,
+            "ctl",
+            tokio::process::Command::new(BIN)
+                .args(["ctl", "status"])
+                .env("SLUICE_ADMIN", value)
+                .output(),
+        )
+        .await
+        .expect("runs");
+        assert!(!out.status.success(), "SLUICE_ADMIN={value} was accepted");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with(&format!(
+                "sluice: reading SLUICE_ADMIN: admin address {value:?}: {reason}"
+            )),
+            "SLUICE_ADMIN={value}: {err}"
+        );
+    }
 }
 
 /// Echo backends in processes of their own, restartable by a script.
