@@ -23,23 +23,34 @@ use super::api;
 /// Where the status document is.
 const STATUS_PATH: &str = "/api/v1/status";
 
-/// Why an admin request failed.
+/// Why an admin request failed. Each message names the step; the cause,
+/// when there is one, is the `source`, so `{:#}` prints it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connecting to the admin API at {addr}: {source}")]
+    #[error("connecting to the admin API at {addr}")]
     Connect {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
-    #[error("talking to the admin API at {addr}: {source}")]
+    #[error("talking to the admin API at {addr}")]
     Http {
         addr: SocketAddr,
+        #[source]
         source: hyper::Error,
     },
+    /// The API refused the request; `message` is its `error` field.
     #[error("admin API answered {status}: {message}")]
     Status { status: StatusCode, message: String },
-    #[error("admin API sent invalid JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    #[error("reading the admin API's answer to {method} {path}")]
+    Decode {
+        method: Method,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path:?} is not a valid request path (check the pool and backend names)")]
+    Path { path: String },
 }
 
 /// Why an admin address was refused. Each names the value as given.
@@ -141,9 +152,8 @@ impl AdminClient {
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
         let addr = self.addr;
-        let uri = path.parse().map_err(|_| ClientError::Status {
-            status: StatusCode::BAD_REQUEST,
-            message: format!("invalid path {path:?}"),
+        let uri = path.parse().map_err(|_| ClientError::Path {
+            path: path.to_string(),
         })?;
         let body = match body {
             Some(body) => serde_json::to_vec(body).expect("request bodies always serialize"),
@@ -157,7 +167,7 @@ impl AdminClient {
             .map_err(|source| ClientError::Http { addr, source })?;
         tokio::spawn(conn);
         let mut req = Request::new(Full::new(Bytes::from(body)));
-        *req.method_mut() = method;
+        *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         let headers = req.headers_mut();
         headers.insert(header::HOST, HeaderValue::from_static("sluice-admin"));
@@ -188,7 +198,11 @@ impl AdminClient {
                 .map_or_else(|_| "no message".to_string(), |body| body.error);
             return Err(ClientError::Status { status, message });
         }
-        Ok(serde_json::from_slice(&bytes)?)
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            method,
+            path: path.to_string(),
+            source,
+        })
     }
 }
 
@@ -258,5 +272,21 @@ mod tests {
                 .to_string(),
             "admin address \"garbage\": not an IP address and port (e.g. 127.0.0.1:9901); expected host:port or http://host:port"
         );
+    }
+
+    #[test]
+    fn client_errors_name_the_step_and_leave_the_cause_to_source() {
+        use std::error::Error as _;
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let cause = refused.to_string();
+        let err = ClientError::Connect {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            source: refused,
+        };
+        assert_eq!(
+            err.to_string(),
+            "connecting to the admin API at 127.0.0.1:1"
+        );
+        assert_eq!(err.source().map(ToString::to_string), Some(cause));
     }
 }

@@ -228,6 +228,23 @@ async fn ctl_refuses_an_admin_address_it_cannot_use() {
     }
 }
 
+#[tokio::test]
+async fn ctl_names_the_failed_step_and_its_cause_once() {
+    // Port 1 on loopback: nothing listens there.
+    let cause = std::net::TcpStream::connect("127.0.0.1:1")
+        .expect_err("nothing listens on 127.0.0.1:1")
+        .to_string();
+    let out = ctl_at("127.0.0.1:1", &["status"]).await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    // e.g. "sluice: connecting to the admin API at 127.0.0.1:1: Connection refused (os error 111)"
+    assert_eq!(
+        err,
+        format!("sluice: connecting to the admin API at 127.0.0.1:1: {cause}\n")
+    );
+    assert_eq!(err.matches(&cause).count(), 1, "{err}");
+}
+
 /// Echo backends in processes of their own, restartable by a script.
 struct BackendProcs {
     dir: PathBuf,
