@@ -8,8 +8,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-
+use crate::admin::api;
 use crate::admin::client::{AdminClient, ClientError};
 
 /// How often waits poll the status.
@@ -26,71 +25,6 @@ pub enum CtlError {
     UnknownPool(String),
     #[error("{0}")]
     Rollout(String),
-    #[error("admin API sent an unexpected status document")]
-    Malformed,
-}
-
-/// One backend as the status endpoint shows it.
-#[derive(Debug, Clone)]
-pub struct BackendView {
-    pub pool: String,
-    pub name: String,
-    pub address: String,
-    pub state: String,
-    /// Passing its health checks and not ejected.
-    pub healthy: bool,
-    pub weight: u64,
-    pub ws: u64,
-    pub http: u64,
-    pub drain: Option<(u64, u64, u64, u64)>,
-}
-
-impl BackendView {
-    fn from_json(v: &Value) -> Option<Self> {
-        let drain = v.get("drain").filter(|d| !d.is_null()).and_then(|d| {
-            Some((
-                d.get("closed")?.as_u64()?,
-                d.get("planned")?.as_u64()?,
-                d.get("elapsed_ms")?.as_u64()?,
-                d.get("window_ms")?.as_u64()?,
-            ))
-        });
-        Some(Self {
-            pool: v.get("pool")?.as_str()?.to_string(),
-            name: v.get("name")?.as_str()?.to_string(),
-            address: v.get("address")?.as_str()?.to_string(),
-            state: v.get("state")?.as_str()?.to_string(),
-            healthy: v.get("healthy")?.as_bool()?,
-            weight: v.get("weight")?.as_u64()?.max(1),
-            ws: v.get("connections")?.get("ws")?.as_u64()?,
-            http: v.get("connections")?.get("http")?.as_u64()?,
-            drain,
-        })
-    }
-
-    /// Live connections of any kind.
-    pub fn connections(&self) -> u64 {
-        self.ws + self.http
-    }
-}
-
-/// Every backend in the status document, pool by pool.
-pub fn backends(status: &Value) -> Result<Vec<BackendView>, CtlError> {
-    let pools = status
-        .get("pools")
-        .and_then(Value::as_array)
-        .ok_or(CtlError::Malformed)?;
-    let mut out = Vec::new();
-    for pool in pools {
-        let list = pool
-            .get("backends")
-            .and_then(Value::as_array)
-            .ok_or(CtlError::Malformed)?;
-        for b in list {
-            out.push(BackendView::from_json(b).ok_or(CtlError::Malformed)?);
-        }
-    }
-    Ok(out)
 }
 
 fn split_target(target: &str) -> Result<(&str, &str), CtlError> {
@@ -100,39 +34,35 @@ fn split_target(target: &str) -> Result<(&str, &str), CtlError> {
     }
 }
 
-fn backend_path(pool: &str, backend: &str, action: &str) -> String {
-    format!("/api/v1/pools/{pool}/backends/{backend}/{action}")
-}
-
-/// The status as a table (or the raw JSON).
+/// The status as a table (or as pretty-printed JSON).
 pub async fn status(client: &AdminClient, raw_json: bool) -> Result<(), CtlError> {
-    let status = client.get("/api/v1/status").await?;
+    let status = client.status().await?;
     if raw_json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&status).unwrap_or_default()
+            serde_json::to_string_pretty(&status).expect("the status document always serializes")
         );
         return Ok(());
     }
-    let rows: Vec<[String; 7]> = backends(&status)?
-        .into_iter()
+    let rows: Vec<[String; 7]> = status
+        .backends()
         .map(|b| {
-            let drain = b
-                .drain
-                .map_or("-".to_string(), |(closed, planned, elapsed, window)| {
-                    format!(
-                        "{closed}/{planned} closed, {:.1}s of {:.1}s",
-                        elapsed as f64 / 1000.0,
-                        window as f64 / 1000.0
-                    )
-                });
+            let drain = b.drain.map_or("-".to_string(), |d| {
+                format!(
+                    "{}/{} closed, {:.1}s of {:.1}s",
+                    d.closed,
+                    d.planned,
+                    d.elapsed_ms as f64 / 1000.0,
+                    d.window_ms as f64 / 1000.0
+                )
+            });
             [
-                b.pool,
-                b.name,
-                b.address,
-                b.state,
-                b.ws.to_string(),
-                b.http.to_string(),
+                b.pool.clone(),
+                b.name.clone(),
+                b.address.clone(),
+                b.state.to_string(),
+                b.connections.ws.to_string(),
+                b.connections.http.to_string(),
                 drain,
             ]
         })
@@ -173,16 +103,12 @@ pub async fn drain(
     wait: bool,
 ) -> Result<(), CtlError> {
     let (pool, backend) = split_target(target)?;
-    let body = window.map_or(json!({}), |w| json!({ "window": w }));
-    let view = client
-        .post(&backend_path(pool, backend, "drain"), body)
-        .await?;
-    let view = BackendView::from_json(&view).ok_or(CtlError::Malformed)?;
-    let window_ms = view.drain.map_or(0, |d| d.3);
+    let view = client.drain(pool, backend, window).await?;
+    let window_ms = view.drain.map_or(0, |d| d.window_ms);
     println!(
         "{pool}/{backend}: draining over {:.1}s ({} connections)",
         window_ms as f64 / 1000.0,
-        view.connections()
+        view.connections.total()
     );
     if wait {
         wait_empty(client, pool, backend, None).await?;
@@ -201,7 +127,7 @@ async fn wait_empty(
     let mut last = None;
     loop {
         let view = find(client, pool, backend).await?;
-        let left = view.connections();
+        let left = view.connections.total();
         if last != Some(left) {
             println!("{pool}/{backend}: {left} connections left");
             last = Some(left);
@@ -220,20 +146,18 @@ async fn wait_empty(
     }
 }
 
-async fn find(client: &AdminClient, pool: &str, backend: &str) -> Result<BackendView, CtlError> {
-    let status = client.get("/api/v1/status").await?;
-    backends(&status)?
-        .into_iter()
-        .find(|b| b.pool == pool && b.name == backend)
+async fn find(client: &AdminClient, pool: &str, backend: &str) -> Result<api::Backend, CtlError> {
+    let status = client.status().await?;
+    status
+        .backend(pool, backend)
+        .cloned()
         .ok_or_else(|| CtlError::BadTarget(format!("{pool}/{backend}")))
 }
 
 /// Puts POOL/BACKEND back in rotation.
 pub async fn undrain(client: &AdminClient, target: &str) -> Result<(), CtlError> {
     let (pool, backend) = split_target(target)?;
-    client
-        .post(&backend_path(pool, backend, "undrain"), json!({}))
-        .await?;
+    client.undrain(pool, backend).await?;
     println!("{pool}/{backend}: back in rotation");
     Ok(())
 }
@@ -259,10 +183,11 @@ pub struct Rollout {
 /// for the pool to level out (or the timeout), next. Stops at the first
 /// failure and leaves that backend drained.
 pub async fn rollout(client: &AdminClient, pool: &str, plan: &Rollout) -> Result<(), CtlError> {
-    let status = client.get("/api/v1/status").await?;
-    let targets: Vec<BackendView> = backends(&status)?
-        .into_iter()
+    let status = client.status().await?;
+    let targets: Vec<api::Backend> = status
+        .backends()
         .filter(|b| b.pool == pool)
+        .cloned()
         .collect();
     if targets.is_empty() {
         return Err(CtlError::UnknownPool(pool.to_string()));
@@ -271,13 +196,7 @@ pub async fn rollout(client: &AdminClient, pool: &str, plan: &Rollout) -> Result
     for (i, b) in targets.iter().enumerate() {
         let step = format!("[{}/{n}] {pool}/{}", i + 1, b.name);
         println!("{step}: draining");
-        let body = plan
-            .window
-            .as_ref()
-            .map_or(json!({}), |w| json!({ "window": w }));
-        client
-            .post(&backend_path(pool, &b.name, "drain"), body)
-            .await?;
+        client.drain(pool, &b.name, plan.window.as_deref()).await?;
         wait_empty(client, pool, &b.name, Some(plan.drain_timeout)).await?;
         let command = plan
             .exec
@@ -314,9 +233,7 @@ pub async fn rollout(client: &AdminClient, pool: &str, plan: &Rollout) -> Result
                     plan.health_timeout, b.name
                 ))
             })?;
-        client
-            .post(&backend_path(pool, &b.name, "undrain"), json!({}))
-            .await?;
+        client.undrain(pool, &b.name).await?;
         println!("{step}: back in rotation");
         if wait_balanced(client, pool, plan.balance_timeout).await? {
             println!("{step}: pool is level");
@@ -354,15 +271,16 @@ async fn wait_balanced(
 ) -> Result<bool, CtlError> {
     let started = Instant::now();
     loop {
-        let status = client.get("/api/v1/status").await?;
-        let up: Vec<BackendView> = backends(&status)?
-            .into_iter()
-            .filter(|b| b.pool == pool && (b.state == "up" || b.state == "slow_start"))
+        let status = client.status().await?;
+        let up: Vec<&api::Backend> = status
+            .backends()
+            .filter(|b| b.pool == pool && b.state.is_in_rotation())
             .collect();
-        let total: u64 = up.iter().map(|b| b.ws).sum();
-        let weights: u64 = up.iter().map(|b| b.weight).sum::<u64>().max(1);
-        let share = |b: &BackendView| total as f64 * b.weight as f64 / weights as f64;
-        if up.iter().all(|b| b.ws as f64 >= 0.8 * share(b)) {
+        let weight = |b: &api::Backend| u64::from(b.weight.max(1));
+        let total: u64 = up.iter().map(|b| b.connections.ws).sum();
+        let weights: u64 = up.iter().map(|b| weight(b)).sum::<u64>().max(1);
+        let share = |b: &api::Backend| total as f64 * weight(b) as f64 / weights as f64;
+        if up.iter().all(|b| b.connections.ws as f64 >= 0.8 * share(b)) {
             return Ok(true);
         }
         if started.elapsed() >= limit {

@@ -48,8 +48,9 @@ enum Command {
     },
     /// Operate a running sluice through its admin API.
     Ctl {
-        /// Admin API address [env: SLUICE_ADMIN] (default: from --config, else 127.0.0.1:9901).
-        #[arg(long, global = true)]
+        /// Admin API address, host:port or http://host:port [env: SLUICE_ADMIN]
+        /// (default: from --config, else 127.0.0.1:9901).
+        #[arg(long, global = true, value_parser = sluice::admin::client::parse_admin_addr)]
         admin: Option<SocketAddr>,
         /// Bearer token [env: SLUICE_TOKEN] (default: the config's token_file).
         #[arg(long, global = true)]
@@ -279,10 +280,9 @@ fn admin_client(
         None => None,
     };
     let env_admin = match std::env::var("SLUICE_ADMIN") {
-        Ok(text) => Some(
-            text.parse::<SocketAddr>()
-                .with_context(|| format!("SLUICE_ADMIN={text:?} is not host:port"))?,
-        ),
+        Ok(text) => {
+            Some(sluice::admin::client::parse_admin_addr(&text).context("reading SLUICE_ADMIN")?)
+        }
         Err(_) => None,
     };
     let addr = admin

@@ -1,10 +1,13 @@
 //! The admin API: status, drain and undrain, Prometheus metrics.
 //!
-//! Owns the admin listener and its JSON API. Everything under `/api/` needs
-//! `Authorization: Bearer TOKEN`; `/metrics` does not, so a scraper needs
-//! no secret (it is on loopback unless configured otherwise). Acts on the
-//! rest of sluice only through `drain::Drains` and registry reads.
+//! Owns the admin listener and its JSON API; the documents it sends and
+//! reads are the types in `api`, shared with `client`, `ctl` and the
+//! tests. Everything under `/api/` needs `Authorization: Bearer TOKEN`;
+//! `/metrics` does not, so a scraper needs no secret (it is on loopback
+//! unless configured otherwise). Acts on the rest of sluice only through
+//! `drain::Drains` and registry reads.
 
+pub mod api;
 pub mod client;
 
 use std::convert::Infallible;
@@ -20,7 +23,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -28,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::drain::{DrainError, Drains};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{self, Registry};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -132,7 +137,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     }
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method().clone(), segments.as_slice()) {
-        (Method::GET, ["api", "v1", "status"]) => ok(status(state)),
+        (Method::GET, ["api", "v1", "status"]) => ok(&status(state)),
         (
             Method::POST,
             [
@@ -150,7 +155,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
                 Ok(body) => body,
                 Err(resp) => return resp,
             };
-            backend_action(state, &pool, &backend, action, &body)
+            backend_action(state, &pool, &backend, action, body)
         }
         (_, ["api", "v1", "status"])
         | (_, ["api", "v1", "pools", _, "backends", _, "drain" | "undrain"]) => error(
@@ -191,7 +196,7 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Full<Bytes>
         }
     };
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(json!({}));
+        return Ok(Value::Object(serde_json::Map::new()));
     }
     match serde_json::from_slice::<Value>(&body) {
         Ok(v @ Value::Object(_)) => Ok(v),
@@ -203,148 +208,155 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Full<Bytes>
     }
 }
 
+/// Decodes a request object into its type; the error, for a 400, names a
+/// field the type does not have or one of the wrong type.
+fn parse_request<T: DeserializeOwned>(body: Value) -> Result<T, String> {
+    // serde quotes field names in backticks (`unknown field `windw`,
+    // expected `window``); the API's messages quote with double quotes.
+    serde_json::from_value(body).map_err(|e| e.to_string().replace('`', "\""))
+}
+
+/// The drain window a request asks for, checked like a config duration.
+fn parse_window(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d <= crate::config::MAX_DURATION => Ok(d),
+        Ok(_) => Err(format!("window {text:?} is longer than 30 days")),
+        Err(e) => Err(format!(
+            "window {text:?}: {e}; write e.g. \"30s\" or \"5m\""
+        )),
+    }
+}
+
 fn backend_action(
     state: &AdminState,
     pool: &str,
     backend: &str,
     action: &str,
-    body: &Value,
+    body: Value,
 ) -> Response<Full<Bytes>> {
     let (p, b) = match state.drains.find(pool, backend) {
         Ok(found) => found,
         Err(e @ DrainError::ShuttingDown) => return error(StatusCode::CONFLICT, &e.to_string()),
         Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
     };
-    if action == "undrain" {
-        if let Some(key) = body.as_object().and_then(|o| o.keys().next()) {
-            return error(StatusCode::BAD_REQUEST, &format!("unknown field {key:?}"));
+    let done = if action == "undrain" {
+        if let Err(message) = parse_request::<api::UndrainRequest>(body) {
+            return error(StatusCode::BAD_REQUEST, &message);
         }
-        if let Err(e) = state.drains.undrain(p, b) {
-            return error(StatusCode::CONFLICT, &e.to_string());
-        }
+        state.drains.undrain(p, b)
     } else {
-        let mut window = None;
-        for (key, value) in body.as_object().into_iter().flatten() {
-            match (key.as_str(), value) {
-                ("window", Value::String(text)) => match humantime::parse_duration(text) {
-                    Ok(d) if d <= crate::config::MAX_DURATION => window = Some(d),
-                    Ok(_) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!("window {text:?} is longer than 30 days"),
-                        );
-                    }
-                    Err(e) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!("window {text:?}: {e}; write e.g. \"30s\" or \"5m\""),
-                        );
-                    }
-                },
-                ("window", _) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "window must be a string such as \"5m\"",
-                    );
-                }
-                (other, _) => {
-                    return error(StatusCode::BAD_REQUEST, &format!("unknown field {other:?}"));
-                }
-            }
+        let window = parse_request::<api::DrainRequest>(body)
+            .and_then(|request| request.window.as_deref().map(parse_window).transpose());
+        match window {
+            Ok(window) => state.drains.drain(p, b, window),
+            Err(message) => return error(StatusCode::BAD_REQUEST, &message),
         }
-        if let Err(e) = state.drains.drain(p, b, window) {
-            return error(StatusCode::CONFLICT, &e.to_string());
-        }
+    };
+    if let Err(e) = done {
+        return error(StatusCode::CONFLICT, &e.to_string());
     }
-    ok(backend_json(state, p, b))
+    ok(&backend_status(state, p, b))
 }
 
-fn status(state: &AdminState) -> Value {
-    let pools: Vec<Value> = state
+fn status(state: &AdminState) -> api::Status {
+    let pools = state
         .registry
         .pools()
         .iter()
         .enumerate()
-        .map(|(p, pool)| {
-            let backends: Vec<Value> = (0..pool.backends.len())
-                .map(|b| backend_json(state, p, b))
-                .collect();
-            json!({
-                "name": pool.name,
-                "algorithm": state.algorithms.get(p).copied().unwrap_or("least_conn"),
-                "connections": pool.backends.iter().map(|b| b.active()).sum::<usize>(),
-                "backends": backends,
-                "rebalance": rebalance_json(state, p),
-            })
+        .map(|(p, pool)| api::Pool {
+            name: pool.name.clone(),
+            algorithm: state
+                .algorithms
+                .get(p)
+                .copied()
+                .unwrap_or("least_conn")
+                .to_string(),
+            connections: pool.backends.iter().map(|b| b.active() as u64).sum(),
+            backends: (0..pool.backends.len())
+                .map(|b| backend_status(state, p, b))
+                .collect(),
+            rebalance: rebalance_status(state, p),
         })
         .collect();
-    json!({ "pools": pools })
+    api::Status { pools }
 }
 
-fn rebalance_json(state: &AdminState, p: usize) -> Value {
-    let Some(cfg) = state.rebalance.get(p) else {
-        return Value::Null;
-    };
-    let names = |indices: &[usize]| -> Vec<String> {
-        let pool = state.registry.pool(p);
-        indices
-            .iter()
-            .filter_map(|&i| pool.backends.get(i).map(|b| b.name.clone()))
-            .collect()
-    };
-    let last = state.reports.get(p).map(|r| {
-        json!({
-            "ago_ms": r.at.elapsed().as_millis() as u64,
-            "total": r.plan.total,
-            "shares": r.plan.shares.iter().map(|s| s.round() as u64).collect::<Vec<_>>(),
-            "outliers": names(&r.plan.outliers),
-            "shed": r.plan.shed.map(|s| json!({ "backend": names(&[s.backend]).pop(), "planned": s.count, "closing": r.shed })),
-            "note": r.plan.note,
-        })
+fn rebalance_status(state: &AdminState, p: usize) -> Option<api::Rebalance> {
+    let cfg = state.rebalance.get(p)?;
+    let pool = state.registry.pool(p);
+    let name = |i: usize| pool.backends.get(i).map(|b| b.name.clone());
+    let last = state.reports.get(p).map(|r| api::RebalanceReport {
+        ago_ms: r.at.elapsed().as_millis() as u64,
+        total: r.plan.total as u64,
+        shares: r.plan.shares.iter().map(|s| s.round() as u64).collect(),
+        outliers: r.plan.outliers.iter().filter_map(|&i| name(i)).collect(),
+        shed: r.plan.shed.map(|s| api::RebalanceShed {
+            backend: name(s.backend),
+            planned: s.count as u64,
+            closing: r.shed as u64,
+        }),
+        note: r.plan.note.to_string(),
     });
-    json!({
-        "enabled": cfg.enabled,
-        "interval_ms": cfg.interval.as_millis() as u64,
-        "tolerance": cfg.tolerance,
-        "last": last,
+    Some(api::Rebalance {
+        enabled: cfg.enabled,
+        interval_ms: cfg.interval.as_millis() as u64,
+        tolerance: cfg.tolerance,
+        last,
     })
 }
 
-fn backend_json(state: &AdminState, p: usize, b: usize) -> Value {
+/// The state users see: the admin state, refined by health and slow start
+/// while in rotation (the same rule as `registry::Backend::display_state`).
+fn backend_state(backend: &registry::Backend) -> api::BackendState {
+    match backend.state() {
+        registry::BackendState::Up if !backend.is_healthy() => api::BackendState::Down,
+        registry::BackendState::Up if backend.is_ramping() => api::BackendState::SlowStart,
+        registry::BackendState::Up => api::BackendState::Up,
+        registry::BackendState::Draining => api::BackendState::Draining,
+        registry::BackendState::Drained => api::BackendState::Drained,
+    }
+}
+
+fn backend_status(state: &AdminState, p: usize, b: usize) -> api::Backend {
     let pool = state.registry.pool(p);
     let backend = &pool.backends[b];
-    let drain = state.drains.progress(p, b).map(|d| {
-        json!({
-            "window_ms": d.window.as_millis() as u64,
-            "elapsed_ms": d.elapsed.as_millis() as u64,
-            "planned": d.planned,
-            "closed": d.closed,
-        })
+    let drain = state.drains.progress(p, b).map(|d| api::DrainProgress {
+        window_ms: d.window.as_millis() as u64,
+        elapsed_ms: d.elapsed.as_millis() as u64,
+        planned: d.planned as u64,
+        closed: d.closed as u64,
     });
-    json!({
-        "pool": pool.name,
-        "name": backend.name,
-        "address": backend.addr.to_string(),
-        "weight": backend.weight,
-        "state": backend.display_state(),
-        "healthy": backend.is_healthy(),
-        "connections": { "ws": backend.ws_count(), "http": backend.http_count() },
-        "drain": drain,
-    })
+    api::Backend {
+        pool: pool.name.clone(),
+        name: backend.name.clone(),
+        address: backend.addr.to_string(),
+        weight: backend.weight,
+        state: backend_state(backend),
+        healthy: backend.is_healthy(),
+        connections: api::Connections {
+            ws: backend.ws_count() as u64,
+            http: backend.http_count() as u64,
+        },
+        drain,
+    }
 }
 
-fn ok(value: Value) -> Response<Full<Bytes>> {
-    json_response(StatusCode::OK, &value)
+fn ok(body: &impl Serialize) -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, body)
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json_response(status, &json!({ "error": message }))
+    let body = api::ErrorBody {
+        error: message.to_string(),
+    };
+    json_response(status, &body)
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
-    let mut body = value.to_string();
-    body.push('\n');
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_string(body).expect("admin API types always serialize");
+    text.push('\n');
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -356,4 +368,62 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
 /// Binds the admin listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, PoolConfig};
+
+    #[test]
+    fn status_states_are_the_registry_names() {
+        let mut pool = PoolConfig::new(
+            "app",
+            vec![BackendConfig {
+                name: "b1".into(),
+                address: SocketAddr::from(([127, 0, 0, 1], 4000)),
+                weight: 1,
+                tls: None,
+            }],
+        );
+        pool.slow_start = Duration::from_secs(30);
+        let registry = Registry::new(&Config {
+            listeners: Vec::new(),
+            pools: vec![pool],
+            admin: None,
+            shutdown_timeout: Duration::from_secs(1),
+            worker_threads: 1,
+        });
+        let b = &registry.pool(0).backends[0];
+        let seen = || {
+            (
+                backend_state(b),
+                backend_state(b).as_str() == b.display_state(),
+            )
+        };
+        assert_eq!(seen(), (api::BackendState::Up, true));
+        b.set_active_down(true);
+        assert_eq!(seen(), (api::BackendState::Down, true));
+        b.set_active_down(false);
+        b.mark_back();
+        assert_eq!(seen(), (api::BackendState::SlowStart, true));
+        b.set_state(crate::registry::BackendState::Draining);
+        assert_eq!(seen(), (api::BackendState::Draining, true));
+        b.set_state(crate::registry::BackendState::Drained);
+        assert_eq!(seen(), (api::BackendState::Drained, true));
+    }
+
+    #[test]
+    fn windows_are_checked_like_config_durations() {
+        assert_eq!(parse_window("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(
+            parse_window("31days"),
+            Err("window \"31days\" is longer than 30 days".to_string())
+        );
+        let err = parse_window("soon").expect_err("not a duration");
+        assert!(
+            err.starts_with("window \"soon\": ") && err.ends_with("; write e.g. \"30s\" or \"5m\""),
+            "{err}"
+        );
+    }
 }

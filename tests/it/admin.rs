@@ -1,8 +1,9 @@
 //! The admin API and metrics.
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::Full;
-use serde_json::{Value, json};
+use sluice::admin::api::{self, BackendState};
 use sluice::admin::client::{AdminClient, ClientError};
 
 use crate::support::*;
@@ -31,8 +32,8 @@ async fn raw(
 }
 
 fn error_of(reply: &HttpReply) -> String {
-    let v: Value = serde_json::from_slice(&reply.body).expect("JSON error body");
-    v["error"].as_str().expect("error message").to_string()
+    let body: api::ErrorBody = serde_json::from_slice(&reply.body).expect("JSON error body");
+    body.error
 }
 
 #[tokio::test]
@@ -49,7 +50,7 @@ async fn api_needs_the_token() {
         addr: sluice.admin_addr(),
         token: None,
     };
-    match bad.get("/api/v1/status").await {
+    match bad.status().await {
         Err(ClientError::Status { status, .. }) => assert_eq!(status, 401),
         other => panic!("expected 401, got {other:?}"),
     }
@@ -68,22 +69,19 @@ async fn api_needs_the_token() {
 async fn status_shows_pools_backends_states_and_counts() {
     let backends = echo_backends(2).await;
     let sluice = Sluice::start(&[&backends[0], &backends[1]]).await;
-    let (_ws, name) = sluice.ws_named("/ws").await;
-    let status = sluice.admin().get("/api/v1/status").await.expect("status");
-    let pool = &status["pools"][0];
-    assert_eq!(pool["name"], "app");
-    assert_eq!(pool["algorithm"], "least_conn");
-    assert_eq!(pool["connections"], 1);
-    let b = pool["backends"].as_array().expect("backends");
-    assert_eq!(b.len(), 2);
-    let busy = b
-        .iter()
-        .find(|x| x["name"] == name.as_str())
-        .expect("the busy one");
-    assert_eq!(busy["connections"], json!({ "ws": 1, "http": 0 }));
-    assert_eq!(busy["state"], "up");
+    let (ws, name) = sluice.ws_named("/ws").await;
+    let admin = sluice.admin();
+    let status = sluice.status().await;
+    let pool = &status.pools[0];
+    assert_eq!(pool.name, "app");
+    assert_eq!(pool.algorithm, "least_conn");
+    assert_eq!(pool.connections, 1);
+    assert_eq!(pool.backends.len(), 2);
+    let busy = status.backend("app", &name).expect("the busy one");
+    assert_eq!(busy.connections, api::Connections { ws: 1, http: 0 });
+    assert_eq!(busy.state, BackendState::Up);
     assert_eq!(
-        busy["address"],
+        busy.address,
         backends
             .iter()
             .find(|x| x.name == name)
@@ -91,7 +89,37 @@ async fn status_shows_pools_backends_states_and_counts() {
             .addr
             .to_string()
     );
-    assert!(busy["drain"].is_null());
+    assert!(busy.drain.is_none());
+    let rebalance = pool.rebalance.as_ref().expect("rebalance settings");
+    assert_eq!(rebalance.interval_ms, 15_000);
+
+    // The state and the drain progress follow a drain of the busy backend:
+    // draining while its WebSocket is open, drained once it closed (the
+    // client answers the Close), up again after undrain.
+    let client = tokio::spawn(async move {
+        let mut ws = ws;
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let draining = admin.drain("app", &name, Some("1s")).await.expect("drain");
+    assert_eq!(draining.state, BackendState::Draining);
+    assert_eq!(draining.drain.map(|d| d.window_ms), Some(1000));
+    let drained = sluice
+        .wait_backend_state(15, &name, BackendState::Drained)
+        .await;
+    within(10, "client closed", client)
+        .await
+        .expect("client task");
+    assert_eq!(drained.connections.total(), 0);
+    let progress = drained.drain.expect("progress is kept while drained");
+    assert_eq!((progress.planned, progress.closed), (1, 1));
+    let status = sluice.status().await;
+    let idle = status
+        .backends()
+        .find(|b| b.name != name)
+        .expect("the other backend");
+    assert_eq!(idle.state, BackendState::Up, "only the drained one changed");
+    let back = admin.undrain("app", &name).await.expect("undrain");
+    assert_eq!((back.state, back.drain), (BackendState::Up, None));
 }
 
 #[tokio::test]
@@ -139,6 +167,41 @@ async fn unknown_targets_and_bad_input_are_explained() {
         (
             "POST",
             "/api/v1/pools/app/backends/b1/drain",
+            "{\"windw\": \"5m\"}",
+            400,
+            "unknown field \"windw\", expected \"window\"",
+        ),
+        (
+            "POST",
+            "/api/v1/pools/app/backends/b1/drain",
+            "{\"window\": \"5m\", \"wait\": true}",
+            400,
+            "unknown field \"wait\"",
+        ),
+        (
+            "POST",
+            "/api/v1/pools/app/backends/b1/drain",
+            "{\"window\": null}",
+            400,
+            "window must be a string",
+        ),
+        (
+            "POST",
+            "/api/v1/pools/app/backends/b1/drain",
+            "{\"window\": \"31days\"}",
+            400,
+            "window \"31days\" is longer than 30 days",
+        ),
+        (
+            "POST",
+            "/api/v1/pools/app/backends/b1/undrain",
+            "{\"window\": \"5m\"}",
+            400,
+            "unknown field \"window\"",
+        ),
+        (
+            "POST",
+            "/api/v1/pools/app/backends/b1/drain",
             "{oops",
             400,
             "not valid JSON",
@@ -169,8 +232,21 @@ async fn unknown_targets_and_bad_input_are_explained() {
             error_of(&reply)
         );
     }
-    // Nothing was drained by the bad requests.
-    assert_eq!(sluice.registry().pool(0).backends[0].state().as_str(), "up");
+    // Nothing was drained by the bad requests; the same request with an
+    // empty body (no fields) drains.
+    assert_eq!(sluice.backend_status("b1").await.state, BackendState::Up);
+    let reply = raw(addr, "POST", "/api/v1/pools/app/backends/b1/drain", t, "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let answer: api::Backend = serde_json::from_slice(&reply.body).expect("backend JSON");
+    assert_eq!(answer.state, BackendState::Draining);
+    assert_eq!(
+        answer.drain.map(|d| d.window_ms),
+        Some(120_000),
+        "the pool's default window"
+    );
+    sluice
+        .wait_backend_state(5, "b1", BackendState::Drained)
+        .await;
 }
 
 #[tokio::test]

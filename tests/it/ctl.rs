@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use sluice::admin::api::{self, BackendState};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -13,15 +14,18 @@ use crate::support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
 async fn ctl(sluice: &Sluice, args: &[&str]) -> Output {
+    ctl_at(&sluice.admin_addr().to_string(), args).await
+}
+
+/// `sluice ctl --admin ADMIN --token TEST-TOKEN ARGS`, with no admin
+/// settings from the environment.
+async fn ctl_at(admin: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.kill_on_drop(true)
+        .env_remove("SLUICE_ADMIN")
+        .env_remove("SLUICE_TOKEN")
         .arg("ctl")
-        .args([
-            "--admin",
-            &sluice.admin_addr().to_string(),
-            "--token",
-            ADMIN_TOKEN,
-        ])
+        .args(["--admin", admin, "--token", ADMIN_TOKEN])
         .args(args);
     within(60, "sluice ctl", cmd.output())
         .await
@@ -30,6 +34,10 @@ async fn ctl(sluice: &Sluice, args: &[&str]) -> Output {
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
 }
 
 #[tokio::test]
@@ -57,8 +65,9 @@ async fn ctl_status_drain_wait_and_undrain() {
     assert_eq!(lines.len(), 3, "{text}");
 
     let out = ctl(&sluice, &["status", "--json"]).await;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(v["pools"][0]["backends"][1]["name"], "b2");
+    let status: api::Status = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status.pools[0].backends[1].name, "b2");
+    assert_eq!(status.pools[0].backends[0].connections.ws, 3);
 
     let out = ctl(&sluice, &["drain", "app/b1", "--window", "1s", "--wait"]).await;
     let text = stdout(&out);
@@ -76,9 +85,20 @@ async fn ctl_status_drain_wait_and_undrain() {
         "{text}"
     );
     assert_eq!(backends[0].ws_open(), 0);
+    let b1 = sluice
+        .wait_backend_state(5, "b1", BackendState::Drained)
+        .await;
+    assert_eq!(b1.drain.map(|d| d.window_ms), Some(1000));
+    let text = stdout(&ctl(&sluice, &["status"]).await);
+    let row = text.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.starts_with("app   b1 ") && row.contains(" drained ") && row.contains(" 3/3 closed"),
+        "{text}"
+    );
 
     let out = ctl(&sluice, &["undrain", "app/b1"]).await;
     assert_eq!(stdout(&out), "app/b1: back in rotation\n");
+    assert_eq!(sluice.backend_status("b1").await.state, BackendState::Up);
     stop.cancel();
     let stats: Vec<ChatStats> = join_all(clients)
         .await
@@ -139,6 +159,90 @@ async fn ctl_reports_errors_and_reads_the_environment() {
     .expect("runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+#[tokio::test]
+async fn ctl_takes_the_admin_address_as_an_http_url() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::start(&[&backends[0]]).await;
+    let admin = sluice.admin_addr();
+    for url in [format!("http://{admin}"), format!("http://{admin}/")] {
+        let out = ctl_at(&url, &["status"]).await;
+        assert!(out.status.success(), "--admin {url}: {}", stderr(&out));
+        assert!(stdout(&out).contains("app   b1"), "{}", stdout(&out));
+    }
+    let out = within(
+        20,
+        "ctl",
+        tokio::process::Command::new(BIN)
+            .args(["ctl", "undrain", "app/b1"])
+            .env("SLUICE_ADMIN", format!("http://{admin}/"))
+            .env("SLUICE_TOKEN", ADMIN_TOKEN)
+            .output(),
+    )
+    .await
+    .expect("runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app/b1: back in rotation\n");
+}
+
+#[tokio::test]
+async fn ctl_refuses_an_admin_address_it_cannot_use() {
+    for (value, reason) in [
+        (
+            "https://127.0.0.1:9901",
+            "the admin API speaks plain HTTP, not HTTPS",
+        ),
+        (
+            "http://127.0.0.1:9901/api/v1/status",
+            "a path is not allowed",
+        ),
+        ("garbage", "not an IP address and port"),
+    ] {
+        let out = ctl_at(value, &["status"]).await;
+        assert!(!out.status.success(), "--admin {value} was accepted");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '--admin <ADMIN>'"))
+                && err.contains(&format!("admin address {value:?}: {reason}")),
+            "--admin {value}: {err}"
+        );
+        let out = within(
+            20,
+            "ctl",
+            tokio::process::Command::new(BIN)
+                .args(["ctl", "status"])
+                .env("SLUICE_ADMIN", value)
+                .output(),
+        )
+        .await
+        .expect("runs");
+        assert!(!out.status.success(), "SLUICE_ADMIN={value} was accepted");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with(&format!(
+                "sluice: reading SLUICE_ADMIN: admin address {value:?}: {reason}"
+            )),
+            "SLUICE_ADMIN={value}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ctl_names_the_failed_step_and_its_cause_once() {
+    // Port 1 on loopback: nothing listens there.
+    let cause = std::net::TcpStream::connect("127.0.0.1:1")
+        .expect_err("nothing listens on 127.0.0.1:1")
+        .to_string();
+    let out = ctl_at("127.0.0.1:1", &["status"]).await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    // e.g. "sluice: connecting to the admin API at 127.0.0.1:1: Connection refused (os error 111)"
+    assert_eq!(
+        err,
+        format!("sluice: connecting to the admin API at 127.0.0.1:1: {cause}\n")
+    );
+    assert_eq!(err.matches(&cause).count(), 1, "{err}");
 }
 
 /// Echo backends in processes of their own, restartable by a script.

@@ -432,6 +432,42 @@ impl Sluice {
             token: Some(ADMIN_TOKEN.to_string()),
         }
     }
+
+    /// The admin API's status document.
+    pub async fn status(&self) -> sluice::admin::api::Status {
+        within(10, "admin status", self.admin().status())
+            .await
+            .expect("admin status")
+    }
+
+    /// One backend of pool `app` as the status document shows it.
+    pub async fn backend_status(&self, name: &str) -> sluice::admin::api::Backend {
+        self.status()
+            .await
+            .backend("app", name)
+            .unwrap_or_else(|| panic!("no backend app/{name} in the status"))
+            .clone()
+    }
+
+    /// Polls the status until backend `name` of pool `app` is in `state`
+    /// (or fails the test after `secs`); returns it as then shown.
+    pub async fn wait_backend_state(
+        &self,
+        secs: u64,
+        name: &str,
+        state: sluice::admin::api::BackendState,
+    ) -> sluice::admin::api::Backend {
+        within(secs, &format!("app/{name} {state}"), async {
+            loop {
+                let backend = self.backend_status(name).await;
+                if backend.state == state {
+                    return backend;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
 }
 
 /// What a chatting client saw.

@@ -1,0 +1,356 @@
+//! The admin API's contract: every document it sends and receives.
+//!
+//! One set of serde types, shared by the server (`admin::serve` builds
+//! them), the client (`admin::client` decodes into them, `ctl` reads them)
+//! and the tests. The JSON field names here are the wire format documented
+//! in DESIGN.md and README.md; change them only together with those.
+//!
+//! Requests refuse unknown fields (`deny_unknown_fields`), so a typo is a
+//! 400 naming the field instead of a silently ignored option. Responses do
+//! not, so a client still reads a document that gained a field.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+
+/// `GET /api/v1/status`: every pool, in config order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub pools: Vec<Pool>,
+}
+
+impl Status {
+    /// Every backend, pool by pool.
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        self.pools.iter().flat_map(|p| &p.backends)
+    }
+
+    /// The backend `name` of pool `pool`.
+    pub fn backend(&self, pool: &str, name: &str) -> Option<&Backend> {
+        self.backends().find(|b| b.pool == pool && b.name == name)
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// One pool in the status document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pool {
+    pub name: String,
+    /// `least_conn`, `round_robin`, `p2c` or `hash`, as in the config.
+    pub algorithm: String,
+    /// Live connections (WebSockets and HTTP requests) over all backends.
+    pub connections: u64,
+    pub backends: Vec<Backend>,
+    /// Rebalancer settings and its last decision (`null` when unknown).
+    pub rebalance: Option<Rebalance>,
+}
+
+/// One backend: the status document's entry, and the answer to drain and
+/// undrain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Backend {
+    /// The pool it belongs to.
+    pub pool: String,
+    pub name: String,
+    /// Where sluice connects to it, `ip:port`.
+    pub address: String,
+    pub weight: u32,
+    pub state: BackendState,
+    /// Passing its health checks and not ejected.
+    pub healthy: bool,
+    pub connections: Connections,
+    /// Progress of the drain, while draining or drained (`null` otherwise).
+    pub drain: Option<DrainProgress>,
+}
+
+/// A backend's state as users see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// In rotation.
+    Up,
+    /// In rotation but failing its health checks or ejected: gets nothing.
+    Down,
+    /// Out of rotation; its WebSockets are being closed over the window.
+    Draining,
+    /// Out of rotation, with no WebSocket left.
+    Drained,
+    /// Back in rotation, its weight ramping up.
+    SlowStart,
+}
+
+impl BackendState {
+    /// The name on the wire and in `ctl status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
+            Self::SlowStart => "slow_start",
+        }
+    }
+
+    /// In rotation: may get new connections (once healthy).
+    pub fn is_in_rotation(self) -> bool {
+        matches!(self, Self::Up | Self::SlowStart)
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Live connections of one backend, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Connections {
+    /// Proxied WebSockets.
+    pub ws: u64,
+    /// HTTP requests in flight.
+    pub http: u64,
+}
+
+impl Connections {
+    /// Connections of any kind.
+    pub fn total(self) -> u64 {
+        self.ws + self.http
+    }
+}
+
+/// How far a drain has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainProgress {
+    /// The window the closes are spread over.
+    pub window_ms: u64,
+    /// Time since the drain started.
+    pub elapsed_ms: u64,
+    /// WebSockets the drain has planned to close so far.
+    pub planned: u64,
+    /// Close requests sent so far.
+    pub closed: u64,
+}
+
+/// A pool's rebalancer: its settings and its last decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rebalance {
+    pub enabled: bool,
+    pub interval_ms: u64,
+    pub tolerance: f64,
+    /// The last decision (`null` before the first interval).
+    pub last: Option<RebalanceReport>,
+}
+
+/// One decision of the rebalancer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebalanceReport {
+    /// How long ago it was taken.
+    pub ago_ms: u64,
+    /// Connections on the backends it considered.
+    pub total: u64,
+    /// Each backend's weighted share of `total`, rounded, in config order.
+    pub shares: Vec<u64>,
+    /// Backends off their share by more than the tolerance.
+    pub outliers: Vec<String>,
+    /// What it shed (`null` when nothing).
+    pub shed: Option<RebalanceShed>,
+    /// Why nothing is shed, when nothing is (e.g. `level`).
+    pub note: String,
+}
+
+/// The shedding part of a rebalance decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceShed {
+    /// The backend that sheds.
+    pub backend: Option<String>,
+    /// Closes the plan asked for.
+    pub planned: u64,
+    /// Closes actually requested (fewer when too few connections were old
+    /// enough).
+    pub closing: u64,
+}
+
+/// `POST /api/v1/pools/{pool}/backends/{backend}/drain`. An empty body is
+/// the same as `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Spread the closes over this window, e.g. `"5m"`; the pool's drain
+    /// window when absent.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "window_string"
+    )]
+    pub window: Option<String>,
+}
+
+/// `POST /api/v1/pools/{pool}/backends/{backend}/undrain`: no fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UndrainRequest {}
+
+/// The body of every answer that is not a success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A present `window` must be a string (not a number, not `null`); the
+/// message is the one the API has always given.
+fn window_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d)
+        .map(Some)
+        .map_err(|_| de::Error::custom("window must be a string such as \"5m\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn backend(state: BackendState, drain: Option<DrainProgress>) -> Backend {
+        Backend {
+            pool: "app".into(),
+            name: "b1".into(),
+            address: "127.0.0.1:4000".into(),
+            weight: 1,
+            state,
+            healthy: true,
+            connections: Connections { ws: 3, http: 1 },
+            drain,
+        }
+    }
+
+    #[test]
+    fn backend_wire_format_is_the_documented_one() {
+        let drain = DrainProgress {
+            window_ms: 5000,
+            elapsed_ms: 1200,
+            planned: 2,
+            closed: 1,
+        };
+        let v = serde_json::to_value(backend(BackendState::SlowStart, Some(drain)))
+            .expect("serializes");
+        assert_eq!(
+            v,
+            json!({
+                "pool": "app", "name": "b1", "address": "127.0.0.1:4000", "weight": 1,
+                "state": "slow_start", "healthy": true,
+                "connections": { "ws": 3, "http": 1 },
+                "drain": { "window_ms": 5000, "elapsed_ms": 1200, "planned": 2, "closed": 1 },
+            })
+        );
+        let v = serde_json::to_value(backend(BackendState::Up, None)).expect("serde");
+        assert_eq!(v["drain"], json!(null), "absent drain is null, not missing");
+    }
+
+    #[test]
+    fn states_have_their_snake_case_names() {
+        for state in [
+            BackendState::Up,
+            BackendState::Down,
+            BackendState::Draining,
+            BackendState::Drained,
+            BackendState::SlowStart,
+        ] {
+            let wire = serde_json::to_value(state).expect("serde");
+            assert_eq!(wire, json!(state.as_str()));
+            assert_eq!(
+                serde_json::from_value::<BackendState>(wire).expect("serde"),
+                state
+            );
+        }
+        assert!(serde_json::from_value::<BackendState>(json!("sleepy")).is_err());
+    }
+
+    #[test]
+    fn status_round_trips_and_finds_backends() {
+        let status = Status {
+            pools: vec![Pool {
+                name: "app".into(),
+                algorithm: "least_conn".into(),
+                connections: 4,
+                backends: vec![backend(BackendState::Up, None)],
+                rebalance: Some(Rebalance {
+                    enabled: true,
+                    interval_ms: 15000,
+                    tolerance: 0.2,
+                    last: Some(RebalanceReport {
+                        ago_ms: 10,
+                        total: 4,
+                        shares: vec![4],
+                        outliers: vec![],
+                        shed: Some(RebalanceShed {
+                            backend: Some("b1".into()),
+                            planned: 1,
+                            closing: 0,
+                        }),
+                        note: "level".into(),
+                    }),
+                }),
+            }],
+        };
+        let text = serde_json::to_string(&status).expect("serde");
+        assert_eq!(
+            serde_json::from_str::<Status>(&text).expect("serde"),
+            status
+        );
+        assert_eq!(
+            status.backend("app", "b1").map(|b| b.connections.total()),
+            Some(4)
+        );
+        assert!(status.backend("app", "b2").is_none());
+        assert!(status.pool("app").is_some());
+    }
+
+    #[test]
+    fn responses_tolerate_new_fields() {
+        let mut v = serde_json::to_value(backend(BackendState::Up, None)).expect("serde");
+        v["added_later"] = json!(1);
+        assert!(serde_json::from_value::<Backend>(v).is_ok());
+    }
+
+    #[test]
+    fn drain_request_window_is_optional_and_a_string() {
+        let parse = |v| serde_json::from_value::<DrainRequest>(v).map_err(|e| e.to_string());
+        assert_eq!(parse(json!({})), Ok(DrainRequest::default()));
+        assert_eq!(
+            parse(json!({ "window": "5m" })),
+            Ok(DrainRequest {
+                window: Some("5m".into())
+            })
+        );
+        for bad in [json!({ "window": 5 }), json!({ "window": null })] {
+            assert_eq!(
+                parse(bad),
+                Err("window must be a string such as \"5m\"".to_string())
+            );
+        }
+        assert_eq!(
+            parse(json!({ "windw": "5m" })),
+            Err("unknown field `windw`, expected `window`".to_string())
+        );
+        assert_eq!(
+            serde_json::to_value(DrainRequest::default()).expect("serde"),
+            json!({})
+        );
+    }
+
+    #[test]
+    fn undrain_request_has_no_fields() {
+        assert!(serde_json::from_value::<UndrainRequest>(json!({})).is_ok());
+        let err = serde_json::from_value::<UndrainRequest>(json!({ "window": "5m" })).unwrap_err();
+        assert!(err.to_string().contains("unknown field `window`"), "{err}");
+        assert_eq!(
+            serde_json::to_value(UndrainRequest {}).expect("serde"),
+            json!({})
+        );
+    }
+}
