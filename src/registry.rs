@@ -117,6 +117,34 @@ impl BackendState {
     }
 }
 
+/// A backend's state as users see it (the admin API, logs, `ctl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// In rotation, healthy, at full weight.
+    Up,
+    /// In rotation but failing its health check or passively ejected.
+    Down,
+    /// In rotation, its weight still ramping up.
+    SlowStart,
+    /// Out of rotation, its WebSockets being closed.
+    Draining,
+    /// Out of rotation with no connection left.
+    Drained,
+}
+
+impl Condition {
+    /// The name users see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::SlowStart => "slow_start",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
+        }
+    }
+}
+
 /// Traffic through one backend's WebSockets, in one direction.
 #[derive(Debug, Default)]
 pub struct Traffic {
@@ -324,12 +352,15 @@ impl Backend {
         false
     }
 
-    /// The state users see: `draining`, `drained`, `down`, `slow_start` or `up`.
-    pub fn display_state(&self) -> &'static str {
+    /// The state users see: the admin state, refined by health and slow
+    /// start while in rotation.
+    pub fn condition(&self) -> Condition {
         match self.state() {
-            BackendState::Up if !self.is_healthy() => "down",
-            BackendState::Up if self.is_ramping() => "slow_start",
-            other => other.as_str(),
+            BackendState::Up if !self.is_healthy() => Condition::Down,
+            BackendState::Up if self.is_ramping() => Condition::SlowStart,
+            BackendState::Up => Condition::Up,
+            BackendState::Draining => Condition::Draining,
+            BackendState::Drained => Condition::Drained,
         }
     }
 
@@ -717,7 +748,7 @@ mod tests {
             "third in a row ejects"
         );
         assert!(!backend.is_healthy());
-        assert_eq!(backend.display_state(), "down");
+        assert_eq!(backend.condition(), Condition::Down);
         assert!(
             !backend.note_failure(3, ejection, t0),
             "an ejected backend is not ejected again"
@@ -739,13 +770,13 @@ mod tests {
         assert_eq!(backend.effective_weight(t0), 1.0, "not ramping");
         backend.mark_back(t0);
         assert!(backend.is_ramping());
-        assert_eq!(backend.display_state(), "slow_start");
+        assert_eq!(backend.condition(), Condition::SlowStart);
         assert_eq!(backend.ramp(t0), 0.02);
         assert_eq!(backend.effective_weight(t0 + Duration::from_secs(15)), 0.5);
         assert!(!backend.finish_ramp(t0 + Duration::from_secs(29)));
         assert!(backend.finish_ramp(t0 + Duration::from_secs(30)));
         assert_eq!(backend.ramp(t0 + Duration::from_secs(31)), 1.0);
-        assert_eq!(backend.display_state(), "up");
+        assert_eq!(backend.condition(), Condition::Up);
         let off = one_pool(1, "0s");
         off.pool(0).backends[0].mark_back(t0);
         assert!(!off.pool(0).backends[0].is_ramping(), "slow start off");

@@ -102,6 +102,19 @@ impl BackendState {
     }
 }
 
+impl From<crate::registry::Condition> for BackendState {
+    fn from(condition: crate::registry::Condition) -> Self {
+        use crate::registry::Condition;
+        match condition {
+            Condition::Up => Self::Up,
+            Condition::Down => Self::Down,
+            Condition::SlowStart => Self::SlowStart,
+            Condition::Draining => Self::Draining,
+            Condition::Drained => Self::Drained,
+        }
+    }
+}
+
 impl fmt::Display for BackendState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -268,6 +281,20 @@ mod tests {
             );
         }
         assert!(serde_json::from_value::<BackendState>(json!("sleepy")).is_err());
+    }
+
+    #[test]
+    fn registry_conditions_keep_their_names_on_the_wire() {
+        use crate::registry::Condition;
+        for c in [
+            Condition::Up,
+            Condition::Down,
+            Condition::SlowStart,
+            Condition::Draining,
+            Condition::Drained,
+        ] {
+            assert_eq!(BackendState::from(c).as_str(), c.as_str());
+        }
     }
 
     #[test]

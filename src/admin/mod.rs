@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::drain::{DrainError, Drains};
 use crate::metrics::Metrics;
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -306,18 +306,6 @@ fn rebalance_status(state: &AdminState, p: usize) -> Option<api::Rebalance> {
     })
 }
 
-/// The state users see: the admin state, refined by health and slow start
-/// while in rotation (the same rule as `registry::Backend::display_state`).
-fn backend_state(backend: &registry::Backend) -> api::BackendState {
-    match backend.state() {
-        registry::BackendState::Up if !backend.is_healthy() => api::BackendState::Down,
-        registry::BackendState::Up if backend.is_ramping() => api::BackendState::SlowStart,
-        registry::BackendState::Up => api::BackendState::Up,
-        registry::BackendState::Draining => api::BackendState::Draining,
-        registry::BackendState::Drained => api::BackendState::Drained,
-    }
-}
-
 fn backend_status(state: &AdminState, p: usize, b: usize) -> api::Backend {
     let pool = state.registry.pool(p);
     let backend = &pool.backends[b];
@@ -332,7 +320,7 @@ fn backend_status(state: &AdminState, p: usize, b: usize) -> api::Backend {
         name: backend.name.clone(),
         address: backend.addr.to_string(),
         weight: backend.weight,
-        state: backend_state(backend),
+        state: backend.condition().into(),
         healthy: backend.is_healthy(),
         connections: api::Connections {
             ws: backend.ws_count() as u64,
@@ -373,45 +361,6 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, PoolConfig};
-
-    #[test]
-    fn status_states_are_the_registry_names() {
-        let mut pool = PoolConfig::new(
-            "app",
-            vec![BackendConfig {
-                name: "b1".into(),
-                address: SocketAddr::from(([127, 0, 0, 1], 4000)),
-                weight: 1,
-                tls: None,
-            }],
-        );
-        pool.slow_start = Duration::from_secs(30);
-        let registry = Registry::new(&Config {
-            listeners: Vec::new(),
-            pools: vec![pool],
-            admin: None,
-            shutdown_timeout: Duration::from_secs(1),
-            worker_threads: 1,
-        });
-        let b = &registry.pool(0).backends[0];
-        let seen = || {
-            (
-                backend_state(b),
-                backend_state(b).as_str() == b.display_state(),
-            )
-        };
-        assert_eq!(seen(), (api::BackendState::Up, true));
-        b.set_active_down(true);
-        assert_eq!(seen(), (api::BackendState::Down, true));
-        b.set_active_down(false);
-        b.mark_back();
-        assert_eq!(seen(), (api::BackendState::SlowStart, true));
-        b.set_state(crate::registry::BackendState::Draining);
-        assert_eq!(seen(), (api::BackendState::Draining, true));
-        b.set_state(crate::registry::BackendState::Drained);
-        assert_eq!(seen(), (api::BackendState::Drained, true));
-    }
 
     #[test]
     fn windows_are_checked_like_config_durations() {

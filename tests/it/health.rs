@@ -10,7 +10,7 @@ use sluice::config::{AdmissionConfig, HealthConfig, PassiveConfig};
 use crate::support::*;
 
 fn state(sluice: &Sluice, b: usize) -> &'static str {
-    sluice.registry().pool(0).backends[b].display_state()
+    sluice.registry().pool(0).backends[b].condition().as_str()
 }
 
 #[tokio::test]

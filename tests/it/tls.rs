@@ -335,7 +335,14 @@ async fn health_checks_reach_a_tls_backend_over_tls() {
         ..sluice::config::HealthConfig::default()
     });
     let front = Sluice::with_config(cfg).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(front.registry().pool(0).backends[0].display_state(), "up");
+    // Each check that gets through the TLS hop is a request it proxies.
+    eventually(10, "three health checks through the TLS backend", || {
+        tls_backend.registry().churn_marker().0 >= 3
+    })
+    .await;
+    assert_eq!(
+        front.registry().pool(0).backends[0].condition().as_str(),
+        "up"
+    );
     assert_eq!(front.http().await.get("/x").await.status, 200);
 }
