@@ -377,7 +377,7 @@ pub async fn start(
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("starting demo backend {name}: {source}")]
+    #[error("starting demo backend {name}")]
     Backend { name: String, source: io::Error },
     #[error("making the demo certificate: {0}")]
     Certificate(String),

@@ -50,20 +50,20 @@ pub const SHUTDOWN_CLOSE_CODE: u16 = 1001;
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("listener {name:?}: binding {addr}: {source}")]
+    #[error("listener {name:?}: binding {addr}")]
     Bind {
         name: String,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("admin API: binding {addr}: {source}")]
+    #[error("admin API: binding {addr}")]
     AdminBind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("listener {name:?}: {source}")]
+    #[error("listener {name:?}")]
     Tls { name: String, source: pem::PemError },
-    #[error("pool {pool:?} backend {backend:?}: TLS towards the backend: {source}")]
+    #[error("pool {pool:?} backend {backend:?}: TLS towards the backend")]
     BackendTls {
         pool: String,
         backend: String,

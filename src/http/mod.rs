@@ -33,6 +33,7 @@ pub use body::ProxyBody;
 use body::Reuse;
 
 use crate::config::ListenerConfig;
+use crate::error_chain::chain;
 use crate::registry::Registry;
 use crate::tunnel::{Tunnel, TunnelIo};
 use crate::upstream::{BackendStream, Blame, Upstream, UpstreamError};
@@ -94,7 +95,7 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
         }
     };
     if let Err(error) = result {
-        debug!(%error, "client connection ended with an error");
+        debug!(error = %chain(&error), "client connection ended with an error");
     }
 }
 

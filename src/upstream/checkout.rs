@@ -114,13 +114,13 @@ impl Upstream {
                 _ if error.error().is_user() => {
                     // The client's own request body failed (it went away
                     // mid-upload): not the backend's fault.
-                    debug!(error = %error.error(), "request body failed");
+                    debug!(error = %chain(error.error()), "request body failed");
                     return Err(UpstreamError::ClientBody {
                         source: error.into_error(),
                     });
                 }
                 _ => {
-                    warn!(pool = %self.cfg.name, backend = %backend.name, kind, error = %error.error(), "backend failed before answering");
+                    warn!(pool = %self.cfg.name, backend = %backend.name, kind, error = %chain(error.error()), "backend failed before answering");
                     self.note_failure(&backend, "failed before answering");
                     return Err(UpstreamError::Failed {
                         addr: backend.addr,
@@ -145,7 +145,7 @@ impl Upstream {
         // socket over.
         tokio::spawn(async move {
             if let Err(error) = conn.with_upgrades().await {
-                debug!(backend.addr = %addr, %error, "upstream connection ended");
+                debug!(backend.addr = %addr, error = %chain(&error), "upstream connection ended");
             }
         });
         Ok(sender)

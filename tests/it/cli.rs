@@ -103,6 +103,52 @@ fn check_names_file_line_and_key_and_fails() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/sluice.toml"));
 }
 
+/// Start-up errors as a user sees them: each cause once, after the step
+/// that failed.
+#[test]
+fn start_up_errors_print_each_cause_once() {
+    let missing = check(std::path::Path::new("/nonexistent/sluice.toml"));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        "sluice: reading /nonexistent/sluice.toml: No such file or directory (os error 2)\n"
+    );
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let path = temp_file(
+        "busy",
+        &format!(
+            "[admin]\nenabled = false\n\n[[listener]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\n\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n"
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("SLUICE_LOG", "off")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "sluice: listener \"public\": binding 127.0.0.1:{port}: Address already in use (os error 98)\n"
+        )
+    );
+
+    let path = temp_file(
+        "ca",
+        "[[listener]]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\n\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\ntls = { ca = \"no-such-ca.pem\", server_name = \"a.test\" }\n",
+    );
+    let dir = path.parent().expect("dir").display().to_string();
+    assert_eq!(
+        String::from_utf8_lossy(&check(&path).stderr),
+        format!(
+            "sluice: {}:11: pool \"app\" backend \"a\" tls: key \"ca\": reading {dir}/no-such-ca.pem: No such file or directory (os error 2)\n",
+            path.display()
+        )
+    );
+}
+
 async fn wait_listening(addr: SocketAddr) {
     within(10, "sluice listening", async {
         while tokio::net::TcpStream::connect(addr).await.is_err() {
