@@ -1,0 +1,605 @@
+//! Reading a config file into a [`Config`]: every section and key
+//! validated, every error naming file, line, section and key.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use super::reader::{Source, Table, Value};
+use super::*;
+use crate::error_chain::chain;
+
+/// The shortest timeout a key accepts.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config `text`; `path` is used in messages only.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let src = Source { path, text };
+    let doc = toml::de::DeTable::parse(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        src.error(&span, "", e.message().trim().to_string())
+    })?;
+    let mut root = Table::root(src, doc);
+
+    let shutdown_timeout = root.duration(
+        "shutdown_timeout",
+        Config::DEFAULT_SHUTDOWN_TIMEOUT,
+        Duration::ZERO,
+    )?;
+    let admin = read_admin(&mut root, path)?;
+    let worker_threads = root.integer("worker_threads", 0, 0, 1024)? as usize;
+
+    let mut pools = Vec::new();
+    let mut pool_names = HashSet::new();
+    for table in root.tables("pool")? {
+        let pool = read_pool(table)?;
+        pools.push(pool);
+    }
+    for (pool, span) in &pools {
+        if !pool_names.insert(pool.name.clone()) {
+            return Err(src.error(span, "", format!("pool \"{}\" is defined twice", pool.name)));
+        }
+    }
+    let mut listeners = Vec::new();
+    for (i, mut t) in root.tables("listener")?.into_iter().enumerate() {
+        let name = match t.string("name")? {
+            Some(v) => {
+                check_name(&t, "listener", &v)?;
+                v.value
+            }
+            None => format!("listener{}", i + 1),
+        };
+        t.set_context(format!("listener \"{name}\""));
+        let bind = t.required_string("bind")?;
+        let bind = resolve(&bind.value).map_err(|m| t.error_at(&bind.span, "bind", m))?;
+        let pool_name = t.required_string("pool")?;
+        let pool = pools
+            .iter()
+            .position(|(p, _)| p.name == pool_name.value)
+            .ok_or_else(|| {
+                t.error_at(
+                    &pool_name.span,
+                    "pool",
+                    format!("no pool named \"{}\"", pool_name.value),
+                )
+            })?;
+        let defaults = ListenerConfig::new(&name, bind, pool);
+        let listener = ListenerConfig {
+            max_connections: t.integer(
+                "max_connections",
+                defaults.max_connections as u64,
+                1,
+                10_000_000,
+            )? as usize,
+            forwarded_headers: t.boolean("forwarded_headers", defaults.forwarded_headers)?,
+            header_read_timeout: t.duration(
+                "header_read_timeout",
+                defaults.header_read_timeout,
+                MIN_TIMEOUT,
+            )?,
+            tls: read_tls(&mut t)?,
+            ..defaults
+        };
+        if listeners
+            .iter()
+            .any(|l: &ListenerConfig| l.name == listener.name)
+        {
+            return Err(t.error_here(format!("listener \"{name}\" is defined twice")));
+        }
+        t.finish()?;
+        listeners.push(listener);
+    }
+    if pools.is_empty() {
+        return Err(root.error_here("no [[pool]] is defined: at least one is needed".into()));
+    }
+    if listeners.is_empty() {
+        return Err(root.error_here("no [[listener]] is defined: at least one is needed".into()));
+    }
+    root.finish()?;
+    Ok(Config {
+        listeners,
+        admin,
+        pools: pools.into_iter().map(|(p, _)| p).collect(),
+        shutdown_timeout,
+        worker_threads,
+    })
+}
+
+fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), ConfigError> {
+    let name = t.required_string("name")?;
+    check_name(&t, "pool", &name)?;
+    t.set_context(format!("pool \"{}\"", name.value));
+    let defaults = PoolConfig::new(&name.value, Vec::new());
+    let key = t.string("key")?;
+    let algorithm = match t.string("algorithm")? {
+        None => defaults.algorithm.clone(),
+        Some(v) => match v.value.as_str() {
+            "least_conn" => Algorithm::LeastConn,
+            "round_robin" => Algorithm::RoundRobin,
+            "p2c" => Algorithm::P2c,
+            "hash" => {
+                let Some(key) = &key else {
+                    return Err(t.error_at(
+                        &v.span,
+                        "algorithm",
+                        "\"hash\" needs a key, e.g. key = \"header:X-User\"".into(),
+                    ));
+                };
+                Algorithm::Hash(
+                    parse_hash_key(&key.value).map_err(|m| t.error_at(&key.span, "key", m))?,
+                )
+            }
+            other => {
+                return Err(t.error_at(
+                    &v.span,
+                    "algorithm",
+                    format!("unknown algorithm \"{other}\"; expected \"least_conn\", \"round_robin\", \"p2c\" or \"hash\""),
+                ));
+            }
+        },
+    };
+    if let Some(key) = &key
+        && !matches!(algorithm, Algorithm::Hash(_))
+    {
+        return Err(t.error_at(
+            &key.span,
+            "key",
+            "only used with algorithm = \"hash\"".into(),
+        ));
+    }
+    let sticky = read_sticky(&mut t)?;
+    let mut backends: Vec<BackendConfig> = Vec::new();
+    for mut b in t.tables("backend")? {
+        let bname = b.required_string("name")?;
+        check_name(&b, "backend", &bname)?;
+        b.set_context(format!("{} backend \"{}\"", t.context(), bname.value));
+        let address = b.required_string("address")?;
+        let address =
+            resolve(&address.value).map_err(|m| b.error_at(&address.span, "address", m))?;
+        let weight = b.integer("weight", 1, 1, 10_000)? as u32;
+        let tls = read_backend_tls(&mut b)?;
+        if backends.iter().any(|x| x.name == bname.value) {
+            return Err(b.error_at(
+                &bname.span,
+                "name",
+                format!("backend \"{}\" is defined twice", bname.value),
+            ));
+        }
+        b.finish()?;
+        backends.push(BackendConfig {
+            name: bname.value,
+            address,
+            weight,
+            tls,
+        });
+    }
+    if backends.is_empty() {
+        return Err(t.error_here("no [[pool.backend]]: a pool needs at least one backend".into()));
+    }
+    let pool = PoolConfig {
+        algorithm,
+        connect_timeout: t.duration("connect_timeout", defaults.connect_timeout, MIN_TIMEOUT)?,
+        response_timeout: t.duration("response_timeout", defaults.response_timeout, MIN_TIMEOUT)?,
+        retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,
+        drain: read_drain(&mut t)?,
+        rebalance: read_rebalance(&mut t)?,
+        health: read_health(&mut t)?,
+        passive: read_passive(&mut t)?,
+        slow_start: t.duration("slow_start", defaults.slow_start, Duration::ZERO)?,
+        max_connections_per_backend: t.integer("max_connections_per_backend", 0, 0, 10_000_000)?
+            as usize,
+        admission: read_admission(&mut t)?,
+        sticky,
+        keepalive_timeout: t.duration(
+            "keepalive_timeout",
+            defaults.keepalive_timeout,
+            Duration::ZERO,
+        )?,
+        keepalive_max_idle: t.integer(
+            "keepalive_max_idle",
+            defaults.keepalive_max_idle as u64,
+            0,
+            100_000,
+        )? as usize,
+        backends,
+        ..defaults
+    };
+    t.finish()?;
+    Ok((pool, name.span))
+}
+
+fn read_admin(
+    root: &mut Table<'_>,
+    config_path: &Path,
+) -> Result<Option<AdminConfig>, ConfigError> {
+    let Some(mut t) = root.table("admin", "admin".into())? else {
+        return Ok(Some(AdminConfig {
+            bind: AdminConfig::DEFAULT_BIND,
+            token: None,
+        }));
+    };
+    let enabled = t.boolean("enabled", true)?;
+    let bind = match t.string("bind")? {
+        None => (AdminConfig::DEFAULT_BIND, None),
+        Some(v) => (
+            resolve(&v.value).map_err(|m| t.error_at(&v.span, "bind", m))?,
+            Some(v.span),
+        ),
+    };
+    let token = match t.string("token_file")? {
+        None => None,
+        Some(v) => {
+            // Relative to the config file's folder.
+            let file = config_path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&v.value);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                t.error_at(
+                    &v.span,
+                    "token_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let token = text.trim().to_string();
+            if token.is_empty() {
+                return Err(t.error_at(
+                    &v.span,
+                    "token_file",
+                    format!("{} is empty", file.display()),
+                ));
+            }
+            Some(token)
+        }
+    };
+    if enabled && token.is_none() && !bind.0.ip().is_loopback() {
+        let span = bind.1.unwrap_or(0..0);
+        return Err(t.error_at(
+            &span,
+            "bind",
+            format!(
+                "admin on non-loopback address {} needs a token_file",
+                bind.0
+            ),
+        ));
+    }
+    t.finish()?;
+    Ok(enabled.then_some(AdminConfig {
+        bind: bind.0,
+        token,
+    }))
+}
+
+fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
+    let defaults = DrainConfig::default();
+    let context = format!("{} drain", pool.context());
+    let Some(mut t) = pool.table("drain", context)? else {
+        return Ok(defaults);
+    };
+    let window = t.duration("window", defaults.window, Duration::ZERO)?;
+    let close_code = t.integer("close_code", u64::from(defaults.close_code), 1000, 4999)? as u16;
+    if matches!(close_code, 1004..=1006 | 1015) {
+        return Err(t.error_here(format!(
+            "close_code {close_code} is reserved and may not be sent (RFC 6455 §7.4.1)"
+        )));
+    }
+    let close_timeout = t.duration("close_timeout", defaults.close_timeout, MIN_TIMEOUT)?;
+    t.finish()?;
+    Ok(DrainConfig {
+        window,
+        close_code,
+        close_timeout,
+    })
+}
+
+/// `tls = { cert, key, handshake_timeout }` with `[[listener.tls.sni]]`
+/// entries; every certificate is loaded and checked now, so `sluice check`
+/// reports an unreadable, expired or mismatched one with its file.
+fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError> {
+    let context = format!("{} tls", listener.context());
+    let Some(mut t) = listener.table("tls", context)? else {
+        return Ok(None);
+    };
+    fn source(t: &mut Table<'_>) -> Result<CertSource, ConfigError> {
+        let cert = t.required_string("cert")?;
+        let key = t.required_string("key")?;
+        let source = CertSource::Files {
+            cert: t.path_near_config(&cert.value),
+            key: t.path_near_config(&key.value),
+        };
+        crate::pem::load_certified_key(&source)
+            .map_err(|e| t.error_at(&cert.span, "cert", chain(&e).to_string()))?;
+        Ok(source)
+    }
+    let default = source(&mut t)?;
+    let handshake_timeout =
+        t.duration("handshake_timeout", Duration::from_secs(10), MIN_TIMEOUT)?;
+    let mut sni = Vec::new();
+    for mut entry in t.tables("sni")? {
+        let hosts = entry
+            .strings("hosts")?
+            .ok_or_else(|| entry.error_here("missing key \"hosts\"".into()))?;
+        if hosts.value.is_empty()
+            || hosts
+                .value
+                .iter()
+                .any(|h| h.is_empty() || h.strip_prefix("*.").unwrap_or(h).contains('*'))
+        {
+            return Err(entry.error_at(
+                &hosts.span,
+                "hosts",
+                "host names, or *.domain wildcards, are needed".into(),
+            ));
+        }
+        let src = source(&mut entry)?;
+        entry.finish()?;
+        sni.push((hosts.value, src));
+    }
+    t.finish()?;
+    Ok(Some(TlsSettings {
+        default,
+        sni,
+        handshake_timeout,
+    }))
+}
+
+/// `tls = { ca, server_name }` on a backend; the CA file is loaded now.
+fn read_backend_tls(b: &mut Table<'_>) -> Result<Option<BackendTls>, ConfigError> {
+    let context = format!("{} tls", b.context());
+    let Some(mut t) = b.table("tls", context)? else {
+        return Ok(None);
+    };
+    let ca = t.required_string("ca")?;
+    let path = t.path_near_config(&ca.value);
+    crate::pem::client_config(&path)
+        .map_err(|e| t.error_at(&ca.span, "ca", chain(&e).to_string()))?;
+    // Required: a default (the address' IP) would need an IP in the
+    // backend's certificate and send no SNI, which is easy to get wrong.
+    let name = t.required_string("server_name")?;
+    if rustls::pki_types::ServerName::try_from(name.value.clone()).is_err() {
+        return Err(t.error_at(
+            &name.span,
+            "server_name",
+            format!("\"{}\" is not a host name", name.value),
+        ));
+    }
+    let server_name = name.value;
+    t.finish()?;
+    Ok(Some(BackendTls {
+        ca: path,
+        server_name,
+    }))
+}
+
+fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    let bad = || {
+        format!("\"{text}\": expected \"header:NAME\", \"cookie:NAME\", \"query:NAME\" or \"ip\"")
+    };
+    if text == "ip" {
+        return Ok(HashKey::Ip);
+    }
+    let (kind, name) = text.split_once(':').ok_or_else(bad)?;
+    if name.is_empty() {
+        return Err(bad());
+    }
+    match kind {
+        "header" => hyper::header::HeaderName::from_bytes(name.as_bytes())
+            .map(|h| HashKey::Header(h.as_str().to_string()))
+            .map_err(|_| format!("\"{name}\" is not a valid header name")),
+        "cookie" => Ok(HashKey::Cookie(name.to_string())),
+        "query" => Ok(HashKey::Query(name.to_string())),
+        _ => Err(bad()),
+    }
+}
+
+fn read_sticky(pool: &mut Table<'_>) -> Result<Option<StickyConfig>, ConfigError> {
+    let context = format!("{} sticky", pool.context());
+    let Some(mut t) = pool.table("sticky", context)? else {
+        return Ok(None);
+    };
+    let d = StickyConfig::default();
+    let cookie = t.string("cookie")?.map_or(d.cookie, |v| v.value);
+    if cookie.is_empty()
+        || !cookie
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(t.error_here(format!(
+            "cookie name \"{cookie}\" may hold only letters, digits, _ - ."
+        )));
+    }
+    let same_site = match t.string("same_site")? {
+        None => d.same_site,
+        Some(v) => match v.value.to_ascii_lowercase().as_str() {
+            "lax" => SameSite::Lax,
+            "strict" => SameSite::Strict,
+            "none" => SameSite::None,
+            other => {
+                return Err(t.error_at(
+                    &v.span,
+                    "same_site",
+                    format!("\"{other}\": expected \"lax\", \"strict\" or \"none\""),
+                ));
+            }
+        },
+    };
+    let secure = t.boolean("secure", d.secure)?;
+    let secret = match t.string("secret_file")? {
+        None => None,
+        Some(v) => {
+            let file = t.path_near_config(&v.value);
+            let text = std::fs::read(&file).map_err(|e| {
+                t.error_at(
+                    &v.span,
+                    "secret_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            if text.trim_ascii().len() < 16 {
+                return Err(t.error_at(
+                    &v.span,
+                    "secret_file",
+                    format!("{} holds fewer than 16 bytes", file.display()),
+                ));
+            }
+            Some(text.trim_ascii().to_vec())
+        }
+    };
+    let cfg = StickyConfig {
+        cookie,
+        ttl: t.duration("ttl", d.ttl, Duration::from_secs(1))?,
+        secure,
+        http_only: t.boolean("http_only", d.http_only)?,
+        same_site,
+        secret,
+    };
+    if cfg.same_site == SameSite::None && !cfg.secure {
+        return Err(t.error_here(
+            "same_site = \"none\" needs secure = true (browsers drop it otherwise)".into(),
+        ));
+    }
+    t.finish()?;
+    Ok(Some(cfg))
+}
+
+fn read_health(pool: &mut Table<'_>) -> Result<Option<HealthConfig>, ConfigError> {
+    let d = HealthConfig::default();
+    let context = format!("{} health", pool.context());
+    let Some(mut t) = pool.table("health", context)? else {
+        return Ok(None);
+    };
+    let path = match t.string("path")? {
+        Some(v)
+            if !v.value.starts_with('/')
+                || v.value.parse::<hyper::http::uri::PathAndQuery>().is_err() =>
+        {
+            return Err(t.error_at(
+                &v.span,
+                "path",
+                format!("\"{}\" is not a request path such as /health", v.value),
+            ));
+        }
+        v => v.map(|v| v.value),
+    };
+    let cfg = HealthConfig {
+        path,
+        interval: t.duration("interval", d.interval, MIN_TIMEOUT)?,
+        timeout: t.duration("timeout", d.timeout, MIN_TIMEOUT)?,
+        rise: t.integer("rise", u64::from(d.rise), 1, 1000)? as u32,
+        fall: t.integer("fall", u64::from(d.fall), 1, 1000)? as u32,
+        expect_status: match t.integer("expect_status", 0, 0, 599)? {
+            0 => None,
+            code if code >= 100 => Some(code as u16),
+            code => return Err(t.error_here(format!("expect_status {code} is not an HTTP status"))),
+        },
+    };
+    t.finish()?;
+    Ok(Some(cfg))
+}
+
+fn read_passive(pool: &mut Table<'_>) -> Result<PassiveConfig, ConfigError> {
+    let d = PassiveConfig::default();
+    let context = format!("{} passive", pool.context());
+    let Some(mut t) = pool.table("passive", context)? else {
+        return Ok(d);
+    };
+    let cfg = PassiveConfig {
+        consecutive_failures: t.integer(
+            "consecutive_failures",
+            u64::from(d.consecutive_failures),
+            0,
+            1000,
+        )? as u32,
+        ejection_time: t.duration("ejection_time", d.ejection_time, MIN_TIMEOUT)?,
+    };
+    t.finish()?;
+    Ok(cfg)
+}
+
+fn read_admission(pool: &mut Table<'_>) -> Result<AdmissionConfig, ConfigError> {
+    let d = AdmissionConfig::default();
+    let context = format!("{} admission", pool.context());
+    let Some(mut t) = pool.table("admission", context)? else {
+        return Ok(d);
+    };
+    let connect_rate = t.number("connect_rate", d.connect_rate, 0.0, 1e9)?;
+    let cfg = AdmissionConfig {
+        connect_rate,
+        // Without a burst, one connection at a time may go through.
+        burst: t.number("burst", connect_rate.max(1.0), 1.0, 1e9)?,
+        queue_timeout: t.duration("queue_timeout", d.queue_timeout, Duration::ZERO)?,
+        queue_size: t.integer("queue_size", d.queue_size as u64, 0, 10_000_000)? as usize,
+    };
+    t.finish()?;
+    Ok(cfg)
+}
+
+fn read_rebalance(pool: &mut Table<'_>) -> Result<RebalanceConfig, ConfigError> {
+    let d = RebalanceConfig::default();
+    let context = format!("{} rebalance", pool.context());
+    let Some(mut t) = pool.table("rebalance", context)? else {
+        return Ok(d);
+    };
+    let cfg = RebalanceConfig {
+        enabled: t.boolean("enabled", d.enabled)?,
+        interval: t.duration("interval", d.interval, Duration::from_millis(100))?,
+        tolerance: t.number("tolerance", d.tolerance, 0.0, 10.0)?,
+        min_excess: t.integer("min_excess", d.min_excess as u64, 0, 1_000_000)? as usize,
+        max_shed_per_interval: t.integer(
+            "max_shed_per_interval",
+            d.max_shed_per_interval as u64,
+            1,
+            1_000_000,
+        )? as usize,
+    };
+    t.finish()?;
+    Ok(cfg)
+}
+
+/// Checks a pool, backend or listener name: it appears in URLs of the
+/// admin API and in metric labels.
+fn check_name(t: &Table<'_>, what: &str, name: &Value<String>) -> Result<(), ConfigError> {
+    let ok = !name.value.is_empty()
+        && name.value.len() <= 64
+        && name
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(t.error_at(
+            &name.span,
+            "name",
+            format!(
+                "{what} name \"{}\" may hold only letters, digits, . _ - (64 at most)",
+                name.value
+            ),
+        ))
+    }
+}
+
+/// Parses `host:port` (a literal address or a name resolved now).
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("\"{text}\" resolves to no address")),
+        Err(e) => Err(format!(
+            "invalid address \"{text}\" ({e}); write host:port, e.g. \"127.0.0.1:4000\""
+        )),
+    }
+}

@@ -1,0 +1,369 @@
+//! The validated configuration: plain data with final types (socket
+//! addresses, durations, pool indices) and the defaults of every key.
+//! Every layer may read it; only `config::load` builds it from a file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::pem::CertSource;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub pools: Vec<PoolConfig>,
+    /// The admin API; `None` when `[admin] enabled = false`.
+    pub admin: Option<AdminConfig>,
+    /// How long SIGTERM waits for connections to close before dropping them.
+    pub shutdown_timeout: Duration,
+    /// Runtime worker threads; 0 means one per core.
+    pub worker_threads: usize,
+}
+
+/// One listening socket and the pool it serves.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+    /// Client connections served at once; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// Add X-Forwarded-For/-Proto and Forwarded to requests.
+    pub forwarded_headers: bool,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// TLS termination, when configured.
+    pub tls: Option<TlsSettings>,
+}
+
+/// A listener's TLS settings (loaded and served by `tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// For clients without SNI, or whose name no SNI entry covers.
+    pub default: CertSource,
+    /// Host names (exact, or `*.example.com`) and their certificates.
+    pub sni: Vec<(Vec<String>, CertSource)>,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// The admin API listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Bearer token from `token_file`; `None`: generated and printed at start.
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    pub const DEFAULT_BIND: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
+}
+
+/// How a backend's WebSockets are closed when it is drained.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainConfig {
+    /// Closes are spread evenly over this window.
+    pub window: Duration,
+    /// Close code sent to both sides.
+    pub close_code: u16,
+    /// Time allowed for the close handshake after sluice sends a Close frame.
+    pub close_timeout: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(120),
+            close_code: 1012,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Automatic rebalancing of long-lived connections.
+#[derive(Debug, Clone, Copy)]
+pub struct RebalanceConfig {
+    pub enabled: bool,
+    /// How often the pool is looked at.
+    pub interval: Duration,
+    /// A backend is an outlier above `share × (1 + tolerance)`...
+    pub tolerance: f64,
+    /// ...and more than `min_excess` connections over its share.
+    pub min_excess: usize,
+    /// Connections one backend may shed in one interval.
+    pub max_shed_per_interval: usize,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(15),
+            tolerance: 0.2,
+            min_excess: 10,
+            max_shed_per_interval: 50,
+        }
+    }
+}
+
+/// Active health checks.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// HTTP path to GET; `None`: a TCP connect is the check.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that bring a down backend up.
+    pub rise: u32,
+    /// Failures in a row that take an up backend down.
+    pub fall: u32,
+    /// Status a healthy backend answers; `None`: any 2xx or 3xx.
+    pub expect_status: Option<u16>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            expect_status: None,
+        }
+    }
+}
+
+/// Passive health: what the data path sees counts against a backend.
+#[derive(Debug, Clone, Copy)]
+pub struct PassiveConfig {
+    /// Connect failures, resets before an answer, 5xx to an upgrade, in a
+    /// row, that eject a backend; 0 turns passive health off.
+    pub consecutive_failures: u32,
+    /// How long an ejected backend stays out.
+    pub ejection_time: Duration,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            ejection_time: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reconnect-storm admission: new upstream connections per backend.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionConfig {
+    /// New connections per second per backend; 0: no rate limit.
+    pub connect_rate: f64,
+    /// Connections a backend may take at once above the rate.
+    pub burst: f64,
+    /// How long a new connection may wait for its turn (rate or a full
+    /// backend) before it gets 503.
+    pub queue_timeout: Duration,
+    /// Connections that may wait at once per pool; more get 503 at once.
+    pub queue_size: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            connect_rate: 0.0,
+            burst: 0.0,
+            queue_timeout: Duration::from_secs(2),
+            queue_size: 10_000,
+        }
+    }
+}
+
+/// How a pool picks a backend for a new connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Fewest live WebSockets + in-flight HTTP requests, relative to weight.
+    LeastConn,
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Power of two random choices on live connection counts.
+    P2c,
+    /// Consistent hash of a request key; least_conn when the key is missing.
+    Hash(HashKey),
+}
+
+/// What `algorithm = "hash"` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query-string parameter.
+    Query(String),
+    /// The client's IP address.
+    Ip,
+}
+
+/// `SameSite` of the sticky cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+/// Sticky sessions: a cookie pins a client to a backend.
+#[derive(Debug, Clone)]
+pub struct StickyConfig {
+    pub cookie: String,
+    pub ttl: Duration,
+    pub secure: bool,
+    pub http_only: bool,
+    pub same_site: SameSite,
+    /// Key that signs cookie values; `None`: random at start (pins then do
+    /// not survive a restart, nor hold across several sluice instances).
+    pub secret: Option<Vec<u8>>,
+}
+
+impl Default for StickyConfig {
+    fn default() -> Self {
+        Self {
+            cookie: "SLUICE_AFFINITY".into(),
+            ttl: Duration::from_secs(3600),
+            secure: false,
+            http_only: true,
+            same_site: SameSite::Lax,
+            secret: None,
+        }
+    }
+}
+
+impl Algorithm {
+    /// The name used in the config and the API.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::LeastConn => "least_conn",
+            Self::RoundRobin => "round_robin",
+            Self::P2c => "p2c",
+            Self::Hash(_) => "hash",
+        }
+    }
+}
+
+/// A group of interchangeable backends.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub algorithm: Algorithm,
+    /// Time allowed to open a TCP connection to a backend.
+    pub connect_timeout: Duration,
+    /// Time a backend has to start its answer (response head or 101).
+    pub response_timeout: Duration,
+    /// Further backends tried when connecting fails before anything was sent.
+    pub retries: usize,
+    /// Draining: window, close code, close handshake timeout.
+    pub drain: DrainConfig,
+    /// Automatic rebalancing.
+    pub rebalance: RebalanceConfig,
+    /// Active health checks, when configured.
+    pub health: Option<HealthConfig>,
+    /// Passive health (outlier ejection).
+    pub passive: PassiveConfig,
+    /// A returning backend's weight ramps up over this time; zero: off.
+    pub slow_start: Duration,
+    /// Live connections per backend above which it is skipped; 0: no limit.
+    pub max_connections_per_backend: usize,
+    /// Admission of new upstream connections.
+    pub admission: AdmissionConfig,
+    /// Sticky sessions, when configured.
+    pub sticky: Option<StickyConfig>,
+    /// How long an idle upstream HTTP connection is kept for reuse.
+    pub keepalive_timeout: Duration,
+    /// Idle upstream HTTP connections kept per backend.
+    pub keepalive_max_idle: usize,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One application server.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// TLS towards this backend, for backends that only speak TLS.
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS towards a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// PEM file of the certificate authorities to trust.
+    pub ca: PathBuf,
+    /// Name to send (SNI) and to find in the backend's certificate.
+    pub server_name: String,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {}{message}", path.display(), if context.is_empty() { String::new() } else { format!("{context}: ") })]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        /// The section: `pool "app"`, `listener "public"`; empty at top level.
+        context: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Defaults that do not depend on the file.
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+impl PoolConfig {
+    /// A pool with every setting at its default.
+    pub fn new(name: &str, backends: Vec<BackendConfig>) -> Self {
+        Self {
+            name: name.to_string(),
+            algorithm: Algorithm::LeastConn,
+            connect_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(60),
+            retries: 2,
+            drain: DrainConfig::default(),
+            rebalance: RebalanceConfig::default(),
+            health: None,
+            passive: PassiveConfig::default(),
+            slow_start: Duration::ZERO,
+            max_connections_per_backend: 0,
+            admission: AdmissionConfig::default(),
+            sticky: None,
+            keepalive_timeout: Duration::from_secs(60),
+            keepalive_max_idle: 32,
+            backends,
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// A listener with every setting at its default.
+    pub fn new(name: &str, bind: SocketAddr, pool: usize) -> Self {
+        Self {
+            name: name.to_string(),
+            bind,
+            pool,
+            max_connections: 8192,
+            forwarded_headers: true,
+            header_read_timeout: Duration::from_secs(10),
+            tls: None,
+        }
+    }
+}
