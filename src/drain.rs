@@ -198,11 +198,6 @@ impl Drains {
             closed: d.closed.load(Ordering::Relaxed),
         })
     }
-
-    /// True when any backend of pool `p` is draining or drained.
-    pub fn pool_busy(&self, p: usize) -> bool {
-        self.lock().keys().any(|&(pool, _)| pool == p)
-    }
 }
 
 /// Closes `backend`'s WebSockets spread over the window, then any that

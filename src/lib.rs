@@ -11,25 +11,25 @@
 //! `metrics`, `trim`, `ctl` (the client). See docs/ARCHITECTURE.md.
 
 pub mod admin;
-pub mod admission;
+pub(crate) mod admission;
 pub mod balance;
 pub mod config;
 pub mod ctl;
 pub mod demo;
-pub mod drain;
+pub(crate) mod drain;
 mod error_chain;
-pub mod health;
-pub mod health_state;
-pub mod http;
-pub mod listener;
-pub mod metrics;
-pub mod pem;
-pub mod rebalance;
+pub(crate) mod health;
+pub(crate) mod health_state;
+pub(crate) mod http;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod pem;
+pub(crate) mod rebalance;
 pub mod registry;
 pub mod tls;
-pub mod trim;
-pub mod tunnel;
-pub mod upstream;
+pub(crate) mod trim;
+pub(crate) mod tunnel;
+pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,8 +88,6 @@ pub struct Running {
     pub admin: Option<AdminInfo>,
     /// Live connections per backend.
     pub registry: Arc<Registry>,
-    /// Drains in progress.
-    pub drains: Arc<drain::Drains>,
     /// Reloads TLS certificates when sent to (SIGHUP).
     pub reload_certificates: Arc<tokio::sync::watch::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
@@ -282,7 +280,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         listeners: addrs,
         admin,
         registry,
-        drains,
         done,
     })
 }

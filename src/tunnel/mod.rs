@@ -24,7 +24,6 @@ mod flow;
 pub mod frame;
 mod stream;
 
-pub use close::{QUIET, QUIET_MAX_WAIT};
 pub use stream::TunnelIo;
 
 use std::future::Future;
@@ -50,8 +49,6 @@ pub struct TunnelStats {
     pub messages_up: u64,
     /// Messages from the backend to the client.
     pub messages_down: u64,
-    /// sluice sent Close frames because a close was requested.
-    pub closed_by_sluice: bool,
 }
 
 /// One proxied WebSocket. A future: await it to run the tunnel to its end.
@@ -105,7 +102,6 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
             id: self.control().id,
             messages_up: self.up.tracker.messages(),
             messages_down: self.down.tracker.messages(),
-            closed_by_sluice: self.up.closed_by_us || self.down.closed_by_us,
         }
     }
 

@@ -30,9 +30,8 @@ use crate::balance::sticky::Sticky;
 use crate::config::PoolConfig;
 use crate::registry::{Backend, Registry};
 
-pub use checkout::Answer;
 pub use idle::IdlePool;
-pub use stream::{BackendStream, BackendTlsConnector, connect};
+pub use stream::{BackendStream, BackendTlsConnector};
 
 /// Who a failure is to be blamed on: it decides the answer to the client
 /// and whether the backend's passive health hears of it.
