@@ -4,6 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -161,7 +163,10 @@ async fn wait_listening(addr: SocketAddr) {
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
     let echo = echo_backends(1).await;
-    let slow = scripted_backend(Duration::from_millis(800), |_| {
+    let arrived = Arc::new(AtomicBool::new(false));
+    let seen = arrived.clone();
+    let slow = scripted_backend(Duration::from_millis(800), move |_| {
+        seen.store(true, Ordering::SeqCst);
         Some(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow!"[..])
     })
     .await;
@@ -193,7 +198,10 @@ async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
     assert_eq!(greeting(&mut ws).await, "b1");
     let in_flight =
         tokio::spawn(async move { HttpClient::connect(http_addr).await.get("/slow").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(5, "the slow request reached its backend", || {
+        arrived.load(Ordering::SeqCst)
+    })
+    .await;
     sigterm(&proc.0);
 
     match within(5, "close 1001", ws.next()).await {

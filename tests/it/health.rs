@@ -1,5 +1,6 @@
 //! Health checks, passive ejection, slow start and storm admission.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -27,7 +28,11 @@ async fn failing_health_check_takes_a_backend_out_and_back() {
         expect_status: None,
     });
     let sluice = Sluice::with_config(cfg).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The checks run and pass before anything changes.
+    eventually(5, "two checks answered", || {
+        backends[0].stats.http_requests.load(Ordering::SeqCst) >= 2
+    })
+    .await;
     assert_eq!(state(&sluice, 0), "up");
 
     let failing_since = Instant::now();

@@ -637,8 +637,8 @@ async fn finish_close(ws: &mut Ws) {
 }
 
 /// A backend that reads each request head (never a body) and answers with
-/// what `answer` returns for it, after `delay`; `None` closes the
-/// connection without answering.
+/// what `answer` returns for it (called as the head arrives), after
+/// `delay`; `None` closes the connection without answering.
 pub async fn scripted_backend(
     delay: Duration,
     answer: impl Fn(&str) -> Option<&'static [u8]> + Send + Sync + 'static,
@@ -657,8 +657,9 @@ pub async fn scripted_backend(
                     if head.is_empty() {
                         return;
                     }
+                    let answer = answer(&head);
                     tokio::time::sleep(delay).await;
-                    let Some(bytes) = answer(&head) else {
+                    let Some(bytes) = answer else {
                         let _ = s.shutdown().await;
                         return;
                     };
