@@ -22,7 +22,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -72,21 +72,12 @@ fn options() -> Result<Options> {
     Ok(opts)
 }
 
-/// The sluice child process; killed on drop.
-struct Proc(Child);
+// Shared with the tests; each bench is a crate of its own.
+#[allow(clippy::duplicate_mod)]
+#[path = "../tests/support/process.rs"]
+mod process;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+use process::{Proc, free_port};
 
 fn main() -> Result<()> {
     let opts = options()?;

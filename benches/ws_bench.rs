@@ -46,8 +46,7 @@
 //! Every process it starts is stopped by PID at the end (and on errors).
 
 use std::fs;
-use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -58,6 +57,13 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt, stream};
 use rustls::pki_types::{CertificateDer, ServerName};
 use sluice::demo::EchoBackend;
+
+// Shared with the tests; each bench is a crate of its own.
+#[allow(clippy::duplicate_mod)]
+#[path = "../tests/support/process.rs"]
+mod process;
+
+use process::{TempDir, free_ports, send_signal};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -209,7 +215,7 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
     );
     let backends = start_backends().await?;
     let backend_addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("ws_bench").context("creating a temp dir")?;
     let cert = Cert::generate(dir.path())?;
 
     // Memory: one proxy at a time; each stays up (idle) for the echo rounds.
@@ -594,7 +600,9 @@ impl Proc {
         }
         let pid = self.pid();
         let children = child_pids(pid);
-        send_signal(pid, "TERM");
+        if let Err(error) = send_signal(pid, "TERM") {
+            eprintln!("{error}");
+        }
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
             std::thread::sleep(POLL);
@@ -606,7 +614,7 @@ impl Proc {
         }
         for child in children {
             if Path::new(&format!("/proc/{child}")).exists() {
-                send_signal(child, "KILL");
+                let _ = send_signal(child, "KILL");
             }
         }
     }
@@ -615,18 +623,6 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if let Err(error) = status {
-        eprintln!("kill -{signal} {pid}: {error}");
     }
 }
 
@@ -1189,23 +1185,6 @@ fn print_figures(rows: &[Row], direct: f64) {
 
 // ------------------------------------------------------------------- system
 
-/// Loopback ports nothing listens on right now, all different (each is
-/// held until all are found).
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let mut listeners = Vec::with_capacity(N);
-    let mut ports = [0; N];
-    for port in &mut ports {
-        let listener = StdTcpListener::bind("127.0.0.1:0")
-            .context("binding 127.0.0.1:0 to find a free port")?;
-        *port = listener
-            .local_addr()
-            .context("reading the free port")?
-            .port();
-        listeners.push(listener);
-    }
-    Ok(ports)
-}
-
 fn on_path(program: &str) -> bool {
     Command::new("which")
         .arg(program)
@@ -1264,32 +1243,4 @@ fn running_as_root() -> bool {
             uids.split_whitespace().nth(1).map(|euid| euid == "0")
         })
         .unwrap_or(false)
-}
-
-/// A directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<Self> {
-        let base = std::env::temp_dir();
-        for attempt in 0..100 {
-            let path = base.join(format!("ws_bench-{}-{attempt}", std::process::id()));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(Self(path)),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
-            }
-        }
-        bail!("no free temp dir name under {}", base.display())
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }

@@ -3,65 +3,36 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::support::process::{self, Proc, TempDir};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("sluice.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
+/// A config file with `text` in a directory of its own, removed with the
+/// returned guard.
+fn temp_file(name: &str, text: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(&format!("sluice-cli-{name}")).expect("temp dir");
+    let path = dir.write("sluice.toml", text).expect("write config");
+    (dir, path)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    process::free_port().expect("free port")
 }
 
-/// Kills the child on drop, so a failing test leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sluice did not exit within {secs}s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_exit(proc: &mut Proc, secs: u64) -> std::process::ExitStatus {
+    proc.wait_exit(Duration::from_secs(secs))
+        .expect("wait")
+        .unwrap_or_else(|| panic!("sluice did not exit within {secs}s"))
 }
 
 /// Runs `sluice check` on `path`.
@@ -75,7 +46,7 @@ fn check(path: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn check_names_file_line_and_key_and_fails() {
-    let path = temp_file(
+    let (_path_dir, path) = temp_file(
         "bad",
         "[[listener]]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\nalgoritm = \"least_conn\"\n\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n",
     );
@@ -88,7 +59,7 @@ fn check_names_file_line_and_key_and_fails() {
     );
     assert!(stderr.contains(&expected), "{stderr}");
 
-    let good = temp_file(
+    let (_good_dir, good) = temp_file(
         "good",
         &std::fs::read_to_string(&path)
             .expect("read")
@@ -117,7 +88,7 @@ fn start_up_errors_print_each_cause_once() {
 
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = busy.local_addr().expect("addr").port();
-    let path = temp_file(
+    let (_path_dir, path) = temp_file(
         "busy",
         &format!(
             "[admin]\nenabled = false\n\n[[listener]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\n\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n"
@@ -137,7 +108,7 @@ fn start_up_errors_print_each_cause_once() {
         )
     );
 
-    let path = temp_file(
+    let (_path_dir, path) = temp_file(
         "ca",
         "[[listener]]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\n\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\ntls = { ca = \"no-such-ca.pem\", server_name = \"a.test\" }\n",
     );
@@ -180,7 +151,7 @@ async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
          [[pool]]\nname = \"api\"\n[[pool.backend]]\nname = \"slow\"\naddress = \"{slow}\"\n",
         echo[0].addr
     );
-    let path = temp_file("term", &text);
+    let (_path_dir, path) = temp_file("term", &text);
     let mut proc = Proc(
         Command::new(BIN)
             .args(["run", "--config"])
@@ -202,7 +173,7 @@ async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
         arrived.load(Ordering::SeqCst)
     })
     .await;
-    sigterm(&proc.0);
+    proc.sigterm().expect("kill");
 
     match within(5, "close 1001", ws.next()).await {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
@@ -213,7 +184,7 @@ async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
         .await
         .expect("task");
     assert_eq!((reply.status, reply.text().as_str()), (200, "slow!"));
-    let status = wait_exit(&mut proc.0, 5);
+    let status = wait_exit(&mut proc, 5);
     assert_eq!(status.code(), Some(0));
     assert!(
         tokio::net::TcpStream::connect(ws_addr).await.is_err(),
@@ -297,7 +268,7 @@ async fn demo_serves_the_page_and_websockets_through_sluice() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("new WebSocket("), "the page opens a socket");
-    sigterm(&proc.0);
+    proc.sigterm().expect("kill");
 
     // Clients that answer the Close let sluice exit at once.
     for mut ws in sockets {
@@ -307,7 +278,7 @@ async fn demo_serves_the_page_and_websockets_through_sluice() {
         }
         while within(5, "close handshake", ws.next()).await.is_some() {}
     }
-    assert_eq!(wait_exit(&mut proc.0, 10).code(), Some(0));
+    assert_eq!(wait_exit(&mut proc, 10).code(), Some(0));
 }
 
 #[tokio::test]
@@ -321,7 +292,7 @@ async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
          [[pool.backend]]\nname = \"b1\"\naddress = \"{}\"\n",
         echo[0].addr
     );
-    let path = temp_file("ctl-config", &text);
+    let (_path_dir, path) = temp_file("ctl-config", &text);
     std::fs::write(path.with_file_name("admin.token"), "s3cret\n").expect("token file");
     let mut proc = Proc(
         Command::new(BIN)
@@ -356,7 +327,7 @@ async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("app   b1       "));
 
     // First SIGTERM: closes spread over 60 s, so only the first comes soon.
-    sigterm(&proc.0);
+    proc.sigterm().expect("kill");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = Command::new(BIN)
         .args(["ctl", "--config"])
@@ -373,7 +344,7 @@ async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
         "one close in the first 1.5 s of 60: {backend}"
     );
     // Second SIGTERM: everything closes now, with 1001.
-    sigterm(&proc.0);
+    proc.sigterm().expect("kill");
     let mut closed = 0;
     for mut ws in sockets {
         match within(5, "close", ws.next()).await {
@@ -387,12 +358,12 @@ async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
         while within(5, "close handshake", ws.next()).await.is_some() {}
     }
     assert!(closed >= 8, "{closed} closes after the second SIGTERM");
-    assert_eq!(wait_exit(&mut proc.0, 10).code(), Some(0));
+    assert_eq!(wait_exit(&mut proc, 10).code(), Some(0));
 }
 
 #[test]
 fn admin_on_a_public_address_needs_a_token() {
-    let path = temp_file(
+    let (_path_dir, path) = temp_file(
         "public-admin",
         "[admin]\nbind = \"0.0.0.0:9901\"\n[[listener]]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n[[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"a\"\naddress = \"127.0.0.1:4000\"\n",
     );

@@ -9,6 +9,7 @@ use futures_util::future::join_all;
 use sluice::admin::api::{self, BackendState};
 use tokio_util::sync::CancellationToken;
 
+use crate::support::process::TempDir;
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
@@ -247,14 +248,13 @@ async fn ctl_names_the_failed_step_and_its_cause_once() {
 
 /// Echo backends in processes of their own, restartable by a script.
 struct BackendProcs {
-    dir: PathBuf,
+    dir: TempDir,
     names: Vec<String>,
 }
 
 impl BackendProcs {
     fn start(names: &[&str], addrs: &[SocketAddr]) -> Self {
-        let dir = std::env::temp_dir().join(format!("sluice-rollout-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = TempDir::new("sluice-rollout").expect("temp dir");
         let script = "#!/bin/sh\n\
             # restart.sh NAME ADDRESS: stop the echo backend NAME and start it again.\n\
             dir=$(dirname \"$0\")\n\
@@ -300,7 +300,6 @@ impl Drop for BackendProcs {
                 let _ = Command::new("kill").arg(&pid).status();
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

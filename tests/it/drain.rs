@@ -12,6 +12,7 @@ use crate::support::*;
 
 #[tokio::test]
 async fn drain_closes_gradually_with_1012_and_loses_nothing() {
+    let _heavy = heavy().await;
     const CLIENTS: usize = 600;
     let window = Duration::from_secs(3);
     let backends = echo_backends(3).await;

@@ -237,6 +237,7 @@ async fn storm(admission: Option<AdmissionConfig>) -> (Vec<usize>, Vec<Outcome>,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_storm_is_admitted_at_the_configured_rate() {
+    let _heavy = heavy().await;
     let (burst, rate) = (20.0, 100.0);
     let admission = AdmissionConfig {
         connect_rate: rate,

@@ -11,6 +11,7 @@ use crate::support::*;
 
 #[tokio::test]
 async fn an_empty_backend_is_filled_gently_and_a_level_pool_is_left_alone() {
+    let _heavy = heavy().await;
     const CLIENTS: usize = 900;
     let interval = Duration::from_millis(500);
     let backends = echo_backends(3).await;

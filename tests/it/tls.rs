@@ -1,7 +1,7 @@
 //! TLS termination: wss, https, SNI, certificate reload, handshake timeout.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::support::process::TempDir;
 use crate::support::*;
 
 /// Accepts any certificate: the tests look at which one was presented.
@@ -104,10 +105,8 @@ fn files(dir: &Path, stem: &str) -> CertSource {
     }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-tls-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
+fn temp_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("sluice-tls-{name}")).expect("temp dir")
 }
 
 /// TLS with the one certificate `dir/stem.pem|key`.
