@@ -41,6 +41,8 @@
 //! cargo bench --bench ws_bench -- --quick       # 3 s echo runs, 2,000 idle WebSockets
 //! cargo bench --bench ws_bench -- --seconds 20  # longer echo runs
 //! cargo bench --bench ws_bench -- --only sluice  # skip HAProxy and nginx
+//! cargo bench --bench ws_bench -- --quick --only sluice,sluice-base \
+//!     --baseline OLD/target/release/sluice      # this build against an older one
 //! ```
 //!
 //! Every process it starts is stopped by PID at the end (and on errors).
@@ -137,12 +139,16 @@ struct Options {
     quick: bool,
     seconds: u64,
     max_conns: usize,
-    /// Benchmark only this proxy (sluice, haproxy or nginx).
-    only: Option<String>,
+    /// Benchmark only these proxies (sluice, sluice-base, haproxy, nginx).
+    only: Option<Vec<String>>,
 }
 
+/// Another sluice binary (`--baseline PATH`), measured as `sluice-base`
+/// in the same run: e.g. the release build of an earlier commit.
+static BASELINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 impl Options {
-    const USAGE: &str = "usage: cargo bench --bench ws_bench [-- [--quick] [--seconds N] [--only sluice|haproxy|nginx]]";
+    const USAGE: &str = "usage: cargo bench --bench ws_bench [-- [--quick] [--seconds N] [--only NAME,...] [--baseline PATH]]\n  NAME: sluice, sluice-base, haproxy, nginx; --baseline: another sluice binary, measured as sluice-base";
 
     fn parse(args: impl IntoIterator<Item = String>) -> Result<Self> {
         let mut quick = false;
@@ -152,7 +158,18 @@ impl Options {
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
-                "--only" => only = Some(args.next().context("--only needs a proxy name")?),
+                "--only" => {
+                    let names = args.next().context("--only needs proxy names")?;
+                    only = Some(names.split(',').map(str::to_string).collect());
+                }
+                "--baseline" => {
+                    let path = args.next().context("--baseline needs a path")?;
+                    ensure!(
+                        Path::new(&path).is_file(),
+                        "--baseline {path:?}: no such file"
+                    );
+                    let _ = BASELINE.set(path);
+                }
                 "--seconds" => {
                     let value = args.next().context("--seconds needs a value")?;
                     let n: u64 = value
@@ -221,7 +238,11 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
     // Memory: one proxy at a time; each stays up (idle) for the echo rounds.
     let mut started = Vec::new();
     for kind in ProxyKind::ALL {
-        if opts.only.as_deref().is_some_and(|only| only != kind.name()) {
+        if opts
+            .only
+            .as_ref()
+            .is_some_and(|only| !only.iter().any(|n| n == kind.name()))
+        {
             continue;
         }
         if !kind.is_available() {
@@ -389,16 +410,19 @@ async fn start_and_measure_memory(
 #[derive(Clone, Copy)]
 enum ProxyKind {
     Sluice,
+    /// The `--baseline` sluice binary.
+    SluiceBase,
     Haproxy,
     Nginx,
 }
 
 impl ProxyKind {
-    const ALL: [Self; 3] = [Self::Sluice, Self::Haproxy, Self::Nginx];
+    const ALL: [Self; 4] = [Self::Sluice, Self::SluiceBase, Self::Haproxy, Self::Nginx];
 
     fn name(self) -> &'static str {
         match self {
             Self::Sluice => "sluice",
+            Self::SluiceBase => "sluice-base",
             Self::Haproxy => "haproxy",
             Self::Nginx => "nginx",
         }
@@ -407,6 +431,7 @@ impl ProxyKind {
     fn program(self) -> &'static str {
         match self {
             Self::Sluice => env!("CARGO_BIN_EXE_sluice"),
+            Self::SluiceBase => BASELINE.get().map_or("(no --baseline)", String::as_str),
             Self::Haproxy => "haproxy",
             Self::Nginx => "nginx",
         }
@@ -415,6 +440,7 @@ impl ProxyKind {
     fn is_available(self) -> bool {
         match self {
             Self::Sluice => true,
+            Self::SluiceBase => BASELINE.get().is_some(),
             Self::Haproxy | Self::Nginx => on_path(self.program()),
         }
     }
@@ -434,7 +460,7 @@ impl ProxyKind {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(self.program());
         let text = match self {
-            Self::Sluice => {
+            Self::Sluice | Self::SluiceBase => {
                 cmd.arg("run")
                     .arg("--config")
                     .arg(&config)
@@ -1180,6 +1206,30 @@ fn print_figures(rows: &[Row], direct: f64) {
         && haproxy > 0.0
     {
         println!("sluice.wss_tls_vs_haproxy = {:.3}", sluice / haproxy);
+    }
+    // This build against the --baseline binary, measured in the same run.
+    let row = |name: &str| rows.iter().find(|r| r.name == name);
+    if let (Some(now), Some(base)) = (row("sluice"), row("sluice-base")) {
+        if base.echo.median > 0.0 {
+            println!(
+                "sluice.echo_vs_base = {:.3}",
+                now.echo.median / base.echo.median
+            );
+        }
+        if let (Some(now), Some(base)) = (tls_rate("sluice"), tls_rate("sluice-base"))
+            && base > 0.0
+        {
+            println!("sluice.wss_tls_vs_base = {:.3}", now / base);
+        }
+        if let (Some(now), Some(base)) = (&now.memory, &base.memory) {
+            for &(n, _) in &now.steps {
+                if let (Some(a), Some(b)) = (now.per_conn_kib(n), base.per_conn_kib(n))
+                    && b > 0.0
+                {
+                    println!("sluice.kib_per_conn_at_{n}_vs_base = {:.3}", a / b);
+                }
+            }
+        }
     }
 }
 
