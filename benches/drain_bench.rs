@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures_util::future::join_all;
-use serde_json::json;
 use sluice::admin::client::AdminClient;
 use tokio_util::sync::CancellationToken;
 
@@ -154,10 +153,7 @@ async fn run(opts: Options, fd_limit: u64) -> Result<()> {
     let window = Duration::from_secs(opts.window);
     let drain_start = Instant::now();
     admin
-        .post(
-            "/api/v1/pools/app/backends/b1/drain",
-            json!({ "window": format!("{}s", opts.window) }),
-        )
+        .drain("app", "b1", Some(&format!("{}s", opts.window)))
         .await?;
     wait_until(window + Duration::from_secs(60), || {
         backends[0].ws_open() == 0
@@ -169,9 +165,7 @@ async fn run(opts: Options, fd_limit: u64) -> Result<()> {
     let drain_end = Instant::now();
 
     // 2. Kill b2 (b1 back in rotation first, as after a restart).
-    admin
-        .post("/api/v1/pools/app/backends/b1/undrain", json!({}))
-        .await?;
+    admin.undrain("app", "b1").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let on_b2 = backends[1].ws_open();
     let kill_start = Instant::now();

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use sluice::admin::api::{BackendState, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -329,19 +330,20 @@ async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
     // First SIGTERM: closes spread over 60 s, so only the first comes soon.
     proc.sigterm().expect("kill");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let status = Command::new(BIN)
+    let out = Command::new(BIN)
         .args(["ctl", "--config"])
         .arg(&path)
         .args(["status", "--json"])
         .output()
         .expect("ctl runs");
-    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
-    let backend = &v["pools"][0]["backends"][0];
-    assert_eq!(backend["state"], "draining");
-    assert_eq!(backend["drain"]["planned"], 10);
+    let status: Status = serde_json::from_slice(&out.stdout).expect("json");
+    let backend = &status.pools[0].backends[0];
+    assert_eq!(backend.state, BackendState::Draining);
+    assert_eq!(backend.drain.map(|d| d.planned), Some(10));
     assert_eq!(
-        backend["drain"]["closed"], 1,
-        "one close in the first 1.5 s of 60: {backend}"
+        backend.drain.map(|d| d.closed),
+        Some(1),
+        "one close in the first 1.5 s of 60: {backend:?}"
     );
     // Second SIGTERM: everything closes now, with 1001.
     proc.sigterm().expect("kill");

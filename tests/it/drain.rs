@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use serde_json::json;
+use sluice::admin::api::BackendState;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -38,10 +38,7 @@ async fn drain_closes_gradually_with_1012_and_loses_nothing() {
     let started = Instant::now();
     sluice
         .admin()
-        .post(
-            "/api/v1/pools/app/backends/b1/drain",
-            json!({ "window": "3s" }),
-        )
+        .drain("app", "b1", Some("3s"))
         .await
         .expect("drain accepted");
     eventually(15, "b1 drained", || backends[0].ws_open() == 0).await;
@@ -101,8 +98,8 @@ async fn drain_closes_gradually_with_1012_and_loses_nothing() {
         drained_after < window + Duration::from_secs(3),
         "drained after {drained_after:?}"
     );
-    let status = sluice.admin().get("/api/v1/status").await.expect("status");
-    assert_eq!(status["pools"][0]["backends"][0]["state"], "drained");
+    let status = sluice.status().await;
+    assert_eq!(status.pools[0].backends[0].state, BackendState::Drained);
     println!(
         "drain of {on_b1} over {window:?}: busiest tenth {busiest}, drained after {drained_after:?}, {echoed} echoes"
     );
@@ -113,13 +110,11 @@ async fn undrain_puts_the_backend_back_and_drain_of_empty_backend_is_immediate()
     let backends = echo_backends(2).await;
     let sluice = Sluice::start(&[&backends[0], &backends[1]]).await;
     let admin = sluice.admin();
-    let v = admin
-        .post("/api/v1/pools/app/backends/b1/drain", json!({}))
-        .await
-        .expect("drain");
-    assert_eq!(v["state"], "draining");
+    let v = admin.drain("app", "b1", None).await.expect("drain");
+    assert_eq!(v.state, BackendState::Draining);
     assert_eq!(
-        v["drain"]["window_ms"], 120_000,
+        v.drain.map(|d| d.window_ms),
+        Some(120_000),
         "the pool's default window"
     );
     eventually(5, "drained", || {
@@ -132,10 +127,7 @@ async fn undrain_puts_the_backend_back_and_drain_of_empty_backend_is_immediate()
         assert_eq!(name, "b2");
         assert_eq!(sluice.http().await.get("/x").await.backend(), "b2");
     }
-    admin
-        .post("/api/v1/pools/app/backends/b1/undrain", json!({}))
-        .await
-        .expect("undrain");
+    admin.undrain("app", "b1").await.expect("undrain");
     let (_ws, name) = sluice.ws_named("/ws").await;
     assert_eq!(
         name, "b1",
@@ -187,14 +179,8 @@ async fn undrain_right_after_drain_sticks() {
     let sluice = Sluice::start(&[&backends[0], &backends[1]]).await;
     let admin = sluice.admin();
     for _ in 0..30 {
-        admin
-            .post("/api/v1/pools/app/backends/b1/drain", json!({}))
-            .await
-            .expect("drain");
-        admin
-            .post("/api/v1/pools/app/backends/b1/undrain", json!({}))
-            .await
-            .expect("undrain");
+        admin.drain("app", "b1", None).await.expect("drain");
+        admin.undrain("app", "b1").await.expect("undrain");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sluice.registry().pool(0).backends[0].state().as_str(), "up");

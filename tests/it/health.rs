@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use serde_json::json;
+use sluice::admin::api::BackendState;
 use sluice::config::{AdmissionConfig, HealthConfig, PassiveConfig};
 
 use crate::support::*;
@@ -87,8 +87,8 @@ async fn killed_backend_is_ejected_passively_before_the_next_check() {
     }
     let ejected_after = killed.elapsed();
     assert!(requests <= 6, "{requests} requests before ejection");
-    let status = sluice.admin().get("/api/v1/status").await.expect("status");
-    assert_eq!(status["pools"][0]["backends"][0]["state"], "down");
+    let status = sluice.status().await;
+    assert_eq!(status.pools[0].backends[0].state, BackendState::Down);
     println!("passive ejection {ejected_after:?} after the kill, after {requests} requests");
 }
 
@@ -104,23 +104,14 @@ async fn a_returning_backend_ramps_up_instead_of_taking_everything() {
     }
     // b1 leaves (its clients close) and comes back empty.
     let admin = sluice.admin();
-    admin
-        .post(
-            "/api/v1/pools/app/backends/b1/drain",
-            json!({ "window": "0s" }),
-        )
-        .await
-        .expect("drain");
+    admin.drain("app", "b1", Some("0s")).await.expect("drain");
     for (ws, name) in held.iter_mut() {
         if name == "b1" {
             let _ = within(5, "close", ws.next()).await;
         }
     }
     eventually(10, "b1 drained", || state(&sluice, 0) == "drained").await;
-    admin
-        .post("/api/v1/pools/app/backends/b1/undrain", json!({}))
-        .await
-        .expect("undrain");
+    admin.undrain("app", "b1").await.expect("undrain");
     assert_eq!(state(&sluice, 0), "slow_start");
     // 30 new clients every 300 ms for 3 s. Without slow start the empty
     // backend would take every one of the first ~100.

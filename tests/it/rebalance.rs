@@ -3,7 +3,6 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use sluice::config::RebalanceConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -23,13 +22,7 @@ async fn an_empty_backend_is_filled_gently_and_a_level_pool_is_left_alone() {
     let sluice = Sluice::with_config(cfg).await;
     let admin = sluice.admin();
     // b3 joins after the clients: keep it out of rotation while they connect.
-    admin
-        .post(
-            "/api/v1/pools/app/backends/b3/drain",
-            json!({ "window": "0s" }),
-        )
-        .await
-        .expect("drain");
+    admin.drain("app", "b3", Some("0s")).await.expect("drain");
     let stop = CancellationToken::new();
     let clients = chatters(&sluice, CLIENTS, Duration::from_millis(300), &stop);
     eventually(30, "all connected to b1 and b2", || {
@@ -39,10 +32,7 @@ async fn an_empty_backend_is_filled_gently_and_a_level_pool_is_left_alone() {
     assert_eq!(backends[2].ws_open(), 0);
 
     let started = Instant::now();
-    admin
-        .post("/api/v1/pools/app/backends/b3/undrain", json!({}))
-        .await
-        .expect("undrain");
+    admin.undrain("app", "b3").await.expect("undrain");
     let counts = || backends.iter().map(|b| b.ws_open()).collect::<Vec<_>>();
     let level = |c: &[usize]| {
         c.iter().sum::<usize>() == CLIENTS && c.iter().all(|&n| (240..=360).contains(&n))
@@ -78,10 +68,14 @@ async fn an_empty_backend_is_filled_gently_and_a_level_pool_is_left_alone() {
         "a level pool shed connections: {:?}",
         counts()
     );
-    let status = admin.get("/api/v1/status").await.expect("status");
-    let last = &status["pools"][0]["rebalance"]["last"];
-    assert_eq!(last["note"], "level", "{last}");
-    assert_eq!(last["total"], CLIENTS);
+    let status = sluice.status().await;
+    let last = status.pools[0]
+        .rebalance
+        .as_ref()
+        .and_then(|r| r.last.as_ref())
+        .expect("a rebalance decision");
+    assert_eq!(last.note, "level", "{last:?}");
+    assert_eq!(last.total, CLIENTS as u64);
 
     let (stats, t) = finish_chat(&stop, clients).await;
     let (lost, wrong, resent) = (t.lost, t.wrong, t.resent);
