@@ -15,7 +15,6 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 use tokio::net::TcpStream;
 
 use super::api;
@@ -132,17 +131,6 @@ impl AdminClient {
         let path = backend_path(pool, backend, "undrain");
         self.request(Method::POST, &path, Some(&api::UndrainRequest {}))
             .await
-    }
-
-    /// Any GET, answered as untyped JSON (the typed methods are the API;
-    /// this is for probing it).
-    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.request(Method::GET, path, None::<&()>).await
-    }
-
-    /// Any POST with a JSON body, answered as untyped JSON.
-    pub async fn post(&self, path: &str, body: Value) -> Result<Value, ClientError> {
-        self.request(Method::POST, path, Some(&body)).await
     }
 
     async fn request<T: DeserializeOwned>(
