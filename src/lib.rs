@@ -6,9 +6,12 @@
 //! boundaries, spread over each pool's drain window), lets in-flight HTTP
 //! requests finish, and returns.
 //!
-//! Data path: `listener` → `http` → `upstream` (+ `balance`) → `tunnel`.
-//! Meeting point: `registry`. Control plane: `config`, `drain`, `admin`,
-//! `metrics`, `trim`, `ctl` (the client). See docs/ARCHITECTURE.md.
+//! Data path: `listener` → `tls` → `http` → `upstream` (+ `balance`,
+//! `admission`) → `tunnel`. Meeting point: `registry`. Shared plain data
+//! and pure rules: `config`, `pem`, `health_state`, `error_chain`. Control
+//! plane: `health`, `drain`, `rebalance`, `admin`, `metrics`, `trim`, `ctl`,
+//! `demo`. See docs/ARCHITECTURE.md (the layers are checked by
+//! tests/it/layers.rs).
 
 pub mod admin;
 pub(crate) mod admission;

@@ -6,7 +6,7 @@
 //! through an `ArcSwap`, so a reload swaps it without touching open
 //! connections. A reload that fails (unreadable, unparsable, expired, key
 //! not matching the certificate) keeps the previous store and logs the file
-//! and the reason. The TLS streams' tunnel I/O lives in `tunnel::io`; TLS
+//! and the reason. The TLS streams' tunnel I/O lives in `tunnel::stream`; TLS
 //! towards backends in `upstream`.
 
 use std::collections::HashMap;

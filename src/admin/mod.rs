@@ -104,7 +104,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!(client.addr = %peer, %error, "admin connection ended with an error");
+                debug!(client.addr = %peer, error = %crate::error_chain::chain(&error), "admin connection ended with an error");
             }
         });
     }

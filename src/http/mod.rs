@@ -179,7 +179,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
             Ok(both) => both,
             Err(error) => {
-                debug!(%error, "upgrade did not complete");
+                debug!(error = %chain(&error), "upgrade did not complete");
                 return;
             }
         };

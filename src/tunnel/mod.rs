@@ -160,7 +160,9 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
         loop {
             match this.control().poll_request(cx.waker()) {
                 CloseRequest::Abort => return Poll::Ready(this.stats()),
-                CloseRequest::Close(code) => this.close.request(code, Instant::now()),
+                CloseRequest::Close(code) if this.close.is_open() => {
+                    this.close.request(code, Instant::now());
+                }
                 _ => {}
             }
             let target = this.entry.backend();

@@ -59,7 +59,8 @@ impl Upstream {
         let mut stale_left = STALE_RETRIES;
         loop {
             let (i, lease) = self.next_lease(registry, &tried, affinity).await?;
-            let backend = lease.backend().clone();
+            let backend = lease.backend();
+            // After a retry the span shows each backend tried, in order.
             tracing::Span::current().record("backend", backend.name.as_str());
             let pooled = if affinity.reusable {
                 self.idle[i].checkout()
@@ -73,7 +74,7 @@ impl Upstream {
                     Ok(sender) => sender,
                     Err(error) => {
                         warn!(pool = %self.cfg.name, backend = %backend.name, error = %chain(&error), "upstream connect failed");
-                        self.note_failure(&backend, "connect failed");
+                        self.note_failure(backend, "connect failed");
                         tried.push(i);
                         self.give_up_after(&tried, error)?;
                         continue;
@@ -91,7 +92,7 @@ impl Upstream {
             let mut error = match sent {
                 Ok(resp) => {
                     if !affinity.reusable && resp.status().is_server_error() {
-                        self.note_failure(&backend, "5xx to an upgrade");
+                        self.note_failure(backend, "5xx to an upgrade");
                     } else {
                         backend.note_success();
                     }
@@ -111,9 +112,10 @@ impl Upstream {
                     stale_left -= 1;
                     req = unsent;
                 }
-                _ if error.error().is_user() => {
+                _ if affinity.reusable && error.error().is_user() => {
                     // The client's own request body failed (it went away
-                    // mid-upload): not the backend's fault.
+                    // mid-upload): not the backend's fault. (An upgrade has
+                    // no body: there it is the backend's connection.)
                     debug!(error = %chain(error.error()), "request body failed");
                     return Err(UpstreamError::ClientBody {
                         source: error.into_error(),
@@ -121,7 +123,7 @@ impl Upstream {
                 }
                 _ => {
                     warn!(pool = %self.cfg.name, backend = %backend.name, kind, error = %chain(error.error()), "backend failed before answering");
-                    self.note_failure(&backend, "failed before answering");
+                    self.note_failure(backend, "failed before answering");
                     return Err(UpstreamError::Failed {
                         addr: backend.addr,
                         source: error.into_error(),

@@ -33,13 +33,15 @@ use crate::registry::{Backend, Registry};
 pub use idle::IdlePool;
 pub use stream::{BackendStream, BackendTlsConnector};
 
-/// Who a failure is to be blamed on: it decides the answer to the client
-/// and whether the backend's passive health hears of it.
+/// Who a failure is to be blamed on: it decides the answer to the client.
+/// (Passive health is told in `Upstream::send`, where each failure
+/// happens: connects, failures before an answer and 5xx to an upgrade
+/// count; a response timeout does not.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blame {
-    /// The client (its request body failed): 400, the backend is not blamed.
+    /// The client (its request body failed): 400.
     Client,
-    /// One backend: 502 (504 for a timeout).
+    /// One backend: 502, or 504 when it did not answer in time.
     Backend,
     /// The pool had nothing to offer: 503 with Retry-After.
     Pool,

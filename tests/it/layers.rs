@@ -59,8 +59,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// `#[cfg(test)]` module at the end, by the project's convention).
 fn code(text: &str) -> String {
     let text = match text
-        .find("#[cfg(test)]\nmod tests")
-        .or(text.find("#[cfg(test)]\npub(crate) mod tests"))
+        .find("#[cfg(test)]\nmod tests {")
+        .or(text.find("#[cfg(test)]\npub(crate) mod tests {"))
     {
         Some(at) => &text[..at],
         None => text,

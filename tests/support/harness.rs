@@ -29,6 +29,8 @@ pub struct Sluice {
     pub running: Option<sluice::Running>,
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
+    /// Its test's share of the machine (see `heavy`).
+    _load: LoadShare,
 }
 
 /// A config with one listener on an ephemeral port and one pool of `addrs`.
@@ -66,6 +68,7 @@ impl Sluice {
     }
 
     pub async fn with_config(cfg: Config) -> Self {
+        let load = LoadShare::take().await;
         let shutdown = CancellationToken::new();
         let running = sluice::start(cfg, shutdown.clone())
             .await
@@ -75,6 +78,7 @@ impl Sluice {
             running: Some(running),
             addr,
             shutdown,
+            _load: load,
         }
     }
 

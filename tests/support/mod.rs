@@ -33,12 +33,58 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
 
-/// Taken by the tests that run hundreds of clients, so that no two of them
-/// load the machine at once (their timing assertions would then measure
-/// each other). Others run alongside as usual.
-pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
-    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    HEAVY.lock().await
+/// Machine load, shared by every test that runs a sluice (a read guard
+/// while one lives, see [`LoadShare`]) and taken whole by the tests that
+/// run hundreds of clients ([`heavy`]), so that those run alone and their
+/// timing assertions do not measure other tests. tokio's RwLock is fair: a
+/// waiting heavy test holds back new tests until it has run.
+static LOAD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+type ReadGuard = tokio::sync::RwLockReadGuard<'static, ()>;
+
+thread_local! {
+    /// This test thread holds the whole machine (`heavy`).
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This test thread's share, while a sluice of it holds one.
+    static SHARE: std::cell::RefCell<std::sync::Weak<ReadGuard>> =
+        const { std::cell::RefCell::new(std::sync::Weak::new()) };
+}
+
+/// The whole machine for one test with hundreds of clients; released on
+/// drop.
+pub struct Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>);
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        ALONE.set(false);
+    }
+}
+
+/// Taken first by a test that runs hundreds of clients.
+pub async fn heavy() -> Alone {
+    let guard = LOAD.write().await;
+    ALONE.set(true);
+    Alone(guard)
+}
+
+/// A test's share of the machine, held by each `Sluice` it runs. One read
+/// guard per test thread however many sluices it starts (a second read
+/// behind a waiting heavy test would deadlock); it is released when the
+/// last sluice holding it is dropped, on whatever thread.
+pub struct LoadShare(#[allow(dead_code)] Option<std::sync::Arc<ReadGuard>>);
+
+impl LoadShare {
+    pub async fn take() -> Self {
+        if ALONE.get() {
+            return Self(None);
+        }
+        if let Some(share) = SHARE.with(|s| s.borrow().upgrade()) {
+            return Self(Some(share));
+        }
+        let share = std::sync::Arc::new(LOAD.read().await);
+        SHARE.with(|s| *s.borrow_mut() = std::sync::Arc::downgrade(&share));
+        Self(Some(share))
+    }
 }
 
 /// Fails a test that waits too long, instead of hanging CI.
