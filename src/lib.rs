@@ -27,6 +27,7 @@ pub(crate) mod http;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod pem;
+pub(crate) mod proxy_protocol;
 pub(crate) mod rebalance;
 pub mod registry;
 pub mod tls;
@@ -194,6 +195,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         let ctx = Arc::new(ListenerCtx {
             tls,
             handshake_errors: metrics.tls_handshake_errors(&lcfg.name),
+            proxy_rejected: metrics.proxy_rejected(&lcfg.name),
             cfg: lcfg.clone(),
             upstream: upstreams[lcfg.pool].clone(),
             registry: registry.clone(),

@@ -10,13 +10,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug, debug_span, info, warn};
+use tracing::{Instrument as _, Span, debug, debug_span, field, info, warn};
 
+use crate::error_chain::chain;
 use crate::http::{self, ListenerCtx};
+use crate::proxy_protocol::{self, Carried, Client, ProxyError};
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -55,6 +57,66 @@ pub fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// Reads the PROXY header and runs the TLS handshake where the listener
+/// has them, then serves the connection.
+async fn accept_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let mut client = Client {
+        addr: peer,
+        local: stream.local_addr().unwrap_or(ctx.cfg.bind),
+        tls: None,
+    };
+    if let Some(pp) = &ctx.cfg.proxy_protocol {
+        let read = if pp.allows(peer.ip()) {
+            proxy_protocol::read_header(&mut stream, pp.accept, ctx.cfg.header_read_timeout).await
+        } else {
+            Err(ProxyError::NotAllowed { peer })
+        };
+        match read {
+            Ok(Carried::Proxied {
+                source,
+                destination,
+            }) => {
+                Span::current().record("client.addr", field::display(source));
+                client.addr = source;
+                client.local = destination;
+            }
+            // The L4 balancer's own check: the peer is the client.
+            Ok(Carried::Local) => {}
+            Err(error) => {
+                ctx.proxy_rejected.inc();
+                debug!(error = %chain(&error), "PROXY header refused: closing");
+                return;
+            }
+        }
+    }
+    let Some(tls) = ctx.tls.clone() else {
+        http::serve_connection(stream, client, ctx, permit, shutdown).await;
+        return;
+    };
+    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let sni = stream.get_ref().1.server_name().map(Into::into);
+            client.tls = Some(sni);
+            http::serve_connection(stream, client, ctx, permit, shutdown).await;
+        }
+        // Port scanners and broken clients: counted, logged at debug.
+        Ok(Err(error)) => {
+            ctx.handshake_errors.inc();
+            debug!(%error, "TLS handshake failed");
+        }
+        Err(_) => {
+            ctx.handshake_errors.inc();
+            debug!("TLS handshake timed out");
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -85,30 +147,22 @@ pub async fn serve(
         // Everything logged about this connection, down to the tunnel, is
         // inside this span (debug level: free unless enabled).
         let span = debug_span!("conn", client.addr = %peer, listener = %ctx.cfg.name);
-        let Some(tls) = ctx.tls.clone() else {
+        if ctx.tls.is_none() && ctx.cfg.proxy_protocol.is_none() {
+            // The common case, without a wrapping future.
+            let client = Client {
+                addr: peer,
+                local: stream.local_addr().unwrap_or(ctx.cfg.bind),
+                tls: None,
+            };
             tasks.spawn(
-                http::serve_connection(stream, peer, ctx.clone(), permit, shutdown.clone())
+                http::serve_connection(stream, client, ctx.clone(), permit, shutdown.clone())
                     .instrument(span),
             );
             continue;
-        };
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        let handshake = async move {
-            match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => http::serve_connection(stream, peer, ctx, permit, shutdown).await,
-                // Port scanners and broken clients: counted, logged at debug.
-                Ok(Err(error)) => {
-                    ctx.handshake_errors.inc();
-                    debug!(%error, "TLS handshake failed");
-                }
-                Err(_) => {
-                    ctx.handshake_errors.inc();
-                    debug!("TLS handshake timed out");
-                }
-            }
-        };
-        tasks.spawn(handshake.instrument(span));
+        }
+        tasks.spawn(
+            accept_connection(stream, peer, ctx.clone(), permit, shutdown.clone()).instrument(span),
+        );
     }
     info!(listener = %ctx.cfg.name, "stopped accepting");
 }

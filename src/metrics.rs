@@ -29,6 +29,7 @@ pub struct Metrics {
     accepted: Family<ListenerLabels, Counter>,
     rejected: Family<PoolLabels, Counter>,
     handshake_errors: Family<ListenerLabels, Counter>,
+    proxy_rejected: Family<ListenerLabels, Counter>,
     /// Time to open a TCP connection to a backend.
     pub connect_seconds: Histogram,
 }
@@ -61,12 +62,19 @@ impl Metrics {
             "TLS handshakes that failed or timed out, by listener",
             handshake_errors.clone(),
         );
+        let proxy_rejected = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "sluice_proxy_protocol_rejected",
+            "Connections closed for a missing, invalid or unallowed PROXY header, by listener",
+            proxy_rejected.clone(),
+        );
         registry.register_collector(Box::new(LiveCollector(live)));
         Self {
             registry,
             accepted,
             rejected,
             handshake_errors,
+            proxy_rejected,
             connect_seconds,
         }
     }
@@ -81,6 +89,13 @@ impl Metrics {
     /// The failed-TLS-handshake counter of `listener`.
     pub fn tls_handshake_errors(&self, listener: &str) -> Counter {
         self.handshake_errors
+            .get_or_create(&[("listener", listener.to_string())])
+            .clone()
+    }
+
+    /// The PROXY-header-rejected counter of `listener`.
+    pub fn proxy_rejected(&self, listener: &str) -> Counter {
+        self.proxy_rejected
             .get_or_create(&[("listener", listener.to_string())])
             .clone()
     }

@@ -88,6 +88,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 MIN_TIMEOUT,
             )?,
             tls: read_tls(&mut t)?,
+            proxy_protocol: read_proxy_protocol(&mut t)?,
             ..defaults
         };
         if listeners
@@ -205,6 +206,21 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
             defaults.keepalive_timeout,
             Duration::ZERO,
         )?,
+        send_proxy_protocol: match t.string("send_proxy_protocol")? {
+            None => None,
+            Some(v) => match v.value.to_ascii_lowercase().as_str() {
+                "off" => None,
+                "v1" => Some(ProxyVersion::V1),
+                "v2" => Some(ProxyVersion::V2),
+                other => {
+                    return Err(t.error_at(
+                        &v.span,
+                        "send_proxy_protocol",
+                        format!("\"{other}\": expected \"off\", \"v1\" or \"v2\""),
+                    ));
+                }
+            },
+        },
         keepalive_max_idle: t.integer(
             "keepalive_max_idle",
             defaults.keepalive_max_idle as u64,
@@ -351,6 +367,62 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError
         sni,
         handshake_timeout,
     }))
+}
+
+/// `proxy_protocol` and `proxy_protocol_from` on a listener.
+fn read_proxy_protocol(t: &mut Table<'_>) -> Result<Option<ProxyProtocolIn>, ConfigError> {
+    let mode = t.string("proxy_protocol")?;
+    let from = t.strings("proxy_protocol_from")?;
+    let accept = match &mode {
+        None => None,
+        Some(v) => match v.value.to_ascii_lowercase().as_str() {
+            "off" => None,
+            "v1" => Some(ProxyAccept::V1),
+            "v2" => Some(ProxyAccept::V2),
+            "any" => Some(ProxyAccept::Any),
+            other => {
+                return Err(t.error_at(
+                    &v.span,
+                    "proxy_protocol",
+                    format!("\"{other}\": expected \"off\", \"v1\", \"v2\" or \"any\""),
+                ));
+            }
+        },
+    };
+    let Some(accept) = accept else {
+        if let Some(from) = from {
+            return Err(t.error_at(
+                &from.span,
+                "proxy_protocol_from",
+                "set without proxy_protocol = \"v1\", \"v2\" or \"any\"".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    // Required: trusting every peer would let any client name its own
+    // address.
+    let Some(from) = from else {
+        return Err(t.error_here(
+            "proxy_protocol needs proxy_protocol_from: the addresses of the L4 balancers \
+             allowed to send it, e.g. [\"10.0.0.0/8\"] ([\"0.0.0.0/0\", \"::/0\"] trusts every peer)"
+                .into(),
+        ));
+    };
+    let mut nets = Vec::new();
+    for text in &from.value {
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                t.error_at(
+                    &from.span,
+                    "proxy_protocol_from",
+                    format!("\"{text}\" is not an address or a network (e.g. \"10.0.0.0/8\")"),
+                )
+            })?;
+        nets.push(net);
+    }
+    Ok(Some(ProxyProtocolIn { accept, from: nets }))
 }
 
 /// `tls = { ca, server_name }` on a backend; the CA file is loaded now.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::pem::CertSource;
+pub use crate::proxy_protocol::{Accept as ProxyAccept, Version as ProxyVersion};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -36,6 +37,24 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     /// TLS termination, when configured.
     pub tls: Option<TlsSettings>,
+    /// The PROXY protocol from an L4 balancer in front, when configured.
+    pub proxy_protocol: Option<ProxyProtocolIn>,
+}
+
+/// Which PROXY headers a listener reads, and from whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocolIn {
+    pub accept: ProxyAccept,
+    /// Peers allowed to send it; a connection from anywhere else is closed.
+    pub from: Vec<ipnet::IpNet>,
+}
+
+impl ProxyProtocolIn {
+    /// True when `peer` may send a PROXY header.
+    pub fn allows(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.from.iter().any(|net| net.contains(&peer))
+    }
 }
 
 /// A listener's TLS settings (loaded and served by `tls`).
@@ -280,6 +299,8 @@ pub struct PoolConfig {
     pub admission: AdmissionConfig,
     /// Sticky sessions, when configured.
     pub sticky: Option<StickyConfig>,
+    /// The PROXY header written on every new connection to a backend.
+    pub send_proxy_protocol: Option<ProxyVersion>,
     /// How long an idle upstream HTTP connection is kept for reuse.
     pub keepalive_timeout: Duration,
     /// Idle upstream HTTP connections kept per backend.
@@ -348,6 +369,7 @@ impl PoolConfig {
             sticky: None,
             keepalive_timeout: Duration::from_secs(60),
             keepalive_max_idle: 32,
+            send_proxy_protocol: None,
             backends,
         }
     }
@@ -364,6 +386,7 @@ impl ListenerConfig {
             forwarded_headers: true,
             header_read_timeout: Duration::from_secs(10),
             tls: None,
+            proxy_protocol: None,
         }
     }
 }

@@ -13,7 +13,6 @@ pub mod body;
 mod headers;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -34,6 +33,7 @@ use body::Reuse;
 
 use crate::config::ListenerConfig;
 use crate::error_chain::chain;
+use crate::proxy_protocol::Client;
 use crate::registry::Registry;
 use crate::tunnel::{Tunnel, TunnelIo};
 use crate::upstream::{BackendStream, Blame, Upstream, UpstreamError};
@@ -51,6 +51,8 @@ pub struct ListenerCtx {
     pub tls: Option<crate::tls::Tls>,
     /// TLS handshakes that failed or timed out.
     pub handshake_errors: Counter,
+    /// Connections closed for a missing, invalid or unallowed PROXY header.
+    pub proxy_rejected: Counter,
 }
 
 impl ListenerCtx {
@@ -68,7 +70,7 @@ impl ListenerCtx {
 /// WebSocket keeps it until the tunnel ends.
 pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     stream: S,
-    peer: SocketAddr,
+    client: Client,
     ctx: Arc<ListenerCtx>,
     permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
@@ -78,7 +80,8 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     let service = service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let permit = permit.clone();
-        async move { Ok::<_, Infallible>(handle::<S>(req, peer, ctx, permit).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(handle::<S>(req, client, ctx, permit).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -101,7 +104,7 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
 
 async fn handle<S: TunnelIo + AsyncRead>(
     req: Request<Incoming>,
-    peer: SocketAddr,
+    client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
@@ -110,25 +113,25 @@ async fn handle<S: TunnelIo + AsyncRead>(
     let pool = ctx.upstream.cfg.name.as_str();
     if headers::is_websocket_upgrade(&req) {
         let span = debug_span!("ws", pool, backend = field::Empty);
-        upgrade::<S>(req, peer, ctx.clone(), permit)
+        upgrade::<S>(req, client, ctx.clone(), permit)
             .instrument(span)
             .await
     } else {
         let span = debug_span!("http", pool, backend = field::Empty);
-        forward(req, peer, &ctx).instrument(span).await
+        forward(req, client, &ctx).instrument(span).await
     }
 }
 
 /// Forwards a plain HTTP request, reusing idle backend connections.
 async fn forward(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    client: Client,
     ctx: &ListenerCtx,
 ) -> Response<ProxyBody> {
     let upstream = &ctx.upstream;
-    let affinity = affinity::affinity(upstream, &req, peer);
-    headers::prepare_request(&mut req, peer, ctx.forwarded(), false);
-    let answer = match upstream.send(&ctx.registry, affinity, req).await {
+    let affinity = affinity::affinity(upstream, &req, client.addr);
+    headers::prepare_request(&mut req, client.addr, ctx.forwarded(), false);
+    let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
         Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
     };
@@ -137,18 +140,20 @@ async fn forward(
     if let Some(cookie) = upstream.pin(&ctx.registry, affinity, answer.backend) {
         resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
-    let reuse = Reuse {
+    // A connection that began with this client's PROXY header is not
+    // reused for another client.
+    let reuse = upstream.reuses_connections().then(|| Reuse {
         sender: answer.sender,
         pool: upstream.idle(answer.backend).clone(),
-    };
+    });
     let lease = answer.lease;
-    resp.map(|body| ProxyBody::upstream(body, lease, Some(reuse)))
+    resp.map(|body| ProxyBody::upstream(body, lease, reuse))
 }
 
 /// Forwards a WebSocket upgrade; on 101, joins client and backend in a tunnel.
 async fn upgrade<S: TunnelIo + AsyncRead>(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
@@ -157,9 +162,9 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let upstream = &ctx.upstream;
-    let affinity = affinity::affinity(upstream, &req, peer);
-    headers::prepare_request(&mut req, peer, ctx.forwarded(), true);
-    let answer = match upstream.send(&ctx.registry, affinity, req).await {
+    let affinity = affinity::affinity(upstream, &req, client.addr);
+    headers::prepare_request(&mut req, client.addr, ctx.forwarded(), true);
+    let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
         Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
     };

@@ -11,7 +11,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+use tokio::io::AsyncWriteExt;
+
 use crate::error_chain::chain;
+use crate::proxy_protocol::{self, Client};
 use crate::registry::{Lease, Registry};
 
 use super::stream::{BackendStream, connect};
@@ -49,6 +52,7 @@ impl Upstream {
         registry: &Arc<Registry>,
         affinity: Affinity,
         mut req: Request<Incoming>,
+        client: &Client,
     ) -> Result<Answer, UpstreamError> {
         let kind = if affinity.reusable {
             "request"
@@ -62,7 +66,7 @@ impl Upstream {
             let backend = lease.backend();
             // After a retry the span shows each backend tried, in order.
             tracing::Span::current().record("backend", backend.name.as_str());
-            let pooled = if affinity.reusable {
+            let pooled = if affinity.reusable && self.reuses_connections() {
                 self.idle[i].checkout()
             } else {
                 None
@@ -70,7 +74,7 @@ impl Upstream {
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                None => match self.open_http(i).await {
+                None => match self.open_http(i, client).await {
                     Ok(sender) => sender,
                     Err(error) => {
                         warn!(pool = %self.cfg.name, backend = %backend.name, error = %chain(&error), "upstream connect failed");
@@ -136,9 +140,13 @@ impl Upstream {
     /// Opens a connection to backend `backend` (TCP with the pool's
     /// timeout, recording how long it took; TLS when the backend has it)
     /// and starts HTTP/1.1 on it.
-    async fn open_http(&self, backend: usize) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn open_http(
+        &self,
+        backend: usize,
+        client: &Client,
+    ) -> Result<SendRequest<Incoming>, UpstreamError> {
         let addr = self.cfg.backends[backend].address;
-        let stream = self.open(backend, addr).await?;
+        let stream = self.open(backend, addr, client).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -153,11 +161,22 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn open(&self, backend: usize, addr: SocketAddr) -> Result<BackendStream, UpstreamError> {
+    async fn open(
+        &self,
+        backend: usize,
+        addr: SocketAddr,
+        client: &Client,
+    ) -> Result<BackendStream, UpstreamError> {
         let started = Instant::now();
-        let tcp = connect(addr, self.cfg.connect_timeout).await?;
+        let mut tcp = connect(addr, self.cfg.connect_timeout).await?;
         self.connect_seconds
             .observe(started.elapsed().as_secs_f64());
+        if let Some(version) = self.cfg.send_proxy_protocol {
+            // Before anything else on the connection, TLS included.
+            tcp.write_all(&proxy_protocol::header(client, version))
+                .await
+                .map_err(|source| UpstreamError::Connect { addr, source })?;
+        }
         let Some(tls) = &self.connectors[backend] else {
             return Ok(BackendStream::Plain(tcp));
         };

@@ -183,6 +183,12 @@ impl Upstream {
         }
     }
 
+    /// True when connections are kept for the next request: not when each
+    /// starts with the PROXY header of the client it was opened for.
+    pub fn reuses_connections(&self) -> bool {
+        self.cfg.send_proxy_protocol.is_none()
+    }
+
     /// Idle connections of backend `backend` (an index in this pool).
     pub fn idle(&self, backend: usize) -> &Arc<IdlePool> {
         &self.idle[backend]

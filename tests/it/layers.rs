@@ -34,7 +34,13 @@ const CONTROL_PLANE: &[&str] = &[
     "demo",
 ];
 /// Modules that import nothing else of sluice.
-const LEAVES: &[&str] = &["pem", "error_chain", "health_state", "admission"];
+const LEAVES: &[&str] = &[
+    "pem",
+    "error_chain",
+    "health_state",
+    "admission",
+    "proxy_protocol",
+];
 
 /// Top-level module of each file under `src/` (lib.rs and main.rs: none).
 fn module_of(src: &Path, file: &Path) -> Option<String> {

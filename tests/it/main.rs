@@ -10,6 +10,7 @@ mod failures;
 mod health;
 mod http;
 mod layers;
+mod proxy_protocol;
 mod rebalance;
 mod sticky;
 #[path = "../support/mod.rs"]

@@ -61,7 +61,14 @@ impl ServerCertVerifier for AnyCert {
 }
 
 /// A TLS connection to `addr` for `name`, and the certificate it showed.
-async fn tls_connect(addr: SocketAddr, name: &str) -> (TlsStream<TcpStream>, Vec<u8>) {
+pub(crate) async fn tls_connect(addr: SocketAddr, name: &str) -> (TlsStream<TcpStream>, Vec<u8>) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    tls_over(tcp, name).await
+}
+
+/// TLS for `name` over a connection the test opened, and the certificate
+/// the server showed.
+pub(crate) async fn tls_over(tcp: TcpStream, name: &str) -> (TlsStream<TcpStream>, Vec<u8>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -70,7 +77,6 @@ async fn tls_connect(addr: SocketAddr, name: &str) -> (TlsStream<TcpStream>, Vec
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from(name.to_string()).expect("name");
     let tls = within(
         10,
@@ -85,7 +91,7 @@ async fn tls_connect(addr: SocketAddr, name: &str) -> (TlsStream<TcpStream>, Vec
 
 /// Writes a self-signed certificate for `names` to `dir/stem.pem|key`;
 /// returns the certificate's DER.
-fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> Vec<u8> {
+pub(crate) fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> Vec<u8> {
     let c =
         rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .expect("rcgen");
@@ -105,12 +111,12 @@ fn files(dir: &Path, stem: &str) -> CertSource {
     }
 }
 
-fn temp_dir(name: &str) -> TempDir {
+pub(crate) fn temp_dir(name: &str) -> TempDir {
     TempDir::new(&format!("sluice-tls-{name}")).expect("temp dir")
 }
 
 /// TLS with the one certificate `dir/stem.pem|key`.
-fn one_cert(dir: &Path, stem: &str, handshake_timeout: Duration) -> TlsSettings {
+pub(crate) fn one_cert(dir: &Path, stem: &str, handshake_timeout: Duration) -> TlsSettings {
     TlsSettings {
         default: files(dir, stem),
         sni: vec![],

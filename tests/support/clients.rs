@@ -81,6 +81,12 @@ impl HttpReply {
 impl HttpClient {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect to sluice");
+        Self::over(stream).await
+    }
+
+    /// HTTP/1.1 on a connection the test opened (e.g. after writing a
+    /// PROXY header on it).
+    pub async fn over(stream: TcpStream) -> Self {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");

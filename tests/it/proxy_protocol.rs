@@ -1,0 +1,415 @@
+//! The PROXY protocol with real sockets: headers from an L4 balancer in
+//! front of sluice, and headers sluice sends to backends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ppp::v2;
+use sluice::config::{Algorithm, Config, HashKey, ProxyAccept, ProxyProtocolIn, ProxyVersion};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+fn v1(source: &str, destination: &str) -> Vec<u8> {
+    let (s, d): (SocketAddr, SocketAddr) = (
+        source.parse().expect("source"),
+        destination.parse().expect("destination"),
+    );
+    ppp::v1::Addresses::from((s, d)).to_string().into_bytes()
+}
+
+fn v2(source: &str, destination: &str) -> Vec<u8> {
+    let (s, d): (SocketAddr, SocketAddr) = (
+        source.parse().expect("source"),
+        destination.parse().expect("destination"),
+    );
+    v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (s, d),
+    )
+    .build()
+    .expect("v2 header")
+}
+
+/// One listener reading `accept` headers from the loopback peers.
+fn proxied(addrs: &[SocketAddr], accept: ProxyAccept, from: &[&str]) -> Config {
+    let mut cfg = config(addrs);
+    cfg.listeners[0].header_read_timeout = Duration::from_millis(500);
+    cfg.listeners[0].proxy_protocol = Some(ProxyProtocolIn {
+        accept,
+        from: from
+            .iter()
+            .map(|n| {
+                n.parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(Into::into))
+                    .expect("an address or a network")
+            })
+            .collect(),
+    });
+    cfg
+}
+
+/// Sends `header` and then a GET on one connection; what the echo
+/// backend saw.
+async fn get_after(sluice: &Sluice, header: &[u8]) -> HttpReply {
+    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+    stream.write_all(header).await.expect("header");
+    HttpClient::over(stream).await.get("/seen").await
+}
+
+/// Sends `bytes` (and then nothing) and reads until sluice closes:
+/// what came back.
+async fn closed_after(sluice: &Sluice, bytes: &[u8], then_close: bool) -> Vec<u8> {
+    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    if then_close {
+        stream.shutdown().await.expect("shutdown");
+    }
+    let mut got = Vec::new();
+    within(5, "sluice closes", stream.read_to_end(&mut got))
+        .await
+        .ok();
+    got
+}
+
+#[tokio::test]
+async fn v1_and_v2_headers_carry_the_client_address() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(proxied(
+        &[backends[0].addr],
+        ProxyAccept::Any,
+        &["127.0.0.0/8"],
+    ))
+    .await;
+    for header in [
+        v1("203.0.113.7:40000", "198.51.100.1:443"),
+        v2("203.0.113.7:40000", "198.51.100.1:443"),
+    ] {
+        let reply = get_after(&sluice, &header).await;
+        assert_eq!(reply.status, 200);
+        let seen = reply.text();
+        assert!(seen.contains("x-forwarded-for: 203.0.113.7\n"), "{seen}");
+        assert!(
+            seen.contains("forwarded: for=203.0.113.7;proto=http"),
+            "{seen}"
+        );
+    }
+    // IPv6 clients are quoted in Forwarded.
+    let reply = get_after(&sluice, &v2("[2001:db8::9]:5000", "[2001:db8::1]:443")).await;
+    assert!(
+        reply.text().contains("forwarded: for=\"[2001:db8::9]\""),
+        "{}",
+        reply.text()
+    );
+    // LOCAL (the L4 balancer's own check): the peer is the client.
+    let local = v2::Builder::new(
+        v2::Version::Two | v2::Command::Local,
+        v2::AddressFamily::Unspecified | v2::Protocol::Unspecified,
+    )
+    .build()
+    .expect("local");
+    let reply = get_after(&sluice, &local).await;
+    assert!(
+        reply.text().contains("x-forwarded-for: 127.0.0.1\n"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_through_a_proxy_header_works() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(proxied(
+        &[backends[0].addr],
+        ProxyAccept::V2,
+        &["127.0.0.1"],
+    ))
+    .await;
+    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+    stream
+        .write_all(&v2("192.0.2.44:1234", "192.0.2.1:80"))
+        .await
+        .expect("header");
+    let (mut ws, _) = tokio_tungstenite::client_async(sluice.url("/ws"), stream)
+        .await
+        .expect("upgrade");
+    let greeting = ws.next().await.expect("greeting").expect("ok");
+    assert_eq!(
+        greeting.into_text().expect("text").as_str(),
+        "connected to b1"
+    );
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("echo").expect("ok"),
+        Message::text("hi")
+    );
+}
+
+#[tokio::test]
+async fn hashing_on_ip_uses_the_carried_address() {
+    let backends = echo_backends(3).await;
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let mut cfg = proxied(&addrs, ProxyAccept::V1, &["127.0.0.1/32"]);
+    cfg.pools[0].algorithm = Algorithm::Hash(HashKey::Ip);
+    let sluice = Sluice::with_config(cfg).await;
+    let mut used = std::collections::HashSet::new();
+    for i in 1..=12 {
+        let client = format!("198.51.100.{i}:1000");
+        let first = get_after(&sluice, &v1(&client, "192.0.2.1:80"))
+            .await
+            .backend();
+        for port in [2000, 3000] {
+            let client = format!("198.51.100.{i}:{port}");
+            let again = get_after(&sluice, &v1(&client, "192.0.2.1:80"))
+                .await
+                .backend();
+            assert_eq!(again, first, "client 198.51.100.{i} moved");
+        }
+        used.insert(first);
+    }
+    // All from 127.0.0.1, yet spread by the carried addresses.
+    assert!(used.len() >= 2, "{used:?}");
+}
+
+#[tokio::test]
+async fn bad_headers_are_closed_and_reach_no_backend() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(proxied(
+        &[backends[0].addr],
+        ProxyAccept::Any,
+        &["127.0.0.1"],
+    ))
+    .await;
+    let get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+    let good = v1("203.0.113.7:40000", "198.51.100.1:443");
+    // No header at all, a malformed one, one cut off by the client, and
+    // one that trickles slower than header_read_timeout (500 ms).
+    assert!(closed_after(&sluice, get, false).await.is_empty());
+    assert!(
+        closed_after(
+            &sluice,
+            b"PROXY TCP4 300.1.1.1 1.1.1.1 1 2\r\nGET / HTTP/1.1\r\n\r\n",
+            false
+        )
+        .await
+        .is_empty()
+    );
+    assert!(closed_after(&sluice, &good[..20], true).await.is_empty());
+    let started = std::time::Instant::now();
+    assert!(closed_after(&sluice, &good[..20], false).await.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "closed before the timeout"
+    );
+    assert_eq!(backends[0].stats.tcp_accepted.load(Ordering::SeqCst), 0);
+    // The listener serves everyone else meanwhile.
+    assert_eq!(get_after(&sluice, &good).await.status, 200);
+    let metrics = HttpClient::connect(sluice.admin_addr())
+        .await
+        .get("/metrics")
+        .await;
+    assert!(
+        metrics
+            .text()
+            .contains("sluice_proxy_protocol_rejected_total{listener=\"public\"} 4"),
+        "{}",
+        metrics.text()
+    );
+}
+
+#[tokio::test]
+async fn a_peer_outside_proxy_protocol_from_is_refused() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(proxied(
+        &[backends[0].addr],
+        ProxyAccept::Any,
+        &["10.0.0.0/8", "::1"],
+    ))
+    .await;
+    let header = v1("203.0.113.7:40000", "198.51.100.1:443");
+    let mut with_request = header.clone();
+    with_request.extend_from_slice(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+    assert!(closed_after(&sluice, &with_request, false).await.is_empty());
+    assert_eq!(backends[0].stats.tcp_accepted.load(Ordering::SeqCst), 0);
+}
+
+/// A backend that reads a PROXY header from each connection, then answers
+/// HTTP requests (or a WebSocket upgrade) with the source address it
+/// carried, and counts its connections.
+async fn header_reading_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 512];
+                let mut n = 0;
+                let source = loop {
+                    let got = stream.read(&mut buf[n..n + 1]).await.unwrap_or(0);
+                    if got == 0 {
+                        return;
+                    }
+                    n += 1;
+                    match ppp::HeaderResult::parse(&buf[..n]) {
+                        ppp::HeaderResult::V1(Ok(h)) => break h.addresses.to_string(),
+                        ppp::HeaderResult::V2(Ok(h)) => {
+                            let mut seen = format!("{:?}", h.addresses);
+                            for tlv in h.tlvs().flatten() {
+                                seen.push_str(&format!(
+                                    " tlv {:#04x}={}",
+                                    tlv.kind,
+                                    String::from_utf8_lossy(&tlv.value).escape_default()
+                                ));
+                            }
+                            break seen;
+                        }
+                        _ if n < 300 => continue,
+                        _ => return,
+                    }
+                };
+                let head = read_head(&mut stream).await;
+                if head.to_ascii_lowercase().contains("upgrade: websocket") {
+                    let key = head
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("sec-websocket-key: ")
+                                .or(l.strip_prefix("Sec-WebSocket-Key: "))
+                        })
+                        .unwrap_or("")
+                        .trim()
+                        .to_string();
+                    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                        key.as_bytes(),
+                    );
+                    let resp = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+                    );
+                    let _ = stream.write_all(resp.as_bytes()).await;
+                    let _ = stream
+                        .write_all(&frame(0x81, source.as_bytes(), None))
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    return;
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{source}",
+                    source.len()
+                );
+                let _ = stream.write_all(resp.as_bytes()).await;
+                // One request per connection is all this backend reads.
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn send_proxy_protocol_tells_backends_the_client() {
+    for version in [ProxyVersion::V1, ProxyVersion::V2] {
+        let (backend, conns) = header_reading_backend().await;
+        let mut cfg = proxied(&[backend], ProxyAccept::Any, &["127.0.0.1"]);
+        cfg.pools[0].send_proxy_protocol = Some(version);
+        let sluice = Sluice::with_config(cfg).await;
+        let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+        stream
+            .write_all(&v1("203.0.113.50:41000", "192.0.2.1:80"))
+            .await
+            .expect("header");
+        let mut client = HttpClient::over(stream).await;
+        for _ in 0..2 {
+            let reply = client.get("/").await;
+            assert_eq!(reply.status, 200);
+            assert!(
+                reply.text().contains("203.0.113.50"),
+                "{version:?}: {}",
+                reply.text()
+            );
+        }
+        // Each request had a connection of its own (none is reused for
+        // another client).
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+
+        let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+        stream
+            .write_all(&v2("198.51.100.60:42000", "192.0.2.1:80"))
+            .await
+            .expect("header");
+        let (mut ws, _) = tokio_tungstenite::client_async(sluice.url("/ws"), stream)
+            .await
+            .expect("upgrade");
+        let first = ws.next().await.expect("message").expect("ok");
+        assert!(
+            first.to_text().expect("text").contains("198.51.100.60"),
+            "{version:?}: {first:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
+    let dir = crate::tls::temp_dir("proxy");
+    crate::tls::write_cert(&dir, "site", &["chat.test"]);
+    // In: a v2 header, then TLS. Out: v2 with the SNI name and the TLS flag.
+    let (backend, _) = header_reading_backend().await;
+    let mut cfg = proxied(&[backend], ProxyAccept::V2, &["127.0.0.1"]);
+    cfg.listeners[0].tls = Some(crate::tls::one_cert(&dir, "site", Duration::from_secs(5)));
+    cfg.pools[0].send_proxy_protocol = Some(ProxyVersion::V2);
+    let sluice = Sluice::with_config(cfg).await;
+    let mut tcp = TcpStream::connect(sluice.addr).await.expect("connect");
+    tcp.write_all(&v2("203.0.113.77:44000", "192.0.2.1:443"))
+        .await
+        .expect("header");
+    let (tls, _) = crate::tls::tls_over(tcp, "chat.test").await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("http over tls");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/")
+        .header("host", "chat.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let seen = String::from_utf8_lossy(&body);
+    assert!(seen.contains("203.0.113.77"), "{seen}");
+    assert!(
+        seen.contains("tlv 0x02=chat.test"),
+        "authority (SNI): {seen}"
+    );
+    assert!(
+        seen.contains("tlv 0x20=\\u{1}\\u{0}\\u{0}\\u{0}\\u{0}"),
+        "PP2_TYPE_SSL, client over TLS: {seen}"
+    );
+
+    // The same listener with an echo backend: forwarded headers say https
+    // for the carried client.
+    let echo = echo_backends(1).await;
+    let mut cfg = proxied(&[echo[0].addr], ProxyAccept::V2, &["127.0.0.1"]);
+    cfg.listeners[0].tls = Some(crate::tls::one_cert(&dir, "site", Duration::from_secs(5)));
+    let sluice = Sluice::with_config(cfg).await;
+    let mut tcp = TcpStream::connect(sluice.addr).await.expect("connect");
+    tcp.write_all(&v2("203.0.113.78:44000", "192.0.2.1:443"))
+        .await
+        .expect("header");
+    let (tls, _) = crate::tls::tls_over(tcp, "chat.test").await;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://chat.test/ws", tls)
+        .await
+        .expect("upgrade over TLS after a PROXY header");
+    assert_eq!(
+        ws.next().await.expect("greeting").expect("ok"),
+        Message::text("connected to b1")
+    );
+}
