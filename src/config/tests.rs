@@ -295,3 +295,53 @@ fn algorithms_and_weights() {
             .contains("unknown algorithm \"fastest\"")
     );
 }
+
+#[test]
+fn proxy_protocol_keys_are_read_and_checked() {
+    let with =
+        |keys: &str| MINIMAL.replace("pool = \"app\"\n", &format!("pool = \"app\"\n{keys}\n"));
+    let cfg = check(&with(
+        "proxy_protocol = \"v2\"\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\", \"::1\"]",
+    ))
+    .expect("valid");
+    let pp = cfg.listeners[0].proxy_protocol.as_ref().expect("on");
+    assert_eq!(pp.accept, ProxyAccept::V2);
+    assert!(pp.allows("10.1.2.3".parse().expect("ip")));
+    assert!(pp.allows("192.0.2.7".parse().expect("ip")));
+    assert!(
+        pp.allows("::ffff:10.0.0.1".parse().expect("mapped")),
+        "IPv4-mapped peers"
+    );
+    assert!(!pp.allows("192.0.2.8".parse().expect("ip")));
+    assert!(
+        check(MINIMAL).expect("valid").listeners[0]
+            .proxy_protocol
+            .is_none()
+    );
+    assert_eq!(
+        check(&with("proxy_protocol = \"v3\"")).unwrap_err(),
+        "sluice.toml:5: listener \"listener1\": key \"proxy_protocol\": \"v3\": expected \"off\", \"v1\", \"v2\" or \"any\""
+    );
+    let e = check(&with("proxy_protocol = \"any\"")).unwrap_err();
+    assert!(
+        e.contains("proxy_protocol needs proxy_protocol_from"),
+        "{e}"
+    );
+    let e = check(&with(
+        "proxy_protocol = \"v1\"\nproxy_protocol_from = [\"10.0.0.0/33\"]",
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains("\"10.0.0.0/33\" is not an address or a network"),
+        "{e}"
+    );
+    let e = check(&with("proxy_protocol_from = [\"10.0.0.0/8\"]")).unwrap_err();
+    assert!(e.contains("set without proxy_protocol"), "{e}");
+
+    let pool =
+        |keys: &str| MINIMAL.replace("name = \"app\"\n", &format!("name = \"app\"\n{keys}\n"));
+    let cfg = check(&pool("send_proxy_protocol = \"v1\"")).expect("valid");
+    assert_eq!(cfg.pools[0].send_proxy_protocol, Some(ProxyVersion::V1));
+    let e = check(&pool("send_proxy_protocol = \"any\"")).unwrap_err();
+    assert!(e.contains("expected \"off\", \"v1\" or \"v2\""), "{e}");
+}

@@ -134,6 +134,9 @@ async fn wait_listening(addr: SocketAddr) {
 
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
+    // sluice and its backends run as processes here: a share of the
+    // machine all the same (see `heavy`).
+    let _load = LoadShare::take().await;
     let echo = echo_backends(1).await;
     let arrived = Arc::new(AtomicBool::new(false));
     let seen = arrived.clone();
@@ -195,6 +198,9 @@ async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
 
 #[tokio::test]
 async fn demo_serves_the_page_and_websockets_through_sluice() {
+    // sluice and its backends run as processes here: a share of the
+    // machine all the same (see `heavy`).
+    let _load = LoadShare::take().await;
     let port = free_port();
     let mut proc = Proc(
         Command::new(BIN)
@@ -284,6 +290,9 @@ async fn demo_serves_the_page_and_websockets_through_sluice() {
 
 #[tokio::test]
 async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
+    // sluice and its backends run as processes here: a share of the
+    // machine all the same (see `heavy`).
+    let _load = LoadShare::take().await;
     let echo = echo_backends(1).await;
     let (port, admin_port) = (free_port(), free_port());
     let text = format!(

@@ -312,6 +312,9 @@ fn free_addr() -> SocketAddr {
 
 #[tokio::test]
 async fn rollout_restarts_every_backend_without_losing_a_message() {
+    // sluice and its backends run as processes here: a share of the
+    // machine all the same (see `heavy`).
+    let _load = LoadShare::take().await;
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
     let procs = BackendProcs::start(&["b1", "b2", "b3"], &addrs);
     for addr in &addrs {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 /// Per connection: accept, TLS, HTTP, pick, connect, tunnel.
 const DATA_PATH: &[&str] = &[
     "listener",
+    "proxy_protocol",
     "tls",
     "http",
     "balance",

@@ -413,3 +413,102 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
         Message::text("connected to b1")
     );
 }
+
+/// A TCP connection to `addr` from the loopback address `from`, so that
+/// the client address differs from every proxy's own (127.0.0.1).
+async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback source");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// HAProxy (the Debian package) in TCP mode with `send-proxy-v2` in front
+/// of sluice: the original client address reaches the backends. `.ci/run`
+/// installs haproxy and sets SLUICE_REQUIRE_HAPROXY, so there this test
+/// cannot be skipped.
+#[tokio::test]
+async fn haproxy_send_proxy_v2_in_front_carries_the_client() {
+    if !std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            std::env::var_os("SLUICE_REQUIRE_HAPROXY").is_none(),
+            "haproxy is not installed"
+        );
+        eprintln!("skipped: haproxy is not installed (apt-get install haproxy)");
+        return;
+    }
+    let echo = echo_backends(1).await;
+    let (reader, _) = header_reading_backend().await;
+    let mut cfg = proxied(&[echo[0].addr], ProxyAccept::V2, &["127.0.0.1"]);
+    let mut ws_pool = cfg.pools[0].clone();
+    ws_pool.name = "ws".into();
+    ws_pool.backends[0].address = reader;
+    ws_pool.send_proxy_protocol = Some(ProxyVersion::V1);
+    cfg.pools.push(ws_pool);
+    let mut second = cfg.listeners[0].clone();
+    second.name = "ws".into();
+    second.pool = 1;
+    cfg.listeners.push(second);
+    let sluice = Sluice::with_config(cfg).await;
+    let ws_listener = sluice
+        .running
+        .as_ref()
+        .and_then(|r| r.addr("ws"))
+        .expect("second listener");
+
+    let dir = crate::support::process::TempDir::new("sluice-haproxy").expect("temp dir");
+    let [http_port, ws_port] = crate::support::process::free_ports().expect("ports");
+    let config = format!(
+        "global\n  maxconn 100\n\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\n\
+         listen http\n  bind 127.0.0.1:{http_port}\n  server sluice {} send-proxy-v2\n\n\
+         listen ws\n  bind 127.0.0.1:{ws_port}\n  server sluice {ws_listener} send-proxy-v2\n",
+        sluice.addr
+    );
+    let path = dir.write("haproxy.cfg", &config).expect("config");
+    let _haproxy = crate::support::process::Proc(
+        std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy starts"),
+    );
+    let http_addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let ws_addr = SocketAddr::from(([127, 0, 0, 1], ws_port));
+    for addr in [http_addr, ws_addr] {
+        eventually(10, "haproxy listening", || {
+            std::net::TcpStream::connect(addr).is_ok()
+        })
+        .await;
+    }
+
+    // HTTP from 127.0.0.2: sluice forwards that, not HAProxy's 127.0.0.1.
+    let reply = HttpClient::over(connect_from([127, 0, 0, 2], http_addr).await)
+        .await
+        .get("/seen")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.text().contains("x-forwarded-for: 127.0.0.2\n"),
+        "{}",
+        reply.text()
+    );
+
+    // A WebSocket from 127.0.0.3, through HAProxy and sluice, to a
+    // backend that reads sluice's own PROXY header.
+    let stream = connect_from([127, 0, 0, 3], ws_addr).await;
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{ws_addr}/ws"), stream)
+        .await
+        .expect("upgrade through haproxy and sluice");
+    let first = ws.next().await.expect("message").expect("ok");
+    assert!(
+        first.to_text().expect("text").contains("127.0.0.3"),
+        "{first:?}"
+    );
+}
