@@ -19,8 +19,11 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{HealthConfig, PoolConfig};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::{HealthConfig, PoolConfig, ProxyVersion};
 use crate::health_state::CheckState;
+use crate::proxy_protocol;
 use crate::registry::Registry;
 use crate::upstream::{BackendStream, BackendTlsConnector};
 
@@ -34,9 +37,17 @@ pub async fn check(
     addr: SocketAddr,
     cfg: &HealthConfig,
     tls: Option<&BackendTlsConnector>,
+    proxy: Option<ProxyVersion>,
 ) -> bool {
     let attempt = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        if let Some(version) = proxy {
+            // A backend that expects the PROXY header gets one: sluice's
+            // own connection (LOCAL), as the data path would send it.
+            tcp.write_all(&proxy_protocol::local_header(version))
+                .await
+                .ok()?;
+        }
         let (stream, host) = match tls {
             None => (BackendStream::Plain(tcp), addr.to_string()),
             Some(t) => {
@@ -110,7 +121,7 @@ pub async fn run(
             pool.backends
                 .iter()
                 .zip(&connectors)
-                .map(|(b, tls)| check(b.addr, health, tls.as_ref())),
+                .map(|(b, tls)| check(b.addr, health, tls.as_ref(), cfg.send_proxy_protocol)),
         )
         .await;
         for ((b, state), ok) in pool.backends.iter().zip(states.iter_mut()).zip(results) {

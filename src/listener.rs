@@ -87,7 +87,9 @@ async fn accept_connection(
                 client.local = destination;
             }
             // The L4 balancer's own check: the peer is the client.
-            Ok(Carried::Local) => {}
+            Ok(Carried::Local) => {
+                Span::current().record("client.addr", field::display(peer));
+            }
             Err(error) => {
                 ctx.proxy_rejected.inc();
                 debug!(error = %chain(&error), "PROXY header refused: closing");
@@ -146,7 +148,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         // Everything logged about this connection, down to the tunnel, is
         // inside this span (debug level: free unless enabled).
-        let span = debug_span!("conn", client.addr = %peer, listener = %ctx.cfg.name);
+        let span = if ctx.cfg.proxy_protocol.is_some() {
+            // The client's address comes with the PROXY header.
+            debug_span!("conn", client.addr = field::Empty, l4.addr = %peer, listener = %ctx.cfg.name)
+        } else {
+            debug_span!("conn", client.addr = %peer, listener = %ctx.cfg.name)
+        };
         if ctx.tls.is_none() && ctx.cfg.proxy_protocol.is_none() {
             // The common case, without a wrapping future.
             let client = Client {

@@ -28,6 +28,9 @@ const V1_MAX: usize = 107;
 /// protocol, length of the rest.
 const V2_FIXED: usize = 16;
 
+/// What is peeked first: a v1 header, or a v2 one with a few TLVs.
+const FIRST_PEEK: usize = 256;
+
 /// How often a header that came in parts is looked at again.
 const PARTIAL_POLL: Duration = Duration::from_millis(2);
 
@@ -179,9 +182,9 @@ pub async fn read_header(
 ) -> Result<Carried, ProxyError> {
     let read = async {
         // On the heap and only while reading: a connection's task does
-        // not carry it for its whole life.
-        let mut buf = vec![0u8; MAX_HEADER];
-        let mut seen = 0;
+        // not carry it for its whole life. Most headers fit the first
+        // size; a v2 header with long TLVs gets what its length asks for.
+        let mut buf = vec![0u8; FIRST_PEEK];
         loop {
             let n = stream
                 .peek(&mut buf)
@@ -196,13 +199,17 @@ pub async fn read_header(
                     return Ok(carried);
                 }
                 Parsed::Invalid(reason) => return Err(ProxyError::Invalid { reason }),
-                Parsed::Incomplete if n == 0 || (n == seen && stream_closed(stream)) => {
+                Parsed::Incomplete if n == 0 || peer_closed(stream) => {
                     return Err(ProxyError::Truncated);
+                }
+                Parsed::Incomplete if n == buf.len() => {
+                    // Only a v2 header gets here (a v1 one is shorter);
+                    // parse() has checked its length against MAX_HEADER.
+                    buf.resize(MAX_HEADER, 0);
                 }
                 Parsed::Incomplete => {
                     // A peek returns at once while bytes wait unread: look
                     // again a little later rather than spin.
-                    seen = n;
                     tokio::time::sleep(PARTIAL_POLL).await;
                 }
             }
@@ -213,23 +220,18 @@ pub async fn read_header(
         .unwrap_or(Err(ProxyError::Timeout { timeout }))
 }
 
-/// True when the peer has closed its side (a read would return 0), seen
-/// without consuming anything.
-fn stream_closed(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
-    // MSG_PEEK | MSG_DONTWAIT, and only the peer's FIN matters here; a
-    // hand-written call because tokio's peek would wait for new bytes.
-    // SAFETY: `probe` is a valid buffer of one byte for the call.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            probe.as_mut_ptr().cast(),
-            probe.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+/// True when the peer has shut down its side, whatever it left unread;
+/// asked without waiting.
+fn peer_closed(stream: &TcpStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(stream),
+        events: libc::POLLRDHUP,
+        revents: 0,
     };
-    n == 0
+    // A hand-written call: tokio has no way to ask for RDHUP without
+    // reading. SAFETY: one valid pollfd, a zero timeout.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// The client of one connection, as a backend's PROXY header describes it.
@@ -280,6 +282,20 @@ pub fn header(client: &Client, version: Version) -> Vec<u8> {
             }
             builder.build().expect("writing to a Vec does not fail")
         }
+    }
+}
+
+/// The header of sluice's own connections (health checks): v1 `UNKNOWN`,
+/// v2 `LOCAL`. The backend then takes the peer address as it is.
+pub fn local_header(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => v2::Builder::new(
+            v2::Version::Two | v2::Command::Local,
+            v2::AddressFamily::Unspecified | v2::Protocol::Unspecified,
+        )
+        .build()
+        .expect("writing to a Vec does not fail"),
     }
 }
 
@@ -368,12 +384,14 @@ mod tests {
 
     #[test]
     fn v2_local_keeps_the_peer_address() {
-        let bytes = v2::Builder::new(
-            v2::Version::Two | v2::Command::Local,
-            v2::AddressFamily::Unspecified | v2::Protocol::Unspecified,
-        )
-        .build()
-        .expect("build");
+        assert_eq!(
+            parse(&local_header(Version::V1), Accept::V1),
+            Parsed::Complete {
+                len: 15,
+                carried: Carried::Local
+            }
+        );
+        let bytes = local_header(Version::V2);
         assert_eq!(
             parse(&bytes, Accept::Any),
             Parsed::Complete {

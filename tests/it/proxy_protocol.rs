@@ -199,7 +199,12 @@ async fn bad_headers_are_closed_and_reach_no_backend() {
         .await
         .is_empty()
     );
+    let started = std::time::Instant::now();
     assert!(closed_after(&sluice, &good[..20], true).await.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "a header cut off by the client is seen at once"
+    );
     let started = std::time::Instant::now();
     assert!(closed_after(&sluice, &good[..20], false).await.is_empty());
     assert!(
@@ -511,4 +516,30 @@ async fn haproxy_send_proxy_v2_in_front_carries_the_client() {
         first.to_text().expect("text").contains("127.0.0.3"),
         "{first:?}"
     );
+}
+
+#[tokio::test]
+async fn health_checks_send_a_local_header_to_pools_that_send_one() {
+    for version in [ProxyVersion::V1, ProxyVersion::V2] {
+        let (backend, conns) = header_reading_backend().await;
+        let mut cfg = config(&[backend]);
+        cfg.pools[0].send_proxy_protocol = Some(version);
+        cfg.pools[0].health = Some(sluice::config::HealthConfig {
+            path: Some("/health".into()),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(200),
+            rise: 1,
+            fall: 1,
+            expect_status: None,
+        });
+        let sluice = Sluice::with_config(cfg).await;
+        // Without the header this backend never answers a check: one
+        // failure would take it down.
+        eventually(5, "three checks", || conns.load(Ordering::SeqCst) >= 3).await;
+        assert_eq!(
+            sluice.registry().pool(0).backends[0].condition().as_str(),
+            "up",
+            "{version:?}"
+        );
+    }
 }
