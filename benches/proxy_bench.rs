@@ -51,8 +51,8 @@ async fn run(duration: Duration) -> Result<()> {
     let [plain_port, proxied_port] = free_ports()?;
     let mut config = format!(
         "worker_threads = 1\n[admin]\nenabled = false\n\
-         [[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:{plain_port}\"\npool = \"app\"\n\
-         [[listener]]\nname = \"proxied\"\nbind = \"127.0.0.1:{proxied_port}\"\npool = \"app\"\n\
+         [[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:{plain_port}\"\npool = \"app\"\nmax_connections = 2000\n\
+         [[listener]]\nname = \"proxied\"\nbind = \"127.0.0.1:{proxied_port}\"\npool = \"app\"\nmax_connections = 2000\n\
          proxy_protocol = \"v2\"\nproxy_protocol_from = [\"127.0.0.1\"]\n\
          [[pool]]\nname = \"app\"\n"
     );

@@ -399,14 +399,43 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
         "PP2_TYPE_SSL, client over TLS: {seen}"
     );
 
-    // The same listener with an echo backend: forwarded headers say https
-    // for the carried client.
+    // The same listener with an echo backend, v1 and v2: forwarded headers
+    // name the carried client, over https.
     let echo = echo_backends(1).await;
-    let mut cfg = proxied(&[echo[0].addr], ProxyAccept::V2, &["127.0.0.1"]);
+    let mut cfg = proxied(&[echo[0].addr], ProxyAccept::Any, &["127.0.0.1"]);
     cfg.listeners[0].tls = Some(crate::tls::one_cert(&dir, "site", Duration::from_secs(5)));
     let sluice = Sluice::with_config(cfg).await;
+    for header in [
+        v1("203.0.113.78:44000", "192.0.2.1:443"),
+        v2("203.0.113.78:44000", "192.0.2.1:443"),
+    ] {
+        let mut tcp = TcpStream::connect(sluice.addr).await.expect("connect");
+        tcp.write_all(&header).await.expect("header");
+        let (tls, _) = crate::tls::tls_over(tcp, "chat.test").await;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("http over tls");
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/seen")
+            .header("host", "chat.test")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let seen = String::from_utf8_lossy(&body);
+        assert!(seen.contains("x-forwarded-for: 203.0.113.78\n"), "{seen}");
+        assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
+        assert!(
+            seen.contains("forwarded: for=203.0.113.78;proto=https"),
+            "{seen}"
+        );
+    }
     let mut tcp = TcpStream::connect(sluice.addr).await.expect("connect");
-    tcp.write_all(&v2("203.0.113.78:44000", "192.0.2.1:443"))
+    tcp.write_all(&v2("203.0.113.79:44000", "192.0.2.1:443"))
         .await
         .expect("header");
     let (tls, _) = crate::tls::tls_over(tcp, "chat.test").await;
