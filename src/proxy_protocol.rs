@@ -464,6 +464,19 @@ mod tests {
             }
         }
 
+        /// Arbitrary bytes behind a valid signature (where the parsing
+        /// is) never panic, and never claim more than they hold.
+        #[test]
+        fn arbitrary_bytes_after_a_signature_are_answered(
+            v2 in any::<bool>(), tail in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut bytes = if v2 { v2::PROTOCOL_PREFIX.to_vec() } else { b"PROXY ".to_vec() };
+            bytes.extend_from_slice(&tail);
+            if let Parsed::Complete { len, .. } = parse(&bytes, Accept::Any) {
+                prop_assert!(len <= bytes.len());
+            }
+        }
+
         /// Every header sluice writes parses back to the same client, at
         /// any split: a prefix is incomplete, the whole is complete.
         #[test]
