@@ -57,6 +57,16 @@ pub fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// The address the client connected to, as a backend's PROXY header
+/// names it; asked of the socket only for pools that send one.
+fn local_addr(stream: &TcpStream, ctx: &ListenerCtx) -> SocketAddr {
+    if ctx.upstream.cfg.send_proxy_protocol.is_some() {
+        stream.local_addr().unwrap_or(ctx.cfg.bind)
+    } else {
+        ctx.cfg.bind
+    }
+}
+
 /// Reads the PROXY header and runs the TLS handshake where the listener
 /// has them, then serves the connection.
 async fn accept_connection(
@@ -68,7 +78,7 @@ async fn accept_connection(
 ) {
     let mut client = Client {
         addr: peer,
-        local: stream.local_addr().unwrap_or(ctx.cfg.bind),
+        local: local_addr(&stream, &ctx),
         tls: None,
     };
     if let Some(pp) = &ctx.cfg.proxy_protocol {
@@ -158,7 +168,7 @@ pub async fn serve(
             // The common case, without a wrapping future.
             let client = Client {
                 addr: peer,
-                local: stream.local_addr().unwrap_or(ctx.cfg.bind),
+                local: local_addr(&stream, &ctx),
                 tls: None,
             };
             tasks.spawn(
