@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, Span, debug, debug_span, field, info, warn};
 
+use crate::config::ProxyVersion;
 use crate::error_chain::chain;
 use crate::http::{self, ListenerCtx};
 use crate::proxy_protocol::{self, Carried, Client, ProxyError};
@@ -113,7 +114,10 @@ async fn accept_connection(
     };
     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
         Ok(Ok(stream)) => {
-            let sni = stream.get_ref().1.server_name().map(Into::into);
+            // The SNI name is kept only for a v2 header towards backends.
+            let sni = (ctx.upstream.cfg.send_proxy_protocol == Some(ProxyVersion::V2))
+                .then(|| stream.get_ref().1.server_name().map(Into::into))
+                .flatten();
             client.tls = Some(sni);
             http::serve_connection(stream, client, ctx, permit, shutdown).await;
         }

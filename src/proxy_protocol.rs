@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ppp::v2;
 use ppp::{HeaderResult, PartialResult};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
 
 /// The longest header sluice reads: a v1 header is at most 107 bytes; a
@@ -30,9 +30,6 @@ const V2_FIXED: usize = 16;
 
 /// What is peeked first: a v1 header, or a v2 one with a few TLVs.
 const FIRST_PEEK: usize = 256;
-
-/// How often a header that came in parts is looked at again.
-const PARTIAL_POLL: Duration = Duration::from_millis(2);
 
 /// Which headers a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,10 +147,17 @@ pub fn parse(bytes: &[u8], accept: Accept) -> Parsed {
                 ppp::v1::Addresses::Unknown => Carried::Local,
             },
         },
+        HeaderResult::V2(Ok(h))
+            if h.command == v2::Command::Proxy && h.protocol == v2::Protocol::Datagram =>
+        {
+            Parsed::Invalid("a datagram (UDP) header on a stream".into())
+        }
         HeaderResult::V2(Ok(h)) => Parsed::Complete {
             len: h.len(),
             carried: match (h.command, h.addresses) {
                 (v2::Command::Local, _) => Carried::Local,
+                // UNSPEC protocol: no stream to speak of.
+                (v2::Command::Proxy, _) if h.protocol != v2::Protocol::Stream => Carried::Local,
                 (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Carried::Proxied {
                     source: SocketAddr::from((a.source_address, a.source_port)),
                     destination: SocketAddr::from((a.destination_address, a.destination_port)),
@@ -185,6 +189,7 @@ pub async fn read_header(
         // not carry it for its whole life. Most headers fit the first
         // size; a v2 header with long TLVs gets what its length asks for.
         let mut buf = vec![0u8; FIRST_PEEK];
+        let mut closed = false;
         loop {
             let n = stream
                 .peek(&mut buf)
@@ -199,7 +204,7 @@ pub async fn read_header(
                     return Ok(carried);
                 }
                 Parsed::Invalid(reason) => return Err(ProxyError::Invalid { reason }),
-                Parsed::Incomplete if n == 0 || peer_closed(stream) => {
+                Parsed::Incomplete if n == 0 || closed => {
                     return Err(ProxyError::Truncated);
                 }
                 Parsed::Incomplete if n == buf.len() => {
@@ -208,9 +213,19 @@ pub async fn read_header(
                     buf.resize(MAX_HEADER, 0);
                 }
                 Parsed::Incomplete => {
-                    // A peek returns at once while bytes wait unread: look
-                    // again a little later rather than spin.
-                    tokio::time::sleep(PARTIAL_POLL).await;
+                    // The bytes so far keep the socket readable: forget
+                    // that, and wait for more bytes or the peer's end
+                    // (a peek in a loop would spin).
+                    let _ = stream.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                    let ready = stream
+                        .ready(Interest::READABLE)
+                        .await
+                        .map_err(|source| ProxyError::Io { source })?;
+                    // tokio keeps "read closed" once seen: the next peek
+                    // then has all there will ever be.
+                    closed = ready.is_read_closed();
                 }
             }
         }
@@ -218,20 +233,6 @@ pub async fn read_header(
     tokio::time::timeout(timeout, read)
         .await
         .unwrap_or(Err(ProxyError::Timeout { timeout }))
-}
-
-/// True when the peer has shut down its side, whatever it left unread;
-/// asked without waiting.
-fn peer_closed(stream: &TcpStream) -> bool {
-    let mut fd = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(stream),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // A hand-written call: tokio has no way to ask for RDHUP without
-    // reading. SAFETY: one valid pollfd, a zero timeout.
-    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
-    ready > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// The client of one connection, as a backend's PROXY header describes it.
@@ -250,8 +251,8 @@ pub struct Client {
 const PP2_CLIENT_SSL: u8 = 0x01;
 
 /// The header that tells a backend about `client`. v2 also carries, for a
-/// TLS client, `PP2_TYPE_SSL` (client over TLS, no certificate checked)
-/// and `PP2_TYPE_AUTHORITY` (the SNI name).
+/// TLS client, `PP2_TYPE_SSL` (client over TLS, no client certificate:
+/// verify non-zero) and `PP2_TYPE_AUTHORITY` (the SNI name).
 pub fn header(client: &Client, version: Version) -> Vec<u8> {
     // Both addresses of one family: an IPv4 client to an IPv6 listener
     // is described as IPv6 (mapped).
@@ -271,9 +272,10 @@ pub fn header(client: &Client, version: Version) -> Vec<u8> {
                 if let Some(name) = sni {
                     tlvs.push((v2::Type::Authority.into(), name.as_bytes().to_vec()));
                 }
-                // client flags, then a 32-bit verify result (0: no client
-                // certificate was asked for).
-                tlvs.push((v2::Type::SSL.into(), vec![PP2_CLIENT_SSL, 0, 0, 0, 0]));
+                // Client flags, then the 32-bit verify result: zero only
+                // for a client certificate that was verified, and sluice
+                // asks for none.
+                tlvs.push((v2::Type::SSL.into(), vec![PP2_CLIENT_SSL, 0, 0, 0, 1]));
             }
             for (kind, value) in &tlvs {
                 builder = builder
@@ -300,6 +302,10 @@ pub fn local_header(version: Version) -> Vec<u8> {
 }
 
 fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
+    // IPv4 clients of a dual-stack listener arrive IPv4-mapped: they are
+    // IPv4 clients (as in X-Forwarded-For).
+    let canonical = |s: SocketAddr| SocketAddr::new(s.ip().to_canonical(), s.port());
+    let (a, b) = (canonical(a), canonical(b));
     match (a, b) {
         (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => (a, b),
         (SocketAddr::V4(v4), SocketAddr::V6(_)) => (
@@ -365,7 +371,7 @@ mod tests {
             .map(|t| (t.kind, t.value.to_vec()))
             .collect();
         assert!(tlvs.contains(&(0x02, b"chat.example.com".to_vec())));
-        assert!(tlvs.contains(&(0x20, vec![1, 0, 0, 0, 0])));
+        assert!(tlvs.contains(&(0x20, vec![1, 0, 0, 0, 1])));
         let mut with_data = bytes.clone();
         with_data.extend_from_slice(b"\x16\x03\x01");
         assert_eq!(
@@ -428,6 +434,31 @@ mod tests {
         // A v1 line that never ends is refused at 107 bytes, not read on.
         let long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 200]].concat();
         assert!(matches!(parse(&long, Accept::Any), Parsed::Invalid(_)));
+    }
+
+    #[test]
+    fn ipv4_mapped_clients_are_sent_as_ipv4() {
+        let client = Client {
+            addr: addr("[::ffff:192.0.2.7]:5000"),
+            local: addr("[::ffff:10.0.0.1]:443"),
+            tls: None,
+        };
+        assert_eq!(
+            header(&client, Version::V1),
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 5000 443\r\n"
+        );
+    }
+
+    #[test]
+    fn a_udp_header_is_refused() {
+        let udp = v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Proxy,
+            v2::Protocol::Datagram,
+            (addr("192.0.2.1:1"), addr("192.0.2.2:2")),
+        )
+        .build()
+        .expect("build");
+        assert!(matches!(parse(&udp, Accept::Any), Parsed::Invalid(_)));
     }
 
     #[test]

@@ -408,6 +408,13 @@ fn read_proxy_protocol(t: &mut Table<'_>) -> Result<Option<ProxyProtocolIn>, Con
                 .into(),
         ));
     };
+    if from.value.is_empty() {
+        return Err(t.error_at(
+            &from.span,
+            "proxy_protocol_from",
+            "is empty: every connection would be refused".into(),
+        ));
+    }
     let mut nets = Vec::new();
     for text in &from.value {
         let net = text

@@ -335,6 +335,8 @@ fn proxy_protocol_keys_are_read_and_checked() {
         e.contains("\"10.0.0.0/33\" is not an address or a network"),
         "{e}"
     );
+    let e = check(&with("proxy_protocol = \"v2\"\nproxy_protocol_from = []")).unwrap_err();
+    assert!(e.contains("is empty"), "{e}");
     let e = check(&with("proxy_protocol_from = [\"10.0.0.0/8\"]")).unwrap_err();
     assert!(e.contains("set without proxy_protocol"), "{e}");
 

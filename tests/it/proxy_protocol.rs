@@ -243,17 +243,28 @@ async fn a_peer_outside_proxy_protocol_from_is_refused() {
     assert_eq!(backends[0].stats.tcp_accepted.load(Ordering::SeqCst), 0);
 }
 
-/// A backend that reads a PROXY header from each connection, then answers
-/// HTTP requests (or a WebSocket upgrade) with the source address it
-/// carried, and counts its connections.
-async fn header_reading_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// What a header-reading backend saw: each connection's header, in order.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A keep-alive backend that reads a PROXY header from each connection,
+/// then answers every HTTP request on it (or a WebSocket upgrade) with the
+/// source address that header carried; counts its connections and keeps
+/// each header it read.
+async fn header_reading_backend() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    Seen,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = conns.clone();
+    let seen = Seen::default();
+    let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
+            let seen_log = log.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 512];
                 let mut n = 0;
@@ -280,68 +291,81 @@ async fn header_reading_backend() -> (SocketAddr, std::sync::Arc<std::sync::atom
                         _ => return,
                     }
                 };
-                let head = read_head(&mut stream).await;
-                if head.to_ascii_lowercase().contains("upgrade: websocket") {
-                    let key = head
-                        .lines()
-                        .find_map(|l| {
-                            l.strip_prefix("sec-websocket-key: ")
-                                .or(l.strip_prefix("Sec-WebSocket-Key: "))
-                        })
-                        .unwrap_or("")
-                        .trim()
-                        .to_string();
-                    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
-                        key.as_bytes(),
-                    );
+                seen_log.lock().expect("lock").push(source.clone());
+                // Keep-alive: every request on this connection is answered
+                // with the header it began with.
+                loop {
+                    let head = read_head(&mut stream).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    if head.to_ascii_lowercase().contains("upgrade: websocket") {
+                        let key = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("sec-websocket-key: ")
+                                    .or(l.strip_prefix("Sec-WebSocket-Key: "))
+                            })
+                            .unwrap_or("")
+                            .trim()
+                            .to_string();
+                        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                            key.as_bytes(),
+                        );
+                        let resp = format!(
+                            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+                        );
+                        let _ = stream.write_all(resp.as_bytes()).await;
+                        let _ = stream
+                            .write_all(&frame(0x81, source.as_bytes(), None))
+                            .await;
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        return;
+                    }
                     let resp = format!(
-                        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{source}",
+                        source.len()
                     );
-                    let _ = stream.write_all(resp.as_bytes()).await;
-                    let _ = stream
-                        .write_all(&frame(0x81, source.as_bytes(), None))
-                        .await;
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    return;
+                    if stream.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
                 }
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{source}",
-                    source.len()
-                );
-                let _ = stream.write_all(resp.as_bytes()).await;
-                // One request per connection is all this backend reads.
-                let _ = stream.shutdown().await;
             });
         }
     });
-    (addr, conns)
+    (addr, conns, seen)
 }
 
 #[tokio::test]
 async fn send_proxy_protocol_tells_backends_the_client() {
     for version in [ProxyVersion::V1, ProxyVersion::V2] {
-        let (backend, conns) = header_reading_backend().await;
+        let (backend, conns, seen) = header_reading_backend().await;
         let mut cfg = proxied(&[backend], ProxyAccept::Any, &["127.0.0.1"]);
         cfg.pools[0].send_proxy_protocol = Some(version);
         let sluice = Sluice::with_config(cfg).await;
-        let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
-        stream
-            .write_all(&v1("203.0.113.50:41000", "192.0.2.1:80"))
-            .await
-            .expect("header");
-        let mut client = HttpClient::over(stream).await;
-        for _ in 0..2 {
-            let reply = client.get("/").await;
-            assert_eq!(reply.status, 200);
-            assert!(
-                reply.text().contains("203.0.113.50"),
-                "{version:?}: {}",
-                reply.text()
-            );
+        // Two clients in turn, two requests each, to a keep-alive backend
+        // that answers with the header its connection began with: a
+        // connection reused across clients would name the wrong one.
+        for (i, client_addr) in ["203.0.113.50:41000", "203.0.113.51:41000"]
+            .into_iter()
+            .enumerate()
+        {
+            let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+            stream
+                .write_all(&v1(client_addr, "192.0.2.1:80"))
+                .await
+                .expect("header");
+            let mut client = HttpClient::over(stream).await;
+            let ip = client_addr.split(':').next().expect("ip");
+            for _ in 0..2 {
+                let reply = client.get("/").await;
+                assert_eq!(reply.status, 200);
+                assert!(reply.text().contains(ip), "{version:?}: {}", reply.text());
+            }
+            // Each request had a connection of its own.
+            assert_eq!(conns.load(Ordering::SeqCst), 2 * (i + 1));
         }
-        // Each request had a connection of its own (none is reused for
-        // another client).
-        assert_eq!(conns.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.lock().expect("lock").len(), 4);
 
         let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
         stream
@@ -364,7 +388,7 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
     let dir = crate::tls::temp_dir("proxy");
     crate::tls::write_cert(&dir, "site", &["chat.test"]);
     // In: a v2 header, then TLS. Out: v2 with the SNI name and the TLS flag.
-    let (backend, _) = header_reading_backend().await;
+    let (backend, _, _) = header_reading_backend().await;
     let mut cfg = proxied(&[backend], ProxyAccept::V2, &["127.0.0.1"]);
     cfg.listeners[0].tls = Some(crate::tls::one_cert(&dir, "site", Duration::from_secs(5)));
     cfg.pools[0].send_proxy_protocol = Some(ProxyVersion::V2);
@@ -395,7 +419,7 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
         "authority (SNI): {seen}"
     );
     assert!(
-        seen.contains("tlv 0x20=\\u{1}\\u{0}\\u{0}\\u{0}\\u{0}"),
+        seen.contains("tlv 0x20=\\u{1}\\u{0}\\u{0}\\u{0}\\u{1}"),
         "PP2_TYPE_SSL, client over TLS: {seen}"
     );
 
@@ -477,7 +501,7 @@ async fn haproxy_send_proxy_v2_in_front_carries_the_client() {
         return;
     }
     let echo = echo_backends(1).await;
-    let (reader, _) = header_reading_backend().await;
+    let (reader, _, _) = header_reading_backend().await;
     let mut cfg = proxied(&[echo[0].addr], ProxyAccept::V2, &["127.0.0.1"]);
     let mut ws_pool = cfg.pools[0].clone();
     ws_pool.name = "ws".into();
@@ -550,7 +574,7 @@ async fn haproxy_send_proxy_v2_in_front_carries_the_client() {
 #[tokio::test]
 async fn health_checks_send_a_local_header_to_pools_that_send_one() {
     for version in [ProxyVersion::V1, ProxyVersion::V2] {
-        let (backend, conns) = header_reading_backend().await;
+        let (backend, conns, seen) = header_reading_backend().await;
         let mut cfg = config(&[backend]);
         cfg.pools[0].send_proxy_protocol = Some(version);
         cfg.pools[0].health = Some(sluice::config::HealthConfig {
@@ -570,5 +594,55 @@ async fn health_checks_send_a_local_header_to_pools_that_send_one() {
             "up",
             "{version:?}"
         );
+        // Each check said it is sluice's own connection.
+        let headers = seen.lock().expect("lock").clone();
+        let own = if version == ProxyVersion::V1 {
+            "PROXY UNKNOWN\r\n"
+        } else {
+            "Unspecified"
+        };
+        assert!(headers.iter().all(|h| h == own), "{version:?}: {headers:?}");
     }
+}
+
+#[tokio::test]
+async fn headers_that_come_in_parts_or_run_long_are_read_whole() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(proxied(
+        &[backends[0].addr],
+        ProxyAccept::Any,
+        &["127.0.0.1"],
+    ))
+    .await;
+    // A v2 header with 1,000 bytes of TLVs (past the first peek), sent in
+    // three parts with pauses, then the request.
+    let (s, d): (SocketAddr, SocketAddr) = (
+        "203.0.113.90:1000".parse().expect("source"),
+        "192.0.2.1:80".parse().expect("destination"),
+    );
+    let long = v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (s, d),
+    )
+    .write_tlv(v2::Type::NoOp, &[0u8; 1000])
+    .expect("tlv")
+    .build()
+    .expect("header");
+    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+    for part in [&long[..10], &long[10..300], &long[300..]] {
+        stream.write_all(part).await.expect("part");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let reply = HttpClient::over(stream).await.get("/seen").await;
+    assert!(
+        reply.text().contains("x-forwarded-for: 203.0.113.90\n"),
+        "{}",
+        reply.text()
+    );
+    // A v1 line past 107 bytes is refused, not read on.
+    let mut too_long = b"PROXY TCP4 203.0.113.91 192.0.2.1 1000 80".to_vec();
+    too_long.extend_from_slice(&[b' '; 80]);
+    too_long.extend_from_slice(b"\r\nGET / HTTP/1.1\r\n\r\n");
+    assert!(closed_after(&sluice, &too_long, false).await.is_empty());
 }
