@@ -48,6 +48,16 @@ pub fn check_websocket_request<B>(req: &Request<B>) -> Result<(), &'static str> 
     Ok(())
 }
 
+/// A response with Transfer-Encoding was framed by it, not by a
+/// Content-Length it also carries (RFC 9112 §6.3): the length is dropped
+/// before the response is passed on (with the body hyper decoded), so the
+/// client is never told a wrong length.
+pub fn drop_length_of_chunked(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -100,13 +110,12 @@ pub fn prepare_request<B>(
     }
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
-    let upgrade = websocket
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
     strip_hop_by_hop(headers);
-    if let Some(upgrade) = upgrade {
+    if websocket {
+        // Only the protocol sluice tunnels: a client's `Upgrade: websocket,
+        // h2c` must not let a backend switch it to something else.
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     if let Some(proto) = forwarded {
         add_forwarded(headers, peer, proto);

@@ -136,6 +136,7 @@ async fn forward(
         Err(error) => return upstream_error(&error),
     };
     let mut resp = answer.resp;
+    headers::drop_length_of_chunked(resp.headers_mut());
     headers::strip_hop_by_hop(resp.headers_mut());
     if let Some(cookie) = upstream.pin(&ctx.registry, affinity, answer.backend) {
         resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
@@ -174,6 +175,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The backend declined the upgrade: pass its answer on as it is.
+        headers::drop_length_of_chunked(resp.headers_mut());
         headers::strip_hop_by_hop(resp.headers_mut());
         return resp.map(|body| ProxyBody::upstream(body, lease, None));
     }
@@ -238,6 +240,10 @@ fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
         (Blame::Backend, UpstreamError::ResponseTimeout { .. }) => status(
             StatusCode::GATEWAY_TIMEOUT,
             "backend did not answer in time\n",
+        ),
+        (Blame::Backend, UpstreamError::BadSwitch { .. }) => status(
+            StatusCode::BAD_GATEWAY,
+            "backend answered the upgrade with an invalid 101\n",
         ),
         (Blame::Backend, UpstreamError::Failed { .. }) => {
             status(StatusCode::BAD_GATEWAY, "backend failed before answering\n")

@@ -7,8 +7,10 @@ use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Request, Response};
+use hyper::header::{SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, warn};
 
 use tokio::io::AsyncWriteExt;
@@ -59,6 +61,14 @@ impl Upstream {
         } else {
             "upgrade"
         };
+        // The one Sec-WebSocket-Accept a backend's 101 may carry.
+        let expected_accept = if affinity.reusable {
+            None
+        } else {
+            req.headers()
+                .get(SEC_WEBSOCKET_KEY)
+                .map(|key| derive_accept_key(key.as_bytes()))
+        };
         let mut tried = Vec::new();
         let mut stale_left = STALE_RETRIES;
         loop {
@@ -95,6 +105,16 @@ impl Upstream {
             };
             let mut error = match sent {
                 Ok(resp) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Err(reason) = check_switch(&resp, expected_accept.as_deref())
+                    {
+                        warn!(pool = %self.cfg.name, backend = %backend.name, kind, reason, "backend switched protocols wrongly");
+                        self.note_failure(backend, "an invalid 101");
+                        return Err(UpstreamError::BadSwitch {
+                            addr: backend.addr,
+                            reason,
+                        });
+                    }
                     if !affinity.reusable && resp.status().is_server_error() {
                         self.note_failure(backend, "5xx to an upgrade");
                     } else {
@@ -202,5 +222,69 @@ impl Upstream {
             return Err(error);
         }
         Ok(())
+    }
+}
+
+/// A 101 is a WebSocket or nothing: an answer to an upgrade sluice asked
+/// for (`expected_accept`, from the client's key), naming `websocket`,
+/// with the matching Sec-WebSocket-Accept (RFC 6455 §4.2.2). A 101 to a
+/// plain request (no key) is refused too: the client asked for nothing.
+fn check_switch<B>(resp: &Response<B>, expected_accept: Option<&str>) -> Result<(), &'static str> {
+    let Some(expected) = expected_accept else {
+        return Err("a 101 to a request that asked for no upgrade");
+    };
+    let names_websocket = resp.headers().get_all(UPGRADE).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.trim().eq_ignore_ascii_case("websocket"))
+    });
+    if !names_websocket {
+        return Err("its Upgrade is not websocket");
+    }
+    match resp.headers().get(SEC_WEBSOCKET_ACCEPT) {
+        Some(accept) if accept.as_bytes() == expected.as_bytes() => Ok(()),
+        Some(_) => Err("Sec-WebSocket-Accept does not match the client's key"),
+        None => Err("no Sec-WebSocket-Accept"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn switch(headers: &[(&str, &str)]) -> Response<()> {
+        let mut resp = Response::new(());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        for (k, v) in headers {
+            resp.headers_mut().append(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                hyper::header::HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        resp
+    }
+
+    #[test]
+    fn only_the_websocket_asked_for_may_switch() {
+        // RFC 6455's example key and accept.
+        let expected = derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(expected, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let good = switch(&[
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-accept", &expected),
+        ]);
+        assert_eq!(check_switch(&good, Some(&expected)), Ok(()));
+        let wrong = switch(&[("upgrade", "websocket"), ("sec-websocket-accept", "x")]);
+        assert!(check_switch(&wrong, Some(&expected)).is_err());
+        let missing = switch(&[("upgrade", "websocket")]);
+        assert_eq!(
+            check_switch(&missing, Some(&expected)),
+            Err("no Sec-WebSocket-Accept")
+        );
+        let h2c = switch(&[("upgrade", "h2c"), ("sec-websocket-accept", &expected)]);
+        assert!(check_switch(&h2c, Some(&expected)).is_err());
+        assert!(
+            check_switch(&good, None).is_err(),
+            "no upgrade was asked for"
+        );
     }
 }

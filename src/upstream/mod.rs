@@ -36,7 +36,8 @@ pub use stream::{BackendStream, BackendTlsConnector};
 /// Who a failure is to be blamed on: it decides the answer to the client.
 /// (Passive health is told in `Upstream::send`, where each failure
 /// happens: connects, failures before an answer and 5xx to an upgrade
-/// count; a response timeout does not.)
+/// count, as does a 101 that is not the WebSocket asked for; a response
+/// timeout does not.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blame {
     /// The client (its request body failed): 400.
@@ -74,6 +75,11 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("backend {addr} switched protocols wrongly: {reason}")]
+    BadSwitch {
+        addr: SocketAddr,
+        reason: &'static str,
+    },
     #[error("sending the client's request body")]
     ClientBody { source: hyper::Error },
     #[error("pool {pool:?}: every backend failed to accept a connection")]
@@ -97,7 +103,8 @@ impl UpstreamError {
             | Self::Tls { .. }
             | Self::Handshake { .. }
             | Self::ResponseTimeout { .. }
-            | Self::Failed { .. } => Blame::Backend,
+            | Self::Failed { .. }
+            | Self::BadSwitch { .. } => Blame::Backend,
         }
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod close;
 mod ctl;
 mod drain;
+mod edge;
 mod failures;
 mod health;
 mod http;
