@@ -87,6 +87,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 defaults.header_read_timeout,
                 MIN_TIMEOUT,
             )?,
+            max_header_size: t.integer(
+                "max_header_size",
+                defaults.max_header_size as u64,
+                4096,
+                1024 * 1024,
+            )? as usize,
+            max_uri_length: t.integer(
+                "max_uri_length",
+                defaults.max_uri_length as u64,
+                256,
+                64 * 1024,
+            )? as usize,
             tls: read_tls(&mut t)?,
             proxy_protocol: read_proxy_protocol(&mut t)?,
             ..defaults

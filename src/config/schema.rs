@@ -35,6 +35,11 @@ pub struct ListenerConfig {
     pub forwarded_headers: bool,
     /// Time a client has to send a complete request head.
     pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes; past it
+    /// the answer is 431.
+    pub max_header_size: usize,
+    /// Longest request target, in bytes; past it the answer is 414.
+    pub max_uri_length: usize,
     /// TLS termination, when configured.
     pub tls: Option<TlsSettings>,
     /// The PROXY protocol from an L4 balancer in front, when configured.
@@ -385,6 +390,8 @@ impl ListenerConfig {
             max_connections: 8192,
             forwarded_headers: true,
             header_read_timeout: Duration::from_secs(10),
+            max_header_size: 32 * 1024,
+            max_uri_length: 8 * 1024,
             tls: None,
             proxy_protocol: None,
         }

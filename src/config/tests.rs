@@ -347,3 +347,21 @@ fn proxy_protocol_keys_are_read_and_checked() {
     let e = check(&pool("send_proxy_protocol = \"any\"")).unwrap_err();
     assert!(e.contains("expected \"off\", \"v1\" or \"v2\""), "{e}");
 }
+
+#[test]
+fn request_head_limits_have_defaults_and_bounds() {
+    let cfg = check(MINIMAL).expect("valid");
+    assert_eq!(
+        (
+            cfg.listeners[0].max_header_size,
+            cfg.listeners[0].max_uri_length
+        ),
+        (32768, 8192)
+    );
+    let text = MINIMAL.replace(
+        "pool = \"app\"\n",
+        "pool = \"app\"\nmax_header_size = 100\n",
+    );
+    let e = check(&text).unwrap_err();
+    assert!(e.contains("max_header_size"), "{e}");
+}

@@ -4,13 +4,24 @@
 use std::net::SocketAddr;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, Uri, Version};
+use hyper::{Method, Request, StatusCode, Uri, Version};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Fields a `Connection` header cannot name away.
+const END_TO_END: [HeaderName; 7] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_ACCEPT,
+    header::SEC_WEBSOCKET_PROTOCOL,
+    header::SEC_WEBSOCKET_EXTENSIONS,
+];
 
 /// True when `value` (a comma-separated header) lists `token`.
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
@@ -24,6 +35,31 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 /// The request asks to become a WebSocket (`Upgrade: websocket`).
 pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
     has_token(req.headers(), &header::UPGRADE, "websocket")
+}
+
+/// The edge rules every request must pass before anything is forwarded:
+/// a target no longer than `max_uri_length` (else 414), and exactly one
+/// Host (RFC 9112 §3.2; an HTTP/1.0 request may have none, and an
+/// absolute-form target names its host itself).
+pub fn check_request<B>(
+    req: &Request<B>,
+    max_uri_length: usize,
+) -> Result<(), (StatusCode, &'static str)> {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.scheme_str().map_or(0, |s| s.len() + 3);
+    if target > max_uri_length {
+        return Err((StatusCode::URI_TOO_LONG, "request target too long\n"));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err((StatusCode::BAD_REQUEST, "more than one Host header\n")),
+        (None, None) if req.version() == Version::HTTP_11 && uri.authority().is_none() => {
+            Err((StatusCode::BAD_REQUEST, "request without a Host header\n"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks the parts of an upgrade request a backend cannot do without
@@ -68,7 +104,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
     for name in named {
-        headers.remove(name);
+        // A Connection header may not take away what the request needs
+        // end to end (RFC 9110 §7.6.1 lists hop-by-hop fields only).
+        if !END_TO_END.contains(&name) {
+            headers.remove(name);
+        }
     }
     for name in [
         header::CONNECTION,

@@ -86,6 +86,10 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.cfg.header_read_timeout)
+        // 431 past the configured head; the read buffer is bounded too, so a
+        // head that never ends holds at most this much.
+        .max_header_size(ctx.cfg.max_header_size)
+        .max_buf_size((ctx.cfg.max_header_size + 8192).max(8192))
         .auto_date_header(false)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -108,6 +112,14 @@ async fn handle<S: TunnelIo + AsyncRead>(
     ctx: Arc<ListenerCtx>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
+    if let Err((code, text)) = headers::check_request(&req, ctx.cfg.max_uri_length) {
+        // A request refused at the edge ends its connection, as with the
+        // head errors hyper answers itself.
+        let mut resp = status(code, text);
+        resp.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     // One span per proxied request or WebSocket; `upstream` records the
     // backend once it has one.
     let pool = ctx.upstream.cfg.name.as_str();
