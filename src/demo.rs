@@ -329,10 +329,10 @@ pub fn config(
     Config {
         listeners,
         // The admin API on any free loopback port; the token is generated.
-        admin: Some(AdminConfig {
-            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            token: None,
-        }),
+        admin: Some(AdminConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            None,
+        )),
         pools: vec![PoolConfig::new("demo", backends)],
         shutdown_timeout: Config::DEFAULT_SHUTDOWN_TIMEOUT,
         worker_threads: 0,

@@ -228,7 +228,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
                 metrics.clone(),
                 rebalance_reports.clone(),
             );
-            tokio::spawn(admin::serve(socket, Arc::new(state), admin_stop.clone()));
+            tokio::spawn(admin::serve(
+                socket,
+                Arc::new(state),
+                acfg.header_read_timeout,
+                acfg.max_connections,
+                admin_stop.clone(),
+            ));
             Some(info)
         }
     };

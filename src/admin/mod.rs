@@ -79,10 +79,27 @@ pub fn generate_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Serves the admin API on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+/// Largest request head the admin API reads (its requests are small).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Serves the admin API on `listener` until `shutdown`: at most
+/// `max_connections` at once (more wait in the backlog), each closed when
+/// a request head takes longer than `header_read_timeout`, or when it
+/// stays idle that long.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    header_read_timeout: Duration,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
     info!(addr = ?listener.local_addr().ok(), "admin API listening");
+    let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => permit.expect("the limit semaphore is never closed"),
+            () = shutdown.cancelled() => return,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -96,11 +113,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(req, &state).await) }
             });
             if let Err(error) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_header_size(MAX_HEAD)
+                .max_buf_size(MAX_HEAD + 8192)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

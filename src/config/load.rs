@@ -251,10 +251,7 @@ fn read_admin(
     config_path: &Path,
 ) -> Result<Option<AdminConfig>, ConfigError> {
     let Some(mut t) = root.table("admin", "admin".into())? else {
-        return Ok(Some(AdminConfig {
-            bind: AdminConfig::DEFAULT_BIND,
-            token: None,
-        }));
+        return Ok(Some(AdminConfig::new(AdminConfig::DEFAULT_BIND, None)));
     };
     let enabled = t.boolean("enabled", true)?;
     let bind = match t.string("bind")? {
@@ -301,10 +298,23 @@ fn read_admin(
             ),
         ));
     }
+    let defaults = AdminConfig::new(bind.0, token);
+    let header_read_timeout = t.duration(
+        "header_read_timeout",
+        defaults.header_read_timeout,
+        MIN_TIMEOUT,
+    )?;
+    let max_connections = t.integer(
+        "max_connections",
+        defaults.max_connections as u64,
+        1,
+        10_000,
+    )? as usize;
     t.finish()?;
     Ok(enabled.then_some(AdminConfig {
-        bind: bind.0,
-        token,
+        header_read_timeout,
+        max_connections,
+        ..defaults
     }))
 }
 

@@ -79,11 +79,25 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Bearer token from `token_file`; `None`: generated and printed at start.
     pub token: Option<String>,
+    /// Time a request head may take; an idle connection is closed then too.
+    pub header_read_timeout: Duration,
+    /// Admin connections at once; more wait in the accept backlog.
+    pub max_connections: usize,
 }
 
 impl AdminConfig {
     pub const DEFAULT_BIND: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
+
+    /// The admin API on `bind` with `token`, the rest at its defaults.
+    pub fn new(bind: SocketAddr, token: Option<String>) -> Self {
+        Self {
+            bind,
+            token,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 64,
+        }
+    }
 }
 
 /// How a backend's WebSockets are closed when it is drained.

@@ -283,3 +283,49 @@ async fn metrics_are_prometheus_text_with_the_documented_names() {
     }
     assert!(text.contains("sluice_bytes_total{pool=\"app\",backend=\"b1\",direction=\"up\"}"));
 }
+
+#[tokio::test]
+async fn idle_admin_connections_are_closed_and_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[backends[0].addr]);
+    if let Some(admin) = cfg.admin.as_mut() {
+        admin.header_read_timeout = std::time::Duration::from_millis(300);
+        admin.max_connections = 2;
+    }
+    let sluice = Sluice::with_config(cfg).await;
+    let addr = sluice.admin_addr();
+    // Two silent connections take both places...
+    let started = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // ...so a third request is answered only once the timeout has closed
+    // one of them.
+    let mut third = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    third
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    within(5, "answer", third.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(250),
+        "answered while both places were taken"
+    );
+    for mut conn in idle {
+        let mut rest = Vec::new();
+        let n = within(5, "idle close", conn.read_to_end(&mut rest))
+            .await
+            .expect("closed");
+        assert_eq!(n, 0, "an idle connection is closed without an answer");
+    }
+}

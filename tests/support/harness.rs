@@ -52,10 +52,10 @@ pub fn config(addrs: &[SocketAddr]) -> Config {
     Config {
         listeners: vec![ListenerConfig::new("public", SocketAddr::from(LOOPBACK), 0)],
         pools: vec![pool],
-        admin: Some(AdminConfig {
-            bind: SocketAddr::from(LOOPBACK),
-            token: Some(ADMIN_TOKEN.to_string()),
-        }),
+        admin: Some(AdminConfig::new(
+            SocketAddr::from(LOOPBACK),
+            Some(ADMIN_TOKEN.to_string()),
+        )),
         shutdown_timeout: Duration::from_secs(5),
         worker_threads: 0,
     }
