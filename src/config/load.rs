@@ -99,6 +99,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 256,
                 64 * 1024,
             )? as usize,
+            body_timeout: t.duration("body_timeout", defaults.body_timeout, MIN_TIMEOUT)?,
             tls: read_tls(&mut t)?,
             proxy_protocol: read_proxy_protocol(&mut t)?,
             ..defaults

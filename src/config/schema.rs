@@ -40,6 +40,8 @@ pub struct ListenerConfig {
     pub max_header_size: usize,
     /// Longest request target, in bytes; past it the answer is 414.
     pub max_uri_length: usize,
+    /// A request body that stalls this long ends its request (408).
+    pub body_timeout: Duration,
     /// TLS termination, when configured.
     pub tls: Option<TlsSettings>,
     /// The PROXY protocol from an L4 balancer in front, when configured.
@@ -406,6 +408,7 @@ impl ListenerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_size: 32 * 1024,
             max_uri_length: 8 * 1024,
+            body_timeout: Duration::from_secs(60),
             tls: None,
             proxy_protocol: None,
         }

@@ -10,12 +10,12 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use crate::registry::Lease;
-use crate::upstream::IdlePool;
+use crate::upstream::{IdlePool, RequestBody};
 
 /// A backend connection to give back to its idle pool once the response
 /// body has been read to its end.
 pub struct Reuse {
-    pub sender: SendRequest<Incoming>,
+    pub sender: SendRequest<RequestBody>,
     pub pool: Arc<IdlePool>,
 }
 

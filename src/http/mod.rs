@@ -36,7 +36,7 @@ use crate::error_chain::chain;
 use crate::proxy_protocol::Client;
 use crate::registry::Registry;
 use crate::tunnel::{Tunnel, TunnelIo};
-use crate::upstream::{BackendStream, Blame, Upstream, UpstreamError};
+use crate::upstream::{BackendStream, Blame, RequestBody, Upstream, UpstreamError};
 
 /// What every connection of one listener shares.
 pub struct ListenerCtx {
@@ -143,6 +143,8 @@ async fn forward(
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
     headers::prepare_request(&mut req, client.addr, ctx.forwarded(), false);
+    let timeout = ctx.cfg.body_timeout;
+    let req = req.map(|body| RequestBody::new(body, timeout));
     let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
         Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
@@ -177,6 +179,8 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
     headers::prepare_request(&mut req, client.addr, ctx.forwarded(), true);
+    let timeout = ctx.cfg.body_timeout;
+    let req = req.map(|body| RequestBody::new(body, timeout));
     let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
         Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
@@ -247,6 +251,9 @@ fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
             resp
+        }
+        (Blame::Client, UpstreamError::BodyStalled { .. }) => {
+            status(StatusCode::REQUEST_TIMEOUT, "request body stalled\n")
         }
         (Blame::Client, _) => status(StatusCode::BAD_REQUEST, "request body failed\n"),
         (Blame::Backend, UpstreamError::ResponseTimeout { .. }) => status(

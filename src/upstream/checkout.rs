@@ -20,7 +20,7 @@ use crate::proxy_protocol::{self, Client};
 use crate::registry::{Lease, Registry};
 
 use super::stream::{BackendStream, connect};
-use super::{Affinity, Upstream, UpstreamError};
+use super::{Affinity, BodyStalled, RequestBody, Upstream, UpstreamError};
 
 /// Idle connections the backend closed under us that a request may meet
 /// before it is sent on a fresh one; they do not count as attempts.
@@ -35,7 +35,7 @@ pub struct Answer {
     pub lease: Lease,
     /// The connection: back to the idle pool after a plain response, or
     /// handed to the tunnel after a 101.
-    pub sender: SendRequest<Incoming>,
+    pub sender: SendRequest<RequestBody>,
     pub resp: Response<Incoming>,
 }
 
@@ -53,7 +53,7 @@ impl Upstream {
         &self,
         registry: &Arc<Registry>,
         affinity: Affinity,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         client: &Client,
     ) -> Result<Answer, UpstreamError> {
         let kind = if affinity.reusable {
@@ -141,9 +141,14 @@ impl Upstream {
                     // mid-upload): not the backend's fault. (An upgrade has
                     // no body: there it is the backend's connection.)
                     debug!(error = %chain(error.error()), "request body failed");
-                    return Err(UpstreamError::ClientBody {
-                        source: error.into_error(),
-                    });
+                    let source = error.into_error();
+                    let stalled =
+                        std::iter::successors(std::error::Error::source(&source), |e| e.source())
+                            .find_map(|e| e.downcast_ref::<BodyStalled>());
+                    if let Some(BodyStalled(timeout)) = stalled {
+                        return Err(UpstreamError::BodyStalled { timeout: *timeout });
+                    }
+                    return Err(UpstreamError::ClientBody { source });
                 }
                 _ => {
                     warn!(pool = %self.cfg.name, backend = %backend.name, kind, error = %chain(error.error()), "backend failed before answering");
@@ -164,7 +169,7 @@ impl Upstream {
         &self,
         backend: usize,
         client: &Client,
-    ) -> Result<SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
         let addr = self.cfg.backends[backend].address;
         let stream = self.open(backend, addr, client).await?;
         let (sender, conn) = http1::Builder::new()

@@ -4,8 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+
+use super::RequestBody;
 
 /// How long a finished response's connection may take to become ready
 /// (its request body still uploading) and still be kept for reuse.
@@ -14,7 +15,7 @@ const CHECKIN_WAIT: Duration = Duration::from_secs(5);
 /// Idle HTTP/1.1 connections to one backend, most recent last.
 #[derive(Debug)]
 pub struct IdlePool {
-    conns: Mutex<Vec<(SendRequest<Incoming>, Instant)>>,
+    conns: Mutex<Vec<(SendRequest<RequestBody>, Instant)>>,
     max_idle: usize,
     timeout: Duration,
 }
@@ -28,14 +29,14 @@ impl IdlePool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SendRequest<Incoming>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SendRequest<RequestBody>, Instant)>> {
         self.conns
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A live idle connection ready for a request, if one is kept.
-    pub fn checkout(&self) -> Option<SendRequest<Incoming>> {
+    pub fn checkout(&self) -> Option<SendRequest<RequestBody>> {
         let mut conns = self.lock();
         while let Some((sender, since)) = conns.pop() {
             if sender.is_ready() && since.elapsed() <= self.timeout {
@@ -55,7 +56,7 @@ impl IdlePool {
     /// Keeps `sender` for reuse once it can take a request. A connection
     /// whose request body is still being sent (the backend answered before
     /// the upload ended) is kept only when the upload finishes in time.
-    pub fn checkin(self: &Arc<Self>, mut sender: SendRequest<Incoming>) {
+    pub fn checkin(self: &Arc<Self>, mut sender: SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
@@ -71,7 +72,7 @@ impl IdlePool {
         });
     }
 
-    fn keep(&self, sender: SendRequest<Incoming>) {
+    fn keep(&self, sender: SendRequest<RequestBody>) {
         let mut conns = self.lock();
         let timeout = self.timeout;
         conns.retain(|(s, since)| !s.is_closed() && since.elapsed() <= timeout);

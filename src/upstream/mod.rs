@@ -11,6 +11,7 @@
 mod checkout;
 mod idle;
 mod queue;
+mod request_body;
 mod stream;
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use crate::config::PoolConfig;
 use crate::registry::{Backend, Registry};
 
 pub use idle::IdlePool;
+pub use request_body::{BodyStalled, RequestBody};
 pub use stream::{BackendStream, BackendTlsConnector};
 
 /// Who a failure is to be blamed on: it decides the answer to the client.
@@ -40,7 +42,7 @@ pub use stream::{BackendStream, BackendTlsConnector};
 /// timeout does not.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blame {
-    /// The client (its request body failed): 400.
+    /// The client (its request body failed: 400, or stalled: 408).
     Client,
     /// One backend: 502, or 504 when it did not answer in time.
     Backend,
@@ -82,6 +84,8 @@ pub enum UpstreamError {
     },
     #[error("sending the client's request body")]
     ClientBody { source: hyper::Error },
+    #[error("the client's request body stalled for {timeout:?}")]
+    BodyStalled { timeout: Duration },
     #[error("pool {pool:?}: every backend failed to accept a connection")]
     AllFailed { pool: String },
     #[error("pool {pool:?}: no backend is available")]
@@ -94,7 +98,7 @@ impl UpstreamError {
     /// Who failed.
     pub fn blame(&self) -> Blame {
         match self {
-            Self::ClientBody { .. } => Blame::Client,
+            Self::ClientBody { .. } | Self::BodyStalled { .. } => Blame::Client,
             Self::AllFailed { .. } | Self::NoBackend { .. } | Self::Overloaded { .. } => {
                 Blame::Pool
             }

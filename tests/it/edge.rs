@@ -178,3 +178,45 @@ async fn connection_cannot_name_host_away() {
         "named hop-by-hop headers still go: {text}"
     );
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_ends_with_408_and_frees_the_backend() {
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.listeners[0].body_timeout = std::time::Duration::from_millis(300);
+    let sluice = Sluice::with_config(cfg).await;
+    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+    // 10 of the 100 bytes announced, then silence.
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let head = within(5, "an answer", read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    eventually(5, "the backend's slot given back", || {
+        sluice.registry().pool(0).backends[0].active() == 0
+    })
+    .await;
+    // A body that keeps coming, slower than nothing but faster than the
+    // timeout, goes through.
+    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    for part in [b"ab", b"cd", b"ef"] {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        stream.write_all(part).await.expect("part");
+    }
+    let mut got = Vec::new();
+    within(5, "answer", stream.read_to_end(&mut got))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("abcdef"), "{text}");
+}
