@@ -81,28 +81,31 @@ async fn a_chunked_body_is_not_cut_by_its_content_length() {
     })
     .await;
     let sluice = Sluice::with_config(config(&[backend])).await;
-    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut got = Vec::new();
-    within(10, "answer", stream.read_to_end(&mut got))
-        .await
-        .expect("read");
-    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let text = exchange(
+        &sluice,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
     assert!(!text.contains("content-length: 5"), "{text}");
     assert!(text.contains("hello world"), "the whole body: {text}");
 }
 
-/// Sends `request` as raw bytes and returns sluice's status line.
-async fn status_of(sluice: &Sluice, request: &[u8]) -> String {
+/// Sends `request` as raw bytes and returns all sluice answered, until it
+/// closed the connection.
+async fn exchange(sluice: &Sluice, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
     // sluice may answer and close before it has read everything.
     let _ = stream.write_all(request).await;
     let mut got = Vec::new();
     let _ = within(10, "answer", stream.read_to_end(&mut got)).await;
-    String::from_utf8_lossy(&got)
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Sends `request` as raw bytes and returns sluice's status line.
+async fn status_of(sluice: &Sluice, request: &[u8]) -> String {
+    exchange(sluice, request)
+        .await
         .lines()
         .next()
         .unwrap_or_default()
@@ -162,16 +165,12 @@ async fn oversized_heads_and_host_errors_are_answered_and_never_forwarded() {
 async fn connection_cannot_name_host_away() {
     let backends = echo_backends(1).await;
     let sluice = Sluice::with_config(config(&[backends[0].addr])).await;
-    let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
-    stream
-        .write_all(b"GET /seen HTTP/1.1\r\nHost: app.test\r\nConnection: close, host, x-drop\r\nX-Drop: 1\r\n\r\n")
-        .await
-        .expect("write");
-    let mut got = Vec::new();
-    within(10, "answer", stream.read_to_end(&mut got))
-        .await
-        .expect("read");
-    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let text = exchange(
+        &sluice,
+        b"GET /seen HTTP/1.1\r\nHost: app.test\r\nConnection: close, host, x-drop\r\nX-Drop: 1\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
     assert!(text.contains("host: app.test\n"), "{text}");
     assert!(
         !text.contains("x-drop"),

@@ -383,6 +383,28 @@ async fn send_proxy_protocol_tells_backends_the_client() {
     }
 }
 
+/// `header`, then TLS for chat.test, then one GET /seen: the body.
+async fn get_over_tls(sluice: &Sluice, header: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(sluice.addr).await.expect("connect");
+    tcp.write_all(header).await.expect("header");
+    let (tls, _) = crate::tls::tls_over(tcp, "chat.test").await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("http over tls");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/seen")
+        .header("host", "chat.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 #[tokio::test]
 async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
     let dir = crate::tls::temp_dir("proxy");
@@ -393,26 +415,7 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
     cfg.listeners[0].tls = Some(crate::tls::one_cert(&dir, "site", Duration::from_secs(5)));
     cfg.pools[0].send_proxy_protocol = Some(ProxyVersion::V2);
     let sluice = Sluice::with_config(cfg).await;
-    let mut tcp = TcpStream::connect(sluice.addr).await.expect("connect");
-    tcp.write_all(&v2("203.0.113.77:44000", "192.0.2.1:443"))
-        .await
-        .expect("header");
-    let (tls, _) = crate::tls::tls_over(tcp, "chat.test").await;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .expect("http over tls");
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/")
-        .header("host", "chat.test")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let resp = sender.send_request(req).await.expect("response");
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
-    let seen = String::from_utf8_lossy(&body);
+    let seen = get_over_tls(&sluice, &v2("203.0.113.77:44000", "192.0.2.1:443")).await;
     assert!(seen.contains("203.0.113.77"), "{seen}");
     assert!(
         seen.contains("tlv 0x02=chat.test"),
@@ -433,24 +436,7 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
         v1("203.0.113.78:44000", "192.0.2.1:443"),
         v2("203.0.113.78:44000", "192.0.2.1:443"),
     ] {
-        let mut tcp = TcpStream::connect(sluice.addr).await.expect("connect");
-        tcp.write_all(&header).await.expect("header");
-        let (tls, _) = crate::tls::tls_over(tcp, "chat.test").await;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .expect("http over tls");
-        tokio::spawn(conn);
-        let req = hyper::Request::get("/seen")
-            .header("host", "chat.test")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .expect("request");
-        let resp = sender.send_request(req).await.expect("response");
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .expect("body")
-            .to_bytes();
-        let seen = String::from_utf8_lossy(&body);
+        let seen = get_over_tls(&sluice, &header).await;
         assert!(seen.contains("x-forwarded-for: 203.0.113.78\n"), "{seen}");
         assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
         assert!(
