@@ -52,6 +52,7 @@ pub fn check_request<B>(
     if target > max_uri_length {
         return Err((StatusCode::URI_TOO_LONG, "request target too long\n"));
     }
+    check_transfer_coding(req.headers())?;
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => Err((StatusCode::BAD_REQUEST, "more than one Host header\n")),
@@ -59,6 +60,33 @@ pub fn check_request<B>(
             Err((StatusCode::BAD_REQUEST, "request without a Host header\n"))
         }
         _ => Ok(()),
+    }
+}
+
+/// A request body may be framed by a single, final `chunked` and nothing
+/// else (RFC 9112 §6.1): a coding sluice does not implement is a 501 (it
+/// would reach the backend undeclared once sluice drops the hop-by-hop
+/// header), `chunked` twice or not last a 400.
+fn check_transfer_coding(headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let mut codings = Vec::new();
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            return Err((StatusCode::BAD_REQUEST, "invalid Transfer-Encoding\n"));
+        };
+        codings.extend(text.split(',').map(str::trim).filter(|c| !c.is_empty()));
+    }
+    let is_chunked = |c: &str| c.eq_ignore_ascii_case("chunked");
+    let chunked = codings.iter().filter(|c| is_chunked(c)).count();
+    match (codings.last(), chunked, codings.len()) {
+        (Some(last), 1, 1) if is_chunked(last) => Ok(()),
+        (Some(last), 1, _) if is_chunked(last) => Err((
+            StatusCode::NOT_IMPLEMENTED,
+            "transfer coding not supported\n",
+        )),
+        _ => Err((StatusCode::BAD_REQUEST, "invalid Transfer-Encoding\n")),
     }
 }
 

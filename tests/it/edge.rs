@@ -219,3 +219,43 @@ async fn a_stalled_request_body_ends_with_408_and_frees_the_backend() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("abcdef"), "{text}");
 }
+
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_refused() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(config(&[backends[0].addr])).await;
+    let post = |te: &str| {
+        format!(
+            "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+    };
+    for (te, expected) in [
+        ("gzip, chunked", "HTTP/1.1 501 Not Implemented"),
+        ("chunked, chunked", "HTTP/1.1 400 Bad Request"),
+        ("identity", "HTTP/1.1 400 Bad Request"),
+        ("gzip", "HTTP/1.1 400 Bad Request"),
+    ] {
+        assert_eq!(
+            status_of(&sluice, post(te).as_bytes()).await,
+            expected,
+            "{te}"
+        );
+    }
+    assert_eq!(
+        backends[0]
+            .stats
+            .http_requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    // A plain chunked body goes through.
+    let ok = exchange(
+        &sluice,
+        post("chunked")
+            .replace("Host: a", "Host: a\r\nConnection: close")
+            .as_bytes(),
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.ends_with("hello"), "{ok}");
+}
