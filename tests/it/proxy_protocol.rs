@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use ppp::v2;
 use sluice::config::{Algorithm, Config, HashKey, ProxyAccept, ProxyProtocolIn, ProxyVersion};
+use sluice::demo::EchoBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -54,6 +55,14 @@ fn proxied(addrs: &[SocketAddr], accept: ProxyAccept, from: &[&str]) -> Config {
     cfg
 }
 
+/// One echo backend behind a sluice whose listener reads `accept`
+/// headers from the peers in `from`.
+async fn proxied_echo(accept: ProxyAccept, from: &[&str]) -> (Vec<EchoBackend>, Sluice) {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(proxied(&[backends[0].addr], accept, from)).await;
+    (backends, sluice)
+}
+
 /// Sends `header` and then a GET on one connection; what the echo
 /// backend saw.
 async fn get_after(sluice: &Sluice, header: &[u8]) -> HttpReply {
@@ -79,13 +88,7 @@ async fn closed_after(sluice: &Sluice, bytes: &[u8], then_close: bool) -> Vec<u8
 
 #[tokio::test]
 async fn v1_and_v2_headers_carry_the_client_address() {
-    let backends = echo_backends(1).await;
-    let sluice = Sluice::with_config(proxied(
-        &[backends[0].addr],
-        ProxyAccept::Any,
-        &["127.0.0.0/8"],
-    ))
-    .await;
+    let (_backends, sluice) = proxied_echo(ProxyAccept::Any, &["127.0.0.0/8"]).await;
     for header in [
         v1("203.0.113.7:40000", "198.51.100.1:443"),
         v2("203.0.113.7:40000", "198.51.100.1:443"),
@@ -123,13 +126,7 @@ async fn v1_and_v2_headers_carry_the_client_address() {
 
 #[tokio::test]
 async fn a_websocket_through_a_proxy_header_works() {
-    let backends = echo_backends(1).await;
-    let sluice = Sluice::with_config(proxied(
-        &[backends[0].addr],
-        ProxyAccept::V2,
-        &["127.0.0.1"],
-    ))
-    .await;
+    let (_backends, sluice) = proxied_echo(ProxyAccept::V2, &["127.0.0.1"]).await;
     let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
     stream
         .write_all(&v2("192.0.2.44:1234", "192.0.2.1:80"))
@@ -178,13 +175,7 @@ async fn hashing_on_ip_uses_the_carried_address() {
 
 #[tokio::test]
 async fn bad_headers_are_closed_and_reach_no_backend() {
-    let backends = echo_backends(1).await;
-    let sluice = Sluice::with_config(proxied(
-        &[backends[0].addr],
-        ProxyAccept::Any,
-        &["127.0.0.1"],
-    ))
-    .await;
+    let (backends, sluice) = proxied_echo(ProxyAccept::Any, &["127.0.0.1"]).await;
     let get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
     let good = v1("203.0.113.7:40000", "198.51.100.1:443");
     // No header at all, a malformed one, one cut off by the client, and
@@ -229,13 +220,7 @@ async fn bad_headers_are_closed_and_reach_no_backend() {
 
 #[tokio::test]
 async fn a_peer_outside_proxy_protocol_from_is_refused() {
-    let backends = echo_backends(1).await;
-    let sluice = Sluice::with_config(proxied(
-        &[backends[0].addr],
-        ProxyAccept::Any,
-        &["10.0.0.0/8", "::1"],
-    ))
-    .await;
+    let (backends, sluice) = proxied_echo(ProxyAccept::Any, &["10.0.0.0/8", "::1"]).await;
     let header = v1("203.0.113.7:40000", "198.51.100.1:443");
     let mut with_request = header.clone();
     with_request.extend_from_slice(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
@@ -593,13 +578,7 @@ async fn health_checks_send_a_local_header_to_pools_that_send_one() {
 
 #[tokio::test]
 async fn headers_that_come_in_parts_or_run_long_are_read_whole() {
-    let backends = echo_backends(1).await;
-    let sluice = Sluice::with_config(proxied(
-        &[backends[0].addr],
-        ProxyAccept::Any,
-        &["127.0.0.1"],
-    ))
-    .await;
+    let (_backends, sluice) = proxied_echo(ProxyAccept::Any, &["127.0.0.1"]).await;
     // A v2 header with 1,000 bytes of TLVs (past the first peek), sent in
     // three parts with pauses, then the request.
     let (s, d): (SocketAddr, SocketAddr) = (
