@@ -201,26 +201,29 @@ impl Collector for LiveCollector {
                 .encode(m.encode_family(&labels)?)?;
             }
         }
-        for (name, help, shed) in [
+        type PerBackend = fn(&crate::registry::Backend) -> &std::sync::atomic::AtomicU64;
+        let per_backend: [(&str, &str, PerBackend); 3] = [
             (
                 "sluice_drain_closed",
                 "WebSockets asked to close by a drain",
-                false,
+                |b| &b.drain_closed,
             ),
             (
                 "sluice_rebalance_shed",
                 "WebSockets closed by the rebalancer",
-                true,
+                |b| &b.rebalance_shed,
             ),
-        ] {
+            (
+                "sluice_ws_messages_cut",
+                "WebSockets cut because a message outlived max_message_wait during a close",
+                |b| &b.messages_cut,
+            ),
+        ];
+        for (name, help, counter) in per_backend {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (pool, b) in backends() {
                 let labels = [("pool", pool), ("backend", b.name.as_str())];
-                let value = if shed {
-                    &b.rebalance_shed
-                } else {
-                    &b.drain_closed
-                };
+                let value = counter(b);
                 ConstCounter::new(value.load(std::sync::atomic::Ordering::Relaxed))
                     .encode(m.encode_family(&labels)?)?;
             }

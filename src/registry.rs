@@ -181,6 +181,8 @@ pub struct Backend {
     pub drain_closed: AtomicU64,
     /// WebSockets closed by the rebalancer.
     pub rebalance_shed: AtomicU64,
+    /// WebSockets cut because a message outlived `max_message_wait`.
+    pub messages_cut: AtomicU64,
     /// Reference point of the time stamps below.
     epoch: Instant,
     /// Slow-start ramp of the pool (zero: off).
@@ -218,6 +220,7 @@ impl Backend {
             down: Traffic::default(),
             drain_closed: AtomicU64::new(0),
             rebalance_shed: AtomicU64::new(0),
+            messages_cut: AtomicU64::new(0),
             epoch,
             slow_start,
             active_down: AtomicBool::new(false),

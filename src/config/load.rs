@@ -333,11 +333,14 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
         )));
     }
     let close_timeout = t.duration("close_timeout", defaults.close_timeout, MIN_TIMEOUT)?;
+    let max_message_wait =
+        t.duration("max_message_wait", defaults.max_message_wait, MIN_TIMEOUT)?;
     t.finish()?;
     Ok(DrainConfig {
         window,
         close_code,
         close_timeout,
+        max_message_wait,
     })
 }
 

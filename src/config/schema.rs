@@ -111,6 +111,9 @@ pub struct DrainConfig {
     pub close_code: u16,
     /// Time allowed for the close handshake after sluice sends a Close frame.
     pub close_timeout: Duration,
+    /// Longest a message in flight may hold a close back before the
+    /// connection is cut.
+    pub max_message_wait: Duration,
 }
 
 impl Default for DrainConfig {
@@ -119,6 +122,7 @@ impl Default for DrainConfig {
             window: Duration::from_secs(120),
             close_code: 1012,
             close_timeout: Duration::from_secs(5),
+            max_message_wait: Duration::from_secs(30),
         }
     }
 }

@@ -35,7 +35,7 @@ use crate::config::ListenerConfig;
 use crate::error_chain::chain;
 use crate::proxy_protocol::Client;
 use crate::registry::Registry;
-use crate::tunnel::{Tunnel, TunnelIo};
+use crate::tunnel::{self, Tunnel, TunnelIo};
 use crate::upstream::{BackendStream, Blame, RequestBody, Upstream, UpstreamError};
 
 /// What every connection of one listener shares.
@@ -196,7 +196,10 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         return resp.map(|body| ProxyBody::upstream(body, lease, None));
     }
     let backend_upgrade = hyper::upgrade::on(&mut resp);
-    let close_timeout = upstream.cfg.drain.close_timeout;
+    let settings = tunnel::Settings {
+        close_timeout: upstream.cfg.drain.close_timeout,
+        max_message_wait: upstream.cfg.drain.max_message_wait,
+    };
     let tunnel = async move {
         let _permit = permit;
         let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
@@ -221,13 +224,14 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
             backend.io.into_inner(),
             backend.read_buf,
             entry,
-            close_timeout,
+            settings,
         );
         let stats = tunnel.await;
         debug!(
             conn.id = stats.id,
             messages.up = stats.messages_up,
             messages.down = stats.messages_down,
+            cut = stats.cut,
             "tunnel closed"
         );
     };

@@ -1,21 +1,29 @@
 //! The tunnel's close machine, pure: when sluice's Close frames go out.
 //!
-//! A close request waits for a quiet point (both directions between
-//! messages and silent for [`QUIET`]) or, after [`QUIET_MAX_WAIT`], for the
+//! A close request waits for the moment right after an answer went to the
+//! client (both directions between messages), or a quiet point (both
+//! directions between messages and silent for [`QUIET`]), or, after
+//! [`QUIET_MAX_WAIT`], for the
 //! next message boundary of each direction. Then the backend gets the Close
 //! first and the backend's reply is replaced by sluice's own Close to the
 //! client. If the backend does not answer within `close_timeout`, the
 //! client gets its Close at its next boundary. A peer that starts the close
-//! handshake itself is left to finish it. The machine sees the flows only
-//! through [`Seen`], and time only through the `now` it is given.
+//! handshake itself is left to finish it. A message in flight holds the
+//! Close frames back (sluice never cuts a message on its own account), but
+//! only for `max_message_wait` after the close began: then the tunnel is
+//! cut. The machine sees the flows only through [`Seen`], and time only
+//! through the `now` it is given.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Silence needed, with both directions between messages, before sluice
-/// injects its Close frames.
-pub const QUIET: Duration = Duration::from_millis(50);
+/// Silence needed, with both directions between messages and no answer
+/// to the client seen, before sluice injects its Close frames. Longer than
+/// the period of most chatty clients, so that a periodic client is closed
+/// right after an answer instead (measured: at 50 ms, one close in ten of
+/// clients sending every 200 ms caught a message on its way).
+pub const QUIET: Duration = Duration::from_millis(500);
 /// After this long without a quiet point, each direction gets its Close
 /// frame at its own next message boundary.
 pub const QUIET_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -32,6 +40,12 @@ pub struct Seen {
     /// sluice's Close to the client is out or on its way (the backend's
     /// reply came and was replaced).
     pub client_closed: bool,
+    /// A Close frame of sluice's waits for its direction's message to end.
+    pub close_owed: bool,
+    /// A message to the client ended since the last step: a client that
+    /// waits for answers has just had one and is least likely to be
+    /// sending.
+    pub answered: bool,
 }
 
 /// What the flows are to do after a step.
@@ -45,6 +59,8 @@ pub enum Action {
     /// The backend did not answer in time: close towards the client at its
     /// next message boundary.
     CloseClient(u16),
+    /// A message outlived `max_message_wait`: end the tunnel now.
+    Cut,
 }
 
 /// Where the tunnel is in its life.
@@ -65,6 +81,8 @@ enum Phase {
         /// the backend has not answered by the deadline, the client gets it
         /// then.
         client_pending: Option<u16>,
+        /// A message still in flight at this time is cut.
+        message_deadline: Instant,
     },
 }
 
@@ -73,14 +91,18 @@ enum Phase {
 pub struct CloseMachine {
     phase: Phase,
     close_timeout: Duration,
+    max_message_wait: Duration,
 }
 
 impl CloseMachine {
-    /// An open tunnel whose close handshake may take `close_timeout`.
-    pub fn new(close_timeout: Duration) -> Self {
+    /// An open tunnel whose close handshake may take `close_timeout` after
+    /// the Close frames are out, and whose messages in flight may hold the
+    /// close back for `max_message_wait`.
+    pub fn new(close_timeout: Duration, max_message_wait: Duration) -> Self {
         Self {
             phase: Phase::Open,
             close_timeout,
+            max_message_wait,
         }
     }
 
@@ -99,14 +121,14 @@ impl CloseMachine {
         matches!(self.phase, Phase::Closing { deadline, .. } if now >= deadline)
     }
 
-    /// A close with `code` was requested at `now`. Only the first request
-    /// of an open tunnel counts.
-    pub fn request(&mut self, code: u16, now: Instant) {
+    /// A close with `code` was requested at `now`; bytes last moved at
+    /// `last_activity`. Only the first request of an open tunnel counts.
+    pub fn request(&mut self, code: u16, now: Instant, last_activity: Instant) {
         if self.is_open() {
             self.phase = Phase::Requested {
                 code,
                 since: now,
-                last_activity: now,
+                last_activity: last_activity.min(now),
             };
         }
     }
@@ -125,19 +147,22 @@ impl CloseMachine {
                 if seen.active {
                     last_activity = now;
                 }
+                let message_deadline = since + self.max_message_wait;
                 if seen.peer_close {
                     // A peer started the close handshake itself: let it finish.
                     self.phase = Phase::Closing {
                         deadline: now + self.close_timeout,
                         client_pending: None,
+                        message_deadline,
                     };
                     return self.step(seen, now);
                 }
-                let quiet = seen.at_boundary && now >= last_activity + QUIET;
-                if quiet || now >= since + QUIET_MAX_WAIT {
+                let quiet = now >= last_activity + QUIET || seen.answered;
+                if (seen.at_boundary && quiet) || now >= since + QUIET_MAX_WAIT {
                     self.phase = Phase::Closing {
                         deadline: now + self.close_timeout,
                         client_pending: Some(code),
+                        message_deadline,
                     };
                     return (Action::CloseBackend(code), None);
                 }
@@ -159,7 +184,22 @@ impl CloseMachine {
             Phase::Closing {
                 deadline,
                 client_pending,
+                message_deadline,
             } => {
+                if seen.close_owed || !seen.at_boundary {
+                    // A message is in flight: a Close waits for its end (ours,
+                    // or a peer's answer), and close_timeout starts after it.
+                    if now >= message_deadline {
+                        return (Action::Cut, None);
+                    }
+                    self.phase = Phase::Closing {
+                        deadline: deadline.max(now + self.close_timeout),
+                        client_pending,
+                        message_deadline,
+                    };
+                    // New data wakes the tunnel; else the wait's end does.
+                    return (Action::None, Some(message_deadline));
+                }
                 if now >= deadline
                     && let Some(code) = client_pending
                     && !seen.client_closed
@@ -169,6 +209,7 @@ impl CloseMachine {
                     self.phase = Phase::Closing {
                         deadline: now + self.close_timeout,
                         client_pending: None,
+                        message_deadline,
                     };
                     return (Action::CloseClient(code), None);
                 }
@@ -183,6 +224,7 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(5);
+    const WAIT: Duration = Duration::from_secs(30);
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -193,11 +235,13 @@ mod tests {
         at_boundary: true,
         peer_close: false,
         client_closed: false,
+        close_owed: false,
+        answered: false,
     };
 
     #[test]
     fn open_tunnels_wait_for_nothing() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
         assert_eq!(m.step(IDLE, t0), (Action::None, None));
         assert!(m.is_open());
@@ -205,9 +249,9 @@ mod tests {
 
     #[test]
     fn closes_at_the_first_quiet_point() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
-        m.request(1012, t0);
+        m.request(1012, t0, t0);
         assert!(!m.is_open());
         assert_eq!(m.step(IDLE, t0), (Action::None, Some(t0 + QUIET)));
         // Traffic at 30 ms pushes the quiet point to 80 ms.
@@ -215,36 +259,31 @@ mod tests {
             active: true,
             ..IDLE
         };
-        assert_eq!(m.step(busy, t0 + ms(30)), (Action::None, Some(t0 + ms(80))));
-        assert_eq!(m.step(IDLE, t0 + ms(79)), (Action::None, Some(t0 + ms(80))));
-        assert_eq!(
-            m.step(IDLE, t0 + ms(80)),
-            (Action::CloseBackend(1012), None)
-        );
+        let later = t0 + ms(30) + QUIET;
+        assert_eq!(m.step(busy, t0 + ms(30)), (Action::None, Some(later)));
+        assert_eq!(m.step(IDLE, later - ms(1)), (Action::None, Some(later)));
+        assert_eq!(m.step(IDLE, later), (Action::CloseBackend(1012), None));
         assert!(m.is_closing());
         assert_eq!(
-            m.step(IDLE, t0 + ms(81)),
-            (Action::None, Some(t0 + ms(80) + TIMEOUT))
+            m.step(IDLE, later + ms(1)),
+            (Action::None, Some(later + TIMEOUT))
         );
     }
 
     #[test]
     fn a_second_request_does_not_restart_the_wait() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
-        m.request(1012, t0);
-        m.request(1001, t0 + ms(40));
-        assert_eq!(
-            m.step(IDLE, t0 + ms(50)),
-            (Action::CloseBackend(1012), None)
-        );
+        m.request(1012, t0, t0);
+        m.request(1001, t0 + QUIET - ms(10), t0 + QUIET - ms(10));
+        assert_eq!(m.step(IDLE, t0 + QUIET), (Action::CloseBackend(1012), None));
     }
 
     #[test]
     fn busy_tunnels_close_after_the_longest_wait() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
-        m.request(1012, t0);
+        m.request(1012, t0, t0);
         let busy = Seen {
             active: true,
             ..IDLE
@@ -262,9 +301,9 @@ mod tests {
 
     #[test]
     fn mid_message_it_waits_for_data_or_the_longest_wait() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
-        m.request(1012, t0);
+        m.request(1012, t0, t0);
         let mid_message = Seen {
             at_boundary: false,
             ..IDLE
@@ -273,7 +312,7 @@ mod tests {
         // Silent past the quiet time but inside a message: no timer until
         // the longest wait (new data wakes the tunnel anyway).
         assert_eq!(
-            m.step(mid_message, t0 + ms(60)),
+            m.step(mid_message, t0 + QUIET + ms(10)),
             (Action::None, Some(t0 + QUIET_MAX_WAIT))
         );
         // The flows then close at their own next boundary.
@@ -285,12 +324,11 @@ mod tests {
 
     #[test]
     fn a_peer_that_starts_the_close_is_left_to_finish_it() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
-        m.request(1012, t0);
+        m.request(1012, t0, t0);
         let peer_closed = Seen {
             peer_close: true,
-            at_boundary: false,
             ..IDLE
         };
         assert_eq!(
@@ -310,9 +348,9 @@ mod tests {
 
     #[test]
     fn a_backend_that_never_answers_lets_the_client_have_its_close_late() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
-        m.request(4000, t0);
+        m.request(4000, t0, t0);
         assert_eq!(m.step(IDLE, t0 + QUIET), (Action::CloseBackend(4000), None));
         let sent = t0 + QUIET;
         assert_eq!(
@@ -336,9 +374,9 @@ mod tests {
 
     #[test]
     fn a_backend_that_answers_gets_no_second_close_to_the_client() {
-        let mut m = CloseMachine::new(TIMEOUT);
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
         let t0 = Instant::now();
-        m.request(1012, t0);
+        m.request(1012, t0, t0);
         assert_eq!(m.step(IDLE, t0 + QUIET), (Action::CloseBackend(1012), None));
         let answered = Seen {
             client_closed: true,
@@ -347,5 +385,105 @@ mod tests {
         let deadline = t0 + QUIET + TIMEOUT;
         assert_eq!(m.step(answered, deadline), (Action::None, Some(deadline)));
         assert!(m.is_expired(deadline));
+    }
+
+    #[test]
+    fn a_message_in_flight_holds_the_close_until_max_message_wait() {
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
+        let t0 = Instant::now();
+        m.request(1012, t0, t0);
+        let stuck = Seen {
+            at_boundary: false,
+            ..IDLE
+        };
+        assert_eq!(
+            m.step(stuck, t0 + QUIET_MAX_WAIT),
+            (Action::CloseBackend(1012), None)
+        );
+        // Our Close to the backend waits for the client's message to end.
+        let owed = Seen {
+            close_owed: true,
+            ..stuck
+        };
+        let mut t = t0 + QUIET_MAX_WAIT;
+        while t < t0 + WAIT {
+            assert_eq!(m.step(owed, t), (Action::None, Some(t0 + WAIT)));
+            assert!(!m.is_expired(t), "close_timeout waits for the message");
+            t += Duration::from_secs(1);
+        }
+        assert_eq!(m.step(owed, t0 + WAIT), (Action::Cut, None));
+    }
+
+    #[test]
+    fn close_timeout_starts_when_the_message_has_ended() {
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
+        let t0 = Instant::now();
+        m.request(1012, t0, t0);
+        let stuck = Seen {
+            at_boundary: false,
+            close_owed: true,
+            ..IDLE
+        };
+        assert_eq!(
+            m.step(stuck, t0 + QUIET_MAX_WAIT),
+            (Action::CloseBackend(1012), None)
+        );
+        let ended = t0 + Duration::from_secs(12);
+        assert_eq!(m.step(stuck, ended), (Action::None, Some(t0 + WAIT)));
+        // The Close went out at the boundary; the backend has close_timeout.
+        assert_eq!(
+            m.step(IDLE, ended + ms(1)),
+            (Action::None, Some(ended + TIMEOUT))
+        );
+        assert_eq!(
+            m.step(IDLE, ended + TIMEOUT),
+            (Action::CloseClient(1012), None)
+        );
+    }
+
+    #[test]
+    fn closes_right_after_an_answer_went_to_the_client() {
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
+        let t0 = Instant::now();
+        m.request(1012, t0, t0);
+        let busy = Seen {
+            active: true,
+            ..IDLE
+        };
+        assert_eq!(
+            m.step(busy, t0 + ms(5)),
+            (Action::None, Some(t0 + ms(5) + QUIET))
+        );
+        // An answer half-way through is no moment to close...
+        let half = Seen {
+            answered: true,
+            at_boundary: false,
+            ..busy
+        };
+        assert_eq!(m.step(half, t0 + ms(6)).0, Action::None);
+        // ...one that has ended, with the client between messages, is.
+        let answered = Seen {
+            answered: true,
+            ..busy
+        };
+        assert_eq!(
+            m.step(answered, t0 + ms(7)),
+            (Action::CloseBackend(1012), None)
+        );
+    }
+
+    #[test]
+    fn a_tunnel_idle_for_long_closes_at_once() {
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
+        let t0 = Instant::now();
+        m.request(1012, t0 + QUIET, t0);
+        assert_eq!(m.step(IDLE, t0 + QUIET), (Action::CloseBackend(1012), None));
+        // One that moved bytes lately waits out the rest of the silence.
+        let mut m = CloseMachine::new(TIMEOUT, WAIT);
+        m.request(1012, t0 + QUIET, t0 + ms(100));
+        assert_eq!(
+            m.step(IDLE, t0 + QUIET),
+            (Action::None, Some(t0 + ms(100) + QUIET))
+        );
     }
 }

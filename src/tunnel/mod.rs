@@ -8,8 +8,10 @@
 //! else the next message boundary; the backend first, its reply replaced
 //! by sluice's own Close to the client; the client's Close after
 //! `close_timeout` should the backend not answer). It never cuts a
-//! message: only an abort (the shutdown deadline) drops a tunnel
-//! mid-message.
+//! message on its own account, but a message that is still in flight
+//! `max_message_wait` after the close began is cut (logged, counted in the
+//! backend's `messages_cut`); an abort (the shutdown deadline) drops a
+//! tunnel at once.
 //!
 //! - `mod.rs`: the `Tunnel` future, which polls both flows and applies
 //!   what the close machine decides;
@@ -29,12 +31,14 @@ pub use stream::TunnelIo;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tracing::warn;
 
 use crate::registry::{CloseRequest, ConnControl, WsEntry};
 use close::{Action, CloseMachine, Seen};
@@ -49,6 +53,25 @@ pub struct TunnelStats {
     pub messages_up: u64,
     /// Messages from the backend to the client.
     pub messages_down: u64,
+    /// The tunnel was cut mid-message after `max_message_wait`.
+    pub cut: bool,
+}
+
+/// How a tunnel closes.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Time for the close handshake once sluice's Close frame is out.
+    pub close_timeout: Duration,
+    /// Longest a message in flight may hold a close back.
+    pub max_message_wait: Duration,
+}
+
+/// What a close step leaves the tunnel to do.
+enum Step {
+    /// Go on; look again at this time, if any.
+    Wake(Option<Instant>),
+    /// End the tunnel now.
+    Cut,
 }
 
 /// One proxied WebSocket. A future: await it to run the tunnel to its end.
@@ -66,6 +89,12 @@ pub struct Tunnel<C = TcpStream, B = TcpStream> {
     timer: Option<Pin<Box<Sleep>>>,
     /// When one side has ended and the other has not: the end of the wait.
     linger_deadline: Option<Instant>,
+    /// Messages to the client when the close machine last looked.
+    answers_seen: u64,
+    /// When bytes last moved either way, so that a close requested on a
+    /// tunnel idle for long goes out at once (one clock read per poll
+    /// that moved data).
+    last_activity: Instant,
 }
 
 impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
@@ -78,7 +107,7 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
         backend: B,
         backend_pending: Bytes,
         entry: WsEntry,
-        close_timeout: Duration,
+        settings: Settings,
     ) -> Self {
         Self {
             client,
@@ -86,10 +115,12 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
             up: Flow::new(client_pending, true),
             down: Flow::new(backend_pending, false),
             entry,
-            close: CloseMachine::new(close_timeout),
-            close_timeout,
+            close: CloseMachine::new(settings.close_timeout, settings.max_message_wait),
+            close_timeout: settings.close_timeout,
             timer: None,
             linger_deadline: None,
+            answers_seen: 0,
+            last_activity: Instant::now(),
         }
     }
 
@@ -97,32 +128,38 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
         self.entry.control()
     }
 
-    fn stats(&self) -> TunnelStats {
+    fn stats(&self, cut: bool) -> TunnelStats {
         TunnelStats {
             id: self.control().id,
             messages_up: self.up.tracker.messages(),
             messages_down: self.down.tracker.messages(),
+            cut,
         }
     }
 
     /// Advances the close machine with what the flows show and applies
-    /// its decision; returns the next time it must be looked at, if any.
+    /// its decision; returns the next time it must be looked at, if any,
+    /// or that the tunnel is cut.
     ///
     /// sluice closes towards the backend first and keeps forwarding what the
     /// backend still sends (answers already on their way), then gives the
     /// client its Close in place of the backend's reply. So an answer in
     /// flight is never cut, and the backend sees the close before the client
     /// can send anything more.
-    fn step_close(&mut self, now: Instant) -> Option<Instant> {
+    fn step_close(&mut self, now: Instant) -> Step {
         let seen = Seen {
             active: self.up.active || self.down.active,
             at_boundary: self.up.tracker.is_at_boundary() && self.down.tracker.is_at_boundary(),
             peer_close: self.up.tracker.close_seen() || self.down.tracker.close_seen(),
             client_closed: self.down.closed_by_us,
+            close_owed: self.up.inject.is_some() || self.down.inject.is_some(),
+            answered: self.down.tracker.messages() != self.answers_seen,
         };
+        self.answers_seen = self.down.tracker.messages();
         let (action, wake_at) = self.close.step(seen, now);
         match action {
             Action::None => {}
+            Action::Cut => return Step::Cut,
             Action::CloseBackend(code) => {
                 self.up.inject = Some(code);
                 self.down.replace_close = Some(code);
@@ -132,7 +169,7 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
                 self.down.inject = Some(code);
             }
         }
-        wake_at
+        Step::Wake(wake_at)
     }
 
     /// True when the close handshake is complete on both sides.
@@ -159,9 +196,10 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
         let this = self.get_mut();
         loop {
             match this.control().poll_request(cx.waker()) {
-                CloseRequest::Abort => return Poll::Ready(this.stats()),
+                CloseRequest::Abort => return Poll::Ready(this.stats(false)),
                 CloseRequest::Close(code) if this.close.is_open() => {
-                    this.close.request(code, Instant::now());
+                    this.close.request(code, Instant::now(), this.last_activity);
+                    this.answers_seen = this.down.tracker.messages();
                 }
                 _ => {}
             }
@@ -177,7 +215,10 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                 finished_on_error(&mut this.down, down),
             );
             if up.is_ready() && down.is_ready() {
-                return Poll::Ready(this.stats());
+                return Poll::Ready(this.stats(false));
+            }
+            if this.up.active || this.down.active {
+                this.last_activity = Instant::now();
             }
             if this.close.is_open() && up.is_pending() && down.is_pending() {
                 // The common case: proxying, nothing timed to wait for.
@@ -185,7 +226,19 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
             }
             let now = Instant::now();
             let injecting = this.up.inject.is_some() || this.down.inject.is_some();
-            let mut wake_at = this.step_close(now);
+            let mut wake_at = match this.step_close(now) {
+                Step::Wake(at) => at,
+                Step::Cut => {
+                    let backend = this.entry.backend();
+                    backend.messages_cut.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        conn.id = this.control().id,
+                        backend = %backend.name,
+                        "cut a WebSocket whose message outlived max_message_wait"
+                    );
+                    return Poll::Ready(this.stats(true));
+                }
+            };
             if !injecting && (this.up.inject.is_some() || this.down.inject.is_some()) {
                 // Close frames were just scheduled: let the flows send them.
                 continue;
@@ -194,19 +247,19 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                 // Both Close frames answered: end TCP on both sides.
                 let _ = Pin::new(&mut this.client).poll_shutdown(cx);
                 let _ = Pin::new(&mut this.backend).poll_shutdown(cx);
-                return Poll::Ready(this.stats());
+                return Poll::Ready(this.stats(false));
             }
             if up.is_ready() != down.is_ready() {
                 let linger = *this.linger_deadline.get_or_insert(now + this.close_timeout);
                 wake_at = Some(wake_at.map_or(linger, |w| w.min(linger)));
             }
             if this.close.is_expired(now) {
-                return Poll::Ready(this.stats());
+                return Poll::Ready(this.stats(false));
             }
             if let Some(linger) = this.linger_deadline
                 && now >= linger
             {
-                return Poll::Ready(this.stats());
+                return Poll::Ready(this.stats(false));
             }
             let Some(at) = wake_at else {
                 this.timer = None;

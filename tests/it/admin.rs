@@ -274,6 +274,7 @@ async fn metrics_are_prometheus_text_with_the_documented_names() {
         "sluice_ws_messages_total{pool=\"app\",backend=\"b1\",direction=\"down\"} 2",
         "sluice_backend_up{pool=\"app\",backend=\"b1\"} 1",
         "sluice_drain_closed_total{pool=\"app\",backend=\"b1\"} 0",
+        "sluice_ws_messages_cut_total{pool=\"app\",backend=\"b1\"} 0",
         "sluice_upstream_connect_seconds_count 2",
     ] {
         assert!(

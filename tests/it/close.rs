@@ -200,3 +200,82 @@ async fn close_request_on_a_stalled_message_does_not_spin() {
         "tunnel used {spent:?} of CPU in 800 ms"
     );
 }
+
+/// A client that announces a message of 2^63 − 1 bytes and trickles it
+/// would hold a drain forever: after `max_message_wait` it is cut, counted,
+/// and the backend sees its connection end.
+#[tokio::test]
+async fn a_message_that_outlives_max_message_wait_is_cut() {
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended2 = ended.clone();
+    let backend = RawBackend::start(
+        "",
+        Arc::new(move |mut stream: TcpStream, seen, index| {
+            let ended = ended2.clone();
+            Box::pin(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen_push(&seen, index, &buf[..n]),
+                    }
+                }
+                ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        }),
+    )
+    .await;
+    let wait = Duration::from_millis(1500);
+    let mut cfg = config(&[backend.addr]);
+    cfg.pools[0].drain.max_message_wait = wait;
+    let sluice = Sluice::with_config(cfg).await;
+    let (mut client, head) = raw_ws_client(sluice.addr, "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    client.write_all(&header).await.expect("write");
+    let (mut read_half, mut write_half) = client.into_split();
+    let trickle = tokio::spawn(async move {
+        // One byte every 100 ms, for at most 20 s.
+        for _ in 0..200 {
+            if write_half.write_all(&[0x55]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    eventually(5, "backend got the header", || {
+        backend.seen.lock().expect("lock")[0].bytes.len() > header.len()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    sluice
+        .admin()
+        .drain("app", "b1", Some("0s"))
+        .await
+        .expect("drain accepted");
+    eventually(10, "the stuck WebSocket is gone", || {
+        sluice.registry().ws_total() == 0
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(took >= wait, "cut after {took:?}, before max_message_wait");
+    eventually(5, "backend sees its connection end", || {
+        ended.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    let b1 = &sluice.registry().pool(0).backends[0];
+    assert_eq!(b1.messages_cut.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // No Close frame was slipped into the message towards the backend.
+    let got = backend.seen.lock().expect("lock")[0].bytes.clone();
+    assert!(got[header.len()..].iter().all(|&b| b == 0x55));
+    let mut rest = Vec::new();
+    let _ = within(
+        5,
+        "client sees its connection end",
+        read_half.read_to_end(&mut rest),
+    )
+    .await;
+    trickle.abort();
+}
