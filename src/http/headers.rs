@@ -91,7 +91,8 @@ fn check_transfer_coding(headers: &HeaderMap) -> Result<(), (StatusCode, &'stati
 }
 
 /// Checks the parts of an upgrade request a backend cannot do without
-/// (RFC 6455 §4.1); the reason goes back to the client with a 400.
+/// (RFC 6455 §4.1), and that it has no body; the reason goes back to the
+/// client with a 400.
 pub fn check_websocket_request<B>(req: &Request<B>) -> Result<(), &'static str> {
     if req.method() != Method::GET {
         return Err("WebSocket upgrade must use GET\n");
@@ -108,6 +109,15 @@ pub fn check_websocket_request<B>(req: &Request<B>) -> Result<(), &'static str> 
     }
     if !req.headers().contains_key(header::SEC_WEBSOCKET_VERSION) {
         return Err("WebSocket upgrade without Sec-WebSocket-Version\n");
+    }
+    // A body before the switch would reach the backend either as body or
+    // as the first bytes of the WebSocket, depending on who reads it: the
+    // request is refused instead, and its connection closed.
+    let length = req.headers().get(header::CONTENT_LENGTH);
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        || length.is_some_and(|v| v.as_bytes() != b"0")
+    {
+        return Err("WebSocket upgrade with a request body\n");
     }
     Ok(())
 }

@@ -113,12 +113,7 @@ async fn handle<S: TunnelIo + AsyncRead>(
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
     if let Err((code, text)) = headers::check_request(&req, ctx.cfg.max_uri_length) {
-        // A request refused at the edge ends its connection, as with the
-        // head errors hyper answers itself.
-        let mut resp = status(code, text);
-        resp.headers_mut()
-            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-        return resp;
+        return refuse(code, text);
     }
     // One span per proxied request or WebSocket; `upstream` records the
     // backend once it has one.
@@ -173,7 +168,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
     if let Err(reason) = headers::check_websocket_request(&req) {
-        return status(StatusCode::BAD_REQUEST, reason);
+        return refuse(StatusCode::BAD_REQUEST, reason);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let upstream = &ctx.upstream;
@@ -273,6 +268,16 @@ fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
         }
         (Blame::Backend, _) => status(StatusCode::BAD_GATEWAY, "backend unavailable\n"),
     }
+}
+
+/// A request refused at the edge: answered, and its connection ends (as
+/// with the head errors hyper answers itself), so nothing it still sends
+/// is read as another request.
+fn refuse(code: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = status(code, text);
+    resp.headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// A short plain-text response made by sluice.

@@ -259,3 +259,46 @@ async fn transfer_codings_other_than_chunked_are_refused() {
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert!(ok.ends_with("hello"), "{ok}");
 }
+
+/// An upgrade request with a body is refused: its bytes would otherwise
+/// reach the backend as body or as WebSocket frames depending on who reads
+/// them.
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_is_refused() {
+    let backend = RawBackend::echo("").await;
+    let sluice = Sluice::with_config(config(&[backend.addr])).await;
+    let head = "GET /ws HTTP/1.1\r\nHost: sluice.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+    let frame = frame(0x81, b"hi", Some([1, 2, 3, 4]));
+    for framing in [
+        "Content-Length: 8\r\n\r\n".to_string(),
+        "Transfer-Encoding: chunked\r\n\r\n8\r\n".to_string(),
+    ] {
+        let mut request = format!("{head}{framing}").into_bytes();
+        request.extend_from_slice(&frame);
+        let answer = exchange(&sluice, &request).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request"),
+            "{framing:?}: {answer}"
+        );
+        assert!(answer.contains("WebSocket upgrade with a request body"));
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    assert!(
+        backend.seen.lock().expect("lock").is_empty(),
+        "nothing reached the backend"
+    );
+    // Content-Length: 0 is no body.
+    let ok = within(5, "101", async {
+        let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+        stream
+            .write_all(format!("{head}Content-Length: 0\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        read_head(&mut stream).await
+    })
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 101"), "{ok}");
+}
