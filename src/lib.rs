@@ -17,6 +17,7 @@ pub mod admin;
 pub(crate) mod admission;
 pub mod balance;
 pub mod config;
+pub(crate) mod conn_limit;
 pub mod ctl;
 pub mod demo;
 pub(crate) mod drain;
@@ -196,6 +197,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
             tls,
             handshake_errors: metrics.tls_handshake_errors(&lcfg.name),
             proxy_rejected: metrics.proxy_rejected(&lcfg.name),
+            client_limit: (lcfg.max_connections_per_client > 0)
+                .then(|| conn_limit::ClientLimit::new(lcfg.max_connections_per_client)),
+            client_limited: metrics.client_limited(&lcfg.name),
             cfg: lcfg.clone(),
             upstream: upstreams[lcfg.pool].clone(),
             registry: registry.clone(),

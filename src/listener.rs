@@ -2,7 +2,9 @@
 //!
 //! Owns binding, accepting and the per-listener connection limit: at
 //! `max_connections` it stops accepting, so further clients wait in the
-//! kernel's backlog (as HAProxy's maxconn does). Each accepted connection is
+//! kernel's backlog (as HAProxy's maxconn does). Once the client's address
+//! is known (after the PROXY header) the connection is counted against
+//! `max_connections_per_client` (`conn_limit`). Each accepted connection is
 //! handed to `http` on its own task.
 
 use std::io;
@@ -17,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, Span, debug, debug_span, field, info, warn};
 
 use crate::config::ProxyVersion;
+use crate::conn_limit::ConnPermit;
 use crate::error_chain::chain;
 use crate::http::{self, ListenerCtx};
 use crate::proxy_protocol::{self, Carried, Client, ProxyError};
@@ -74,7 +77,7 @@ async fn accept_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
-    permit: OwnedSemaphorePermit,
+    listener_permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
     let mut client = Client {
@@ -108,6 +111,9 @@ async fn accept_connection(
             }
         }
     }
+    // Counted before the TLS handshake, so one address cannot hold many
+    // handshakes either; one over its limit is answered 429 after it.
+    let permit = ConnPermit::new(listener_permit, ctx.client_limit.as_ref(), client.addr.ip());
     let Some(tls) = ctx.tls.clone() else {
         http::serve_connection(stream, client, ctx, permit, shutdown).await;
         return;
@@ -175,6 +181,7 @@ pub async fn serve(
                 local: local_addr(&stream, &ctx),
                 tls: None,
             };
+            let permit = ConnPermit::new(permit, ctx.client_limit.as_ref(), peer.ip());
             tasks.spawn(
                 http::serve_connection(stream, client, ctx.clone(), permit, shutdown.clone())
                     .instrument(span),

@@ -30,6 +30,7 @@ pub struct Metrics {
     rejected: Family<PoolLabels, Counter>,
     handshake_errors: Family<ListenerLabels, Counter>,
     proxy_rejected: Family<ListenerLabels, Counter>,
+    client_limited: Family<ListenerLabels, Counter>,
     /// Time to open a TCP connection to a backend.
     pub connect_seconds: Histogram,
 }
@@ -68,6 +69,12 @@ impl Metrics {
             "Connections closed for a missing, invalid or unallowed PROXY header, by listener",
             proxy_rejected.clone(),
         );
+        let client_limited = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "sluice_client_limit_rejected",
+            "Requests answered 429 because their client address had max_connections_per_client, by listener",
+            client_limited.clone(),
+        );
         registry.register_collector(Box::new(LiveCollector(live)));
         Self {
             registry,
@@ -75,6 +82,7 @@ impl Metrics {
             rejected,
             handshake_errors,
             proxy_rejected,
+            client_limited,
             connect_seconds,
         }
     }
@@ -96,6 +104,13 @@ impl Metrics {
     /// The PROXY-header-rejected counter of `listener`.
     pub fn proxy_rejected(&self, listener: &str) -> Counter {
         self.proxy_rejected
+            .get_or_create(&[("listener", listener.to_string())])
+            .clone()
+    }
+
+    /// The per-client-limit counter of `listener`.
+    pub fn client_limited(&self, listener: &str) -> Counter {
+        self.client_limited
             .get_or_create(&[("listener", listener.to_string())])
             .clone()
     }

@@ -81,6 +81,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 1,
                 10_000_000,
             )? as usize,
+            max_connections_per_client: t.integer("max_connections_per_client", 0, 0, 10_000_000)?
+                as usize,
             forwarded_headers: t.boolean("forwarded_headers", defaults.forwarded_headers)?,
             header_read_timeout: t.duration(
                 "header_read_timeout",

@@ -31,6 +31,9 @@ pub struct ListenerConfig {
     pub pool: usize,
     /// Client connections served at once; more wait in the accept backlog.
     pub max_connections: usize,
+    /// Live connections per client address (0: no limit); past it every
+    /// request is answered 429.
+    pub max_connections_per_client: usize,
     /// Add X-Forwarded-For/-Proto and Forwarded to requests.
     pub forwarded_headers: bool,
     /// Time a client has to send a complete request head.
@@ -413,6 +416,7 @@ impl ListenerConfig {
             max_header_size: 32 * 1024,
             max_uri_length: 8 * 1024,
             body_timeout: Duration::from_secs(60),
+            max_connections_per_client: 0,
             tls: None,
             proxy_protocol: None,
         }

@@ -23,7 +23,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncRead;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, Span, debug, debug_span, field, warn};
@@ -32,6 +31,7 @@ pub use body::ProxyBody;
 use body::Reuse;
 
 use crate::config::ListenerConfig;
+use crate::conn_limit::{ClientLimit, ConnPermit};
 use crate::error_chain::chain;
 use crate::proxy_protocol::Client;
 use crate::registry::Registry;
@@ -53,6 +53,10 @@ pub struct ListenerCtx {
     pub handshake_errors: Counter,
     /// Connections closed for a missing, invalid or unallowed PROXY header.
     pub proxy_rejected: Counter,
+    /// Live connections per client address, when the listener limits them.
+    pub client_limit: Option<Arc<ClientLimit>>,
+    /// Requests answered 429 for their client's connection count.
+    pub client_limited: Counter,
 }
 
 impl ListenerCtx {
@@ -66,13 +70,13 @@ impl ListenerCtx {
 
 /// Serves one client connection until it closes, or until `shutdown`, after
 /// which in-flight requests finish and the connection closes.
-/// `permit` counts the connection against the listener's limit; an upgraded
-/// WebSocket keeps it until the tunnel ends.
+/// `permit` counts the connection against the listener's limits; an
+/// upgraded WebSocket keeps it until the tunnel ends.
 pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     stream: S,
     client: Client,
     ctx: Arc<ListenerCtx>,
-    permit: OwnedSemaphorePermit,
+    permit: ConnPermit,
     shutdown: CancellationToken,
 ) {
     let permit = Arc::new(permit);
@@ -110,8 +114,20 @@ async fn handle<S: TunnelIo + AsyncRead>(
     req: Request<Incoming>,
     client: Client,
     ctx: Arc<ListenerCtx>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnPermit>,
 ) -> Response<ProxyBody> {
+    if permit.over_limit() {
+        ctx.client_limited.inc();
+        let mut resp = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address\n",
+        );
+        resp.headers_mut().insert(
+            RETRY_AFTER,
+            HeaderValue::from(1 + rand::random_range(0..3u32)),
+        );
+        return resp;
+    }
     if let Err((code, text)) = headers::check_request(&req, ctx.cfg.max_uri_length) {
         return refuse(code, text);
     }
@@ -165,7 +181,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     mut req: Request<Incoming>,
     client: Client,
     ctx: Arc<ListenerCtx>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnPermit>,
 ) -> Response<ProxyBody> {
     if let Err(reason) = headers::check_websocket_request(&req) {
         return refuse(StatusCode::BAD_REQUEST, reason);

@@ -302,3 +302,71 @@ async fn an_upgrade_request_with_a_body_is_refused() {
     .await;
     assert!(ok.starts_with("HTTP/1.1 101"), "{ok}");
 }
+
+/// One address cannot take a listener's places: past
+/// `max_connections_per_client` it gets 429 with Retry-After, and nothing
+/// reaches a backend; other addresses are not affected, and a place that
+/// comes free can be taken again.
+#[tokio::test]
+async fn max_connections_per_client_answers_429_past_the_limit() {
+    use futures_util::StreamExt;
+    let backends = echo_backends(1).await;
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.listeners[0].max_connections_per_client = 2;
+    let sluice = Sluice::with_config(cfg).await;
+    let from = [127, 0, 0, 7];
+    let ws = |stream: TcpStream| {
+        let url = sluice.url("/ws");
+        async move {
+            tokio_tungstenite::client_async(url, stream)
+                .await
+                .map(|(ws, _)| ws)
+        }
+    };
+    let mut first = ws(connect_from(from, sluice.addr).await)
+        .await
+        .expect("first");
+    let _second = ws(connect_from(from, sluice.addr).await)
+        .await
+        .expect("second");
+    let requests = || {
+        backends[0]
+            .stats
+            .ws_accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = requests();
+    // A third connection from the same address: 429, for a WebSocket...
+    match ws(connect_from(from, sluice.addr).await).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 429);
+            let retry: u32 = resp.headers()["retry-after"]
+                .to_str()
+                .expect("ascii")
+                .parse()
+                .expect("seconds");
+            assert!((1..=3).contains(&retry), "{retry}");
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // ...and for plain HTTP.
+    let mut http = HttpClient::over(connect_from(from, sluice.addr).await).await;
+    assert_eq!(http.get("/").await.status, 429);
+    assert_eq!(requests(), before, "nothing reached the backend");
+    // Another address is not affected.
+    let mut other = HttpClient::over(connect_from([127, 0, 0, 8], sluice.addr).await).await;
+    assert_eq!(other.get("/").await.status, 200);
+    // A place that comes free is there again.
+    first.close(None).await.expect("close");
+    while first.next().await.is_some() {}
+    drop(first);
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(ws) = ws(connect_from(from, sluice.addr).await).await {
+            again = Some(ws);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the freed place was not given back");
+}

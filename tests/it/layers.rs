@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 const DATA_PATH: &[&str] = &[
     "listener",
     "proxy_protocol",
+    "conn_limit",
     "tls",
     "http",
     "balance",
@@ -41,6 +42,7 @@ const LEAVES: &[&str] = &[
     "health_state",
     "admission",
     "proxy_protocol",
+    "conn_limit",
 ];
 
 /// Top-level module of each file under `src/` (lib.rs and main.rs: none).

@@ -443,16 +443,6 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
     );
 }
 
-/// A TCP connection to `addr` from the loopback address `from`, so that
-/// the client address differs from every proxy's own (127.0.0.1).
-async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::from((from, 0)))
-        .expect("bind a loopback source");
-    socket.connect(addr).await.expect("connect")
-}
-
 /// HAProxy (the Debian package) in TCP mode with `send-proxy-v2` in front
 /// of sluice: the original client address reaches the backends. `.ci/run`
 /// installs haproxy and sets SLUICE_REQUIRE_HAPROXY, so there this test
@@ -610,4 +600,30 @@ async fn headers_that_come_in_parts_or_run_long_are_read_whole() {
     too_long.extend_from_slice(&[b' '; 80]);
     too_long.extend_from_slice(b"\r\nGET / HTTP/1.1\r\n\r\n");
     assert!(closed_after(&sluice, &too_long, false).await.is_empty());
+}
+
+/// With a per-client limit, the address the PROXY header carries is the
+/// one counted, not the L4 balancer's.
+#[tokio::test]
+async fn max_connections_per_client_counts_the_carried_address() {
+    let backends = echo_backends(1).await;
+    let mut cfg = proxied(&[backends[0].addr], ProxyAccept::Any, &["127.0.0.1"]);
+    cfg.listeners[0].max_connections_per_client = 1;
+    let sluice = Sluice::with_config(cfg).await;
+    // Two clients behind the one balancer address: each has its place.
+    let mut held = Vec::new();
+    for client in ["192.0.2.1:1000", "192.0.2.2:1000"] {
+        let mut stream = TcpStream::connect(sluice.addr).await.expect("connect");
+        stream
+            .write_all(&v1(client, "192.0.2.100:80"))
+            .await
+            .expect("header");
+        let mut http = HttpClient::over(stream).await;
+        assert_eq!(http.get("/").await.status, 200, "{client}");
+        held.push(http);
+    }
+    // A second connection of the first client is over its limit.
+    let reply = get_after(&sluice, &v1("192.0.2.1:1001", "192.0.2.100:80")).await;
+    assert_eq!(reply.status, 429);
+    assert!(reply.headers.contains_key("retry-after"));
 }

@@ -167,3 +167,14 @@ pub async fn read_exact(stream: &mut TcpStream, n: usize) -> Vec<u8> {
         .expect("read");
     buf
 }
+
+/// A TCP connection to `addr` from the loopback address `from`, so that
+/// the client address differs from 127.0.0.1 (every proxy's own, and every
+/// other test client's).
+pub async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback source");
+    socket.connect(addr).await.expect("connect")
+}
