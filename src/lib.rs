@@ -31,6 +31,7 @@ pub(crate) mod pem;
 pub(crate) mod proxy_protocol;
 pub(crate) mod rebalance;
 pub mod registry;
+pub(crate) mod sockopt;
 pub mod tls;
 pub(crate) mod trim;
 pub(crate) mod tunnel;

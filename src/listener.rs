@@ -23,6 +23,7 @@ use crate::conn_limit::ConnPermit;
 use crate::error_chain::chain;
 use crate::http::{self, ListenerCtx};
 use crate::proxy_protocol::{self, Carried, Client, ProxyError};
+use crate::sockopt;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -166,6 +167,9 @@ pub async fn serve(
         };
         ctx.accepted.inc();
         let _ = stream.set_nodelay(true);
+        if let Some(k) = ctx.cfg.tcp_keepalive {
+            sockopt::keepalive(&stream, k.idle, k.interval, k.count);
+        }
         // Everything logged about this connection, down to the tunnel, is
         // inside this span (debug level: free unless enabled).
         let span = if ctx.cfg.proxy_protocol.is_some() {

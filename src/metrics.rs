@@ -217,7 +217,7 @@ impl Collector for LiveCollector {
             }
         }
         type PerBackend = fn(&crate::registry::Backend) -> &std::sync::atomic::AtomicU64;
-        let per_backend: [(&str, &str, PerBackend); 3] = [
+        let per_backend: [(&str, &str, PerBackend); 4] = [
             (
                 "sluice_drain_closed",
                 "WebSockets asked to close by a drain",
@@ -232,6 +232,11 @@ impl Collector for LiveCollector {
                 "sluice_ws_messages_cut",
                 "WebSockets cut because a message outlived max_message_wait during a close",
                 |b| &b.messages_cut,
+            ),
+            (
+                "sluice_ws_client_timeouts",
+                "WebSockets closed because the client did not answer sluice's Ping (ws_ping_interval)",
+                |b| &b.client_timeouts,
             ),
         ];
         for (name, help, counter) in per_backend {

@@ -183,6 +183,8 @@ pub struct Backend {
     pub rebalance_shed: AtomicU64,
     /// WebSockets cut because a message outlived `max_message_wait`.
     pub messages_cut: AtomicU64,
+    /// WebSockets closed because their client stopped answering Pings.
+    pub client_timeouts: AtomicU64,
     /// Reference point of the time stamps below.
     epoch: Instant,
     /// Slow-start ramp of the pool (zero: off).
@@ -221,6 +223,7 @@ impl Backend {
             drain_closed: AtomicU64::new(0),
             rebalance_shed: AtomicU64::new(0),
             messages_cut: AtomicU64::new(0),
+            client_timeouts: AtomicU64::new(0),
             epoch,
             slow_start,
             active_down: AtomicBool::new(false),

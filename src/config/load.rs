@@ -102,6 +102,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 64 * 1024,
             )? as usize,
             body_timeout: t.duration("body_timeout", defaults.body_timeout, MIN_TIMEOUT)?,
+            tcp_keepalive: read_tcp_keepalive(&mut t)?,
+            ws_ping_interval: Some(t.duration(
+                "ws_ping_interval",
+                Duration::ZERO,
+                Duration::ZERO,
+            )?)
+            .filter(|d| !d.is_zero()),
+            ws_ping_timeout: t.duration(
+                "ws_ping_timeout",
+                defaults.ws_ping_timeout,
+                MIN_TIMEOUT,
+            )?,
             tls: read_tls(&mut t)?,
             proxy_protocol: read_proxy_protocol(&mut t)?,
             ..defaults
@@ -236,6 +248,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
                 }
             },
         },
+        tcp_keepalive: read_tcp_keepalive(&mut t)?,
         keepalive_max_idle: t.integer(
             "keepalive_max_idle",
             defaults.keepalive_max_idle as u64,
@@ -319,6 +332,26 @@ fn read_admin(
         max_connections,
         ..defaults
     }))
+}
+
+/// `tcp_keepalive = { enabled = true, idle = "60s", interval = "10s", count = 6 }`
+/// (a listener's, towards clients, or a pool's, towards backends).
+fn read_tcp_keepalive(t: &mut Table<'_>) -> Result<Option<TcpKeepalive>, ConfigError> {
+    let defaults = TcpKeepalive::default();
+    let context = format!("{} tcp_keepalive", t.context());
+    let Some(mut k) = t.table("tcp_keepalive", context)? else {
+        return Ok(Some(defaults));
+    };
+    let enabled = k.boolean("enabled", true)?;
+    // The kernel takes whole seconds.
+    let second = Duration::from_secs(1);
+    let keepalive = TcpKeepalive {
+        idle: k.duration("idle", defaults.idle, second)?,
+        interval: k.duration("interval", defaults.interval, second)?,
+        count: k.integer("count", u64::from(defaults.count), 1, 127)? as u32,
+    };
+    k.finish()?;
+    Ok(enabled.then_some(keepalive))
 }
 
 fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {

@@ -45,10 +45,36 @@ pub struct ListenerConfig {
     pub max_uri_length: usize,
     /// A request body that stalls this long ends its request (408).
     pub body_timeout: Duration,
+    /// TCP keepalive towards clients; `None`: off.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// Ping a client that has sent nothing for this long; `None`: off.
+    pub ws_ping_interval: Option<Duration>,
+    /// A client that sends nothing this long after sluice's Ping is gone.
+    pub ws_ping_timeout: Duration,
     /// TLS termination, when configured.
     pub tls: Option<TlsSettings>,
     /// The PROXY protocol from an L4 balancer in front, when configured.
     pub proxy_protocol: Option<ProxyProtocolIn>,
+}
+
+/// TCP keepalive probes: after `idle` of silence, every `interval`; `count`
+/// unanswered end the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+impl Default for TcpKeepalive {
+    /// A vanished peer is found after 60 s + 6 × 10 s = 2 minutes.
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: 6,
+        }
+    }
 }
 
 /// Which PROXY headers a listener reads, and from whom.
@@ -333,6 +359,8 @@ pub struct PoolConfig {
     pub keepalive_timeout: Duration,
     /// Idle upstream HTTP connections kept per backend.
     pub keepalive_max_idle: usize,
+    /// TCP keepalive towards backends; `None`: off.
+    pub tcp_keepalive: Option<TcpKeepalive>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -397,6 +425,7 @@ impl PoolConfig {
             sticky: None,
             keepalive_timeout: Duration::from_secs(60),
             keepalive_max_idle: 32,
+            tcp_keepalive: Some(TcpKeepalive::default()),
             send_proxy_protocol: None,
             backends,
         }
@@ -417,6 +446,9 @@ impl ListenerConfig {
             max_uri_length: 8 * 1024,
             body_timeout: Duration::from_secs(60),
             max_connections_per_client: 0,
+            tcp_keepalive: Some(TcpKeepalive::default()),
+            ws_ping_interval: None,
+            ws_ping_timeout: Duration::from_secs(10),
             tls: None,
             proxy_protocol: None,
         }

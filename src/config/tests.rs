@@ -365,3 +365,46 @@ fn request_head_limits_have_defaults_and_bounds() {
     let e = check(&text).unwrap_err();
     assert!(e.contains("max_header_size"), "{e}");
 }
+
+#[test]
+fn tcp_keepalive_and_ws_ping_are_read_and_checked() {
+    let cfg = check(MINIMAL).expect("valid");
+    assert_eq!(
+        cfg.listeners[0].tcp_keepalive,
+        Some(TcpKeepalive::default())
+    );
+    assert_eq!(cfg.pools[0].tcp_keepalive, Some(TcpKeepalive::default()));
+    assert_eq!(cfg.listeners[0].ws_ping_interval, None);
+    let text = MINIMAL
+        .replace(
+            "pool = \"app\"\n",
+            "pool = \"app\"\ntcp_keepalive = { idle = \"30s\", count = 3 }\nws_ping_interval = \"20s\"\n",
+        )
+        .replace(
+            "name = \"app\"\n",
+            "name = \"app\"\ntcp_keepalive = { enabled = false }\n",
+        );
+    let cfg = check(&text).expect("valid");
+    assert_eq!(
+        cfg.listeners[0].tcp_keepalive,
+        Some(TcpKeepalive {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            count: 3,
+        })
+    );
+    assert_eq!(
+        cfg.listeners[0].ws_ping_interval,
+        Some(Duration::from_secs(20))
+    );
+    assert_eq!(cfg.pools[0].tcp_keepalive, None);
+    let text = MINIMAL.replace(
+        "pool = \"app\"\n",
+        "pool = \"app\"\ntcp_keepalive = { interval = \"500ms\" }\n",
+    );
+    let err = check(&text).unwrap_err();
+    assert!(
+        err.starts_with("sluice.toml:5: listener \"listener1\" tcp_keepalive: key \"interval\": 500ms is out of range 1s..="),
+        "{err}"
+    );
+}

@@ -210,6 +210,10 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     let settings = tunnel::Settings {
         close_timeout: upstream.cfg.drain.close_timeout,
         max_message_wait: upstream.cfg.drain.max_message_wait,
+        ping: ctx.cfg.ws_ping_interval.map(|interval| tunnel::Ping {
+            interval,
+            timeout: ctx.cfg.ws_ping_timeout,
+        }),
     };
     let tunnel = async move {
         let _permit = permit;

@@ -48,12 +48,41 @@ fn give_buffer(mut buf: Vec<u8>) {
     }
 }
 
-/// A Close frame waiting to be written.
+/// A control frame of sluice's (Close or Ping) waiting to be written.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct PendingClose {
-    frame: [u8; 8],
+pub(super) struct PendingFrame {
+    frame: [u8; 10],
     len: u8,
     written: u8,
+}
+
+impl PendingFrame {
+    fn new(bytes: &[u8]) -> Self {
+        let mut frame = [0u8; 10];
+        frame[..bytes.len()].copy_from_slice(bytes);
+        Self {
+            frame,
+            len: bytes.len() as u8,
+            written: 0,
+        }
+    }
+
+    /// Writes what is left of the frame to `dst`.
+    fn poll_write(
+        &mut self,
+        dst: &mut impl TunnelIo,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.written < self.len {
+            let rest = &self.frame[self.written as usize..self.len as usize];
+            let n = ready!(Pin::new(&mut *dst).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n as u8;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// One direction: bytes from `src` to `dst`.
@@ -71,7 +100,13 @@ pub(super) struct Flow {
     /// comes (the source's data before it is still forwarded).
     pub(super) replace_close: Option<u16>,
     /// Our Close frame, still to be written.
-    pub(super) close_out: Option<PendingClose>,
+    pub(super) close_out: Option<PendingFrame>,
+    /// Our Ping (towards the client), to be written at the next frame
+    /// boundary.
+    pub(super) ping_out: Option<PendingFrame>,
+    /// The token of our last Ping (on the client's flow): its Pong is not
+    /// forwarded.
+    pub(super) pong_token: Option<[u8; frame::PING_TOKEN_LEN]>,
     /// sluice sent its Close frame: bytes from the source are no longer forwarded.
     pub(super) closed_by_us: bool,
     /// The source reached end of stream.
@@ -98,6 +133,8 @@ impl Flow {
             inject: None,
             replace_close: None,
             close_out: None,
+            ping_out: None,
+            pong_token: None,
             closed_by_us: false,
             eof: false,
             shut: false,
@@ -129,14 +166,15 @@ impl Flow {
         }
     }
 
+    /// Queues our Ping with `token`, sent at the next frame boundary.
+    pub(super) fn queue_ping(&mut self, token: [u8; frame::PING_TOKEN_LEN]) {
+        self.ping_out = Some(PendingFrame::new(&frame::ping_frame(token)));
+    }
+
     fn queue_close(&mut self, code: u16) {
         let mask = self.masked.then(rand::random::<[u8; 4]>);
         let (frame, len) = frame::close_frame(code, mask);
-        self.close_out = Some(PendingClose {
-            frame,
-            len: len as u8,
-            written: 0,
-        });
+        self.close_out = Some(PendingFrame::new(&frame[..len]));
         self.inject = None;
         self.closed_by_us = true;
     }
@@ -172,6 +210,23 @@ impl Flow {
                 }
                 None => n,
             }
+        } else if let Some(token) = self.pong_token {
+            match self.tracker.scan_to_control(data, frame::OPCODE_PONG) {
+                Some(k) if frame::is_our_pong(&data[k..], &token) => {
+                    // The answer to our own Ping: the backend never sent it
+                    // and does not see it.
+                    self.pong_token = None;
+                    buf.drain(k..k + frame::OUR_PONG_LEN);
+                    self.tracker.scan(&buf[k..], false);
+                }
+                // Another Pong (the backend's Ping's answer), or ours cut
+                // across reads: forwarded, which RFC 6455 §5.5.3 allows.
+                Some(k) => {
+                    self.tracker.scan(&data[k..], false);
+                }
+                None => {}
+            }
+            buf.len()
         } else {
             self.tracker.scan(data, false);
             n
@@ -222,16 +277,21 @@ impl Flow {
                     self.unflushed = true;
                 }
             }
+            // A Ping goes between frames (control frames may sit inside a
+            // fragmented message), never after our Close.
+            if self.closed_by_us {
+                self.ping_out = None;
+            }
+            if let Some(ping) = self.ping_out.as_mut()
+                && self.tracker.is_at_frame_boundary()
+            {
+                self.unflushed = true;
+                ready!(ping.poll_write(dst, cx))?;
+                self.ping_out = None;
+            }
             if let Some(close) = self.close_out.as_mut() {
-                while close.written < close.len {
-                    let frame = &close.frame[close.written as usize..close.len as usize];
-                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, frame))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    close.written += n as u8;
-                    self.unflushed = true;
-                }
+                self.unflushed = true;
+                ready!(close.poll_write(dst, cx))?;
                 self.close_out = None;
             }
             if self.unflushed {

@@ -11,6 +11,12 @@ const MAX_HEADER: usize = 14;
 
 /// Opcode of a Close frame.
 pub const OPCODE_CLOSE: u8 = 0x8;
+/// Opcode of a Ping frame.
+pub const OPCODE_PING: u8 = 0x9;
+/// Opcode of a Pong frame.
+pub const OPCODE_PONG: u8 = 0xA;
+/// Payload of sluice's own Ping frames: a random token.
+pub const PING_TOKEN_LEN: usize = 8;
 
 /// Tracks frame and message boundaries in one direction of a WebSocket stream.
 #[derive(Debug, Default, Clone)]
@@ -75,10 +81,17 @@ impl FrameTracker {
     /// its offset (the Close frame itself is not tracked); `None` when
     /// `data` holds no Close frame start.
     pub fn scan_to_close(&mut self, data: &[u8]) -> Option<usize> {
+        self.scan_to_control(data, OPCODE_CLOSE)
+    }
+
+    /// Follows `data` up to the start of the next control frame with
+    /// `opcode` and returns its offset (that frame is not tracked); `None`
+    /// when `data` holds no such frame start.
+    pub fn scan_to_control(&mut self, data: &[u8], opcode: u8) -> Option<usize> {
         let mut pos = 0;
         loop {
             let at_frame_start = self.header_len == 0 && self.remaining == 0;
-            if at_frame_start && pos < data.len() && data[pos] & 0x0f == OPCODE_CLOSE {
+            if at_frame_start && pos < data.len() && data[pos] & 0x0f == opcode {
                 return Some(pos);
             }
             if pos == data.len() {
@@ -169,6 +182,35 @@ pub fn close_frame(code: u16, mask: Option<[u8; 4]>) -> ([u8; 8], usize) {
             (frame, 8)
         }
     }
+}
+
+/// sluice's Ping to a client (unmasked, server to client) with `token`.
+pub fn ping_frame(token: [u8; PING_TOKEN_LEN]) -> [u8; 2 + PING_TOKEN_LEN] {
+    let mut frame = [0u8; 2 + PING_TOKEN_LEN];
+    frame[0] = 0x80 | OPCODE_PING;
+    frame[1] = PING_TOKEN_LEN as u8;
+    frame[2..].copy_from_slice(&token);
+    frame
+}
+
+/// Length of a client's Pong to sluice's Ping: 2 header bytes, the mask,
+/// the token.
+pub const OUR_PONG_LEN: usize = 2 + 4 + PING_TOKEN_LEN;
+
+/// True when `data` starts with a whole, final, masked Pong carrying
+/// `token`: the answer to sluice's own Ping.
+pub fn is_our_pong(data: &[u8], token: &[u8; PING_TOKEN_LEN]) -> bool {
+    if data.len() < OUR_PONG_LEN
+        || data[0] != 0x80 | OPCODE_PONG
+        || data[1] != 0x80 | PING_TOKEN_LEN as u8
+    {
+        return false;
+    }
+    let mask = &data[2..6];
+    data[6..OUR_PONG_LEN]
+        .iter()
+        .enumerate()
+        .all(|(i, b)| b ^ mask[i % 4] == token[i])
 }
 
 #[cfg(test)]
@@ -283,6 +325,28 @@ mod tests {
         let looks_like_close = [0x82, 0x02, 0x88, 0x88];
         let mut t = FrameTracker::default();
         assert_eq!(t.scan_to_close(&looks_like_close), None);
+    }
+
+    #[test]
+    fn our_pong_is_told_from_others() {
+        let token = *b"sluice01";
+        let mask = [9, 8, 7, 6];
+        let mut pong = vec![0x8a, 0x88];
+        pong.extend_from_slice(&mask);
+        pong.extend(token.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        assert!(is_our_pong(&pong, &token));
+        assert!(!is_our_pong(&pong[..OUR_PONG_LEN - 1], &token), "cut short");
+        assert!(!is_our_pong(&pong, b"another!"), "another token");
+        let mut ping = pong.clone();
+        ping[0] = 0x89;
+        assert!(!is_our_pong(&ping, &token), "a Ping");
+        // Found where it starts, after a data frame.
+        let mut stream = frame(true, 1, 3, true);
+        let at = stream.len();
+        stream.extend_from_slice(&pong);
+        let mut t = FrameTracker::default();
+        assert_eq!(t.scan_to_control(&stream, OPCODE_PONG), Some(at));
+        assert_eq!(ping_frame(token)[..2], [0x89, 8]);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::registry::{CloseRequest, ConnControl, WsEntry};
 use close::{Action, CloseMachine, Seen};
@@ -64,6 +64,28 @@ pub struct Settings {
     pub close_timeout: Duration,
     /// Longest a message in flight may hold a close back.
     pub max_message_wait: Duration,
+    /// Liveness checks of the client, when on.
+    pub ping: Option<Ping>,
+}
+
+/// sluice's own liveness check of a client: after `interval` without a
+/// frame from it, a Ping; then `timeout` for any frame (its Pong is not
+/// forwarded). A client that stays silent is gone: the backend gets Close
+/// 1001 and both sockets are freed.
+#[derive(Debug, Clone, Copy)]
+pub struct Ping {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// What a liveness step leaves the tunnel to do.
+enum PingStep {
+    /// Look again at this time (or on new data).
+    Wait(Instant),
+    /// A Ping was queued: let the flows send it.
+    Sent,
+    /// The client did not answer in time.
+    Gone,
 }
 
 /// What a close step leaves the tunnel to do.
@@ -95,6 +117,14 @@ pub struct Tunnel<C = TcpStream, B = TcpStream> {
     /// tunnel idle for long goes out at once (one clock read per poll
     /// that moved data).
     last_activity: Instant,
+    ping: Option<Ping>,
+    /// When the client last sent anything.
+    last_client: Instant,
+    /// Our Ping is out since then, with no frame from the client yet.
+    ping_sent: Option<Instant>,
+    /// The client stopped answering: only the backend's side of the close
+    /// handshake is awaited.
+    client_gone: bool,
 }
 
 impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
@@ -121,6 +151,10 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
             linger_deadline: None,
             answers_seen: 0,
             last_activity: Instant::now(),
+            ping: settings.ping,
+            last_client: Instant::now(),
+            ping_sent: None,
+            client_gone: false,
         }
     }
 
@@ -172,8 +206,46 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
         Step::Wake(wake_at)
     }
 
+    /// Checks the client's liveness at `now`: sends a Ping when it has
+    /// been silent for the interval, and finds it gone when it has stayed
+    /// silent for the timeout after.
+    fn step_ping(&mut self, ping: Ping, now: Instant) -> PingStep {
+        if let Some(sent) = self.ping_sent {
+            return if now >= sent + ping.timeout {
+                PingStep::Gone
+            } else {
+                PingStep::Wait(sent + ping.timeout)
+            };
+        }
+        let due = self.last_client + ping.interval;
+        if now < due {
+            return PingStep::Wait(due);
+        }
+        if self.down.ping_out.is_some() || !self.down.tracker.is_at_frame_boundary() {
+            // Mid-frame towards the client: the Ping waits for the frame's
+            // end (new data wakes the tunnel).
+            return PingStep::Wait(now + close::QUIET);
+        }
+        let token = rand::random();
+        self.down.queue_ping(token);
+        self.up.pong_token = Some(token);
+        self.ping_sent = Some(now);
+        PingStep::Sent
+    }
+
     /// True when the close handshake is complete on both sides.
     fn close_complete(&self) -> bool {
+        if self.client_gone {
+            // Our Close is out to the backend and the backend has answered
+            // (or ended): nothing more can reach a client that is gone.
+            let up = &self.up;
+            return self.close.is_closing()
+                && up.closed_by_us
+                && up.close_out.is_none()
+                && up.is_flushed()
+                && !up.unflushed
+                && (self.down.tracker.close_seen() || self.down.eof);
+        }
         // Each side's Close has been read whole and everything owed to the
         // other side has been written.
         let done = |f: &Flow| {
@@ -220,14 +292,43 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
             if this.up.active || this.down.active {
                 this.last_activity = Instant::now();
             }
-            if this.close.is_open() && up.is_pending() && down.is_pending() {
+            if this.up.active {
+                // Any frame from the client shows it is there.
+                this.last_client = this.last_activity;
+                this.ping_sent = None;
+            }
+            let mut ping_wake = None;
+            if let Some(ping) = this.ping
+                && this.close.is_open()
+            {
+                let now = Instant::now();
+                match this.step_ping(ping, now) {
+                    PingStep::Wait(at) => ping_wake = Some(at),
+                    PingStep::Sent => continue,
+                    PingStep::Gone => {
+                        let backend = this.entry.backend();
+                        backend.client_timeouts.fetch_add(1, Ordering::Relaxed);
+                        debug!(
+                            conn.id = this.control().id,
+                            "client did not answer sluice's Ping: closing"
+                        );
+                        this.client_gone = true;
+                        this.close.request(1001, now, this.last_client);
+                        this.answers_seen = this.down.tracker.messages();
+                    }
+                }
+            }
+            if this.close.is_open() && up.is_pending() && down.is_pending() && ping_wake.is_none() {
                 // The common case: proxying, nothing timed to wait for.
                 return Poll::Pending;
             }
             let now = Instant::now();
             let injecting = this.up.inject.is_some() || this.down.inject.is_some();
             let mut wake_at = match this.step_close(now) {
-                Step::Wake(at) => at,
+                Step::Wake(at) => match (at, ping_wake) {
+                    (Some(a), Some(p)) => Some(a.min(p)),
+                    (a, p) => a.or(p),
+                },
                 Step::Cut => {
                     let backend = this.entry.backend();
                     backend.messages_cut.fetch_add(1, Ordering::Relaxed);

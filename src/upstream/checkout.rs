@@ -193,7 +193,7 @@ impl Upstream {
         client: &Client,
     ) -> Result<BackendStream, UpstreamError> {
         let started = Instant::now();
-        let mut tcp = connect(addr, self.cfg.connect_timeout).await?;
+        let mut tcp = connect(addr, self.cfg.connect_timeout, self.cfg.tcp_keepalive).await?;
         self.connect_seconds
             .observe(started.elapsed().as_secs_f64());
         if let Some(version) = self.cfg.send_proxy_protocol {

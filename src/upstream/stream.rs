@@ -12,8 +12,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::BackendTls;
+use crate::config::{BackendTls, TcpKeepalive};
 use crate::pem::{self, PemError};
+use crate::sockopt;
 use crate::tunnel::TunnelIo;
 
 use super::UpstreamError;
@@ -55,14 +56,22 @@ impl BackendTlsConnector {
     }
 }
 
-/// Opens a TCP connection to `addr` within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+/// Opens a TCP connection to `addr` within `timeout`, with keepalive
+/// probes when the pool has them.
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<TcpKeepalive>,
+) -> Result<TcpStream, UpstreamError> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => Err(UpstreamError::ConnectTimeout { addr, timeout }),
         Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
         Ok(Ok(stream)) => {
             // Small WebSocket frames must not wait for Nagle.
             let _ = stream.set_nodelay(true);
+            if let Some(k) = keepalive {
+                sockopt::keepalive(&stream, k.idle, k.interval, k.count);
+            }
             Ok(stream)
         }
     }

@@ -13,6 +13,7 @@ const DATA_PATH: &[&str] = &[
     "listener",
     "proxy_protocol",
     "conn_limit",
+    "sockopt",
     "tls",
     "http",
     "balance",
@@ -43,6 +44,7 @@ const LEAVES: &[&str] = &[
     "admission",
     "proxy_protocol",
     "conn_limit",
+    "sockopt",
 ];
 
 /// Top-level module of each file under `src/` (lib.rs and main.rs: none).

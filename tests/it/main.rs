@@ -11,6 +11,7 @@ mod failures;
 mod health;
 mod http;
 mod layers;
+mod liveness;
 mod proxy_protocol;
 mod rebalance;
 mod sticky;

@@ -5,6 +5,7 @@
 //! - `clients`: WebSocket and HTTP clients;
 //! - `backends`: raw scripted backends;
 //! - `chat`: chatting clients for drain and rebalance load;
+//! - `netns`: a network namespace whose link a test can take down;
 //! - `process`: child processes, free ports, temp dirs (shared with the
 //!   benches).
 
@@ -14,6 +15,7 @@ mod backends;
 mod chat;
 mod clients;
 mod harness;
+pub mod netns;
 pub mod process;
 
 pub use backends::*;
