@@ -371,6 +371,235 @@ mod tests {
         )
     }
 
+    /// What the tracker shows after some prefix of the stream.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Seen {
+        messages: u64,
+        at_boundary: bool,
+        at_frame_boundary: bool,
+        close_seen: bool,
+    }
+
+    fn seen(t: &FrameTracker) -> Seen {
+        Seen {
+            messages: t.messages(),
+            at_boundary: t.is_at_boundary(),
+            at_frame_boundary: t.is_at_frame_boundary(),
+            close_seen: t.close_seen(),
+        }
+    }
+
+    /// RFC 6455 §5.2 read over the whole stream at once, written apart
+    /// from the tracker: what it must show after each prefix `data[..i]`
+    /// (index `i`, so `data.len() + 1` entries). A frame counts when its
+    /// header is complete: a data frame (opcode 0-7) with FIN ends a
+    /// message, without FIN opens one; a control frame (opcode 8-15) does
+    /// neither and a Close (8) is seen. Nothing is rejected.
+    fn expected_after_each_prefix(data: &[u8]) -> Vec<Seen> {
+        let n = data.len();
+        let mut out = Vec::with_capacity(n + 1);
+        let mut now = Seen {
+            messages: 0,
+            at_boundary: true,
+            at_frame_boundary: true,
+            close_seen: false,
+        };
+        let mut in_message = false;
+        out.push(now);
+        let mut start = 0;
+        while start < n {
+            // Inside a header, until it is complete.
+            now.at_frame_boundary = false;
+            now.at_boundary = false;
+            let header = match data.get(start + 1) {
+                None => n + 1,
+                Some(b) => {
+                    let ext = match b & 0x7f {
+                        126 => 2,
+                        127 => 8,
+                        _ => 0,
+                    };
+                    start + 2 + ext + if b & 0x80 != 0 { 4 } else { 0 }
+                }
+            };
+            while out.len() < header.min(n + 1) {
+                out.push(now);
+            }
+            if header > n {
+                break;
+            }
+            let h = &data[start..header];
+            let len: u64 = match h[1] & 0x7f {
+                126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+                127 => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
+                l => u64::from(l),
+            };
+            let (fin, opcode) = (h[0] & 0x80 != 0, h[0] & 0x0f);
+            if opcode >= 8 {
+                now.close_seen |= opcode == 8;
+            } else if fin {
+                in_message = false;
+                now.messages += 1;
+            } else {
+                in_message = true;
+            }
+            // Inside the payload, until it ends.
+            let end = header as u128 + u128::from(len);
+            let set = |now: &mut Seen, i: usize| {
+                now.at_frame_boundary = i as u128 == end;
+                now.at_boundary = now.at_frame_boundary && !in_message;
+            };
+            for i in header..=n {
+                if i as u128 > end {
+                    break;
+                }
+                set(&mut now, i);
+                out.push(now);
+            }
+            if end > n as u128 {
+                break;
+            }
+            start = end as usize;
+        }
+        debug_assert_eq!(out.len(), n + 1);
+        out
+    }
+
+    /// Bytes that look like frames often enough to reach every state: any
+    /// first byte (FIN, reserved bits, every opcode), 7-, 16- and 64-bit
+    /// lengths (small values in long encodings too), masked or not, short
+    /// payloads, cut-off frames and garbage between them.
+    fn frame_like_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            3 => (any::<u8>(), any::<bool>(), 0u64..40, 0u8..3, any::<bool>())
+                .prop_map(|(first, masked, len, width, cut)| {
+                    let m = if masked { 0x80 } else { 0 };
+                    let mut out = vec![first];
+                    match width {
+                        0 => out.push(m | (len.min(125) as u8)),
+                        1 => {
+                            out.push(m | 126);
+                            out.extend_from_slice(&(len as u16).to_be_bytes());
+                        }
+                        _ => {
+                            out.push(m | 127);
+                            out.extend_from_slice(&len.to_be_bytes());
+                        }
+                    }
+                    if masked {
+                        out.extend_from_slice(&[0x88, 0x08, 0x0f, 0x80]);
+                    }
+                    let len = if width == 0 { len.min(125) } else { len };
+                    // Payload bytes that look like Close headers.
+                    out.extend((0..len).map(|i| if i % 2 == 0 { 0x88 } else { 0x02 }));
+                    if cut {
+                        let keep = (first as usize) % out.len();
+                        out.truncate(keep.max(1));
+                    }
+                    out
+                }),
+            1 => proptest::collection::vec(any::<u8>(), 0..8),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+    }
+
+    /// How one read is handed to the tracker.
+    #[derive(Debug, Clone, Copy)]
+    enum Feed {
+        /// `scan(part, false)`.
+        Track,
+        /// `scan(part, true)`, stepping over each boundary by one byte.
+        StopAtBoundaries,
+        /// `scan_to_close(part)`, stepping over each Close start by one byte.
+        ToClose,
+    }
+
+    fn feed() -> impl Strategy<Value = Feed> {
+        prop_oneof![
+            Just(Feed::Track),
+            Just(Feed::StopAtBoundaries),
+            Just(Feed::ToClose)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("SLUICE_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+            ..ProptestConfig::default()
+        })]
+
+        /// Any bytes (arbitrary, or frame-like with garbage and cut-off
+        /// frames), split into reads of any size (empty ones too), each
+        /// read handed over by `scan`, `scan(_, true)` or `scan_to_close`:
+        /// after every call the tracker shows exactly what a reading of
+        /// the whole stream shows after the same prefix, `scan(_, true)`
+        /// stops at the first boundary at or after where it starts,
+        /// `scan_to_close` at the first frame start whose opcode is Close,
+        /// each having tracked exactly the bytes before it, and `None`
+        /// only when there is none in the read (all of it then tracked).
+        /// So nothing the tracker shows depends on how the stream was split.
+        #[test]
+        fn any_bytes_any_split_show_what_the_whole_stream_shows(
+            data in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..2048),
+                frame_like_bytes(),
+            ],
+            reads in proptest::collection::vec((0usize..300, feed()), 1..64),
+        ) {
+            let want = expected_after_each_prefix(&data);
+            let close_at = |i: usize| want[i].at_frame_boundary && data[i] & 0x0f == OPCODE_CLOSE;
+            let mut t = FrameTracker::default();
+            let mut pos = 0;
+            let mut read = reads.iter().cycle();
+            // Ends once all of `data` is tracked (at least one more read
+            // after that, an empty one, checks the end state).
+            let mut done = false;
+            let mut empty = 0;
+            while !done {
+                let (size, how) = *read.next().expect("cycle");
+                // Empty reads too, but never only those.
+                empty = if size == 0 { empty + 1 } else { 0 };
+                let size = if empty > 2 { 1 } else { size };
+                let end = (pos + size).min(data.len());
+                done = pos == data.len();
+                match how {
+                    Feed::Track => {
+                        prop_assert_eq!(t.scan(&data[pos..end], false), None);
+                        pos = end;
+                        prop_assert_eq!(seen(&t), want[pos], "tracked to {}", pos);
+                    }
+                    Feed::StopAtBoundaries => loop {
+                        let next = (pos..=end).find(|&i| want[i].at_boundary);
+                        let got = t.scan(&data[pos..end], true);
+                        prop_assert_eq!(got, next.map(|i| i - pos), "scan(_, true) from {} to {}", pos, end);
+                        pos = next.unwrap_or(end);
+                        prop_assert_eq!(seen(&t), want[pos], "stopped at {}", pos);
+                        if pos == end {
+                            break;
+                        }
+                        prop_assert_eq!(t.scan(&data[pos..pos + 1], false), None);
+                        pos += 1;
+                        prop_assert_eq!(seen(&t), want[pos], "stepped to {}", pos);
+                    },
+                    Feed::ToClose => loop {
+                        let next = (pos..end).find(|&i| close_at(i));
+                        let got = t.scan_to_close(&data[pos..end]);
+                        prop_assert_eq!(got, next.map(|i| i - pos), "scan_to_close from {} to {}", pos, end);
+                        pos = next.unwrap_or(end);
+                        prop_assert_eq!(seen(&t), want[pos], "stopped before a close at {}", pos);
+                        if pos == end {
+                            break;
+                        }
+                        prop_assert_eq!(t.scan(&data[pos..pos + 1], false), None);
+                        pos += 1;
+                        prop_assert_eq!(seen(&t), want[pos], "stepped to {}", pos);
+                    },
+                }
+            }
+            prop_assert_eq!(pos, data.len());
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig {
             cases: std::env::var("SLUICE_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
