@@ -408,3 +408,333 @@ fn tcp_keepalive_and_ws_ping_are_read_and_checked() {
         "{err}"
     );
 }
+
+/// Fuzz-style: whatever text `parse` is given, it answers, and an error
+/// names the file and a line of it. Long runs: see README ("Tests").
+mod any_text {
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use toml::de::{DeTable, DeValue};
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../examples/sluice.toml");
+
+    /// A path whose folder does not exist (files the text names are not
+    /// found), with a space, so that the message must name it whole.
+    const PATH: &str = "fuzz conf.d/sluice.toml";
+
+    fn cases() -> u32 {
+        std::env::var("SLUICE_PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    }
+
+    /// True when the text holds a string `host:port` whose host the
+    /// standard library would look up (sluice resolves `bind` and
+    /// `address` at load): such inputs are not parsed, so that a fuzz run
+    /// sends no DNS queries. Mirrors `impl ToSocketAddrs for str`.
+    fn would_look_up_a_name(text: &str) -> bool {
+        fn value(v: &DeValue<'_>) -> bool {
+            match v {
+                DeValue::String(s) => {
+                    s.parse::<SocketAddr>().is_err()
+                        && s.rsplit_once(':')
+                            .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+                }
+                DeValue::Array(items) => items.iter().any(|v| value(v.get_ref())),
+                DeValue::Table(t) => table(t),
+                _ => false,
+            }
+        }
+        fn table(t: &DeTable<'_>) -> bool {
+            t.iter().any(|(_, v)| value(v.get_ref()))
+        }
+        DeTable::parse(text).is_ok_and(|doc| table(doc.get_ref()))
+    }
+
+    /// What `parse` promises for any text: a `Config` whose indices and
+    /// lists hold, or an `Invalid` error (it reads no config file, so
+    /// never `Read`) naming `PATH` and a line of the text, and displayed
+    /// as `PATH:LINE: [CONTEXT: ]MESSAGE`. The line is the one holding
+    /// the offset the error is at, from 1 to the number of newlines + 1:
+    /// an error at the very end of a text that ends with a newline (an
+    /// unclosed `"""`) names the empty line after its last newline.
+    fn check_answer(text: &str) -> Result<(), TestCaseError> {
+        if would_look_up_a_name(text) {
+            return Ok(());
+        }
+        let path = Path::new(PATH);
+        let lines = text.split('\n').count();
+        match parse(text, path) {
+            Ok(cfg) => {
+                prop_assert!(!cfg.listeners.is_empty() && !cfg.pools.is_empty());
+                let mut names = HashSet::new();
+                for l in &cfg.listeners {
+                    prop_assert!(
+                        l.pool < cfg.pools.len(),
+                        "listener {} pool {}",
+                        l.name,
+                        l.pool
+                    );
+                    prop_assert!(names.insert(&l.name), "listener {} twice", l.name);
+                    prop_assert!(l.header_read_timeout <= MAX_DURATION);
+                    prop_assert!(l.body_timeout <= MAX_DURATION);
+                }
+                let mut names = HashSet::new();
+                for p in &cfg.pools {
+                    prop_assert!(names.insert(&p.name), "pool {} twice", p.name);
+                    prop_assert!(!p.backends.is_empty(), "pool {} without backends", p.name);
+                    let mut backends = HashSet::new();
+                    for b in &p.backends {
+                        prop_assert!(backends.insert(&b.name), "backend {} twice", b.name);
+                        prop_assert!((1..=10_000).contains(&b.weight));
+                    }
+                    for d in [
+                        p.connect_timeout,
+                        p.response_timeout,
+                        p.keepalive_timeout,
+                        p.slow_start,
+                        p.drain.window,
+                        p.drain.close_timeout,
+                        p.rebalance.interval,
+                        p.passive.ejection_time,
+                        p.admission.queue_timeout,
+                    ] {
+                        prop_assert!(d <= MAX_DURATION, "pool {}: {:?}", p.name, d);
+                    }
+                }
+                prop_assert!(cfg.shutdown_timeout <= MAX_DURATION);
+            }
+            Err(e @ ConfigError::Read { .. }) => {
+                prop_assert!(false, "parse read a file: {}", e);
+            }
+            Err(e) => {
+                let shown = e.to_string();
+                let ConfigError::Invalid {
+                    path: named,
+                    line,
+                    context,
+                    message,
+                } = e
+                else {
+                    unreachable!("Read is handled above");
+                };
+                prop_assert_eq!(named.as_path(), path);
+                prop_assert!(
+                    (1..=lines).contains(&line),
+                    "line {} of a text of {} lines: {}",
+                    line,
+                    lines,
+                    shown
+                );
+                prop_assert!(!message.is_empty(), "{}", shown);
+                let context = if context.is_empty() {
+                    String::new()
+                } else {
+                    format!("{context}: ")
+                };
+                prop_assert_eq!(shown, format!("{PATH}:{line}: {context}{message}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// TOML-ish pieces, so that arbitrary text also gets past the TOML
+    /// parser now and then.
+    fn toml_soup() -> impl Strategy<Value = String> {
+        let token = prop_oneof![
+            Just("[[pool]]\n".to_string()),
+            Just("[[pool.backend]]\n".to_string()),
+            Just("[[listener]]\n".to_string()),
+            Just("[[listener.tls.sni]]\n".to_string()),
+            Just("[admin]\n".to_string()),
+            Just("name = \"app\"\n".to_string()),
+            Just("name = \"b\"\n".to_string()),
+            Just("pool = \"app\"\n".to_string()),
+            Just("bind = \"127.0.0.1:0\"\n".to_string()),
+            Just("address = \"127.0.0.1:1\"\n".to_string()),
+            Just("drain = { window = \"1s\" }\n".to_string()),
+            prop::sample::select(vec![
+                "=", "\"", "'", "\"\"\"", "{", "}", "[", "]", ",", ".", "\n", "\r\n", " ", "#",
+                "\\", "\\u", "1", "-", "+", "x", "name", "tls", "health", "true", "1e9", "\0",
+            ])
+            .prop_map(str::to_string),
+            any::<char>().prop_map(String::from),
+        ];
+        proptest::collection::vec(token, 0..60).prop_map(|v| v.concat())
+    }
+
+    /// A value for a key: numbers (huge, negative, odd radixes), durations
+    /// (huge, tiny, malformed), strings (random, non-ASCII, addresses,
+    /// names that clash), other TOML types, and plain garbage.
+    fn value() -> impl Strategy<Value = String> {
+        let units = prop::sample::select(vec![
+            "", "ns", "us", "ms", "s", "m", "h", "d", "w", "M", "y", "days", "years", "parsec",
+        ]);
+        prop_oneof![
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => any::<f64>().prop_map(|f| f.to_string()),
+            4 => prop::sample::select(vec![
+                "0", "-0", "+1", "0x7fffffffffffffff", "0o777", "0b101", "1_000", "1e400",
+                "nan", "-inf", "1.5", "true", "false", "[]", "[1, \"a\"]", "{}", "{ x = 1 }",
+                "1979-05-27T07:32:00Z", "\"\"", "\"127.0.0.1:0\"", "\"[::1]:65535\"",
+                "\"127.0.0.1:99999\"", "\"0.0.0.0:80\"", "\"app\"", "\"app-1\"", "\"public\"",
+                "\"hash\"", "\"v2\"", "\"none\"", "\"/health\"", "\"295000000000y\"",
+                "\"18446744073709551615s\"", "\"30days 1s\"", "\"1ns\"", "\"0s\"", "\"-5s\"",
+                "\"1h 30m\"", "\"5\"", "\"\\u0000\"", "'literal'", "\"\"\"multi\nline\"\"\"",
+            ])
+            .prop_map(str::to_string),
+            2 => (any::<u64>(), units.clone()).prop_map(|(n, u)| format!("\"{n}{u}\"")),
+            2 => (0u64..100_000, units).prop_map(|(n, u)| format!("\"{n}{u}\"")),
+            // Strings without a colon: no host:port to look up.
+            2 => "[^\"\\\\:\n]{0,40}".prop_map(|s| format!("\"{s}\"")),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// One change to the lines of the example.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Delete(Index),
+        Duplicate(Index),
+        Swap(Index, Index),
+        /// Replaces the value after the n-th `=` of a line (up to a `,`,
+        /// `}` or `#`), so inside inline tables too.
+        Value(Index, Index, String),
+        /// Turns a commented-out key (`# token_file = ...`) on.
+        Uncomment(Index),
+        /// Inserts text at a character of a line.
+        Insert(Index, Index, String),
+        /// Inserts a new line.
+        Line(Index, String),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        let bytes = proptest::collection::vec(any::<u8>(), 1..8)
+            .prop_map(|b| String::from_utf8_lossy(&b).into_owned());
+        let line = prop_oneof![
+            toml_soup(),
+            (
+                prop::sample::select(vec![
+                    "name",
+                    "bind",
+                    "pool",
+                    "address",
+                    "weight",
+                    "tls",
+                    "key",
+                    "algorithm",
+                    "sticky",
+                    "token_file",
+                    "enabled",
+                    "health",
+                    "drain",
+                    "proxy_protocol",
+                    "proxy_protocol_from",
+                    "send_proxy_protocol",
+                    "x",
+                ]),
+                value(),
+            )
+                .prop_map(|(k, v)| format!("{k} = {v}")),
+        ];
+        prop_oneof![
+            1 => any::<Index>().prop_map(Mutation::Delete),
+            1 => any::<Index>().prop_map(Mutation::Duplicate),
+            1 => (any::<Index>(), any::<Index>()).prop_map(|(a, b)| Mutation::Swap(a, b)),
+            4 => (any::<Index>(), any::<Index>(), value())
+                .prop_map(|(l, n, v)| Mutation::Value(l, n, v)),
+            1 => any::<Index>().prop_map(Mutation::Uncomment),
+            1 => (any::<Index>(), any::<Index>(), prop_oneof![bytes, any::<String>()])
+                .prop_map(|(l, at, s)| Mutation::Insert(l, at, s)),
+            1 => (any::<Index>(), line).prop_map(|(l, s)| Mutation::Line(l, s)),
+        ]
+    }
+
+    fn apply(lines: &mut Vec<String>, m: &Mutation) {
+        if lines.is_empty() {
+            lines.push(String::new());
+        }
+        let n = lines.len();
+        match m {
+            Mutation::Delete(i) => {
+                lines.remove(i.index(n));
+            }
+            Mutation::Duplicate(i) => {
+                let i = i.index(n);
+                lines.insert(i, lines[i].clone());
+            }
+            Mutation::Swap(a, b) => lines.swap(a.index(n), b.index(n)),
+            Mutation::Value(i, nth, v) => {
+                let line = &mut lines[i.index(n)];
+                let eqs: Vec<usize> = line.match_indices('=').map(|(at, _)| at).collect();
+                if eqs.is_empty() {
+                    return;
+                }
+                let start = eqs[nth.index(eqs.len())] + 1;
+                let end = line[start..]
+                    .find([',', '}', '#'])
+                    .map_or(line.len(), |k| start + k);
+                line.replace_range(start..end, &format!(" {v} "));
+            }
+            Mutation::Uncomment(i) => {
+                let line = &mut lines[i.index(n)];
+                if let Some(rest) = line.trim_start().strip_prefix('#') {
+                    *line = rest.trim_start().to_string();
+                }
+            }
+            Mutation::Insert(i, at, s) => {
+                let line = &mut lines[i.index(n)];
+                let chars = line.char_indices().map(|(k, _)| k).chain([line.len()]);
+                let at = chars.collect::<Vec<_>>()[at.index(line.chars().count() + 1)];
+                line.insert_str(at, s);
+            }
+            Mutation::Line(i, s) => lines.insert(i.index(n + 1), s.clone()),
+        }
+    }
+
+    fn mutated_example() -> impl Strategy<Value = String> {
+        proptest::collection::vec(mutation(), 1..5).prop_map(|ms| {
+            let mut lines: Vec<String> = EXAMPLE.split('\n').map(str::to_string).collect();
+            for m in &ms {
+                apply(&mut lines, m);
+            }
+            lines.join("\n")
+        })
+    }
+
+    #[test]
+    fn the_example_is_valid_and_looks_up_no_name() {
+        assert!(!would_look_up_a_name(EXAMPLE));
+        assert!(would_look_up_a_name("address = \"backend.internal:80\""));
+        assert!(parse(EXAMPLE, Path::new(PATH)).is_ok());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Arbitrary text, and TOML-ish soup: an answer, never a panic.
+        #[test]
+        fn any_text_is_answered_with_a_line_of_it(
+            text in prop_oneof![any::<String>(), toml_soup()],
+        ) {
+            check_answer(&text)?;
+        }
+
+        /// The shipped example with lines deleted, duplicated, swapped,
+        /// inserted, uncommented, values replaced (inside inline tables
+        /// too) and random text inserted: an answer, never a panic.
+        #[test]
+        fn any_mutation_of_the_example_is_answered_with_a_line_of_it(
+            text in mutated_example(),
+        ) {
+            check_answer(&text)?;
+        }
+    }
+}
