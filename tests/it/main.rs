@@ -8,6 +8,7 @@ mod ctl;
 mod drain;
 mod edge;
 mod failures;
+mod fuzz;
 mod health;
 mod http;
 mod layers;
