@@ -38,9 +38,11 @@ pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// The edge rules every request must pass before anything is forwarded:
-/// a target no longer than `max_uri_length` (else 414), and exactly one
-/// Host (RFC 9112 §3.2; an HTTP/1.0 request may have none, and an
-/// absolute-form target names its host itself).
+/// a target no longer than `max_uri_length` (else 414) and of visible
+/// ASCII only; `*` only for OPTIONS; no CONNECT (sluice is no forward
+/// proxy: 405); and exactly one Host, a `uri-host [":" port]` (RFC 9112
+/// §3.2; an HTTP/1.0 request may have none, and an absolute-form target
+/// names its host itself).
 pub fn check_request<B>(
     req: &Request<B>,
     max_uri_length: usize,
@@ -52,14 +54,89 @@ pub fn check_request<B>(
     if target > max_uri_length {
         return Err((StatusCode::URI_TOO_LONG, "request target too long\n"));
     }
+    let path = uri.path_and_query().map_or("", |pq| pq.as_str());
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err((StatusCode::BAD_REQUEST, "invalid request target\n"));
+    }
+    if req.method() == Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served here\n",
+        ));
+    }
+    if path == "*" && req.method() != Method::OPTIONS {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a \"*\" target is for OPTIONS only\n",
+        ));
+    }
     check_transfer_coding(req.headers())?;
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => Err((StatusCode::BAD_REQUEST, "more than one Host header\n")),
+        (Some(host), None) if !is_host(host.as_bytes()) => {
+            Err((StatusCode::BAD_REQUEST, "invalid Host header\n"))
+        }
         (None, None) if req.version() == Version::HTTP_11 && uri.authority().is_none() => {
             Err((StatusCode::BAD_REQUEST, "request without a Host header\n"))
         }
         _ => Ok(()),
+    }
+}
+
+/// `uri-host [":" port]` (RFC 3986 §3.2.2): a bracketed IP literal or a
+/// non-empty reg-name / IPv4 address, then optional digits after a colon.
+fn is_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(end) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &value[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        (&value[..=end], &value[end + 1..])
+    } else {
+        let split = value
+            .iter()
+            .rposition(|&b| b == b':')
+            .unwrap_or(value.len());
+        let host = &value[..split];
+        let reg_name = |b: &u8| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        };
+        if host.is_empty() || !host.iter().all(reg_name) {
+            return false;
+        }
+        (host, &value[split..])
+    };
+    debug_assert!(!host.is_empty());
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
     }
 }
 
@@ -239,6 +316,35 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).expect("valid request")
+    }
+
+    #[test]
+    fn host_values_are_uri_host_and_port() {
+        for good in [
+            "sluice.test",
+            "sluice.test:8080",
+            "127.0.0.1",
+            "[::1]:443",
+            "[2001:db8::1]",
+            "a-b_c~d",
+            "x:",
+        ] {
+            assert!(is_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "' sluice.test",
+            "user@evil.test",
+            "a b",
+            "a:b",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "a/b",
+            "\u{e9}.test",
+        ] {
+            assert!(!is_host(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

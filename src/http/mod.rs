@@ -95,6 +95,9 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
         .max_header_size(ctx.cfg.max_header_size)
         .max_buf_size((ctx.cfg.max_header_size + 8192).max(8192))
         .auto_date_header(false)
+        // A client may send its request and shut its write side while it
+        // waits for the answer (RFC 9112 §9.6).
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

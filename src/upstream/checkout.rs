@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::header::{HOST, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -95,6 +95,14 @@ impl Upstream {
                     }
                 },
             };
+            if !req.headers().contains_key(HOST) {
+                // An HTTP/1.0 request may come without Host; it goes on as
+                // HTTP/1.1, which needs one: the backend's address (as
+                // nginx's default `proxy_set_header Host $proxy_host`).
+                if let Ok(host) = HeaderValue::from_str(&backend.addr.to_string()) {
+                    req.headers_mut().insert(HOST, host);
+                }
+            }
             let timeout = self.cfg.response_timeout;
             let Ok(sent) = tokio::time::timeout(timeout, sender.try_send_request(req)).await else {
                 warn!(pool = %self.cfg.name, backend = %backend.name, kind, ?timeout, "backend did not answer in time");

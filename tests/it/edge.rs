@@ -370,3 +370,57 @@ async fn max_connections_per_client_answers_429_past_the_limit() {
     }
     assert!(again.is_some(), "the freed place was not given back");
 }
+
+/// Targets and Host values outside RFC 9112/3986, and CONNECT, are refused
+/// with their status and never forwarded (found by the request-path fuzz
+/// target, which forwarded them before).
+#[tokio::test]
+async fn malformed_targets_hosts_and_connect_are_refused() {
+    let backends = echo_backends(1).await;
+    let sluice = Sluice::with_config(config(&[backends[0].addr])).await;
+    for (request, status) in [
+        (
+            &b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            "HTTP/1.1 400 Bad Request",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: ' sluice.test\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: user@evil.test\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+        ),
+        (
+            b"PATCH * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+        ),
+        (
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            "HTTP/1.1 405 Method Not Allowed",
+        ),
+    ] {
+        assert_eq!(
+            status_of(&sluice, request).await,
+            status,
+            "{}",
+            request.escape_ascii()
+        );
+    }
+    assert_eq!(
+        backends[0]
+            .stats
+            .http_requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the backend"
+    );
+    assert_eq!(
+        status_of(
+            &sluice,
+            b"OPTIONS * HTTP/1.1\r\nHost: a:80\r\nConnection: close\r\n\r\n"
+        )
+        .await,
+        "HTTP/1.1 200 OK"
+    );
+}
