@@ -3,20 +3,29 @@
 //! Owns the per-client count behind `listener.max_connections_per_client`:
 //! connections by client address (the one the PROXY header carries where
 //! the listener reads one), so that one address cannot take a listener's
-//! whole `max_connections`. A connection over the limit is still served,
-//! but only to be told `429` (see `http`). The listener-wide limit itself is
-//! a semaphore permit, carried here beside the client's slot.
+//! whole `max_connections`. A connection over the limit gives its place
+//! under `max_connections` back at once and is served only to be told
+//! `429` (see `http`); at most [`OVER_LIMIT_ANSWERS`] of those are served at
+//! a time, and past that they are closed unanswered. The listener-wide
+//! limit itself is a semaphore permit, carried here beside the client's
+//! slot.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Connections over their client's limit that are answered 429 at once
+/// (per listener); more are closed without an answer.
+pub const OVER_LIMIT_ANSWERS: usize = 64;
 
 /// Live connections per client address, bounded by `max`.
 #[derive(Debug)]
 pub struct ClientLimit {
     max: usize,
+    /// Places for connections being answered 429.
+    over: Arc<Semaphore>,
     /// Only addresses with a live connection have an entry.
     counts: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -33,6 +42,7 @@ impl ClientLimit {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
+            over: Arc::new(Semaphore::new(OVER_LIMIT_ANSWERS)),
             counts: Mutex::new(HashMap::new()),
         })
     }
@@ -100,16 +110,21 @@ pub enum ClientAdmit {
     /// Counted; the slot is given back when the connection ends.
     Counted(#[allow(dead_code, reason = "held for its Drop")] ClientSlot),
     /// The client already has `max_connections_per_client`: every request
-    /// on this connection is answered `429`.
-    OverLimit,
+    /// on this connection is answered `429` (holding one of the
+    /// [`OVER_LIMIT_ANSWERS`] places).
+    OverLimit(#[allow(dead_code, reason = "held for its Drop")] OwnedSemaphorePermit),
+    /// Over the limit, and too many such connections are being answered:
+    /// closed at once.
+    Refused,
 }
 
 /// What one client connection holds until it ends (an upgraded WebSocket
 /// keeps it until its tunnel ends).
 #[derive(Debug)]
 pub struct ConnPermit {
-    /// Its place under the listener's `max_connections`, held for its Drop.
-    _listener: OwnedSemaphorePermit,
+    /// Its place under the listener's `max_connections`, held for its Drop
+    /// (given back at once by a connection over its client's limit).
+    _listener: Option<OwnedSemaphorePermit>,
     client: ClientAdmit,
 }
 
@@ -122,9 +137,17 @@ impl ConnPermit {
     ) -> Self {
         let client = match limit {
             None => ClientAdmit::Unlimited,
-            Some(limit) => limit
-                .try_take(ip)
-                .map_or(ClientAdmit::OverLimit, ClientAdmit::Counted),
+            Some(limit) => match limit.try_take(ip) {
+                Some(slot) => ClientAdmit::Counted(slot),
+                None => match limit.over.clone().try_acquire_owned() {
+                    Ok(place) => ClientAdmit::OverLimit(place),
+                    Err(_) => ClientAdmit::Refused,
+                },
+            },
+        };
+        let listener = match client {
+            ClientAdmit::Unlimited | ClientAdmit::Counted(_) => Some(listener),
+            ClientAdmit::OverLimit(_) | ClientAdmit::Refused => None,
         };
         Self {
             _listener: listener,
@@ -132,8 +155,14 @@ impl ConnPermit {
         }
     }
 
+    /// Every request on this connection gets 429.
     pub fn over_limit(&self) -> bool {
-        matches!(self.client, ClientAdmit::OverLimit)
+        matches!(self.client, ClientAdmit::OverLimit(_))
+    }
+
+    /// The connection is to be closed unanswered.
+    pub fn refused(&self) -> bool {
+        matches!(self.client, ClientAdmit::Refused)
     }
 }
 
@@ -171,5 +200,26 @@ mod tests {
                 .try_take("::ffff:192.0.2.1".parse().expect("ip"))
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_gives_the_listener_place_back() {
+        let places = Arc::new(Semaphore::new(10));
+        let limit = ClientLimit::new(1);
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let take = || places.clone().try_acquire_owned().expect("a place");
+        let first = ConnPermit::new(take(), Some(&limit), ip);
+        assert!(!first.over_limit() && !first.refused());
+        assert_eq!(places.available_permits(), 9);
+        let mut over = Vec::new();
+        for _ in 0..OVER_LIMIT_ANSWERS {
+            let p = ConnPermit::new(take(), Some(&limit), ip);
+            assert!(p.over_limit());
+            over.push(p);
+        }
+        assert_eq!(places.available_permits(), 9, "over-limit ones hold none");
+        assert!(ConnPermit::new(take(), Some(&limit), ip).refused());
+        drop(over.pop());
+        assert!(ConnPermit::new(take(), Some(&limit), ip).over_limit());
     }
 }

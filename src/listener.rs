@@ -115,6 +115,10 @@ async fn accept_connection(
     // Counted before the TLS handshake, so one address cannot hold many
     // handshakes either; one over its limit is answered 429 after it.
     let permit = ConnPermit::new(listener_permit, ctx.client_limit.as_ref(), client.addr.ip());
+    if permit.refused() {
+        ctx.client_limited.inc();
+        return;
+    }
     let Some(tls) = ctx.tls.clone() else {
         http::serve_connection(stream, client, ctx, permit, shutdown).await;
         return;
@@ -186,6 +190,10 @@ pub async fn serve(
                 tls: None,
             };
             let permit = ConnPermit::new(permit, ctx.client_limit.as_ref(), peer.ip());
+            if permit.refused() {
+                ctx.client_limited.inc();
+                continue;
+            }
             tasks.spawn(
                 http::serve_connection(stream, client, ctx.clone(), permit, shutdown.clone())
                     .instrument(span),

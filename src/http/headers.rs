@@ -64,6 +64,14 @@ pub fn check_request<B>(
             "CONNECT is not served here\n",
         ));
     }
+    if uri
+        .authority()
+        .is_some_and(|a| !is_host(a.as_str().as_bytes()))
+    {
+        // Userinfo (`user@host`) or worse in an absolute-form target, which
+        // would become the Host sent on.
+        return Err((StatusCode::BAD_REQUEST, "invalid request target\n"));
+    }
     if path == "*" && req.method() != Method::OPTIONS {
         return Err((
             StatusCode::BAD_REQUEST,

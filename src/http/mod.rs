@@ -94,10 +94,11 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
         // head that never ends holds at most this much.
         .max_header_size(ctx.cfg.max_header_size)
         .max_buf_size((ctx.cfg.max_header_size + 8192).max(8192))
+        // Not `half_close(true)`: with it hyper stops reading while a
+        // request is in flight, so a client that goes away during a long
+        // poll would no longer cancel it; a client that shuts its write
+        // side after its request is taken to have aborted it instead.
         .auto_date_header(false)
-        // A client may send its request and shut its write side while it
-        // waits for the answer (RFC 9112 §9.6).
-        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

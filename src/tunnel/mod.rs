@@ -183,7 +183,11 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
     fn step_close(&mut self, now: Instant) -> Step {
         let seen = Seen {
             active: self.up.active || self.down.active,
-            at_boundary: self.up.tracker.is_at_boundary() && self.down.tracker.is_at_boundary(),
+            // A direction sluice has closed forwards nothing more: what
+            // its peer still sends cannot hold the close back.
+            at_boundary: [&self.up, &self.down]
+                .iter()
+                .all(|f| f.closed_by_us || f.tracker.is_at_boundary()),
             peer_close: self.up.tracker.close_seen() || self.down.tracker.close_seen(),
             client_closed: self.down.closed_by_us,
             close_owed: self.up.inject.is_some() || self.down.inject.is_some(),
@@ -221,7 +225,19 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
         if now < due {
             return PingStep::Wait(due);
         }
-        if self.down.ping_out.is_some() || !self.down.tracker.is_at_frame_boundary() {
+        let down = &self.down;
+        if down.tracker.close_seen() || down.eof || self.up.eof {
+            // A side is closing or gone: nothing more goes to the client.
+            return PingStep::Wait(now + ping.interval);
+        }
+        if !down.is_flushed() {
+            // The client reads nothing (a frame towards it is stuck
+            // half-written) and sends nothing: no Ping can go out, but the
+            // timeout runs as if one had.
+            self.ping_sent = Some(now);
+            return PingStep::Wait(now + ping.timeout);
+        }
+        if down.ping_out.is_some() || !down.tracker.is_at_frame_boundary() {
             // Mid-frame towards the client: the Ping waits for the frame's
             // end (new data wakes the tunnel).
             return PingStep::Wait(now + close::QUIET);
@@ -302,6 +318,12 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                 && this.close.is_open()
             {
                 let now = Instant::now();
+                if !this.up.is_flushed() {
+                    // The client's bytes wait for the backend to read them:
+                    // the client is not the one that is silent.
+                    this.last_client = now;
+                    this.ping_sent = None;
+                }
                 match this.step_ping(ping, now) {
                     PingStep::Wait(at) => ping_wake = Some(at),
                     PingStep::Sent => continue,

@@ -71,6 +71,7 @@ impl Upstream {
         };
         let mut tried = Vec::new();
         let mut stale_left = STALE_RETRIES;
+        let mut host_added = false;
         loop {
             let (i, lease) = self.next_lease(registry, &tried, affinity).await?;
             let backend = lease.backend();
@@ -95,12 +96,14 @@ impl Upstream {
                     }
                 },
             };
-            if !req.headers().contains_key(HOST) {
+            if host_added || !req.headers().contains_key(HOST) {
                 // An HTTP/1.0 request may come without Host; it goes on as
-                // HTTP/1.1, which needs one: the backend's address (as
-                // nginx's default `proxy_set_header Host $proxy_host`).
+                // HTTP/1.1, which needs one: the address of the backend it
+                // goes to (as nginx's `proxy_set_header Host $proxy_host`),
+                // set again on a retry to another.
                 if let Ok(host) = HeaderValue::from_str(&backend.addr.to_string()) {
                     req.headers_mut().insert(HOST, host);
+                    host_added = true;
                 }
             }
             let timeout = self.cfg.response_timeout;

@@ -396,6 +396,10 @@ async fn malformed_targets_hosts_and_connect_are_refused() {
             "HTTP/1.1 400 Bad Request",
         ),
         (
+            b"GET http://user@evil.test/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+        ),
+        (
             b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
             "HTTP/1.1 405 Method Not Allowed",
         ),

@@ -212,3 +212,36 @@ async fn a_client_whose_link_goes_down_is_found_by_tcp_keepalive() {
     println!("keepalive freed the tunnel after {took:?}");
     drop(client);
 }
+
+/// A client whose bytes wait for a backend that stopped reading is not
+/// the silent one: it is not closed for a missing Pong.
+#[tokio::test]
+async fn ws_ping_does_not_blame_a_client_for_a_stalled_backend() {
+    let backend = RawBackend::start(
+        "",
+        Arc::new(|stream: TcpStream, _seen, _index| {
+            Box::pin(async move {
+                // Reads nothing for a while; holds the connection.
+                let _held = stream;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            })
+        }),
+    )
+    .await;
+    let sluice = Sluice::with_config(ping_config(backend.addr)).await;
+    let (client, head) = raw_ws_client(sluice.addr, "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_read, mut write) = client.into_split();
+    let flood = tokio::spawn(async move {
+        // 16 MiB in one message: far more than the socket buffers hold.
+        let _ = write
+            .write_all(&frame(0x82, &vec![7u8; 16 << 20], Some([1, 2, 3, 4])))
+            .await;
+    });
+    // Well past ws_ping_interval + ws_ping_timeout (200 + 400 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sluice.registry().ws_total(), 1, "the tunnel was closed");
+    let b1 = &sluice.registry().pool(0).backends[0];
+    assert_eq!(b1.client_timeouts.load(Ordering::SeqCst), 0);
+    flood.abort();
+}
