@@ -130,14 +130,14 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, String> {
         ([], []) => Ok(Framing::None),
         ([_, ..], [_, ..]) => Err("both Content-Length and Transfer-Encoding".into()),
         ([len], []) => {
-            if len.is_empty() || !len.iter().all(u8::is_ascii_digit) || len.len() > 15 {
-                return Err(format!("Content-Length {}", Escaped(len)));
+            // 1*DIGIT, within what a length can be.
+            let n = std::str::from_utf8(len)
+                .ok()
+                .filter(|l| l.bytes().all(|b| b.is_ascii_digit()));
+            match n.and_then(|n| n.parse::<u64>().ok()) {
+                Some(n) => Ok(Framing::Length(usize::try_from(n).expect("64-bit"))),
+                None => Err(format!("Content-Length {}", Escaped(len))),
             }
-            let len = std::str::from_utf8(len)
-                .expect("digits")
-                .parse()
-                .expect("15 digits");
-            Ok(Framing::Length(len))
         }
         ([], [te]) if te.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
         (cl, te) => Err(format!(
@@ -964,6 +964,11 @@ fn the_strict_parsers_refuse_smuggling_shapes() {
     };
     let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
     assert_eq!(parse_request(get), complete(get.len()));
+    // Any length a u64 holds is a length (found by the long run: 19 nines).
+    assert_eq!(
+        parse_request(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 9999999999999999999\r\n\r\nb"),
+        Parsed::Partial { head_done: true }
+    );
     let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x\r\nhello\r\n0\r\nT: 1\r\n\r\n";
     assert_eq!(parse_request(chunked), complete(chunked.len()));
     assert_eq!(
@@ -974,6 +979,8 @@ fn the_strict_parsers_refuse_smuggling_shapes() {
         &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551616\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
