@@ -26,7 +26,12 @@ pub(super) struct Source<'s> {
 
 impl Source<'_> {
     fn line(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
+        let mut end = offset.min(self.text.len());
+        if end == self.text.len() && self.text.ends_with('\n') {
+            // The end of a file that ends with a newline is on its last
+            // line, not on a line after it.
+            end -= 1;
+        }
         self.text.as_bytes()[..end]
             .iter()
             .filter(|&&b| b == b'\n')

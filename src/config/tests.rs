@@ -367,6 +367,12 @@ fn request_head_limits_have_defaults_and_bounds() {
 }
 
 #[test]
+fn an_error_at_the_end_of_the_file_names_its_last_line() {
+    let err = check("a = 1\nb = \"\"\"\n").unwrap_err();
+    assert!(err.starts_with("sluice.toml:2:"), "{err}");
+}
+
+#[test]
 fn tcp_keepalive_and_ws_ping_are_read_and_checked() {
     let cfg = check(MINIMAL).expect("valid");
     assert_eq!(
