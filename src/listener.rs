@@ -72,6 +72,21 @@ fn local_addr(stream: &TcpStream, ctx: &ListenerCtx) -> SocketAddr {
     }
 }
 
+/// Counts the connection from `client` against its client's limit;
+/// `None` (counted) when it is to be closed unanswered.
+fn admit(
+    listener_permit: OwnedSemaphorePermit,
+    ctx: &ListenerCtx,
+    client: SocketAddr,
+) -> Option<ConnPermit> {
+    let permit = ConnPermit::new(listener_permit, ctx.client_limit.as_ref(), client.ip());
+    if permit.refused() {
+        ctx.client_limited.inc();
+        return None;
+    }
+    Some(permit)
+}
+
 /// Reads the PROXY header and runs the TLS handshake where the listener
 /// has them, then serves the connection.
 async fn accept_connection(
@@ -114,11 +129,9 @@ async fn accept_connection(
     }
     // Counted before the TLS handshake, so one address cannot hold many
     // handshakes either; one over its limit is answered 429 after it.
-    let permit = ConnPermit::new(listener_permit, ctx.client_limit.as_ref(), client.addr.ip());
-    if permit.refused() {
-        ctx.client_limited.inc();
+    let Some(permit) = admit(listener_permit, &ctx, client.addr) else {
         return;
-    }
+    };
     let Some(tls) = ctx.tls.clone() else {
         http::serve_connection(stream, client, ctx, permit, shutdown).await;
         return;
@@ -189,11 +202,9 @@ pub async fn serve(
                 local: local_addr(&stream, &ctx),
                 tls: None,
             };
-            let permit = ConnPermit::new(permit, ctx.client_limit.as_ref(), peer.ip());
-            if permit.refused() {
-                ctx.client_limited.inc();
+            let Some(permit) = admit(permit, &ctx, peer) else {
                 continue;
-            }
+            };
             tasks.spawn(
                 http::serve_connection(stream, client, ctx.clone(), permit, shutdown.clone())
                     .instrument(span),

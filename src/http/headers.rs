@@ -95,52 +95,29 @@ pub fn check_request<B>(
 /// `uri-host [":" port]` (RFC 3986 §3.2.2): a bracketed IP literal or a
 /// non-empty reg-name / IPv4 address, then optional digits after a colon.
 fn is_host(value: &[u8]) -> bool {
-    let (host, port) = if value.first() == Some(&b'[') {
+    let port = if value.first() == Some(&b'[') {
         let Some(end) = value.iter().position(|&b| b == b']') else {
             return false;
         };
         let literal = &value[1..end];
-        if literal.is_empty()
-            || !literal
-                .iter()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        {
+        let ip_char = |b: &u8| b.is_ascii_hexdigit() || matches!(b, b':' | b'.');
+        if literal.is_empty() || !literal.iter().all(ip_char) {
             return false;
         }
-        (&value[..=end], &value[end + 1..])
+        &value[end + 1..]
     } else {
         let split = value
             .iter()
             .rposition(|&b| b == b':')
             .unwrap_or(value.len());
-        let host = &value[..split];
-        let reg_name = |b: &u8| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        };
+        let (host, port) = value.split_at(split);
+        // reg-name: unreserved, pct-encoded and sub-delims.
+        let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
         if host.is_empty() || !host.iter().all(reg_name) {
             return false;
         }
-        (host, &value[split..])
+        port
     };
-    debug_assert!(!host.is_empty());
     match port.split_first() {
         None => true,
         Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),

@@ -32,23 +32,7 @@ async fn slow_big_sender() -> RawBackend {
                 }
                 // Record everything else the client side sends, and answer
                 // a Close (sluice's) as a server does.
-                let mut answered = false;
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen_push(&seen, index, &buf[..n]),
-                    }
-                    let got_close = seen.lock().expect("lock")[index]
-                        .bytes
-                        .windows(2)
-                        .any(|w| w == [0x88, 0x82]);
-                    if got_close && !answered {
-                        answered = true;
-                        let _ = stream
-                            .write_all(&frame(0x88, &1012u16.to_be_bytes(), None))
-                            .await;
-                    }
-                }
+                record_and_answer_close(&mut stream, &seen, index).await;
             })
         }),
     )
@@ -206,25 +190,7 @@ async fn close_request_on_a_stalled_message_does_not_spin() {
 /// and the backend sees its connection end.
 #[tokio::test]
 async fn a_message_that_outlives_max_message_wait_is_cut() {
-    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ended2 = ended.clone();
-    let backend = RawBackend::start(
-        "",
-        Arc::new(move |mut stream: TcpStream, seen, index| {
-            let ended = ended2.clone();
-            Box::pin(async move {
-                let mut buf = vec![0u8; 4096];
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => seen_push(&seen, index, &buf[..n]),
-                    }
-                }
-                ended.store(true, std::sync::atomic::Ordering::SeqCst);
-            })
-        }),
-    )
-    .await;
+    let (backend, ended) = recording_backend().await;
     let wait = Duration::from_millis(1500);
     let mut cfg = config(&[backend.addr]);
     cfg.pools[0].drain.max_message_wait = wait;

@@ -102,6 +102,14 @@ async fn exchange(sluice: &Sluice, request: &[u8]) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Requests an echo backend has answered.
+fn requests(backend: &sluice::demo::EchoBackend) -> usize {
+    backend
+        .stats
+        .http_requests
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Sends `request` as raw bytes and returns sluice's status line.
 async fn status_of(sluice: &Sluice, request: &[u8]) -> String {
     exchange(sluice, request)
@@ -146,14 +154,7 @@ async fn oversized_heads_and_host_errors_are_answered_and_never_forwarded() {
         status_of(&sluice, b"GET / HTTP/1.1\r\n\r\n").await,
         "HTTP/1.1 400 Bad Request"
     );
-    assert_eq!(
-        backends[0]
-            .stats
-            .http_requests
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "nothing reached the backend"
-    );
+    assert_eq!(requests(&backends[0]), 0, "nothing reached the backend");
     // HTTP/1.0 may leave Host out; a head within the limits goes through.
     assert_eq!(
         status_of(&sluice, b"GET / HTTP/1.0\r\n\r\n").await,
@@ -241,13 +242,7 @@ async fn transfer_codings_other_than_chunked_are_refused() {
             "{te}"
         );
     }
-    assert_eq!(
-        backends[0]
-            .stats
-            .http_requests
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(requests(&backends[0]), 0, "nothing reached the backend");
     // A plain chunked body goes through.
     let ok = exchange(
         &sluice,
@@ -411,14 +406,7 @@ async fn malformed_targets_hosts_and_connect_are_refused() {
             request.escape_ascii()
         );
     }
-    assert_eq!(
-        backends[0]
-            .stats
-            .http_requests
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "nothing reached the backend"
-    );
+    assert_eq!(requests(&backends[0]), 0, "nothing reached the backend");
     assert_eq!(
         status_of(
             &sluice,

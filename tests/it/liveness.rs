@@ -8,50 +8,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use sluice::config::TcpKeepalive;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::netns::Netns;
 use crate::support::*;
-
-/// A backend that records what it reads, answers a Close like a server,
-/// and notes when its connection ends.
-async fn recording_backend() -> (RawBackend, Arc<AtomicBool>) {
-    let ended = Arc::new(AtomicBool::new(false));
-    let ended2 = ended.clone();
-    let backend = RawBackend::start(
-        "",
-        Arc::new(move |mut stream: TcpStream, seen, index| {
-            let ended = ended2.clone();
-            Box::pin(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut answered = false;
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => seen.lock().expect("lock")[index]
-                            .bytes
-                            .extend_from_slice(&buf[..n]),
-                    }
-                    let got_close = seen.lock().expect("lock")[index]
-                        .bytes
-                        .windows(2)
-                        .any(|w| w == [0x88, 0x82]);
-                    if got_close && !answered {
-                        answered = true;
-                        let _ = stream
-                            .write_all(&frame(0x88, &1001u16.to_be_bytes(), None))
-                            .await;
-                    }
-                }
-                ended.store(true, Ordering::SeqCst);
-            })
-        }),
-    )
-    .await;
-    (backend, ended)
-}
 
 /// The close code in the first masked Close frame of `bytes`.
 fn masked_close_code(bytes: &[u8]) -> Option<u16> {

@@ -110,6 +110,56 @@ impl RawBackend {
     }
 }
 
+/// Records what the client side sends until the connection ends, and
+/// answers the first masked Close frame with a Close 1000, as a server
+/// does.
+pub async fn record_and_answer_close(
+    stream: &mut TcpStream,
+    seen: &Mutex<Vec<RawSeen>>,
+    index: usize,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut answered = false;
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.lock().expect("lock")[index]
+                .bytes
+                .extend_from_slice(&buf[..n]),
+        }
+        let got_close = seen.lock().expect("lock")[index]
+            .bytes
+            .windows(2)
+            .any(|w| w == [0x88, 0x82]);
+        if got_close && !answered {
+            answered = true;
+            let mut close = vec![0x88, 2];
+            close.extend_from_slice(&1000u16.to_be_bytes());
+            let _ = stream.write_all(&close).await;
+        }
+    }
+}
+
+/// A WebSocket backend that records what it reads and answers a Close
+/// (see [`record_and_answer_close`]); the flag turns true when its
+/// connection has ended.
+pub async fn recording_backend() -> (RawBackend, Arc<std::sync::atomic::AtomicBool>) {
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended2 = ended.clone();
+    let backend = RawBackend::start(
+        "",
+        Arc::new(move |mut stream: TcpStream, seen, index| {
+            let ended = ended2.clone();
+            Box::pin(async move {
+                record_and_answer_close(&mut stream, &seen, index).await;
+                ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        }),
+    )
+    .await;
+    (backend, ended)
+}
+
 /// Reads an HTTP head (through the blank line) byte by byte.
 pub async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
