@@ -63,6 +63,7 @@ fn picks(c: &mut Criterion) {
         &[
             "app-0", "app-1", "app-2", "app-3", "app-4", "app-5", "app-6", "app-7",
         ],
+        &[0; 32],
     );
     let value = sticky.set_cookie(5).expect("cookie");
     let pair = value

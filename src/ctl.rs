@@ -60,7 +60,11 @@ pub async fn status(client: &AdminClient, raw_json: bool) -> Result<(), CtlError
                 b.pool.clone(),
                 b.name.clone(),
                 b.address.clone(),
-                b.state.to_string(),
+                if b.removed {
+                    format!("{} (removed)", b.state)
+                } else {
+                    b.state.to_string()
+                },
                 b.connections.ws.to_string(),
                 b.connections.http.to_string(),
                 drain,
@@ -71,6 +75,15 @@ pub async fn status(client: &AdminClient, raw_json: bool) -> Result<(), CtlError
         &["POOL", "BACKEND", "ADDRESS", "STATE", "WS", "HTTP", "DRAIN"],
         &rows,
     );
+    if let Some(config) = &status.config {
+        let loaded = std::time::UNIX_EPOCH + Duration::from_millis(config.loaded_at_ms);
+        let ago = loaded.elapsed().unwrap_or_default().as_secs();
+        println!(
+            "config generation {} ({}), loaded {ago}s ago",
+            config.generation,
+            config.path.as_deref().unwrap_or("built in")
+        );
+    }
     Ok(())
 }
 
@@ -93,6 +106,24 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// Reads the config again: prints each change, or the errors (`Err`, so
+/// the command exits non-zero).
+pub async fn reload(client: &AdminClient) -> Result<(), CtlError> {
+    let report = client.reload().await?;
+    if report.changes.is_empty() {
+        println!(
+            "reloaded: nothing changed (config generation {})",
+            report.generation
+        );
+    } else {
+        println!("reloaded: config generation {}", report.generation);
+        for change in &report.changes {
+            println!("  {change}");
+        }
+    }
+    Ok(())
 }
 
 /// Drains POOL/BACKEND; with `wait`, prints progress until it is empty.

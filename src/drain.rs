@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::DrainConfig;
-use crate::registry::{Backend, BackendState, Registry};
+use crate::registry::{Backend, BackendState, PoolEntry, Registry};
 
 /// How often a drain looks for late WebSockets and for the backend to be empty.
 const EMPTY_POLL: Duration = Duration::from_millis(100);
@@ -38,6 +38,8 @@ pub enum DrainError {
     UnknownBackend { pool: String, backend: String },
     #[error("sluice is shutting down: every backend is being drained")]
     ShuttingDown,
+    #[error("backend {pool}/{backend} was removed by a reload: it drains until it is empty")]
+    Removed { pool: String, backend: String },
 }
 
 /// How far a drain has come.
@@ -61,67 +63,97 @@ struct Drain {
     closed: Arc<AtomicUsize>,
 }
 
-/// All drains, by (pool, backend) index.
+/// All drains, by backend id.
 #[derive(Debug)]
 pub struct Drains {
     registry: Arc<Registry>,
-    /// Each pool's drain settings.
-    settings: Vec<DrainConfig>,
-    drains: Mutex<HashMap<(usize, usize), Drain>>,
+    drains: Mutex<HashMap<u64, Drain>>,
     /// Set at shutdown: the shutdown drains stand.
     shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Drains {
-    pub fn new(registry: Arc<Registry>, settings: Vec<DrainConfig>) -> Self {
+    pub fn new(registry: Arc<Registry>) -> Self {
         Self {
             registry,
-            settings,
             drains: Mutex::new(HashMap::new()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), Drain>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Drain>> {
         self.drains
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Finds a backend by pool and backend name.
-    pub fn find(&self, pool: &str, backend: &str) -> Result<(usize, usize), DrainError> {
-        let p = self
+    /// Finds a backend by pool and backend name (a current one first,
+    /// else one a reload removed that still drains).
+    pub fn find(
+        &self,
+        pool: &str,
+        backend: &str,
+    ) -> Result<(Arc<PoolEntry>, Arc<Backend>), DrainError> {
+        let entry = self
             .registry
             .pools()
             .iter()
-            .position(|p| p.name == pool)
+            .find(|p| p.name == pool)
+            .cloned()
             .ok_or_else(|| DrainError::UnknownPool(pool.to_string()))?;
-        let b = self
-            .registry
-            .pool(p)
-            .backends
-            .iter()
-            .position(|b| b.name == backend)
+        let found = entry
+            .find(backend)
             .ok_or_else(|| DrainError::UnknownBackend {
                 pool: pool.to_string(),
                 backend: backend.to_string(),
             })?;
-        Ok((p, b))
+        Ok((entry, found))
     }
 
-    /// Starts draining backend `b` of pool `p` over `window` (the pool's by
+    /// Starts draining `backend` of `pool` over `window` (the pool's by
     /// default). Draining a backend that is already draining or drained
     /// changes nothing.
-    pub fn drain(&self, p: usize, b: usize, window: Option<Duration>) -> Result<(), DrainError> {
+    pub fn drain(
+        &self,
+        pool: &PoolEntry,
+        backend: &Arc<Backend>,
+        window: Option<Duration>,
+    ) -> Result<(), DrainError> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(DrainError::ShuttingDown);
         }
-        let mut cfg = self.settings[p];
+        let mut cfg = pool.cfg.drain;
         if let Some(window) = window {
             cfg.window = window;
         }
-        self.start(p, b, cfg);
+        self.start(&pool.name, backend, cfg);
         Ok(())
+    }
+
+    /// Drains a backend a reload removed, over its pool's window; a drain
+    /// already under way (an operator's) goes on.
+    pub fn retire(&self, pool: &PoolEntry, backend: &Arc<Backend>) {
+        if !self.shutting_down.load(Ordering::Acquire) {
+            self.start(&pool.name, backend, pool.cfg.drain);
+        }
+    }
+
+    /// Closes the WebSockets that came through listener `listener` (which
+    /// a reload removed) evenly over `cfg.window`, with `cfg.close_code`.
+    pub fn drain_listener(&self, name: &str, listener: u32, cfg: DrainConfig) {
+        let mut conns = self.registry.connections_of_listener(listener);
+        conns.shuffle(&mut rand::rng());
+        info!(listener = %name, window = ?cfg.window, websockets = conns.len(), "draining a removed listener's WebSockets");
+        let started = Instant::now();
+        tokio::spawn(async move {
+            for ((backend, conn), offset) in conns.iter().zip(plan_drain(conns.len(), cfg.window)) {
+                tokio::time::sleep_until(started + offset).await;
+                if Arc::strong_count(conn) > 1 {
+                    conn.request_close(cfg.close_code);
+                    backend.drain_closed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
     }
 
     /// Drains every backend with `close_code` (shutdown), in place of any
@@ -131,22 +163,20 @@ impl Drains {
         for (_, drain) in self.lock().drain() {
             drain.cancel.cancel();
         }
-        for (p, pool) in self.registry.pools().iter().enumerate() {
-            for b in 0..pool.backends.len() {
-                let mut cfg = self.settings[p];
+        for pool in self.registry.pools().iter() {
+            for backend in pool.all_backends() {
+                let mut cfg = pool.cfg.drain;
                 cfg.close_code = close_code;
-                self.start(p, b, cfg);
+                self.start(&pool.name, &backend, cfg);
             }
         }
     }
 
-    fn start(&self, p: usize, b: usize, cfg: DrainConfig) {
+    fn start(&self, pool: &str, backend: &Arc<Backend>, cfg: DrainConfig) {
         let mut drains = self.lock();
-        if drains.contains_key(&(p, b)) {
+        if drains.contains_key(&backend.id) {
             return;
         }
-        let pool = self.registry.pool(p);
-        let backend = pool.backends[b].clone();
         backend.set_state(BackendState::Draining);
         let drain = Drain {
             cancel: CancellationToken::new(),
@@ -155,43 +185,58 @@ impl Drains {
             planned: Arc::default(),
             closed: Arc::default(),
         };
-        info!(pool = %pool.name, backend = %backend.name, window = ?cfg.window, websockets = backend.ws_count(), "drain started");
+        info!(%pool, backend = %backend.name, window = ?cfg.window, websockets = backend.ws_count(), "drain started");
         tokio::spawn(run_drain(
-            backend,
-            pool.name.clone(),
+            backend.clone(),
+            pool.to_string(),
             cfg,
             drain.started,
             drain.planned.clone(),
             drain.closed.clone(),
             drain.cancel.clone(),
         ));
-        drains.insert((p, b), drain);
+        drains.insert(backend.id, drain);
     }
 
     /// Stops draining and puts the backend back in rotation. Close requests
-    /// already sent stand; no further ones are sent.
-    pub fn undrain(&self, p: usize, b: usize) -> Result<(), DrainError> {
+    /// already sent stand; no further ones are sent. A backend a reload
+    /// removed cannot be undrained (a reload that has it again can).
+    pub fn undrain(&self, pool: &PoolEntry, backend: &Arc<Backend>) -> Result<(), DrainError> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(DrainError::ShuttingDown);
         }
-        if let Some(drain) = self.lock().remove(&(p, b)) {
-            drain.cancel.cancel();
+        if !pool.backends.iter().any(|b| Arc::ptr_eq(b, backend)) {
+            return Err(DrainError::Removed {
+                pool: pool.name.clone(),
+                backend: backend.name.clone(),
+            });
         }
-        let pool = self.registry.pool(p);
-        let backend = &pool.backends[b];
-        if backend.state() != BackendState::Up {
-            info!(pool = %pool.name, backend = %backend.name, "back in rotation");
-        }
-        if backend.state() != BackendState::Up {
-            backend.mark_back(std::time::Instant::now());
-        }
-        backend.set_state(BackendState::Up);
+        self.put_back(&pool.name, backend);
         Ok(())
     }
 
-    /// Progress of the drain of backend `b` of pool `p`, if one is running.
-    pub fn progress(&self, p: usize, b: usize) -> Option<DrainProgress> {
-        self.lock().get(&(p, b)).map(|d| DrainProgress {
+    /// Ends any drain of `backend` and puts it in rotation (slow start
+    /// where configured).
+    pub fn put_back(&self, pool: &str, backend: &Arc<Backend>) {
+        if let Some(drain) = self.lock().remove(&backend.id) {
+            drain.cancel.cancel();
+        }
+        if backend.state() != BackendState::Up {
+            info!(%pool, backend = %backend.name, "back in rotation");
+            backend.mark_back(std::time::Instant::now());
+        }
+        backend.set_state(BackendState::Up);
+    }
+
+    /// Forgets the drains of backends the registry no longer has.
+    pub fn forget(&self, backends: &[Arc<Backend>]) {
+        let ids: HashSet<u64> = backends.iter().map(|b| b.id).collect();
+        self.lock().retain(|id, _| ids.contains(id));
+    }
+
+    /// Progress of the drain of `backend`, if one is running.
+    pub fn progress(&self, backend: &Backend) -> Option<DrainProgress> {
+        self.lock().get(&backend.id).map(|d| DrainProgress {
             window: d.window,
             elapsed: d.started.elapsed(),
             planned: d.planned.load(Ordering::Relaxed),

@@ -21,10 +21,10 @@ use tracing::{debug, info, warn};
 
 use tokio::io::AsyncWriteExt;
 
-use crate::config::{HealthConfig, PoolConfig, ProxyVersion};
+use crate::config::{HealthConfig, ProxyVersion};
 use crate::health_state::CheckState;
 use crate::proxy_protocol;
-use crate::registry::Registry;
+use crate::registry::PoolEntry;
 use crate::upstream::{BackendStream, BackendTlsConnector};
 
 /// How often ejections and ramps are looked at when no active check runs
@@ -79,17 +79,29 @@ pub async fn check(
     )
 }
 
-/// Watches the health of pool `p` until `shutdown`. `connectors` are the
-/// backends' TLS connectors, as the data path uses them.
+/// Watches the health of `pool` until `shutdown` (a reload ends it and
+/// starts another with the new settings; a backend that stays keeps what
+/// its check said). `connectors` are the backends' TLS connectors, as the
+/// data path uses them.
 pub async fn run(
-    p: usize,
-    registry: Arc<Registry>,
-    cfg: PoolConfig,
+    pool: Arc<PoolEntry>,
     connectors: Vec<Option<BackendTlsConnector>>,
     shutdown: CancellationToken,
 ) {
-    let pool = registry.pool(p);
-    let mut states = vec![CheckState::default(); pool.backends.len()];
+    let cfg = &pool.cfg;
+    if cfg.health.is_none() {
+        // Active checks switched off by a reload: what they said is void.
+        for b in &pool.backends {
+            if b.set_active_down(false) {
+                info!(pool = %pool.name, backend = %b.name, reason = "health checks off", "backend up");
+            }
+        }
+    }
+    let mut states: Vec<CheckState> = pool
+        .backends
+        .iter()
+        .map(|b| CheckState::starting(!b.is_active_down()))
+        .collect();
     let period = cfg
         .health
         .as_ref()

@@ -23,6 +23,11 @@ impl Default for CheckState {
 }
 
 impl CheckState {
+    /// A backend the check last saw `up` (after a reload).
+    pub fn starting(up: bool) -> Self {
+        Self { up, streak: 0 }
+    }
+
     /// Records one result; returns the new state when it changed.
     pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
         if ok == self.up {

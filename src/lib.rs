@@ -31,6 +31,7 @@ pub(crate) mod pem;
 pub(crate) mod proxy_protocol;
 pub(crate) mod rebalance;
 pub mod registry;
+pub mod reload;
 pub(crate) mod sockopt;
 pub mod tls;
 pub(crate) mod trim;
@@ -46,9 +47,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use config::Config;
-use http::ListenerCtx;
 use registry::Registry;
-use upstream::Upstream;
 
 /// Close code sent to WebSockets when sluice itself stops (Going Away).
 pub const SHUTDOWN_CLOSE_CODE: u16 = 1001;
@@ -56,24 +55,12 @@ pub const SHUTDOWN_CLOSE_CODE: u16 = 1001;
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("listener {name:?}: binding {addr}")]
-    Bind {
-        name: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Apply(#[from] reload::ApplyError),
     #[error("admin API: binding {addr}")]
     AdminBind {
         addr: SocketAddr,
         source: std::io::Error,
-    },
-    #[error("listener {name:?}")]
-    Tls { name: String, source: pem::PemError },
-    #[error("pool {pool:?} backend {backend:?}: TLS towards the backend")]
-    BackendTls {
-        pool: String,
-        backend: String,
-        source: pem::PemError,
     },
 }
 
@@ -88,21 +75,23 @@ pub struct AdminInfo {
 
 /// A running sluice.
 pub struct Running {
-    /// Each listener's name and bound address (the real port when 0 was configured).
+    /// Each listener's name and bound address at start (the real port when
+    /// 0 was configured); `addr` follows reloads.
     pub listeners: Vec<(String, SocketAddr)>,
     /// The admin API, when enabled.
     pub admin: Option<AdminInfo>,
     /// Live connections per backend.
     pub registry: Arc<Registry>,
-    /// Reloads TLS certificates when sent to (SIGHUP).
-    pub reload_certificates: Arc<tokio::sync::watch::Sender<()>>,
+    /// Reads the config file again and applies it (SIGHUP).
+    pub reloader: Arc<reload::Reloader>,
     done: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// Address of the listener named `name`.
+    /// Address of the listener named `name`, as it is now.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.reloader
+            .listeners()
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
@@ -126,89 +115,18 @@ impl Running {
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     let registry = Arc::new(Registry::new(&cfg));
     let metrics = Arc::new(metrics::Metrics::new(registry.clone()));
-    let drains = Arc::new(drain::Drains::new(
-        registry.clone(),
-        cfg.pools.iter().map(|p| p.drain).collect(),
-    ));
-    let rebalance_reports = Arc::new(rebalance::Reports::new(cfg.pools.len()));
-    // TLS towards backends is set up once: a CA that does not load stops
-    // the start, never a silent fallback to plain text.
-    let mut connectors = Vec::new();
-    for pool in &cfg.pools {
-        let mut pool_connectors = Vec::new();
-        for b in &pool.backends {
-            let connector = b
-                .tls
-                .as_ref()
-                .map(upstream::BackendTlsConnector::new)
-                .transpose()
-                .map_err(|source| StartError::BackendTls {
-                    pool: pool.name.clone(),
-                    backend: b.name.clone(),
-                    source,
-                })?;
-            pool_connectors.push(connector);
-        }
-        connectors.push(pool_connectors);
-    }
-    let upstreams: Vec<Arc<Upstream>> = cfg
-        .pools
-        .iter()
-        .zip(&connectors)
-        .enumerate()
-        .map(|(i, (pool, tls))| {
-            Arc::new(Upstream::new(
-                pool.clone(),
-                i,
-                tls.clone(),
-                metrics.connect_seconds.clone(),
-                metrics.admission_rejected(&pool.name),
-            ))
-        })
-        .collect();
+    let drains = Arc::new(drain::Drains::new(registry.clone()));
+    let rebalance_reports = Arc::new(rebalance::Reports::default());
     listener::raise_fd_limit(cfg.listeners.iter().map(|l| l.max_connections).sum());
     let tasks = TaskTracker::new();
-    let hup = Arc::new(tokio::sync::watch::Sender::new(()));
-    let mut bound = Vec::new();
-    let mut addrs = Vec::new();
-    for lcfg in &cfg.listeners {
-        let socket = listener::bind(lcfg.bind).map_err(|source| StartError::Bind {
-            name: lcfg.name.clone(),
-            addr: lcfg.bind,
-            source,
-        })?;
-        let addr = socket.local_addr().unwrap_or(lcfg.bind);
-        addrs.push((lcfg.name.clone(), addr));
-        let tls = match &lcfg.tls {
-            None => None,
-            Some(settings) => {
-                let tls = tls::Tls::new(settings).map_err(|source| StartError::Tls {
-                    name: lcfg.name.clone(),
-                    source,
-                })?;
-                tokio::spawn(tls.clone().watch(
-                    lcfg.name.clone(),
-                    hup.subscribe(),
-                    shutdown.clone(),
-                ));
-                Some(tls)
-            }
-        };
-        let ctx = Arc::new(ListenerCtx {
-            tls,
-            handshake_errors: metrics.tls_handshake_errors(&lcfg.name),
-            proxy_rejected: metrics.proxy_rejected(&lcfg.name),
-            client_limit: (lcfg.max_connections_per_client > 0)
-                .then(|| conn_limit::ClientLimit::new(lcfg.max_connections_per_client)),
-            client_limited: metrics.client_limited(&lcfg.name),
-            cfg: lcfg.clone(),
-            upstream: upstreams[lcfg.pool].clone(),
-            registry: registry.clone(),
-            tasks: tasks.clone(),
-            accepted: metrics.accepted(&lcfg.name),
-        });
-        bound.push((socket, ctx));
-    }
+    let reloader = reload::Reloader::new(
+        registry.clone(),
+        metrics.clone(),
+        drains.clone(),
+        rebalance_reports.clone(),
+        tasks.clone(),
+        shutdown.clone(),
+    );
     // The admin API outlives the listeners, so a drain at shutdown can be watched.
     let admin_stop = CancellationToken::new();
     let admin = match &cfg.admin {
@@ -225,77 +143,42 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
                 token: acfg.token.clone().unwrap_or_else(admin::generate_token),
                 generated: acfg.token.is_none(),
             };
-            let state = admin::AdminState::new(
-                &cfg,
-                info.token.clone(),
-                registry.clone(),
-                drains.clone(),
-                metrics.clone(),
-                rebalance_reports.clone(),
-            );
-            tokio::spawn(admin::serve(
-                socket,
-                Arc::new(state),
-                acfg.header_read_timeout,
-                acfg.max_connections,
-                admin_stop.clone(),
-            ));
-            Some(info)
+            let state = admin::AdminState {
+                token: info.token.clone(),
+                registry: registry.clone(),
+                drains: drains.clone(),
+                metrics: metrics.clone(),
+                reports: rebalance_reports.clone(),
+                reloader: reloader.clone(),
+            };
+            Some((info, socket, state, acfg.clone()))
         }
     };
-    for (socket, ctx) in bound {
-        tasks.spawn(listener::serve(
+    reloader.apply(cfg).await?;
+    let admin = admin.map(|(info, socket, state, acfg)| {
+        tokio::spawn(admin::serve(
             socket,
-            ctx,
-            tasks.clone(),
-            shutdown.clone(),
+            Arc::new(state),
+            acfg.header_read_timeout,
+            acfg.max_connections,
+            admin_stop.clone(),
         ));
-    }
+        info
+    });
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
-    for (p, (pool, tls)) in cfg.pools.iter().zip(connectors).enumerate() {
-        tokio::spawn(health::run(
-            p,
-            registry.clone(),
-            pool.clone(),
-            tls,
-            shutdown.clone(),
-        ));
-        // Clients of hash and sticky pools come back to the backend their
-        // key or cookie names: shedding them would move nothing.
-        let pinned = matches!(pool.algorithm, config::Algorithm::Hash(_)) || pool.sticky.is_some();
-        if pool.rebalance.enabled && pinned {
-            info!(pool = %pool.name, "rebalancing off: hash and sticky clients return to their backend");
-        }
-        if pool.rebalance.enabled && !pinned {
-            tokio::spawn(rebalance::run(
-                p,
-                registry.clone(),
-                pool.rebalance,
-                pool.drain.close_code,
-                rebalance_reports.clone(),
-                shutdown.clone(),
-            ));
-        }
-    }
-    let longest_window = cfg
-        .pools
-        .iter()
-        .map(|p| p.drain.window)
-        .max()
-        .unwrap_or_default();
     let done = tokio::spawn(shut_down_on_cancel(
         registry.clone(),
         drains.clone(),
+        reloader.clone(),
         tasks,
         shutdown,
         admin_stop,
-        longest_window + cfg.shutdown_timeout,
     ));
     Ok(Running {
-        reload_certificates: hup,
-        listeners: addrs,
+        listeners: reloader.listeners().to_vec(),
         admin,
         registry,
+        reloader,
         done,
     })
 }
@@ -303,12 +186,24 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
 async fn shut_down_on_cancel(
     registry: Arc<Registry>,
     drains: Arc<drain::Drains>,
+    reloader: Arc<reload::Reloader>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     admin_stop: CancellationToken,
-    grace: Duration,
 ) {
     shutdown.cancelled().await;
+    // The running config's windows: a reload may have changed them.
+    let grace = match reloader.config().await {
+        Some(cfg) => {
+            cfg.pools
+                .iter()
+                .map(|p| p.drain.window)
+                .max()
+                .unwrap_or_default()
+                + cfg.shutdown_timeout
+        }
+        None => Duration::ZERO,
+    };
     info!(
         websockets = registry.ws_total(),
         "shutting down: draining every backend, closing WebSockets with 1001"

@@ -21,7 +21,7 @@ use tracing::{Instrument as _, Span, debug, debug_span, field, info, warn};
 use crate::config::ProxyVersion;
 use crate::conn_limit::ConnPermit;
 use crate::error_chain::chain;
-use crate::http::{self, ListenerCtx};
+use crate::http::{self, ListenerCell, ListenerCtx};
 use crate::proxy_protocol::{self, Carried, Client, ProxyError};
 use crate::sockopt;
 
@@ -92,10 +92,11 @@ fn admit(
 async fn accept_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    ctx: Arc<ListenerCtx>,
+    cell: ListenerCell,
     listener_permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
+    let ctx = cell.load_full();
     let mut client = Client {
         addr: peer,
         local: local_addr(&stream, &ctx),
@@ -133,7 +134,7 @@ async fn accept_connection(
         return;
     };
     let Some(tls) = ctx.tls.clone() else {
-        http::serve_connection(stream, client, ctx, permit, shutdown).await;
+        http::serve_connection(stream, client, cell, permit, shutdown).await;
         return;
     };
     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
@@ -143,7 +144,7 @@ async fn accept_connection(
                 .then(|| stream.get_ref().1.server_name().map(Into::into))
                 .flatten();
             client.tls = Some(sni);
-            http::serve_connection(stream, client, ctx, permit, shutdown).await;
+            http::serve_connection(stream, client, cell, permit, shutdown).await;
         }
         // Port scanners and broken clients: counted, logged at debug.
         Ok(Err(error)) => {
@@ -157,15 +158,17 @@ async fn accept_connection(
     }
 }
 
-/// Accepts connections until `shutdown`.
+/// Accepts connections until `shutdown`, each served with the listener's
+/// context as it is when it arrives (`cell`; a reload swaps it) and
+/// holding a permit of `limit` (its `max_connections`).
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<ListenerCtx>,
+    cell: ListenerCell,
+    limit: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(ctx.cfg.max_connections));
-    info!(listener = %ctx.cfg.name, addr = ?listener.local_addr().ok(), "listening");
+    info!(listener = %cell.load().cfg.name, addr = ?listener.local_addr().ok(), "listening");
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => permit.expect("the limit semaphore is never closed"),
@@ -175,13 +178,14 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(error) => {
-                    warn!(listener = %ctx.cfg.name, %error, "accept failed");
+                    warn!(listener = %cell.load().cfg.name, %error, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
             () = shutdown.cancelled() => break,
         };
+        let ctx = cell.load_full();
         ctx.accepted.inc();
         let _ = stream.set_nodelay(true);
         if let Some(k) = ctx.cfg.tcp_keepalive {
@@ -206,14 +210,15 @@ pub async fn serve(
                 continue;
             };
             tasks.spawn(
-                http::serve_connection(stream, client, ctx.clone(), permit, shutdown.clone())
+                http::serve_connection(stream, client, cell.clone(), permit, shutdown.clone())
                     .instrument(span),
             );
             continue;
         }
         tasks.spawn(
-            accept_connection(stream, peer, ctx.clone(), permit, shutdown.clone()).instrument(span),
+            accept_connection(stream, peer, cell.clone(), permit, shutdown.clone())
+                .instrument(span),
         );
     }
-    info!(listener = %ctx.cfg.name, "stopped accepting");
+    info!(listener = %cell.load().cfg.name, "stopped accepting");
 }

@@ -18,7 +18,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve with a config file (SIGTERM or Ctrl-C closes WebSockets with 1001 and exits).
+    /// Serve with a config file (SIGHUP reloads it; SIGTERM or Ctrl-C closes
+    /// WebSockets with 1001 and exits).
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -83,6 +84,9 @@ enum CtlCommand {
     },
     /// Put POOL/BACKEND back in rotation.
     Undrain { target: String },
+    /// Read the config file again and apply it without dropping connections;
+    /// prints what changed, or the errors (and exits non-zero).
+    Reload,
     /// Restart POOL's backends one at a time: drain, run CMD, wait, undrain.
     Rollout {
         pool: String,
@@ -241,7 +245,7 @@ async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationT
         return;
     };
     let registry = running.registry.clone();
-    let reload = running.reload_certificates.clone();
+    let reloader = running.reloader.clone();
     let handle = tokio::spawn(running.wait());
     let mut signals = 0;
     tokio::pin!(handle);
@@ -251,8 +255,10 @@ async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationT
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading certificates");
-                reload.send_replace(());
+                tracing::info!("SIGHUP: reading the config again");
+                // The reload logs what changed, or why it was refused.
+                let reloader = reloader.clone();
+                tokio::spawn(async move { let _ = reloader.reload().await; });
                 continue;
             }
         }
@@ -310,6 +316,7 @@ async fn ctl(
             wait,
         } => ctl::drain(&client, &target, window.as_deref(), wait).await?,
         CtlCommand::Undrain { target } => ctl::undrain(&client, &target).await?,
+        CtlCommand::Reload => ctl::reload(&client).await?,
         CtlCommand::Rollout {
             pool,
             exec,

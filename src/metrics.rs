@@ -14,7 +14,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::registry::Registry;
@@ -33,6 +33,8 @@ pub struct Metrics {
     client_limited: Family<ListenerLabels, Counter>,
     /// Time to open a TCP connection to a backend.
     pub connect_seconds: Histogram,
+    /// The config generation in use (1 at start, +1 per applied reload).
+    pub config_generation: Gauge,
 }
 
 impl Metrics {
@@ -75,6 +77,12 @@ impl Metrics {
             "Requests answered 429 because their client address had max_connections_per_client, by listener",
             client_limited.clone(),
         );
+        let config_generation = Gauge::default();
+        registry.register(
+            "sluice_config_generation",
+            "The config generation in use: 1 at start, one more per applied reload",
+            config_generation.clone(),
+        );
         registry.register_collector(Box::new(LiveCollector(live)));
         Self {
             registry,
@@ -84,6 +92,7 @@ impl Metrics {
             proxy_rejected,
             client_limited,
             connect_seconds,
+            config_generation,
         }
     }
 
@@ -138,11 +147,25 @@ struct LiveCollector(Arc<Registry>);
 impl Collector for LiveCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let pools = self.0.pools();
-        let backends = || {
-            pools
-                .iter()
-                .flat_map(|p| p.backends.iter().map(move |b| (p.name.as_str(), b)))
-        };
+        // Retiring backends too, so counters do not step back after a
+        // reload removed one; but not one whose name a current backend of
+        // its pool has again (moved to a new address): one series per name.
+        let listed: Vec<(&str, Arc<crate::registry::Backend>)> = pools
+            .iter()
+            .flat_map(|p| {
+                let retiring = p
+                    .retiring()
+                    .into_iter()
+                    .filter(|r| !p.backends.iter().any(|b| b.name == r.name));
+                p.backends
+                    .iter()
+                    .cloned()
+                    .chain(retiring)
+                    .map(move |b| (p.name.as_str(), b))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let backends = || listed.iter().map(|(p, b)| (*p, b));
         {
             let mut m = encoder.encode_descriptor(
                 "sluice_connections",
@@ -207,10 +230,11 @@ impl Collector for LiveCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for pool in pools {
+            for pool in pools.iter() {
                 let labels = [("pool", pool.name.as_str())];
                 ConstCounter::new(
-                    pool.sticky_repins
+                    pool.stats
+                        .sticky_repins
                         .load(std::sync::atomic::Ordering::Relaxed),
                 )
                 .encode(m.encode_family(&labels)?)?;

@@ -8,6 +8,7 @@
 //! take. Does not touch sockets: it asks registry handles to close, like a
 //! drain does.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::RebalanceConfig;
-use crate::registry::{BackendState, Registry};
+use crate::registry::{BackendState, PoolEntry};
 
 /// One backend as the plan sees it.
 #[derive(Debug, Clone, Copy)]
@@ -152,59 +153,51 @@ pub struct Report {
     pub shed: usize,
 }
 
-/// Last reports, per pool.
+/// Last reports, by pool name.
 #[derive(Debug, Default)]
-pub struct Reports(Mutex<Vec<Option<Report>>>);
+pub struct Reports(Mutex<HashMap<String, Report>>);
 
 impl Reports {
-    pub fn new(pools: usize) -> Self {
-        Self(Mutex::new(vec![None; pools]))
-    }
-
-    fn set(&self, pool: usize, report: Report) {
-        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = all.get_mut(pool) {
-            *slot = Some(report);
-        }
+    fn set(&self, pool: &str, report: Report) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pool.to_string(), report);
     }
 
     /// The last report of `pool`.
-    pub fn get(&self, pool: usize) -> Option<Report> {
+    pub fn get(&self, pool: &str) -> Option<Report> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(pool)
             .cloned()
-            .flatten()
     }
 }
 
-/// Rebalances pool `p` every interval until `shutdown`.
-pub async fn run(
-    p: usize,
-    registry: Arc<Registry>,
-    cfg: RebalanceConfig,
-    close_code: u16,
-    reports: Arc<Reports>,
-    shutdown: CancellationToken,
-) {
+/// Rebalances `pool` every interval until `shutdown` (a reload ends it
+/// and starts another with the new settings).
+pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: CancellationToken) {
+    let cfg = pool.cfg.rebalance;
+    let close_code = pool.cfg.drain.close_code;
+    let p = pool.name.as_str();
     // Connections younger than this are not shed: nobody is bounced twice
     // in a row.
     let min_age = cfg.interval * 2;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut last_pressure = registry.pool(p).admission_pressure();
+    let mut last_pressure = pool.stats.admission_pressure();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let pool = registry.pool(p);
         let at = Instant::now();
-        let pressure = pool.admission_pressure();
+        let pressure = pool.stats.admission_pressure();
+        // Backends a reload removed count too: their clients are moving.
         let draining = pool
-            .backends
+            .all_backends()
             .iter()
             .any(|b| b.state() == BackendState::Draining);
         let busy = hold(draining, pressure, last_pressure);
@@ -276,7 +269,7 @@ pub async fn run(
             }
             if !backend.is_accepting()
                 || pool
-                    .backends
+                    .all_backends()
                     .iter()
                     .any(|b| b.state() == BackendState::Draining)
             {

@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use futures_util::task::AtomicWaker;
 
-use crate::config::Config;
+use arc_swap::ArcSwap;
+
+use crate::config::{BackendConfig, Config, PoolConfig};
 use crate::health_state::slow_start_factor;
 
 /// Close-request value meaning "drop both sockets now, without a Close frame".
@@ -30,6 +32,9 @@ pub struct ConnControl {
     pub id: u64,
     /// When the tunnel started.
     pub started: Instant,
+    /// The listener it came through (`ListenerCtx::id`), so the
+    /// connections of a listener a reload removed can be drained.
+    pub listener: u32,
     /// Requested close: 0 for none, a WebSocket close code, or `ABORT`.
     close: AtomicU32,
     /// Wakes the tunnel when a close is requested.
@@ -48,10 +53,11 @@ pub enum CloseRequest {
 }
 
 impl ConnControl {
-    fn new(id: u64) -> Self {
+    fn new(id: u64, listener: u32) -> Self {
         Self {
             id,
             started: Instant::now(),
+            listener,
             close: AtomicU32::new(0),
             waker: AtomicWaker::new(),
         }
@@ -165,12 +171,14 @@ impl Traffic {
 /// One backend: its identity, counters and live WebSockets.
 #[derive(Debug)]
 pub struct Backend {
-    /// Name from the config, unique in its pool.
+    /// Unique within the process, also across reloads.
+    pub id: u64,
+    /// Name from the config, unique among its pool's current backends.
     pub name: String,
     /// Where to connect.
     pub addr: SocketAddr,
-    /// Relative share of connections.
-    pub weight: u32,
+    /// Relative share of connections (a reload may change it).
+    weight: AtomicU32,
     /// A `BackendState`, set by the control plane, read by the balancer.
     state: AtomicU8,
     /// Client to backend.
@@ -187,8 +195,8 @@ pub struct Backend {
     pub client_timeouts: AtomicU64,
     /// Reference point of the time stamps below.
     epoch: Instant,
-    /// Slow-start ramp of the pool (zero: off).
-    slow_start: Duration,
+    /// Slow-start ramp of the pool in ns (zero: off); a reload may change it.
+    slow_start: AtomicU64,
     /// The active health check says down.
     active_down: AtomicBool,
     /// Passively ejected until this time (ns after `epoch`); 0: not ejected.
@@ -207,6 +215,7 @@ pub struct Backend {
 
 impl Backend {
     fn new(
+        id: u64,
         name: String,
         addr: SocketAddr,
         weight: u32,
@@ -214,9 +223,10 @@ impl Backend {
         epoch: Instant,
     ) -> Self {
         Self {
+            id,
             name,
             addr,
-            weight,
+            weight: AtomicU32::new(weight),
             state: AtomicU8::new(BackendState::Up as u8),
             up: Traffic::default(),
             down: Traffic::default(),
@@ -225,7 +235,7 @@ impl Backend {
             messages_cut: AtomicU64::new(0),
             client_timeouts: AtomicU64::new(0),
             epoch,
-            slow_start,
+            slow_start: AtomicU64::new(slow_start.as_nanos() as u64),
             active_down: AtomicBool::new(false),
             ejected_until: AtomicU64::new(0),
             back_since: AtomicU64::new(0),
@@ -234,6 +244,22 @@ impl Backend {
             http: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The configured weight.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    fn slow_start(&self) -> Duration {
+        Duration::from_nanos(self.slow_start.load(Ordering::Relaxed))
+    }
+
+    /// Takes a reloaded config's weight and slow-start ramp.
+    fn reconfigure(&self, weight: u32, slow_start: Duration) {
+        self.weight.store(weight, Ordering::Relaxed);
+        self.slow_start
+            .store(slow_start.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// The state the control plane set.
@@ -276,7 +302,7 @@ impl Backend {
     /// The weight balancing uses at `now`: the configured one, ramping up
     /// during slow start.
     pub fn effective_weight(&self, now: Instant) -> f64 {
-        f64::from(self.weight) * self.ramp(now)
+        f64::from(self.weight()) * self.ramp(now)
     }
 
     /// Where the slow-start ramp is at `now`: from near 0 to 1 (1 when not
@@ -286,7 +312,7 @@ impl Backend {
             0 => 1.0,
             since => {
                 let back = self.epoch + Duration::from_nanos(since - 1);
-                slow_start_factor(now.saturating_duration_since(back), self.slow_start)
+                slow_start_factor(now.saturating_duration_since(back), self.slow_start())
             }
         }
     }
@@ -298,7 +324,7 @@ impl Backend {
 
     /// The backend is back in rotation at `now`: start its slow-start ramp.
     pub fn mark_back(&self, now: Instant) {
-        if !self.slow_start.is_zero() {
+        if !self.slow_start().is_zero() {
             self.back_since.store(self.stamp(now), Ordering::Relaxed);
         }
     }
@@ -308,12 +334,17 @@ impl Backend {
         let since = self.back_since.load(Ordering::Relaxed);
         if since != 0
             && now.saturating_duration_since(self.epoch + Duration::from_nanos(since - 1))
-                >= self.slow_start
+                >= self.slow_start()
         {
             self.back_since.store(0, Ordering::Relaxed);
             return true;
         }
         false
+    }
+
+    /// What the active check last said: down.
+    pub fn is_active_down(&self) -> bool {
+        self.active_down.load(Ordering::Relaxed)
     }
 
     /// Sets what the active check says; true when that changed it.
@@ -391,18 +422,13 @@ impl Backend {
     }
 
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnControl>>> {
-        // A panic while holding this lock leaves a plain map: still usable.
-        self.conns
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.conns)
     }
 }
 
-/// The backends of one pool, in config order.
-#[derive(Debug)]
-pub struct PoolEntry {
-    pub name: String,
-    pub backends: Vec<Arc<Backend>>,
+/// Counters of a pool that outlive reloads.
+#[derive(Debug, Default)]
+pub struct PoolStats {
     /// New connections waiting for admission now.
     pub admission_waiting: AtomicUsize,
     /// New connections refused by admission since start.
@@ -411,7 +437,7 @@ pub struct PoolEntry {
     pub sticky_repins: AtomicU64,
 }
 
-impl PoolEntry {
+impl PoolStats {
     /// A value that changes when admission refuses a connection, with
     /// whether any connection is waiting for admission now.
     pub fn admission_pressure(&self) -> (u64, bool) {
@@ -422,11 +448,72 @@ impl PoolEntry {
     }
 }
 
+/// One pool as one config generation sees it: its settings and backends,
+/// in config order. A reload makes a new entry; backends that stay are
+/// the same `Backend`s, with their counts and state.
+#[derive(Debug)]
+pub struct PoolEntry {
+    pub name: String,
+    /// This generation's settings of the pool.
+    pub cfg: PoolConfig,
+    pub backends: Vec<Arc<Backend>>,
+    /// Backends a reload removed: draining until they have no connection,
+    /// then forgotten.
+    retiring: Mutex<Vec<Arc<Backend>>>,
+    /// The pool itself was removed by a reload (it then has only retiring
+    /// backends).
+    pub removed: bool,
+    pub stats: Arc<PoolStats>,
+}
+
+impl PoolEntry {
+    /// Backends a reload removed that still drain.
+    pub fn retiring(&self) -> Vec<Arc<Backend>> {
+        lock(&self.retiring).clone()
+    }
+
+    /// The current backends, then the retiring ones.
+    pub fn all_backends(&self) -> Vec<Arc<Backend>> {
+        let mut all = self.backends.clone();
+        all.extend(self.retiring());
+        all
+    }
+
+    /// Finds a current backend by name, else a retiring one.
+    pub fn find(&self, name: &str) -> Option<Arc<Backend>> {
+        self.backends
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .or_else(|| self.retiring().into_iter().find(|b| b.name == name))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data: still usable.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a reloaded config made of the pools (`Registry::reconfigure`).
+#[derive(Debug, Default)]
+pub struct Reconfigured {
+    /// Backends new to a pool that existed before (slow start applies).
+    pub added: Vec<Arc<Backend>>,
+    /// Backends the config no longer has, with their pool's entry (for
+    /// its drain settings): they are to be drained.
+    pub removed: Vec<(Arc<PoolEntry>, Arc<Backend>)>,
+    /// Retiring backends the config has again: back in rotation.
+    pub revived: Vec<Arc<Backend>>,
+}
+
 /// All pools' live state.
 #[derive(Debug)]
 pub struct Registry {
-    pools: Vec<PoolEntry>,
+    pools: ArcSwap<Vec<Arc<PoolEntry>>>,
+    /// Reference point of the backends' time stamps.
+    epoch: Instant,
     next_id: AtomicU64,
+    next_backend: AtomicU64,
     /// Leases taken since start: every HTTP request and upgrade.
     leases_total: AtomicU64,
     /// Close code every new WebSocket gets at once (0: none, `ABORT`: drop
@@ -437,55 +524,176 @@ pub struct Registry {
 impl Registry {
     /// Builds the registry for the pools of `cfg`.
     pub fn new(cfg: &Config) -> Self {
-        let epoch = Instant::now();
-        let pools = cfg
-            .pools
-            .iter()
-            .map(|pool| PoolEntry {
-                admission_waiting: AtomicUsize::new(0),
-                admission_rejected: AtomicU64::new(0),
-                sticky_repins: AtomicU64::new(0),
-                name: pool.name.clone(),
-                backends: pool
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        Arc::new(Backend::new(
-                            b.name.clone(),
-                            b.address,
-                            b.weight,
-                            pool.slow_start,
-                            epoch,
-                        ))
-                    })
-                    .collect(),
-            })
-            .collect();
-        Self {
-            pools,
+        let registry = Self {
+            pools: ArcSwap::from_pointee(Vec::new()),
+            epoch: Instant::now(),
             next_id: AtomicU64::new(1),
+            next_backend: AtomicU64::new(1),
             leases_total: AtomicU64::new(0),
             closing: AtomicU32::new(0),
+        };
+        registry.reconfigure(cfg, Instant::now());
+        registry
+    }
+
+    fn new_backend(&self, b: &BackendConfig, pool: &PoolConfig) -> Arc<Backend> {
+        Arc::new(Backend::new(
+            self.next_backend.fetch_add(1, Ordering::Relaxed),
+            b.name.clone(),
+            b.address,
+            b.weight,
+            pool.slow_start,
+            self.epoch,
+        ))
+    }
+
+    /// Makes the pools of `cfg` the current ones. A backend that stays
+    /// (same pool, name and address) keeps its `Backend`, taking the new
+    /// weight and slow start; a retiring one that comes back is revived;
+    /// backends and pools the config no longer has become retiring (the
+    /// caller drains them: they are out of rotation at once). Added
+    /// backends start their slow-start ramp at `now`. The control plane
+    /// calls this one at a time.
+    pub fn reconfigure(&self, cfg: &Config, now: Instant) -> Reconfigured {
+        let old = self.pools.load_full();
+        let mut done = Reconfigured::default();
+        let mut pools = Vec::with_capacity(cfg.pools.len());
+        for pcfg in &cfg.pools {
+            let before = old.iter().find(|p| p.name == pcfg.name);
+            let mut retiring = before.map(|p| p.retiring()).unwrap_or_default();
+            let mut backends = Vec::with_capacity(pcfg.backends.len());
+            for bcfg in &pcfg.backends {
+                let same = |b: &&Arc<Backend>| b.name == bcfg.name && b.addr == bcfg.address;
+                let kept = before.and_then(|p| p.backends.iter().find(same).cloned());
+                let backend = match kept {
+                    Some(b) => b,
+                    None => match retiring.iter().position(|b| same(&b)) {
+                        Some(i) => {
+                            let b = retiring.remove(i);
+                            done.revived.push(b.clone());
+                            b
+                        }
+                        None => {
+                            let b = self.new_backend(bcfg, pcfg);
+                            if before.is_some_and(|p| !p.removed) {
+                                // Not at start: a backend that joins ramps up.
+                                b.mark_back(now);
+                                done.added.push(b.clone());
+                            }
+                            b
+                        }
+                    },
+                };
+                backend.reconfigure(bcfg.weight, pcfg.slow_start);
+                backends.push(backend);
+            }
+            let mut gone = Vec::new();
+            if let Some(p) = before {
+                for b in &p.backends {
+                    if !backends.iter().any(|n| Arc::ptr_eq(n, b)) {
+                        retiring.push(b.clone());
+                        gone.push(b.clone());
+                    }
+                }
+            }
+            let entry = Arc::new(PoolEntry {
+                name: pcfg.name.clone(),
+                cfg: pcfg.clone(),
+                backends,
+                retiring: Mutex::new(retiring),
+                removed: false,
+                stats: before.map(|p| p.stats.clone()).unwrap_or_default(),
+            });
+            done.removed
+                .extend(gone.into_iter().map(|b| (entry.clone(), b)));
+            pools.push(entry);
         }
+        for p in old.iter() {
+            if cfg.pools.iter().any(|n| n.name == p.name) {
+                continue;
+            }
+            let entry = Arc::new(PoolEntry {
+                name: p.name.clone(),
+                cfg: p.cfg.clone(),
+                backends: Vec::new(),
+                retiring: Mutex::new(p.all_backends()),
+                removed: true,
+                stats: p.stats.clone(),
+            });
+            done.removed
+                .extend(p.backends.iter().map(|b| (entry.clone(), b.clone())));
+            pools.push(entry);
+        }
+        for (_, b) in &done.removed {
+            // Out of rotation before the new pools are seen; a drain an
+            // operator started (or finished) stands.
+            let _ = b.state.compare_exchange(
+                BackendState::Up as u8,
+                BackendState::Draining as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        self.pools.store(Arc::new(pools));
+        done
     }
 
-    /// Pool by index (indices come from the validated config).
-    pub fn pool(&self, index: usize) -> &PoolEntry {
-        &self.pools[index]
+    /// Forgets retiring backends that are drained and have no connection
+    /// left, and removed pools that have none left; returns who was
+    /// forgotten (pool, backend).
+    pub fn forget_drained(&self) -> Vec<(String, String)> {
+        let pools = self.pools.load_full();
+        let mut forgotten = Vec::new();
+        for p in pools.iter() {
+            lock(&p.retiring).retain(|b| {
+                let done = b.state() == BackendState::Drained && b.active() == 0;
+                if done {
+                    forgotten.push((p.name.clone(), b.name.clone()));
+                }
+                !done
+            });
+        }
+        if pools
+            .iter()
+            .any(|p| p.removed && lock(&p.retiring).is_empty())
+        {
+            let kept = pools
+                .iter()
+                .filter(|p| !(p.removed && lock(&p.retiring).is_empty()))
+                .cloned()
+                .collect();
+            self.pools.store(Arc::new(kept));
+        }
+        forgotten
     }
 
-    /// All pools.
-    pub fn pools(&self) -> &[PoolEntry] {
-        &self.pools
+    /// The current pools: a snapshot, in config order, removed pools that
+    /// still drain last.
+    pub fn pools(&self) -> Arc<Vec<Arc<PoolEntry>>> {
+        self.pools.load_full()
+    }
+
+    /// The current pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<Arc<PoolEntry>> {
+        self.pools
+            .load()
+            .iter()
+            .find(|p| p.name == name && !p.removed)
+            .cloned()
     }
 
     /// Live WebSockets over all backends.
     pub fn ws_total(&self) -> usize {
-        self.backends().map(|b| b.ws_count()).sum()
+        self.backends().iter().map(|b| b.ws_count()).sum()
     }
 
-    fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.pools.iter().flat_map(|p| p.backends.iter())
+    /// Every backend, retiring ones too.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.pools
+            .load()
+            .iter()
+            .flat_map(|p| p.all_backends())
+            .collect()
     }
 
     /// Asks every live WebSocket, and every one that starts from now on, to
@@ -507,6 +715,20 @@ impl Registry {
                 conn.abort();
             }
         }
+    }
+
+    /// Control handles of the live WebSockets that came through listener
+    /// `listener`.
+    pub fn connections_of_listener(&self, listener: u32) -> Vec<(Arc<Backend>, Arc<ConnControl>)> {
+        let mut found = Vec::new();
+        for backend in self.backends() {
+            for conn in backend.connections() {
+                if conn.listener == listener {
+                    found.push((backend.clone(), conn));
+                }
+            }
+        }
+        found
     }
 
     /// A value that changes whenever connections come or go: leases taken
@@ -561,10 +783,11 @@ impl Lease {
         &self.backend
     }
 
-    /// Turns the slot into a live WebSocket with a control handle.
-    pub fn into_ws(self) -> WsEntry {
+    /// Turns the slot into a live WebSocket with a control handle; it came
+    /// through listener `listener`.
+    pub fn into_ws(self, listener: u32) -> WsEntry {
         let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
-        let control = Arc::new(ConnControl::new(id));
+        let control = Arc::new(ConnControl::new(id, listener));
         let backend = self.backend.clone();
         backend.ws.fetch_add(1, Ordering::Relaxed);
         backend.lock_conns().insert(id, control.clone());
@@ -632,12 +855,12 @@ mod tests {
     #[test]
     fn lease_within_never_overshoots_the_limit() {
         let registry = one_pool(1, "0s");
-        let backend = registry.pool(0).backends[0].clone();
+        let backend = registry.pools()[0].backends[0].clone();
         let first = registry.lease_within(&backend, 2).expect("room for 1");
         let ws = registry
             .lease_within(&backend, 2)
             .expect("room for 2")
-            .into_ws();
+            .into_ws(0);
         assert!(registry.lease_within(&backend, 2).is_none(), "full at 2");
         assert_eq!((backend.http_count(), backend.ws_count()), (1, 1));
         drop(first);
@@ -653,7 +876,7 @@ mod tests {
     #[test]
     fn concurrent_leases_stop_exactly_at_the_limit() {
         let registry = one_pool(1, "0s");
-        let backend = registry.pool(0).backends[0].clone();
+        let backend = registry.pools()[0].backends[0].clone();
         let held = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|s| {
             for _ in 0..8 {
@@ -673,8 +896,8 @@ mod tests {
     #[test]
     fn a_close_request_reaches_the_handle_once_and_abort_overrides() {
         let registry = one_pool(1, "0s");
-        let backend = registry.pool(0).backends[0].clone();
-        let entry = registry.lease(&backend).into_ws();
+        let backend = registry.pools()[0].backends[0].clone();
+        let entry = registry.lease(&backend).into_ws(0);
         let waker = std::task::Waker::noop();
         let control = entry.control().clone();
         assert_eq!(control.poll_request(waker), CloseRequest::None);
@@ -696,12 +919,12 @@ mod tests {
     #[test]
     fn close_all_marks_websockets_that_register_later() {
         let registry = one_pool(2, "0s");
-        let b0 = registry.pool(0).backends[0].clone();
-        let b1 = registry.pool(0).backends[1].clone();
-        let early = registry.lease(&b0).into_ws();
+        let b0 = registry.pools()[0].backends[0].clone();
+        let b1 = registry.pools()[0].backends[1].clone();
+        let early = registry.lease(&b0).into_ws(0);
         let pending = registry.lease(&b1);
         registry.close_all(1001);
-        let late = pending.into_ws();
+        let late = pending.into_ws(0);
         let waker = std::task::Waker::noop();
         assert_eq!(
             early.control().poll_request(waker),
@@ -712,7 +935,7 @@ mod tests {
             CloseRequest::Close(1001)
         );
         registry.abort_all();
-        let later = registry.lease(&b0).into_ws();
+        let later = registry.lease(&b0).into_ws(0);
         assert_eq!(later.control().poll_request(waker), CloseRequest::Abort);
         assert_eq!(early.control().poll_request(waker), CloseRequest::Abort);
     }
@@ -720,7 +943,7 @@ mod tests {
     #[test]
     fn an_undrain_between_drain_and_its_end_wins() {
         let registry = one_pool(1, "0s");
-        let backend = &registry.pool(0).backends[0];
+        let backend = &registry.pools()[0].backends[0];
         backend.set_state(BackendState::Draining);
         assert!(!backend.is_accepting());
         // The operator undrains before the drain task sees the backend empty.
@@ -739,7 +962,7 @@ mod tests {
     #[test]
     fn passive_ejection_at_the_threshold_then_back_after_its_time() {
         let registry = one_pool(1, "0s");
-        let backend = &registry.pool(0).backends[0];
+        let backend = &registry.pools()[0].backends[0];
         let t0 = Instant::now();
         let ejection = Duration::from_secs(10);
         assert!(!backend.note_failure(3, ejection, t0));
@@ -771,7 +994,7 @@ mod tests {
     #[test]
     fn slow_start_ramps_the_weight_then_ends() {
         let registry = one_pool(1, "30s");
-        let backend = &registry.pool(0).backends[0];
+        let backend = &registry.pools()[0].backends[0];
         let t0 = Instant::now();
         assert_eq!(backend.effective_weight(t0), 1.0, "not ramping");
         backend.mark_back(t0);
@@ -784,7 +1007,7 @@ mod tests {
         assert_eq!(backend.ramp(t0 + Duration::from_secs(31)), 1.0);
         assert_eq!(backend.condition(), Condition::Up);
         let off = one_pool(1, "0s");
-        off.pool(0).backends[0].mark_back(t0);
-        assert!(!off.pool(0).backends[0].is_ramping(), "slow start off");
+        off.pools()[0].backends[0].mark_back(t0);
+        assert!(!off.pools()[0].backends[0].is_ramping(), "slow start off");
     }
 }

@@ -129,6 +129,16 @@ impl Tls {
         }
     }
 
+    /// The settings it was made from.
+    pub fn settings(&self) -> &TlsSettings {
+        &self.settings
+    }
+
+    /// True when both are the same acceptor (a reload kept it).
+    pub fn same(&self, other: &Tls) -> bool {
+        Arc::ptr_eq(&self.store, &other.store)
+    }
+
     fn files(&self) -> Vec<PathBuf> {
         std::iter::once(&self.settings.default)
             .chain(self.settings.sni.iter().map(|(_, s)| s))
@@ -137,14 +147,9 @@ impl Tls {
             .collect()
     }
 
-    /// Reloads when a certificate file changes, or when `hup` is notified
-    /// (SIGHUP), until `shutdown`.
-    pub async fn watch(
-        self,
-        listener: String,
-        mut hup: tokio::sync::watch::Receiver<()>,
-        shutdown: CancellationToken,
-    ) {
+    /// Reloads when a certificate file changes, until `shutdown`. (A
+    /// config reload, SIGHUP, reads them again too.)
+    pub async fn watch(self, listener: String, shutdown: CancellationToken) {
         let stamp = |files: &[PathBuf]| -> Vec<Option<(SystemTime, u64)>> {
             files
                 .iter()
@@ -163,15 +168,6 @@ impl Tls {
                     // A failed reload is tried again at the next look.
                     let now = stamp(&files);
                     if now != seen && self.reload(&listener) {
-                        seen = now;
-                    }
-                }
-                changed = hup.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let now = stamp(&files);
-                    if self.reload(&listener) {
                         seen = now;
                     }
                 }

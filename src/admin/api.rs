@@ -14,10 +14,35 @@ use std::fmt;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-/// `GET /api/v1/status`: every pool, in config order.
+/// `GET /api/v1/status`: every pool, in config order (pools a reload
+/// removed that still drain last).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub pools: Vec<Pool>,
+    /// The config generation in use (`null` from a sluice that predates it).
+    #[serde(default)]
+    pub config: Option<ConfigGeneration>,
+}
+
+/// Which config is running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigGeneration {
+    /// 1 at start, one more per applied reload.
+    pub generation: u64,
+    /// When it was loaded, in milliseconds since the Unix epoch.
+    pub loaded_at_ms: u64,
+    /// The file it was read from (`null` for the demo's built-in config).
+    pub path: Option<String>,
+}
+
+/// `POST /api/v1/reload`: the config file was read again and applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The generation now in use (unchanged when nothing changed).
+    pub generation: u64,
+    /// What changed, one line each (`added backend app/b4`, ...); empty
+    /// when nothing did.
+    pub changes: Vec<String>,
 }
 
 impl Status {
@@ -66,6 +91,9 @@ pub struct Backend {
     pub connections: Connections,
     /// Progress of the drain, while draining or drained (`null` otherwise).
     pub drain: Option<DrainProgress>,
+    /// A reload removed it from the config: it drains, then is forgotten.
+    #[serde(default)]
+    pub removed: bool,
 }
 
 /// A backend's state as users see it.
@@ -238,6 +266,7 @@ mod tests {
             healthy: true,
             connections: Connections { ws: 3, http: 1 },
             drain,
+            removed: false,
         }
     }
 
@@ -258,6 +287,7 @@ mod tests {
                 "state": "slow_start", "healthy": true,
                 "connections": { "ws": 3, "http": 1 },
                 "drain": { "window_ms": 5000, "elapsed_ms": 1200, "planned": 2, "closed": 1 },
+                "removed": false,
             })
         );
         let v = serde_json::to_value(backend(BackendState::Up, None)).expect("serde");
@@ -323,6 +353,11 @@ mod tests {
                     }),
                 }),
             }],
+            config: Some(ConfigGeneration {
+                generation: 2,
+                loaded_at_ms: 1_700_000_000_000,
+                path: Some("sluice.toml".into()),
+            }),
         };
         let text = serde_json::to_string(&status).expect("serde");
         assert_eq!(

@@ -133,6 +133,12 @@ impl AdminClient {
             .await
     }
 
+    /// `POST /api/v1/reload`: reads the config file again and applies it.
+    pub async fn reload(&self) -> Result<api::ReloadReport, ClientError> {
+        self.request(Method::POST, "/api/v1/reload", None::<&()>)
+            .await
+    }
+
     async fn request<T: DeserializeOwned>(
         &self,
         method: Method,

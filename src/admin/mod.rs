@@ -30,10 +30,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
 use crate::drain::{DrainError, Drains};
+use crate::error_chain::chain;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Backend, PoolEntry, Registry};
+use crate::reload::{ReloadError, Reloader};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -44,33 +45,10 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub drains: Arc<Drains>,
     pub metrics: Arc<Metrics>,
-    /// Pool algorithms by index, for status.
-    pub algorithms: Vec<&'static str>,
-    /// Pool rebalance settings by index, for status.
-    pub rebalance: Vec<crate::config::RebalanceConfig>,
     /// The rebalancer's last decisions.
     pub reports: Arc<crate::rebalance::Reports>,
-}
-
-impl AdminState {
-    pub fn new(
-        cfg: &Config,
-        token: String,
-        registry: Arc<Registry>,
-        drains: Arc<Drains>,
-        metrics: Arc<Metrics>,
-        reports: Arc<crate::rebalance::Reports>,
-    ) -> Self {
-        Self {
-            token,
-            registry,
-            drains,
-            metrics,
-            algorithms: cfg.pools.iter().map(|p| p.algorithm.as_str()).collect(),
-            rebalance: cfg.pools.iter().map(|p| p.rebalance).collect(),
-            reports,
-        }
-    }
+    /// Reads the config again and applies it.
+    pub reloader: Arc<Reloader>,
 }
 
 /// A new random token, for when none is configured.
@@ -160,6 +138,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["api", "v1", "status"]) => ok(&status(state)),
+        (Method::POST, ["api", "v1", "reload"]) => reload(state).await,
         (
             Method::POST,
             [
@@ -179,7 +158,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             };
             backend_action(state, &pool, &backend, action, body)
         }
-        (_, ["api", "v1", "status"])
+        (_, ["api", "v1", "status" | "reload"])
         | (_, ["api", "v1", "pools", _, "backends", _, "drain" | "undrain"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "wrong method for this endpoint",
@@ -256,7 +235,7 @@ fn backend_action(
     action: &str,
     body: Value,
 ) -> Response<Full<Bytes>> {
-    let (p, b) = match state.drains.find(pool, backend) {
+    let (pool, backend) = match state.drains.find(pool, backend) {
         Ok(found) => found,
         Err(e @ DrainError::ShuttingDown) => return error(StatusCode::CONFLICT, &e.to_string()),
         Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
@@ -265,19 +244,33 @@ fn backend_action(
         if let Err(message) = parse_request::<api::UndrainRequest>(body) {
             return error(StatusCode::BAD_REQUEST, &message);
         }
-        state.drains.undrain(p, b)
+        state.drains.undrain(&pool, &backend)
     } else {
         let window = parse_request::<api::DrainRequest>(body)
             .and_then(|request| request.window.as_deref().map(parse_window).transpose());
         match window {
-            Ok(window) => state.drains.drain(p, b, window),
+            Ok(window) => state.drains.drain(&pool, &backend, window),
             Err(message) => return error(StatusCode::BAD_REQUEST, &message),
         }
     };
     if let Err(e) = done {
         return error(StatusCode::CONFLICT, &e.to_string());
     }
-    ok(&backend_status(state, p, b))
+    ok(&backend_status(state, &pool, &backend))
+}
+
+/// `POST /api/v1/reload`: what changed, or 400 with why the file was refused.
+async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
+    match state.reloader.reload().await {
+        Ok(changes) => ok(&api::ReloadReport {
+            generation: state.reloader.generation().number,
+            changes: changes.iter().map(ToString::to_string).collect(),
+        }),
+        Err(e @ (ReloadError::Invalid(_) | ReloadError::Apply(_))) => {
+            error(StatusCode::BAD_REQUEST, &chain(&e).to_string())
+        }
+        Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
 }
 
 fn status(state: &AdminState) -> api::Status {
@@ -285,30 +278,35 @@ fn status(state: &AdminState) -> api::Status {
         .registry
         .pools()
         .iter()
-        .enumerate()
-        .map(|(p, pool)| api::Pool {
-            name: pool.name.clone(),
-            algorithm: state
-                .algorithms
-                .get(p)
-                .copied()
-                .unwrap_or("least_conn")
-                .to_string(),
-            connections: pool.backends.iter().map(|b| b.active() as u64).sum(),
-            backends: (0..pool.backends.len())
-                .map(|b| backend_status(state, p, b))
-                .collect(),
-            rebalance: rebalance_status(state, p),
+        .map(|pool| {
+            let all = pool.all_backends();
+            api::Pool {
+                name: pool.name.clone(),
+                algorithm: pool.cfg.algorithm.as_str().to_string(),
+                connections: all.iter().map(|b| b.active() as u64).sum(),
+                backends: all.iter().map(|b| backend_status(state, pool, b)).collect(),
+                rebalance: rebalance_status(state, pool),
+            }
         })
         .collect();
-    api::Status { pools }
+    let generation = state.reloader.generation();
+    api::Status {
+        pools,
+        config: Some(api::ConfigGeneration {
+            generation: generation.number,
+            loaded_at_ms: generation
+                .loaded_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            path: generation.path.map(|p| p.display().to_string()),
+        }),
+    }
 }
 
-fn rebalance_status(state: &AdminState, p: usize) -> Option<api::Rebalance> {
-    let cfg = state.rebalance.get(p)?;
-    let pool = state.registry.pool(p);
+fn rebalance_status(state: &AdminState, pool: &PoolEntry) -> Option<api::Rebalance> {
+    let cfg = &pool.cfg.rebalance;
     let name = |i: usize| pool.backends.get(i).map(|b| b.name.clone());
-    let last = state.reports.get(p).map(|r| api::RebalanceReport {
+    let last = state.reports.get(&pool.name).map(|r| api::RebalanceReport {
         ago_ms: r.at.elapsed().as_millis() as u64,
         total: r.plan.total as u64,
         shares: r.plan.shares.iter().map(|s| s.round() as u64).collect(),
@@ -328,10 +326,8 @@ fn rebalance_status(state: &AdminState, p: usize) -> Option<api::Rebalance> {
     })
 }
 
-fn backend_status(state: &AdminState, p: usize, b: usize) -> api::Backend {
-    let pool = state.registry.pool(p);
-    let backend = &pool.backends[b];
-    let drain = state.drains.progress(p, b).map(|d| api::DrainProgress {
+fn backend_status(state: &AdminState, pool: &PoolEntry, backend: &Arc<Backend>) -> api::Backend {
+    let drain = state.drains.progress(backend).map(|d| api::DrainProgress {
         window_ms: d.window.as_millis() as u64,
         elapsed_ms: d.elapsed.as_millis() as u64,
         planned: d.planned as u64,
@@ -341,7 +337,7 @@ fn backend_status(state: &AdminState, p: usize, b: usize) -> api::Backend {
         pool: pool.name.clone(),
         name: backend.name.clone(),
         address: backend.addr.to_string(),
-        weight: backend.weight,
+        weight: backend.weight(),
         state: backend.condition().into(),
         healthy: backend.is_healthy(),
         connections: api::Connections {
@@ -349,6 +345,7 @@ fn backend_status(state: &AdminState, p: usize, b: usize) -> api::Backend {
             http: backend.http_count() as u64,
         },
         drain,
+        removed: !pool.backends.iter().any(|b| Arc::ptr_eq(b, backend)),
     }
 }
 

@@ -42,12 +42,9 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &'h str) -> Option<&'h str> {
 
 impl Sticky {
     /// Cookie values for `backends` of `pool`, keyed by the configured
-    /// secret (or a random one).
-    pub fn new(cfg: StickyConfig, pool: &str, backends: &[&str]) -> Self {
-        let key = cfg
-            .secret
-            .clone()
-            .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
+    /// secret, else by `fallback_key` (random at start).
+    pub fn new(cfg: StickyConfig, pool: &str, backends: &[&str], fallback_key: &[u8]) -> Self {
+        let key = cfg.secret.clone().unwrap_or_else(|| fallback_key.to_vec());
         let values = backends
             .iter()
             .map(|b| {
@@ -124,7 +121,7 @@ mod tests {
             secret: Some(secret.to_vec()),
             ..StickyConfig::default()
         };
-        Sticky::new(cfg, "app", &["app-1", "app-2"])
+        Sticky::new(cfg, "app", &["app-1", "app-2"], &[7; 32])
     }
 
     fn headers(cookie: &str) -> HeaderMap {

@@ -140,6 +140,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         pools: pools.into_iter().map(|(p, _)| p).collect(),
         shutdown_timeout,
         worker_threads,
+        path: Some(path.to_path_buf()),
     })
 }
 

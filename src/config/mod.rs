@@ -7,8 +7,10 @@
 //!
 //! - `schema.rs`: the validated types and their defaults (plain data);
 //! - `load.rs`: reading and validating a file into them;
-//! - `reader.rs`: the TOML walker that knows spans and leftover keys.
+//! - `reader.rs`: the TOML walker that knows spans and leftover keys;
+//! - `diff.rs`: what a reload changes (pure).
 
+mod diff;
 mod load;
 mod reader;
 mod schema;
@@ -16,6 +18,7 @@ mod schema;
 mod tests;
 
 pub use crate::pem::CertSource;
+pub use diff::{Change, diff};
 pub use load::{load, parse};
 pub use reader::MAX_DURATION;
 pub use schema::*;

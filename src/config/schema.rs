@@ -10,7 +10,7 @@ use crate::pem::CertSource;
 pub use crate::proxy_protocol::{Accept as ProxyAccept, Version as ProxyVersion};
 
 /// A validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
@@ -20,10 +20,13 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Runtime worker threads; 0 means one per core.
     pub worker_threads: usize,
+    /// The file it was read from, which a reload reads again; `None` for
+    /// a config built in code (the demo).
+    pub path: Option<PathBuf>,
 }
 
 /// One listening socket and the pool it serves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
@@ -105,7 +108,7 @@ pub struct TlsSettings {
 }
 
 /// The admin API listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Bearer token from `token_file`; `None`: generated and printed at start.
@@ -132,7 +135,7 @@ impl AdminConfig {
 }
 
 /// How a backend's WebSockets are closed when it is drained.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DrainConfig {
     /// Closes are spread evenly over this window.
     pub window: Duration,
@@ -157,7 +160,7 @@ impl Default for DrainConfig {
 }
 
 /// Automatic rebalancing of long-lived connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RebalanceConfig {
     pub enabled: bool,
     /// How often the pool is looked at.
@@ -183,7 +186,7 @@ impl Default for RebalanceConfig {
 }
 
 /// Active health checks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     /// HTTP path to GET; `None`: a TCP connect is the check.
     pub path: Option<String>,
@@ -211,7 +214,7 @@ impl Default for HealthConfig {
 }
 
 /// Passive health: what the data path sees counts against a backend.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PassiveConfig {
     /// Connect failures, resets before an answer, 5xx to an upgrade, in a
     /// row, that eject a backend; 0 turns passive health off.
@@ -230,7 +233,7 @@ impl Default for PassiveConfig {
 }
 
 /// Reconnect-storm admission: new upstream connections per backend.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdmissionConfig {
     /// New connections per second per backend; 0: no rate limit.
     pub connect_rate: f64,
@@ -289,7 +292,7 @@ pub enum SameSite {
 }
 
 /// Sticky sessions: a cookie pins a client to a backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StickyConfig {
     pub cookie: String,
     pub ttl: Duration,
@@ -327,7 +330,7 @@ impl Algorithm {
 }
 
 /// A group of interchangeable backends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub algorithm: Algorithm,
@@ -365,7 +368,7 @@ pub struct PoolConfig {
 }
 
 /// One application server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
     pub address: SocketAddr,

@@ -15,6 +15,7 @@ mod headers;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
@@ -38,8 +39,12 @@ use crate::registry::Registry;
 use crate::tunnel::{self, Tunnel, TunnelIo};
 use crate::upstream::{BackendStream, Blame, RequestBody, Upstream, UpstreamError};
 
-/// What every connection of one listener shares.
+/// What every connection of one listener shares, in one config
+/// generation: a reload makes a new one, which the listener's next
+/// connections, and the next requests of its open connections, use.
 pub struct ListenerCtx {
+    /// The listener's id, the same across reloads (`ConnControl::listener`).
+    pub id: u32,
     pub cfg: ListenerConfig,
     pub upstream: Arc<Upstream>,
     pub registry: Arc<Registry>,
@@ -68,21 +73,26 @@ impl ListenerCtx {
     }
 }
 
+/// A listener's current context, swapped by a reload.
+pub type ListenerCell = Arc<ArcSwap<ListenerCtx>>;
+
 /// Serves one client connection until it closes, or until `shutdown`, after
-/// which in-flight requests finish and the connection closes.
+/// which in-flight requests finish and the connection closes. Each request
+/// takes the listener's context as it is then (`cell`), so one that
+/// arrives after a reload sees the new pool.
 /// `permit` counts the connection against the listener's limits; an
 /// upgraded WebSocket keeps it until the tunnel ends.
 pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     stream: S,
     client: Client,
-    ctx: Arc<ListenerCtx>,
+    cell: ListenerCell,
     permit: ConnPermit,
     shutdown: CancellationToken,
 ) {
     let permit = Arc::new(permit);
-    let svc_ctx = ctx.clone();
+    let ctx = cell.load_full();
     let service = service_fn(move |req| {
-        let ctx = svc_ctx.clone();
+        let ctx = cell.load_full();
         let permit = permit.clone();
         let client = client.clone();
         async move { Ok::<_, Infallible>(handle::<S>(req, client, ctx, permit).await) }
@@ -167,7 +177,7 @@ async fn forward(
     let mut resp = answer.resp;
     headers::drop_length_of_chunked(resp.headers_mut());
     headers::strip_hop_by_hop(resp.headers_mut());
-    if let Some(cookie) = upstream.pin(&ctx.registry, affinity, answer.backend) {
+    if let Some(cookie) = upstream.pin(affinity, answer.backend) {
         resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
     // A connection that began with this client's PROXY header is not
@@ -201,7 +211,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         Err(error) => return upstream_error(&error),
     };
     let (lease, mut resp) = (answer.lease, answer.resp);
-    if let Some(cookie) = upstream.pin(&ctx.registry, affinity, answer.backend) {
+    if let Some(cookie) = upstream.pin(affinity, answer.backend) {
         resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -219,6 +229,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
             timeout: ctx.cfg.ws_ping_timeout,
         }),
     };
+    let listener = ctx.id;
     let tunnel = async move {
         let _permit = permit;
         let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
@@ -235,7 +246,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
             warn!("upgraded connection is not a TCP stream");
             return;
         };
-        let entry = lease.into_ws();
+        let entry = lease.into_ws(listener);
         debug!(conn.id = entry.control().id, "tunnel opened");
         let tunnel = Tunnel::new(
             client.io.into_inner(),

@@ -29,7 +29,7 @@ use crate::admission::TokenBucket;
 use crate::balance::Balancer;
 use crate::balance::sticky::Sticky;
 use crate::config::PoolConfig;
-use crate::registry::{Backend, Registry};
+use crate::registry::{Backend, PoolEntry};
 
 pub use idle::IdlePool;
 pub use request_body::{BodyStalled, RequestBody};
@@ -131,8 +131,9 @@ pub struct Affinity {
 #[derive(Debug)]
 pub struct Upstream {
     pub cfg: PoolConfig,
-    /// Index of this pool in the config and registry.
-    pub index: usize,
+    /// This pool's backends and counters in the registry (of the same
+    /// config generation as `cfg`).
+    pub pool: Arc<PoolEntry>,
     /// Where connect times are recorded.
     connect_seconds: Histogram,
     /// Connections refused by admission.
@@ -145,6 +146,9 @@ pub struct Upstream {
     turn: tokio::sync::Mutex<()>,
     /// Sticky cookies, when configured.
     pub sticky: Option<Sticky>,
+    /// The key of sticky cookies when none is configured: random at start,
+    /// kept by reloads so that pins survive them.
+    sticky_key: [u8; 32],
     /// TLS towards each backend that wants it: connector and server name.
     connectors: Vec<Option<BackendTlsConnector>>,
     balancer: Balancer,
@@ -152,34 +156,61 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// `connectors` holds, per backend, its TLS connector when it has `tls`.
+    /// The data path's view of `pool` (its entry in the registry).
+    /// `connectors` holds, per backend, its TLS connector when it has
+    /// `tls`. With `previous`, the same pool's view before a reload, the
+    /// backends that stay keep their idle connections and admission
+    /// tokens (when those settings are unchanged), and sticky cookies keep
+    /// their key.
     pub fn new(
-        cfg: PoolConfig,
-        index: usize,
+        pool: Arc<PoolEntry>,
         connectors: Vec<Option<BackendTlsConnector>>,
         connect_seconds: Histogram,
         rejected: Counter,
+        previous: Option<&Upstream>,
     ) -> Self {
-        let idle = cfg
+        let cfg = pool.cfg.clone();
+        // The same backend in the previous view, by index there.
+        let before = |b: &Arc<Backend>| {
+            previous.and_then(|p| p.pool.backends.iter().position(|o| Arc::ptr_eq(o, b)))
+        };
+        let same_idle = previous.is_some_and(|p| {
+            (p.cfg.keepalive_max_idle, p.cfg.keepalive_timeout)
+                == (cfg.keepalive_max_idle, cfg.keepalive_timeout)
+        });
+        let idle = pool
             .backends
             .iter()
-            .map(|_| Arc::new(IdlePool::new(cfg.keepalive_max_idle, cfg.keepalive_timeout)))
+            .map(|b| match (previous, before(b)) {
+                (Some(p), Some(i)) if same_idle => p.idle[i].clone(),
+                _ => Arc::new(IdlePool::new(cfg.keepalive_max_idle, cfg.keepalive_timeout)),
+            })
             .collect();
         let admission = cfg.admission;
+        let old_buckets = previous
+            .filter(|p| p.cfg.admission == admission)
+            .and_then(|p| p.buckets.as_ref())
+            .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone());
         let buckets = (admission.connect_rate > 0.0).then(|| {
             let now = Instant::now();
             Mutex::new(
-                cfg.backends
+                pool.backends
                     .iter()
-                    .map(|_| TokenBucket::new(admission.connect_rate, admission.burst, now))
+                    .map(|b| match (&old_buckets, before(b)) {
+                        (Some(old), Some(i)) => old[i].clone(),
+                        _ => TokenBucket::new(admission.connect_rate, admission.burst, now),
+                    })
                     .collect(),
             )
         });
+        let sticky_key = previous.map_or_else(rand::random, |p| p.sticky_key);
         let sticky = cfg.sticky.clone().map(|sc| {
             let names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
-            Sticky::new(sc, &cfg.name, &names)
+            Sticky::new(sc, &cfg.name, &names, &sticky_key)
         });
         Self {
+            pool,
+            sticky_key,
             connectors,
             sticky,
             balancer: Balancer::new(&cfg),
@@ -188,7 +219,6 @@ impl Upstream {
             buckets,
             rejected,
             cfg,
-            index,
             connect_seconds,
             idle,
         }
@@ -228,19 +258,14 @@ impl Upstream {
     /// The Set-Cookie that pins the client to `chosen`, unless its cookie
     /// already does; a client whose pinned backend could not take it is
     /// re-pinned, and counted.
-    pub fn pin(
-        &self,
-        registry: &Registry,
-        affinity: Affinity,
-        chosen: usize,
-    ) -> Option<hyper::header::HeaderValue> {
+    pub fn pin(&self, affinity: Affinity, chosen: usize) -> Option<hyper::header::HeaderValue> {
         let sticky = self.sticky.as_ref()?;
         if affinity.pinned == Some(chosen) {
             return None;
         }
         if affinity.pinned.is_some() {
-            registry
-                .pool(self.index)
+            self.pool
+                .stats
                 .sticky_repins
                 .fetch_add(1, Ordering::Relaxed);
         }

@@ -45,7 +45,7 @@ impl Upstream {
         tried: &[usize],
         affinity: Affinity,
     ) -> Result<Option<(usize, Lease)>, UpstreamError> {
-        let backends = &registry.pool(self.index).backends;
+        let backends = &self.pool.backends;
         let now = Instant::now();
         let max = self.cfg.max_connections_per_backend;
         let mut buckets = self
@@ -126,7 +126,7 @@ impl Upstream {
             return Ok(lease);
         }
         let deadline = tokio::time::Instant::now() + self.cfg.admission.queue_timeout;
-        let pool = registry.pool(self.index);
+        let pool = &self.pool.stats;
         let Ok(_place) = self.queue.try_acquire() else {
             pool.admission_rejected.fetch_add(1, Ordering::Relaxed);
             return Err(self.overloaded());
@@ -187,7 +187,7 @@ fn load_of(backend: &Backend, eligible: bool, now: Instant) -> Load {
     let ramp = backend.ramp(now);
     Load {
         active: backend.active(),
-        weight: f64::from(backend.weight) * ramp,
+        weight: f64::from(backend.weight()) * ramp,
         ramp,
         eligible,
     }

@@ -52,7 +52,7 @@ async fn least_conn_spreads_evenly_and_refills_an_emptied_backend() {
     assert!((148..=152).contains(&closed), "b1 had {closed}");
     join_all(on_b1.iter_mut().map(|(ws, _)| ws.close(None))).await;
     eventually(10, "b1 empty", || {
-        backends[0].ws_open() == 0 && sluice.registry().pool(0).backends[0].ws_count() == 0
+        backends[0].ws_open() == 0 && sluice.registry().pools()[0].backends[0].ws_count() == 0
     })
     .await;
     // The next ones all go to the emptied backend.

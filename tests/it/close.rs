@@ -56,7 +56,7 @@ async fn close_requested_mid_message_is_sent_after_the_message_ends() {
     // Wait until the big message is partly through, then ask for the close.
     let first = read_exact(&mut client, 1024).await;
     assert_eq!(&first[..2], &[0x82, 127]);
-    let conns = sluice.registry().pool(0).backends[0].connections();
+    let conns = sluice.registry().pools()[0].backends[0].connections();
     assert_eq!(conns.len(), 1);
     conns[0].request_close(1012);
     // The client gets the whole message, then Close 1012.
@@ -231,7 +231,7 @@ async fn a_message_that_outlives_max_message_wait_is_cut() {
         ended.load(std::sync::atomic::Ordering::SeqCst)
     })
     .await;
-    let b1 = &sluice.registry().pool(0).backends[0];
+    let b1 = sluice.registry().pools()[0].backends[0].clone();
     assert_eq!(b1.messages_cut.load(std::sync::atomic::Ordering::SeqCst), 1);
     // No Close frame was slipped into the message towards the backend.
     let got = backend.seen.lock().expect("lock")[0].bytes.clone();

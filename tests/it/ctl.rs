@@ -63,7 +63,11 @@ async fn ctl_status_drain_wait_and_undrain() {
             && lines[1].contains(" 3 "),
         "{text}"
     );
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[3].starts_with("config generation 1 (built in), loaded "),
+        "{text}"
+    );
 
     let out = ctl(&sluice, &["status", "--json"]).await;
     let status: api::Status = serde_json::from_slice(&out.stdout).expect("status JSON");
@@ -391,7 +395,7 @@ async fn rollout_restarts_every_backend_without_losing_a_message() {
         sluice.registry().ws_total() == CLIENTS
     })
     .await;
-    for b in &sluice.registry().pool(0).backends {
+    for b in &sluice.registry().pools()[0].backends {
         assert_eq!(b.state().as_str(), "up");
     }
     let (stats, t) = finish_chat(&stop, clients).await;

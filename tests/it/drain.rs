@@ -118,7 +118,7 @@ async fn undrain_puts_the_backend_back_and_drain_of_empty_backend_is_immediate()
         "the pool's default window"
     );
     eventually(5, "drained", || {
-        sluice.registry().pool(0).backends[0].state().as_str() == "drained"
+        sluice.registry().pools()[0].backends[0].state().as_str() == "drained"
     })
     .await;
     // New connections avoid it, WebSocket or HTTP.
@@ -186,5 +186,8 @@ async fn undrain_right_after_drain_sticks() {
         admin.undrain("app", "b1").await.expect("undrain");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sluice.registry().pool(0).backends[0].state().as_str(), "up");
+    assert_eq!(
+        sluice.registry().pools()[0].backends[0].state().as_str(),
+        "up"
+    );
 }

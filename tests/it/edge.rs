@@ -196,7 +196,7 @@ async fn a_stalled_request_body_ends_with_408_and_frees_the_backend() {
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(250));
     eventually(5, "the backend's slot given back", || {
-        sluice.registry().pool(0).backends[0].active() == 0
+        sluice.registry().pools()[0].backends[0].active() == 0
     })
     .await;
     // A body that keeps coming, slower than nothing but faster than the

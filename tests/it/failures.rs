@@ -72,7 +72,7 @@ async fn backend_closing_before_answering_gives_502() {
     let mut client = sluice.http().await;
     assert_eq!(client.get("/").await.status, 502);
     eventually(5, "lease given back", || {
-        sluice.registry().pool(0).backends[0].active() == 0
+        sluice.registry().pools()[0].backends[0].active() == 0
     })
     .await;
 }
@@ -143,7 +143,7 @@ async fn upgrades_that_fail_before_an_answer_eject_the_backend() {
     cfg.pools[0].passive.consecutive_failures = 3;
     let sluice = Sluice::with_config(cfg).await;
     let (mut refused, mut upgraded) = (0, 0);
-    while sluice.registry().pool(0).backends[0].is_healthy() {
+    while sluice.registry().pools()[0].backends[0].is_healthy() {
         match tokio_tungstenite::connect_async(sluice.url("/ws")).await {
             Ok(_) => upgraded += 1,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {

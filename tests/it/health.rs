@@ -11,7 +11,9 @@ use sluice::config::{AdmissionConfig, HealthConfig, PassiveConfig};
 use crate::support::*;
 
 fn state(sluice: &Sluice, b: usize) -> &'static str {
-    sluice.registry().pool(0).backends[b].condition().as_str()
+    sluice.registry().pools()[0].backends[b]
+        .condition()
+        .as_str()
 }
 
 #[tokio::test]
@@ -309,7 +311,8 @@ async fn a_waiter_that_leaves_is_no_longer_counted() {
     let url = sluice.url("/ws");
     let waiter =
         tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.map(|_| ()) });
-    let pool = || &sluice.registry().pool(0).admission_waiting;
+    let stats = sluice.registry().pools()[0].stats.clone();
+    let pool = || &stats.admission_waiting;
     eventually(5, "waiting", || {
         pool().load(std::sync::atomic::Ordering::Relaxed) == 1
     })

@@ -30,6 +30,7 @@ const CONTROL_PLANE: &[&str] = &[
     "health",
     "drain",
     "rebalance",
+    "reload",
     "admin",
     "metrics",
     "trim",

@@ -64,7 +64,7 @@ async fn ws_ping_keeps_live_clients_and_hides_their_pongs() {
     assert_eq!(got.len(), 16, "more than the text frame: {got:?}");
     assert_eq!(sluice.registry().ws_total(), 1);
     assert!(!ended.load(Ordering::SeqCst));
-    let b1 = &sluice.registry().pool(0).backends[0];
+    let b1 = sluice.registry().pools()[0].backends[0].clone();
     assert_eq!(b1.client_timeouts.load(Ordering::SeqCst), 0);
 }
 
@@ -80,7 +80,7 @@ async fn assert_freed_by_ping(sluice: &Sluice, ended: &AtomicBool, backend: &Raw
     .await;
     let got = backend.seen.lock().expect("lock")[0].bytes.clone();
     assert_eq!(masked_close_code(&got), Some(1001), "{got:?}");
-    let b1 = &sluice.registry().pool(0).backends[0];
+    let b1 = sluice.registry().pools()[0].backends[0].clone();
     assert_eq!(b1.client_timeouts.load(Ordering::SeqCst), 1);
     println!("freed {took:?} after the client fell silent");
 }
@@ -203,7 +203,7 @@ async fn ws_ping_does_not_blame_a_client_for_a_stalled_backend() {
     // Well past ws_ping_interval + ws_ping_timeout (200 + 400 ms).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(sluice.registry().ws_total(), 1, "the tunnel was closed");
-    let b1 = &sluice.registry().pool(0).backends[0];
+    let b1 = sluice.registry().pools()[0].backends[0].clone();
     assert_eq!(b1.client_timeouts.load(Ordering::SeqCst), 0);
     flood.abort();
 }

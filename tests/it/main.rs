@@ -15,6 +15,7 @@ mod layers;
 mod liveness;
 mod proxy_protocol;
 mod rebalance;
+mod reload;
 mod sticky;
 #[path = "../support/mod.rs"]
 mod support;

@@ -551,7 +551,9 @@ async fn health_checks_send_a_local_header_to_pools_that_send_one() {
         // failure would take it down.
         eventually(5, "three checks", || conns.load(Ordering::SeqCst) >= 3).await;
         assert_eq!(
-            sluice.registry().pool(0).backends[0].condition().as_str(),
+            sluice.registry().pools()[0].backends[0]
+                .condition()
+                .as_str(),
             "up",
             "{version:?}"
         );

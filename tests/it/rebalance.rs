@@ -53,8 +53,7 @@ async fn an_empty_backend_is_filled_gently_and_a_level_pool_is_left_alone() {
     // Level now: ten more intervals without a single close.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let shed = |s: &Sluice| {
-        s.registry()
-            .pool(0)
+        s.registry().pools()[0]
             .backends
             .iter()
             .map(|b| b.rebalance_shed.load(Ordering::Relaxed))

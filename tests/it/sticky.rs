@@ -115,9 +115,8 @@ async fn a_dead_pinned_backend_means_a_new_pin_that_holds() {
         assert_eq!(again.backend(), reply.backend());
         assert_eq!(pin_of(&again), None);
     }
-    let repins = sluice
-        .registry()
-        .pool(0)
+    let repins = sluice.registry().pools()[0]
+        .stats
         .sticky_repins
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(repins, 1);
@@ -138,9 +137,8 @@ async fn a_forged_cookie_is_ignored() {
         assert_ne!(pin, forged);
     }
     assert_eq!(
-        sluice
-            .registry()
-            .pool(0)
+        sluice.registry().pools()[0]
+            .stats
             .sticky_repins
             .load(std::sync::atomic::Ordering::Relaxed),
         0

@@ -346,7 +346,7 @@ async fn health_checks_reach_a_tls_backend_over_tls() {
     })
     .await;
     assert_eq!(
-        front.registry().pool(0).backends[0].condition().as_str(),
+        front.registry().pools()[0].backends[0].condition().as_str(),
         "up"
     );
     assert_eq!(front.http().await.get("/x").await.status, 200);

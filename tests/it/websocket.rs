@@ -185,7 +185,7 @@ async fn backend_refusing_the_upgrade_is_answered_as_is() {
         other => panic!("expected HTTP 403, got {other:?}"),
     }
     eventually(5, "lease given back", || {
-        sluice.registry().pool(0).backends[0].active() == 0
+        sluice.registry().pools()[0].backends[0].active() == 0
     })
     .await;
 }

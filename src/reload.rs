@@ -1,0 +1,514 @@
+//! Config reload: the running config becomes a new one without closing
+//! anything that still fits.
+//!
+//! Owns what a config generation is made of: the listeners (sockets,
+//! accept loops, the context their connections read), each pool's
+//! data-path view (`Upstream`) and the pool tasks (health checks,
+//! rebalancer). `apply` is used at start and for every reload: it
+//! computes the change (`config::diff`), prepares everything that can fail
+//! (binding new listeners, loading certificates and backend CAs) before
+//! touching anything, then swaps: the registry takes the new pools
+//! (backends that stay keep their state), listeners that stay get a new
+//! context, new ones start accepting, removed backends and listeners
+//! drain, and the previous generation's tasks end. A reload that fails
+//! leaves the running config as it was.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{self, Algorithm, Change, Config, ConfigError};
+use crate::conn_limit::ClientLimit;
+use crate::drain::Drains;
+use crate::error_chain::chain;
+use crate::http::{ListenerCell, ListenerCtx};
+use crate::metrics::Metrics;
+use crate::pem::PemError;
+use crate::registry::Registry;
+use crate::tls::Tls;
+use crate::upstream::{BackendTlsConnector, Upstream};
+use crate::{health, listener, rebalance};
+
+/// How often backends that a reload removed are looked at, to forget the
+/// ones that have drained.
+const FORGET_POLL: Duration = Duration::from_millis(250);
+
+/// Why a config could not be put in place (at start or by a reload).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("listener {name:?}: binding {addr}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {name:?}")]
+    Tls { name: String, source: PemError },
+    #[error("pool {pool:?} backend {backend:?}: TLS towards the backend")]
+    BackendTls {
+        pool: String,
+        backend: String,
+        source: PemError,
+    },
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("sluice was started without a config file: there is nothing to read again")]
+    NoFile,
+    #[error("the config file is invalid; the running config is kept")]
+    Invalid(#[source] ConfigError),
+    #[error("the new config could not be applied; the running config is kept")]
+    Apply(#[source] ApplyError),
+    #[error("sluice is shutting down")]
+    ShuttingDown,
+}
+
+/// The config generation in use.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// 1 at start, one more per applied reload.
+    pub number: u64,
+    pub loaded_at: SystemTime,
+    /// The file it was read from.
+    pub path: Option<PathBuf>,
+}
+
+/// One listener across generations.
+struct Slot {
+    name: String,
+    /// As configured (a port 0 stays 0 here).
+    bind: SocketAddr,
+    /// As bound.
+    addr: SocketAddr,
+    id: u32,
+    cell: ListenerCell,
+    limit: Arc<Semaphore>,
+    max: usize,
+    /// Stops its accept loop and its connections' keep-alive.
+    stop: CancellationToken,
+    /// Stops its certificate watcher.
+    tls_watch: Option<CancellationToken>,
+}
+
+struct State {
+    cfg: Option<Config>,
+    listeners: Vec<Slot>,
+    upstreams: HashMap<String, Arc<Upstream>>,
+    /// Ends this generation's pool tasks.
+    stop: CancellationToken,
+    next_listener: u32,
+}
+
+/// What a new listener needs, made before anything is swapped.
+struct Prepared {
+    /// The slot it keeps (same name and address), else its new socket.
+    kept: Option<usize>,
+    socket: Option<TcpListener>,
+    tls: Option<Tls>,
+}
+
+/// Puts configs in place: at start, and at every reload.
+pub struct Reloader {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    drains: Arc<Drains>,
+    reports: Arc<rebalance::Reports>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    state: tokio::sync::Mutex<State>,
+    generation: Mutex<Generation>,
+    /// Each listener's name and bound address, for `Running::addr`.
+    bound: ArcSwap<Vec<(String, SocketAddr)>>,
+}
+
+impl Reloader {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        drains: Arc<Drains>,
+        reports: Arc<rebalance::Reports>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let reloader = Arc::new(Self {
+            registry,
+            metrics,
+            drains,
+            reports,
+            tasks,
+            state: tokio::sync::Mutex::new(State {
+                cfg: None,
+                listeners: Vec::new(),
+                upstreams: HashMap::new(),
+                stop: shutdown.child_token(),
+                next_listener: 1,
+            }),
+            shutdown,
+            generation: Mutex::new(Generation {
+                number: 0,
+                loaded_at: SystemTime::now(),
+                path: None,
+            }),
+            bound: ArcSwap::from_pointee(Vec::new()),
+        });
+        tokio::spawn(reloader.clone().forget_drained());
+        reloader
+    }
+
+    /// The generation in use.
+    pub fn generation(&self) -> Generation {
+        lock(&self.generation).clone()
+    }
+
+    /// Each listener's name and bound address (the real port when 0 was
+    /// configured).
+    pub fn listeners(&self) -> Arc<Vec<(String, SocketAddr)>> {
+        self.bound.load_full()
+    }
+
+    /// The running config.
+    pub async fn config(&self) -> Option<Config> {
+        self.state.lock().await.cfg.clone()
+    }
+
+    /// Reads the config file again and applies it; returns what changed
+    /// (empty: nothing did).
+    pub async fn reload(&self) -> Result<Vec<Change>, ReloadError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ReloadError::ShuttingDown);
+        }
+        let path = lock(&self.generation).path.clone();
+        let Some(path) = path else {
+            return Err(ReloadError::NoFile);
+        };
+        let new = match config::load(&path) {
+            Ok(cfg) => cfg,
+            Err(error) => {
+                warn!(error = %chain(&error), "reload refused: the config file is invalid; the running config is kept");
+                return Err(ReloadError::Invalid(error));
+            }
+        };
+        match self.apply(new).await {
+            Ok(changes) => {
+                if changes.is_empty() {
+                    info!(path = %path.display(), "reload: nothing changed");
+                }
+                Ok(changes)
+            }
+            Err(error) => {
+                warn!(error = %chain(&error), "reload refused; the running config is kept");
+                Err(ReloadError::Apply(error))
+            }
+        }
+    }
+
+    /// Puts `new` in place of the running config (at start: the first).
+    pub async fn apply(&self, new: Config) -> Result<Vec<Change>, ApplyError> {
+        let mut st = self.state.lock().await;
+        let changes = st
+            .cfg
+            .as_ref()
+            .map(|old| config::diff(old, &new))
+            .unwrap_or_default();
+        let mut connectors = backend_connectors(&new)?;
+        let prepared = self.prepare_listeners(&st, &new)?;
+        if st.cfg.is_some() && changes.is_empty() {
+            // Certificates were read again (above); nothing else to do.
+            return Ok(changes);
+        }
+
+        // Nothing below fails: the swap.
+        let now = Instant::now();
+        let reconfigured = self.registry.reconfigure(&new, now);
+        let stop = self.shutdown.child_token();
+        let mut upstreams = HashMap::new();
+        for pool in self.registry.pools().iter().filter(|p| !p.removed) {
+            let tls = connectors.remove(&pool.name).unwrap_or_default();
+            let upstream = Arc::new(Upstream::new(
+                pool.clone(),
+                tls.clone(),
+                self.metrics.connect_seconds.clone(),
+                self.metrics.admission_rejected(&pool.name),
+                st.upstreams.get(&pool.name).map(|u| &**u),
+            ));
+            tokio::spawn(health::run(pool.clone(), tls, stop.clone()));
+            // Clients of hash and sticky pools come back to the backend their
+            // key or cookie names: shedding them would move nothing.
+            let pinned =
+                matches!(pool.cfg.algorithm, Algorithm::Hash(_)) || pool.cfg.sticky.is_some();
+            let was = st.upstreams.get(&pool.name).map(|u| &u.cfg);
+            if pool.cfg.rebalance.enabled && pinned && was != Some(&pool.cfg) {
+                info!(pool = %pool.name, "rebalancing off: hash and sticky clients return to their backend");
+            }
+            if pool.cfg.rebalance.enabled && !pinned {
+                tokio::spawn(rebalance::run(
+                    pool.clone(),
+                    self.reports.clone(),
+                    stop.clone(),
+                ));
+            }
+            upstreams.insert(pool.name.clone(), upstream);
+        }
+        self.swap_listeners(&mut st, &new, prepared, &upstreams);
+        for (pool, backend) in &reconfigured.removed {
+            self.drains.retire(pool, backend);
+        }
+        for backend in &reconfigured.revived {
+            if let Some(pool) = self
+                .registry
+                .pools()
+                .iter()
+                .find(|p| p.backends.iter().any(|b| Arc::ptr_eq(b, backend)))
+            {
+                self.drains.put_back(&pool.name, backend);
+            }
+        }
+        std::mem::replace(&mut st.stop, stop).cancel();
+        st.upstreams = upstreams;
+        let number = {
+            let mut generation = lock(&self.generation);
+            generation.number += 1;
+            generation.loaded_at = SystemTime::now();
+            generation.path = new.path.clone();
+            generation.number
+        };
+        self.metrics.config_generation.set(number as i64);
+        st.cfg = Some(new);
+        for change in &changes {
+            info!(generation = number, "reload: {change}");
+        }
+        Ok(changes)
+    }
+
+    /// Binds the listeners that are new and loads every listener's
+    /// certificates; `Err` before anything was changed.
+    fn prepare_listeners(&self, st: &State, new: &Config) -> Result<Vec<Prepared>, ApplyError> {
+        let mut prepared = Vec::with_capacity(new.listeners.len());
+        for l in &new.listeners {
+            let kept = st
+                .listeners
+                .iter()
+                .position(|s| s.name == l.name && s.bind == l.bind);
+            let socket = match kept {
+                Some(_) => None,
+                None => Some(listener::bind(l.bind).map_err(|source| ApplyError::Bind {
+                    name: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?),
+            };
+            let tls = match &l.tls {
+                None => None,
+                Some(settings) => {
+                    let same = kept
+                        .and_then(|i| st.listeners[i].cell.load().tls.clone())
+                        .filter(|t| t.settings() == settings);
+                    match same {
+                        // The same files: read again, as SIGHUP always did
+                        // (a file that no longer loads keeps the old ones).
+                        Some(tls) => {
+                            tls.reload(&l.name);
+                            Some(tls)
+                        }
+                        None => Some(Tls::new(settings).map_err(|source| ApplyError::Tls {
+                            name: l.name.clone(),
+                            source,
+                        })?),
+                    }
+                }
+            };
+            prepared.push(Prepared { kept, socket, tls });
+        }
+        Ok(prepared)
+    }
+
+    /// Gives listeners that stay their new context, starts the new ones
+    /// and stops the removed ones (their WebSockets drain over their
+    /// pool's window).
+    fn swap_listeners(
+        &self,
+        st: &mut State,
+        new: &Config,
+        prepared: Vec<Prepared>,
+        upstreams: &HashMap<String, Arc<Upstream>>,
+    ) {
+        let mut old: Vec<Option<Slot>> = std::mem::take(&mut st.listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut slots = Vec::with_capacity(new.listeners.len());
+        for (l, prep) in new.listeners.iter().zip(prepared) {
+            let kept = prep.kept.and_then(|i| old[i].take());
+            let id = kept.as_ref().map_or_else(
+                || {
+                    st.next_listener += 1;
+                    st.next_listener
+                },
+                |s| s.id,
+            );
+            let pool = &new.pools[l.pool].name;
+            let previous = kept.as_ref().map(|s| s.cell.load_full());
+            let client_limit = match &previous {
+                // Counts of live connections carry over while the limit stays.
+                Some(p) if p.cfg.max_connections_per_client == l.max_connections_per_client => {
+                    p.client_limit.clone()
+                }
+                _ => (l.max_connections_per_client > 0)
+                    .then(|| ClientLimit::new(l.max_connections_per_client)),
+            };
+            let same_tls = match (&previous, &prep.tls) {
+                (Some(p), Some(t)) => p.tls.as_ref().is_some_and(|o| o.same(t)),
+                _ => false,
+            };
+            let ctx = Arc::new(ListenerCtx {
+                id,
+                tls: prep.tls,
+                handshake_errors: self.metrics.tls_handshake_errors(&l.name),
+                proxy_rejected: self.metrics.proxy_rejected(&l.name),
+                client_limit,
+                client_limited: self.metrics.client_limited(&l.name),
+                cfg: l.clone(),
+                upstream: upstreams[pool].clone(),
+                registry: self.registry.clone(),
+                tasks: self.tasks.clone(),
+                accepted: self.metrics.accepted(&l.name),
+            });
+            let mut slot = match kept {
+                Some(mut slot) => {
+                    slot.cell.store(ctx.clone());
+                    resize(&slot.limit, slot.max, l.max_connections);
+                    slot.max = l.max_connections;
+                    slot
+                }
+                None => {
+                    let socket = prep.socket.expect("a listener that is not kept was bound");
+                    let addr = socket.local_addr().unwrap_or(l.bind);
+                    let cell: ListenerCell = Arc::new(ArcSwap::new(ctx.clone()));
+                    let limit = Arc::new(Semaphore::new(l.max_connections));
+                    let stop = self.shutdown.child_token();
+                    self.tasks.spawn(listener::serve(
+                        socket,
+                        cell.clone(),
+                        limit.clone(),
+                        self.tasks.clone(),
+                        stop.clone(),
+                    ));
+                    Slot {
+                        name: l.name.clone(),
+                        bind: l.bind,
+                        addr,
+                        id,
+                        cell,
+                        limit,
+                        max: l.max_connections,
+                        stop,
+                        tls_watch: None,
+                    }
+                }
+            };
+            if !same_tls {
+                if let Some(watch) = slot.tls_watch.take() {
+                    watch.cancel();
+                }
+                if let Some(tls) = &ctx.tls {
+                    let watch = slot.stop.child_token();
+                    tokio::spawn(tls.clone().watch(l.name.clone(), watch.clone()));
+                    slot.tls_watch = Some(watch);
+                }
+            }
+            slots.push(slot);
+        }
+        let old_cfg = st.cfg.as_ref();
+        for slot in old.into_iter().flatten() {
+            slot.stop.cancel();
+            let drain = old_cfg
+                .and_then(|c| {
+                    let l = c.listeners.iter().find(|l| l.name == slot.name)?;
+                    c.pools.get(l.pool).map(|p| p.drain)
+                })
+                .unwrap_or_default();
+            self.drains.drain_listener(&slot.name, slot.id, drain);
+        }
+        self.bound.store(Arc::new(
+            slots.iter().map(|s| (s.name.clone(), s.addr)).collect(),
+        ));
+        st.listeners = slots;
+    }
+
+    /// Forgets backends a reload removed once they have drained, until
+    /// shutdown.
+    async fn forget_drained(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(FORGET_POLL) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            let _st = self.state.lock().await;
+            let forgotten = self.registry.forget_drained();
+            if forgotten.is_empty() {
+                continue;
+            }
+            self.drains.forget(&self.registry.backends());
+            for (pool, backend) in forgotten {
+                info!("removed backend {pool}/{backend} drained: forgotten");
+            }
+        }
+    }
+}
+
+/// The TLS connectors of every backend that has `tls`, by pool: a CA that
+/// does not load refuses the config, never a silent fallback to plain text.
+fn backend_connectors(
+    cfg: &Config,
+) -> Result<HashMap<String, Vec<Option<BackendTlsConnector>>>, ApplyError> {
+    let mut all = HashMap::new();
+    for pool in &cfg.pools {
+        let mut connectors = Vec::with_capacity(pool.backends.len());
+        for b in &pool.backends {
+            let connector = b
+                .tls
+                .as_ref()
+                .map(BackendTlsConnector::new)
+                .transpose()
+                .map_err(|source| ApplyError::BackendTls {
+                    pool: pool.name.clone(),
+                    backend: b.name.clone(),
+                    source,
+                })?;
+            connectors.push(connector);
+        }
+        all.insert(pool.name.clone(), connectors);
+    }
+    Ok(all)
+}
+
+/// Moves a listener's connection limit from `old` to `new` permits: more
+/// at once; fewer as connections end (permits in use are not taken back).
+fn resize(limit: &Arc<Semaphore>, old: usize, new: usize) {
+    if new > old {
+        limit.add_permits(new - old);
+    } else if new < old {
+        let limit = limit.clone();
+        let fewer = (old - new) as u32;
+        tokio::spawn(async move {
+            if let Ok(permits) = limit.acquire_many_owned(fewer).await {
+                permits.forget();
+            }
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
