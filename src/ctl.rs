@@ -84,6 +84,11 @@ pub async fn status(client: &AdminClient, raw_json: bool) -> Result<(), CtlError
             config.path.as_deref().unwrap_or("built in")
         );
     }
+    if status.processes.len() > 1 {
+        for p in &status.processes {
+            println!("process {} {}: {} WebSockets", p.pid, p.role, p.websockets);
+        }
+    }
     Ok(())
 }
 
@@ -123,6 +128,16 @@ pub async fn reload(client: &AdminClient) -> Result<(), CtlError> {
             println!("  {change}");
         }
     }
+    Ok(())
+}
+
+/// Upgrades the binary: prints both processes, or the failure (`Err`).
+pub async fn upgrade(client: &AdminClient) -> Result<(), CtlError> {
+    let report = client.upgrade().await?;
+    println!(
+        "upgraded: process {} serves; process {} stopped accepting and drains its WebSockets",
+        report.new_pid, report.old_pid
+    );
     Ok(())
 }
 

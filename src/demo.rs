@@ -336,6 +336,7 @@ pub fn config(
         pools: vec![PoolConfig::new("demo", backends)],
         shutdown_timeout: Config::DEFAULT_SHUTDOWN_TIMEOUT,
         worker_threads: 0,
+        upgrade_timeout: Config::DEFAULT_UPGRADE_TIMEOUT,
         path: None,
     }
 }

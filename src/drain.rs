@@ -126,7 +126,7 @@ impl Drains {
         if let Some(window) = window {
             cfg.window = window;
         }
-        self.start(&pool.name, backend, cfg);
+        self.start(&pool.name, backend, cfg, true);
         Ok(())
     }
 
@@ -134,7 +134,7 @@ impl Drains {
     /// already under way (an operator's) goes on.
     pub fn retire(&self, pool: &PoolEntry, backend: &Arc<Backend>) {
         if !self.shutting_down.load(Ordering::Acquire) {
-            self.start(&pool.name, backend, pool.cfg.drain);
+            self.start(&pool.name, backend, pool.cfg.drain, true);
         }
     }
 
@@ -156,9 +156,13 @@ impl Drains {
         });
     }
 
-    /// Drains every backend with `close_code` (shutdown), in place of any
-    /// drain an operator started; no drain or undrain is taken after it.
-    pub fn drain_all(&self, close_code: u16) {
+    /// Drains every backend with `close_code` (shutdown; `None`: each
+    /// pool's own, after a binary upgrade), in place of any drain an
+    /// operator started; no drain or undrain is taken after it. After an
+    /// upgrade (`None`) the backends stay in rotation: requests that still
+    /// reach this process (a connection accepted just before the handover)
+    /// are served, only the WebSockets move.
+    pub fn drain_all(&self, close_code: Option<u16>) {
         self.shutting_down.store(true, Ordering::Release);
         for (_, drain) in self.lock().drain() {
             drain.cancel.cancel();
@@ -166,18 +170,24 @@ impl Drains {
         for pool in self.registry.pools().iter() {
             for backend in pool.all_backends() {
                 let mut cfg = pool.cfg.drain;
-                cfg.close_code = close_code;
-                self.start(&pool.name, &backend, cfg);
+                if let Some(code) = close_code {
+                    cfg.close_code = code;
+                }
+                self.start(&pool.name, &backend, cfg, close_code.is_some());
             }
         }
     }
 
-    fn start(&self, pool: &str, backend: &Arc<Backend>, cfg: DrainConfig) {
+    /// Starts draining `backend`; `out_of_rotation`: it takes no new
+    /// connection meanwhile.
+    fn start(&self, pool: &str, backend: &Arc<Backend>, cfg: DrainConfig, out_of_rotation: bool) {
         let mut drains = self.lock();
         if drains.contains_key(&backend.id) {
             return;
         }
-        backend.set_state(BackendState::Draining);
+        if out_of_rotation {
+            backend.set_state(BackendState::Draining);
+        }
         let drain = Drain {
             cancel: CancellationToken::new(),
             started: Instant::now(),

@@ -27,6 +27,7 @@ pub(crate) mod health_state;
 pub(crate) mod http;
 pub(crate) mod listener;
 pub(crate) mod metrics;
+pub(crate) mod notify;
 pub(crate) mod pem;
 pub(crate) mod proxy_protocol;
 pub(crate) mod rebalance;
@@ -36,6 +37,7 @@ pub(crate) mod sockopt;
 pub mod tls;
 pub(crate) mod trim;
 pub(crate) mod tunnel;
+pub mod upgrade;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
@@ -84,6 +86,8 @@ pub struct Running {
     pub registry: Arc<Registry>,
     /// Reads the config file again and applies it (SIGHUP).
     pub reloader: Arc<reload::Reloader>,
+    /// Starts a binary upgrade (SIGUSR2).
+    pub upgrader: Arc<upgrade::Upgrader>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -111,8 +115,41 @@ impl Running {
     }
 }
 
+/// How `start_with` starts, besides the config.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Sockets and keys from the process this one upgrades.
+    pub inherited: Option<upgrade::Inherited>,
+    /// The binary and arguments a binary upgrade starts (`None`: upgrades
+    /// are refused, as for sluice started as a library).
+    pub exec: Option<upgrade::Exec>,
+}
+
 /// Binds every listener of `cfg` and serves until `shutdown` is cancelled.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+    start_with(cfg, shutdown, Options::default()).await
+}
+
+/// Like `start`, taking the listening sockets a predecessor handed over
+/// (binary upgrade) and able to upgrade itself.
+pub async fn start_with(
+    cfg: Config,
+    shutdown: CancellationToken,
+    options: Options,
+) -> Result<Running, StartError> {
+    let Options { inherited, exec } = options;
+    let (inheritance, mut inherited_admin, inherited_token, link) = match inherited {
+        Some(i) => (
+            reload::Inheritance {
+                listeners: i.listeners,
+                sticky_keys: i.sticky_keys,
+            },
+            i.admin,
+            i.admin_token,
+            Some((i.link, i.old_pid)),
+        ),
+        None => (reload::Inheritance::default(), None, None, None),
+    };
     let registry = Arc::new(Registry::new(&cfg));
     let metrics = Arc::new(metrics::Metrics::new(registry.clone()));
     let drains = Arc::new(drain::Drains::new(registry.clone()));
@@ -126,23 +163,47 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         rebalance_reports.clone(),
         tasks.clone(),
         shutdown.clone(),
+        inheritance,
     );
+    let upgrader = Arc::new(upgrade::Upgrader::new(
+        exec,
+        reloader.clone(),
+        registry.clone(),
+    ));
     // The admin API outlives the listeners, so a drain at shutdown can be watched.
     let admin_stop = CancellationToken::new();
     let admin = match &cfg.admin {
         None => None,
         Some(acfg) => {
-            let socket = admin::bind(acfg.bind)
-                .await
+            let handed = inherited_admin
+                .take()
+                .filter(|(bind, _)| *bind == acfg.bind)
+                .and_then(|(_, socket)| {
+                    socket.set_nonblocking(true).ok()?;
+                    tokio::net::TcpListener::from_std(socket).ok()
+                });
+            let socket = match handed {
+                Some(socket) => socket,
+                None => admin::bind(acfg.bind)
+                    .await
+                    .map_err(|source| StartError::AdminBind {
+                        addr: acfg.bind,
+                        source,
+                    })?,
+            };
+            let fd = std::os::fd::AsFd::as_fd(&socket)
+                .try_clone_to_owned()
                 .map_err(|source| StartError::AdminBind {
                     addr: acfg.bind,
                     source,
                 })?;
+            let token = acfg.token.clone().or(inherited_token);
             let info = AdminInfo {
                 addr: socket.local_addr().unwrap_or(acfg.bind),
-                token: acfg.token.clone().unwrap_or_else(admin::generate_token),
-                generated: acfg.token.is_none(),
+                generated: token.is_none(),
+                token: token.unwrap_or_else(admin::generate_token),
             };
+            upgrader.set_admin(acfg.bind, fd, info.generated.then(|| info.token.clone()));
             let state = admin::AdminState {
                 token: info.token.clone(),
                 registry: registry.clone(),
@@ -150,6 +211,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
                 metrics: metrics.clone(),
                 reports: rebalance_reports.clone(),
                 reloader: reloader.clone(),
+                upgrader: upgrader.clone(),
             };
             Some((info, socket, state, acfg.clone()))
         }
@@ -173,12 +235,19 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, 
         tasks,
         shutdown,
         admin_stop,
+        upgrader.handed_over.clone(),
     ));
+    match link {
+        // Serving: the previous process may stop accepting now.
+        Some((link, old_pid)) => upgrader.ready(link, old_pid),
+        None => notify::ready(),
+    }
     Ok(Running {
         listeners: reloader.listeners().to_vec(),
         admin,
         registry,
         reloader,
+        upgrader,
         done,
     })
 }
@@ -190,8 +259,22 @@ async fn shut_down_on_cancel(
     tasks: TaskTracker,
     shutdown: CancellationToken,
     admin_stop: CancellationToken,
+    handed_over: CancellationToken,
 ) {
-    shutdown.cancelled().await;
+    let close_code = tokio::select! {
+        () = shutdown.cancelled() => Some(SHUTDOWN_CLOSE_CODE),
+        () = handed_over.cancelled() => {
+            // A new process serves now, admin API included: stop accepting
+            // and move the WebSockets over as a drain does (1012).
+            admin_stop.cancel();
+            shutdown.cancel();
+            None
+        }
+    };
+    if close_code.is_some() {
+        // Not after a handover: the service manager follows the new process.
+        notify::stopping();
+    }
     // The running config's windows: a reload may have changed them.
     let grace = match reloader.config().await {
         Some(cfg) => {
@@ -204,11 +287,17 @@ async fn shut_down_on_cancel(
         }
         None => Duration::ZERO,
     };
-    info!(
-        websockets = registry.ws_total(),
-        "shutting down: draining every backend, closing WebSockets with 1001"
-    );
-    drains.drain_all(SHUTDOWN_CLOSE_CODE);
+    match close_code {
+        Some(code) => info!(
+            websockets = registry.ws_total(),
+            "shutting down: draining every backend, closing WebSockets with {code}"
+        ),
+        None => info!(
+            websockets = registry.ws_total(),
+            "handed over: draining every backend with each pool's close code"
+        ),
+    }
+    drains.drain_all(close_code);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         warn!(

@@ -18,8 +18,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve with a config file (SIGHUP reloads it; SIGTERM or Ctrl-C closes
-    /// WebSockets with 1001 and exits).
+    /// Serve with a config file (SIGHUP reloads it, SIGUSR2 upgrades the
+    /// binary; SIGTERM or Ctrl-C closes WebSockets with 1001 and exits).
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -87,6 +87,10 @@ enum CtlCommand {
     /// Read the config file again and apply it without dropping connections;
     /// prints what changed, or the errors (and exits non-zero).
     Reload,
+    /// Start the binary anew (same path, same arguments), hand it the
+    /// listening sockets, then drain this process's WebSockets over the
+    /// drain window; exits non-zero when the new process fails.
+    Upgrade,
     /// Restart POOL's backends one at a time: drain, run CMD, wait, undrain.
     Rollout {
         pool: String,
@@ -152,10 +156,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let cfg = sluice::config::load(&config)?;
+            // Started by `sluice ctl upgrade`: take the sockets over first.
+            let inherited =
+                sluice::upgrade::inherit().context("taking over from the previous process")?;
+            let upgrading = inherited.is_some();
             runtime(cfg.worker_threads)?.block_on(async {
                 let shutdown = CancellationToken::new();
-                let running = sluice::start(cfg, shutdown.clone()).await?;
-                print_admin(&running);
+                let options = sluice::Options {
+                    inherited,
+                    exec: sluice::upgrade::Exec::current(),
+                };
+                let running = sluice::start_with(cfg, shutdown.clone(), options).await?;
+                if !upgrading {
+                    print_admin(&running);
+                }
                 serve_until_signalled(running, shutdown).await;
                 Ok(())
             })
@@ -235,10 +249,11 @@ fn print_admin(running: &sluice::Running) {
 /// Second: close every WebSocket now. Third: drop everything.
 async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
     ) else {
         tracing::error!("cannot listen for signals");
         running.wait().await;
@@ -246,6 +261,7 @@ async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationT
     };
     let registry = running.registry.clone();
     let reloader = running.reloader.clone();
+    let upgrader = running.upgrader.clone();
     let handle = tokio::spawn(running.wait());
     let mut signals = 0;
     tokio::pin!(handle);
@@ -259,6 +275,13 @@ async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationT
                 // The reload logs what changed, or why it was refused.
                 let reloader = reloader.clone();
                 tokio::spawn(async move { let _ = reloader.reload().await; });
+                continue;
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading the binary");
+                // The upgrade logs how it went; on success this process drains.
+                let upgrader = upgrader.clone();
+                tokio::spawn(async move { let _ = upgrader.upgrade().await; });
                 continue;
             }
         }
@@ -317,6 +340,7 @@ async fn ctl(
         } => ctl::drain(&client, &target, window.as_deref(), wait).await?,
         CtlCommand::Undrain { target } => ctl::undrain(&client, &target).await?,
         CtlCommand::Reload => ctl::reload(&client).await?,
+        CtlCommand::Upgrade => ctl::upgrade(&client).await?,
         CtlCommand::Rollout {
             pool,
             exec,

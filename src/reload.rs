@@ -14,7 +14,9 @@
 //! leaves the running config as it was.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -99,6 +101,8 @@ struct Slot {
     stop: CancellationToken,
     /// Stops its certificate watcher.
     tls_watch: Option<CancellationToken>,
+    /// A duplicate of the listening socket, for a binary upgrade.
+    fd: OwnedFd,
 }
 
 struct State {
@@ -112,10 +116,27 @@ struct State {
 
 /// What a new listener needs, made before anything is swapped.
 struct Prepared {
-    /// The slot it keeps (same name and address), else its new socket.
+    /// The slot it keeps (same name and address), else its new socket
+    /// and a duplicate of it.
     kept: Option<usize>,
-    socket: Option<TcpListener>,
+    socket: Option<(TcpListener, OwnedFd)>,
     tls: Option<Tls>,
+}
+
+/// Listening sockets and sticky keys a new process got from its
+/// predecessor (binary upgrade), for the first config it applies.
+#[derive(Debug, Default)]
+pub struct Inheritance {
+    /// Name, configured address, socket.
+    pub listeners: Vec<(String, SocketAddr, std::net::TcpListener)>,
+    /// Sticky-cookie keys by pool.
+    pub sticky_keys: HashMap<String, [u8; 32]>,
+}
+
+/// What `Reloader::handover` gathers.
+pub struct HandedOver {
+    pub listeners: Vec<(String, SocketAddr, OwnedFd)>,
+    pub sticky_keys: Vec<(String, [u8; 32])>,
 }
 
 /// Puts configs in place: at start, and at every reload.
@@ -130,6 +151,8 @@ pub struct Reloader {
     generation: Mutex<Generation>,
     /// Each listener's name and bound address, for `Running::addr`.
     bound: ArcSwap<Vec<(String, SocketAddr)>>,
+    /// What a predecessor handed over, used by the first `apply`.
+    inherited: Mutex<Inheritance>,
 }
 
 impl Reloader {
@@ -140,6 +163,7 @@ impl Reloader {
         reports: Arc<rebalance::Reports>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        inherited: Inheritance,
     ) -> Arc<Self> {
         let reloader = Arc::new(Self {
             registry,
@@ -161,6 +185,7 @@ impl Reloader {
                 path: None,
             }),
             bound: ArcSwap::from_pointee(Vec::new()),
+            inherited: Mutex::new(inherited),
         });
         tokio::spawn(reloader.clone().forget_drained());
         reloader
@@ -182,6 +207,26 @@ impl Reloader {
         self.state.lock().await.cfg.clone()
     }
 
+    /// What a binary upgrade hands over: each listener's name and
+    /// configured address with a duplicate of its socket, and each pool's
+    /// sticky key.
+    pub async fn handover(&self) -> io::Result<HandedOver> {
+        let st = self.state.lock().await;
+        let mut listeners = Vec::with_capacity(st.listeners.len());
+        for slot in &st.listeners {
+            listeners.push((slot.name.clone(), slot.bind, slot.fd.try_clone()?));
+        }
+        let sticky_keys = st
+            .upstreams
+            .iter()
+            .map(|(pool, u)| (pool.clone(), u.sticky_key()))
+            .collect();
+        Ok(HandedOver {
+            listeners,
+            sticky_keys,
+        })
+    }
+
     /// Reads the config file again and applies it; returns what changed
     /// (empty: nothing did).
     pub async fn reload(&self) -> Result<Vec<Change>, ReloadError> {
@@ -192,7 +237,14 @@ impl Reloader {
         let Some(path) = path else {
             return Err(ReloadError::NoFile);
         };
-        let new = match config::load(&path) {
+        crate::notify::reloading();
+        let result = self.reload_from(&path).await;
+        crate::notify::ready();
+        result
+    }
+
+    async fn reload_from(&self, path: &std::path::Path) -> Result<Vec<Change>, ReloadError> {
+        let new = match config::load(path) {
             Ok(cfg) => cfg,
             Err(error) => {
                 warn!(error = %chain(&error), "reload refused: the config file is invalid; the running config is kept");
@@ -233,14 +285,21 @@ impl Reloader {
         let reconfigured = self.registry.reconfigure(&new, now);
         let stop = self.shutdown.child_token();
         let mut upstreams = HashMap::new();
+        let mut inherited_keys = std::mem::take(&mut lock(&self.inherited).sticky_keys);
         for pool in self.registry.pools().iter().filter(|p| !p.removed) {
             let tls = connectors.remove(&pool.name).unwrap_or_default();
+            let previous = st.upstreams.get(&pool.name);
+            let sticky_key = previous
+                .map(|u| u.sticky_key())
+                .or_else(|| inherited_keys.remove(&pool.name))
+                .unwrap_or_else(rand::random);
             let upstream = Arc::new(Upstream::new(
                 pool.clone(),
                 tls.clone(),
                 self.metrics.connect_seconds.clone(),
                 self.metrics.admission_rejected(&pool.name),
-                st.upstreams.get(&pool.name).map(|u| &**u),
+                previous.map(|u| &**u),
+                sticky_key,
             ));
             tokio::spawn(health::run(pool.clone(), tls, stop.clone()));
             // Clients of hash and sticky pools come back to the backend their
@@ -276,6 +335,8 @@ impl Reloader {
         }
         std::mem::replace(&mut st.stop, stop).cancel();
         st.upstreams = upstreams;
+        // Sockets handed over for listeners the config no longer has close.
+        lock(&self.inherited).listeners.clear();
         let number = {
             let mut generation = lock(&self.generation);
             generation.number += 1;
@@ -302,11 +363,19 @@ impl Reloader {
                 .position(|s| s.name == l.name && s.bind == l.bind);
             let socket = match kept {
                 Some(_) => None,
-                None => Some(listener::bind(l.bind).map_err(|source| ApplyError::Bind {
-                    name: l.name.clone(),
-                    addr: l.bind,
-                    source,
-                })?),
+                None => {
+                    let bind_error = |source| ApplyError::Bind {
+                        name: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    };
+                    let socket = match self.take_inherited(&l.name, l.bind) {
+                        Some(socket) => socket,
+                        None => listener::bind(l.bind).map_err(bind_error)?,
+                    };
+                    let fd = socket.as_fd().try_clone_to_owned().map_err(bind_error)?;
+                    Some((socket, fd))
+                }
             };
             let tls = match &l.tls {
                 None => None,
@@ -331,6 +400,29 @@ impl Reloader {
             prepared.push(Prepared { kept, socket, tls });
         }
         Ok(prepared)
+    }
+
+    /// The socket a predecessor handed over for listener `name` on `bind`.
+    fn take_inherited(&self, name: &str, bind: SocketAddr) -> Option<TcpListener> {
+        let mut inherited = lock(&self.inherited);
+        let i = inherited
+            .listeners
+            .iter()
+            .position(|(n, b, _)| n == name && *b == bind)?;
+        let (_, _, socket) = inherited.listeners.remove(i);
+        match socket
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(socket))
+        {
+            Ok(socket) => {
+                info!(listener = name, addr = %bind, "listening socket taken over from the previous process");
+                Some(socket)
+            }
+            Err(error) => {
+                warn!(listener = name, %error, "an inherited socket is unusable: binding anew");
+                None
+            }
+        }
     }
 
     /// Gives listeners that stay their new context, starts the new ones
@@ -392,7 +484,7 @@ impl Reloader {
                     slot
                 }
                 None => {
-                    let socket = prep.socket.expect("a listener that is not kept was bound");
+                    let (socket, fd) = prep.socket.expect("a listener that is not kept was bound");
                     let addr = socket.local_addr().unwrap_or(l.bind);
                     let cell: ListenerCell = Arc::new(ArcSwap::new(ctx.clone()));
                     let limit = Arc::new(Semaphore::new(l.max_connections));
@@ -414,6 +506,7 @@ impl Reloader {
                         max: l.max_connections,
                         stop,
                         tls_watch: None,
+                        fd,
                     }
                 }
             };

@@ -22,6 +22,28 @@ pub struct Status {
     /// The config generation in use (`null` from a sluice that predates it).
     #[serde(default)]
     pub config: Option<ConfigGeneration>,
+    /// This process, and during a binary upgrade the previous one that
+    /// still drains.
+    #[serde(default)]
+    pub processes: Vec<Process>,
+}
+
+/// A sluice process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    /// `serving` (this one), or `draining` (the previous one, after an
+    /// upgrade).
+    pub role: String,
+    /// Its live WebSockets.
+    pub websockets: u64,
+}
+
+/// `POST /api/v1/upgrade`: the new process is serving; this one drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    pub old_pid: u32,
+    pub new_pid: u32,
 }
 
 /// Which config is running.
@@ -358,6 +380,11 @@ mod tests {
                 loaded_at_ms: 1_700_000_000_000,
                 path: Some("sluice.toml".into()),
             }),
+            processes: vec![Process {
+                pid: 42,
+                role: "serving".into(),
+                websockets: 4,
+            }],
         };
         let text = serde_json::to_string(&status).expect("serde");
         assert_eq!(

@@ -139,6 +139,12 @@ impl AdminClient {
             .await
     }
 
+    /// `POST /api/v1/upgrade`: starts the binary anew and hands it over.
+    pub async fn upgrade(&self) -> Result<api::UpgradeReport, ClientError> {
+        self.request(Method::POST, "/api/v1/upgrade", None::<&()>)
+            .await
+    }
+
     async fn request<T: DeserializeOwned>(
         &self,
         method: Method,

@@ -35,6 +35,7 @@ use crate::error_chain::chain;
 use crate::metrics::Metrics;
 use crate::registry::{Backend, PoolEntry, Registry};
 use crate::reload::{ReloadError, Reloader};
+use crate::upgrade::{UpgradeError, Upgrader};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -49,6 +50,8 @@ pub struct AdminState {
     pub reports: Arc<crate::rebalance::Reports>,
     /// Reads the config again and applies it.
     pub reloader: Arc<Reloader>,
+    /// Binary upgrades.
+    pub upgrader: Arc<Upgrader>,
 }
 
 /// A new random token, for when none is configured.
@@ -139,6 +142,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["api", "v1", "status"]) => ok(&status(state)),
         (Method::POST, ["api", "v1", "reload"]) => reload(state).await,
+        (Method::POST, ["api", "v1", "upgrade"]) => upgrade(state).await,
         (
             Method::POST,
             [
@@ -158,7 +162,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             };
             backend_action(state, &pool, &backend, action, body)
         }
-        (_, ["api", "v1", "status" | "reload"])
+        (_, ["api", "v1", "status" | "reload" | "upgrade"])
         | (_, ["api", "v1", "pools", _, "backends", _, "drain" | "undrain"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "wrong method for this endpoint",
@@ -259,6 +263,28 @@ fn backend_action(
     ok(&backend_status(state, &pool, &backend))
 }
 
+/// `POST /api/v1/upgrade`: answers once the new process serves (this one
+/// then drains), or with why not: 409 when one is under way or cannot be
+/// made, 500 when the new process failed.
+async fn upgrade(state: &AdminState) -> Response<Full<Bytes>> {
+    match state.upgrader.upgrade().await {
+        Ok(done) => ok(&api::UpgradeReport {
+            old_pid: done.old_pid,
+            new_pid: done.new_pid,
+        }),
+        Err(
+            e @ (UpgradeError::InProgress
+            | UpgradeError::PredecessorRunning(_)
+            | UpgradeError::NotAvailable
+            | UpgradeError::ShuttingDown),
+        ) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("{}; this process keeps serving", chain(&e)),
+        ),
+    }
+}
+
 /// `POST /api/v1/reload`: what changed, or 400 with why the file was refused.
 async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
     match state.reloader.reload().await {
@@ -290,7 +316,20 @@ fn status(state: &AdminState) -> api::Status {
         })
         .collect();
     let generation = state.reloader.generation();
+    let mut processes = vec![api::Process {
+        pid: std::process::id(),
+        role: "serving".into(),
+        websockets: state.registry.ws_total() as u64,
+    }];
+    if let Some(old) = state.upgrader.predecessor() {
+        processes.push(api::Process {
+            pid: old.pid,
+            role: "draining".into(),
+            websockets: old.websockets,
+        });
+    }
     api::Status {
+        processes,
         pools,
         config: Some(api::ConfigGeneration {
             generation: generation.number,

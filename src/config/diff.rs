@@ -116,6 +116,11 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             key: "shutdown_timeout",
         });
     }
+    if old.upgrade_timeout != new.upgrade_timeout {
+        changes.push(Change::GlobalChanged {
+            key: "upgrade_timeout",
+        });
+    }
     for l in &old.listeners {
         match new.listeners.iter().find(|n| n.name == l.name) {
             Some(n) if n.bind == l.bind => {}

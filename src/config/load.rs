@@ -36,6 +36,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         Config::DEFAULT_SHUTDOWN_TIMEOUT,
         Duration::ZERO,
     )?;
+    let upgrade_timeout = root.duration(
+        "upgrade_timeout",
+        Config::DEFAULT_UPGRADE_TIMEOUT,
+        MIN_TIMEOUT,
+    )?;
     let admin = read_admin(&mut root, path)?;
     let worker_threads = root.integer("worker_threads", 0, 0, 1024)? as usize;
 
@@ -139,6 +144,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         admin,
         pools: pools.into_iter().map(|(p, _)| p).collect(),
         shutdown_timeout,
+        upgrade_timeout,
         worker_threads,
         path: Some(path.to_path_buf()),
     })

@@ -18,6 +18,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// How long SIGTERM waits for connections to close before dropping them.
     pub shutdown_timeout: Duration,
+    /// How long a binary upgrade waits for the new process to be ready.
+    pub upgrade_timeout: Duration,
     /// Runtime worker threads; 0 means one per core.
     pub worker_threads: usize,
     /// The file it was read from, which a reload reads again; `None` for
@@ -407,6 +409,7 @@ pub enum ConfigError {
 impl Config {
     /// Defaults that do not depend on the file.
     pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 impl PoolConfig {

@@ -77,7 +77,8 @@ impl ListenerCtx {
 pub type ListenerCell = Arc<ArcSwap<ListenerCtx>>;
 
 /// Serves one client connection until it closes, or until `shutdown`, after
-/// which in-flight requests finish and the connection closes. Each request
+/// which in-flight requests (or the first one, on a connection that has not
+/// sent one yet) finish and the connection closes. Each request
 /// takes the listener's context as it is then (`cell`), so one that
 /// arrives after a reload sees the new pool.
 /// `permit` counts the connection against the listener's limits; an
@@ -91,7 +92,16 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
 ) {
     let permit = Arc::new(permit);
     let ctx = cell.load_full();
-    let service = service_fn(move |req| {
+    // What the shutdown below needs to know of the requests.
+    let seen = Arc::new(Seen::default());
+    let svc_seen = seen.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        if headers::is_websocket_upgrade(&req) {
+            svc_seen
+                .upgrade
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        svc_seen.first.cancel();
         let ctx = cell.load_full();
         let permit = permit.clone();
         let client = client.clone();
@@ -115,13 +125,38 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            // A connection accepted just before its listener stopped (a
+            // binary upgrade hands the socket over at that moment) has its
+            // first request on the way: serve it, waiting for its head as
+            // long as any request's, before closing.
+            let wait = tokio::time::timeout(ctx.cfg.header_read_timeout, seen.first.cancelled());
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = wait => {
+                    // A graceful shutdown would answer an upgrade with
+                    // `Connection: close`, which is no 101: let it switch
+                    // (the connection then ends here; a refused upgrade
+                    // leaves it to the head timeout).
+                    if !seen.upgrade.load(std::sync::atomic::Ordering::Relaxed) {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    conn.await
+                }
+            }
         }
     };
     if let Err(error) = result {
         debug!(error = %chain(&error), "client connection ended with an error");
     }
+}
+
+/// What a client connection's requests showed, for its shutdown.
+#[derive(Default)]
+struct Seen {
+    /// Cancelled when the first request arrives.
+    first: CancellationToken,
+    /// A WebSocket upgrade was asked for.
+    upgrade: std::sync::atomic::AtomicBool,
 }
 
 async fn handle<S: TunnelIo + AsyncRead>(

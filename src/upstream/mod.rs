@@ -147,7 +147,7 @@ pub struct Upstream {
     /// Sticky cookies, when configured.
     pub sticky: Option<Sticky>,
     /// The key of sticky cookies when none is configured: random at start,
-    /// kept by reloads so that pins survive them.
+    /// kept by reloads and upgrades so that pins survive them.
     sticky_key: [u8; 32],
     /// TLS towards each backend that wants it: connector and server name.
     connectors: Vec<Option<BackendTlsConnector>>,
@@ -158,16 +158,17 @@ pub struct Upstream {
 impl Upstream {
     /// The data path's view of `pool` (its entry in the registry).
     /// `connectors` holds, per backend, its TLS connector when it has
-    /// `tls`. With `previous`, the same pool's view before a reload, the
-    /// backends that stay keep their idle connections and admission
-    /// tokens (when those settings are unchanged), and sticky cookies keep
-    /// their key.
+    /// `tls`; `sticky_key` signs sticky cookies when no secret is
+    /// configured. With `previous`, the same pool's view before a reload,
+    /// the backends that stay keep their idle connections and admission
+    /// tokens (when those settings are unchanged).
     pub fn new(
         pool: Arc<PoolEntry>,
         connectors: Vec<Option<BackendTlsConnector>>,
         connect_seconds: Histogram,
         rejected: Counter,
         previous: Option<&Upstream>,
+        sticky_key: [u8; 32],
     ) -> Self {
         let cfg = pool.cfg.clone();
         // The same backend in the previous view, by index there.
@@ -203,7 +204,6 @@ impl Upstream {
                     .collect(),
             )
         });
-        let sticky_key = previous.map_or_else(rand::random, |p| p.sticky_key);
         let sticky = cfg.sticky.clone().map(|sc| {
             let names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
             Sticky::new(sc, &cfg.name, &names, &sticky_key)
@@ -222,6 +222,11 @@ impl Upstream {
             connect_seconds,
             idle,
         }
+    }
+
+    /// The key of sticky cookies when no secret is configured.
+    pub fn sticky_key(&self) -> [u8; 32] {
+        self.sticky_key
     }
 
     /// True when connections are kept for the next request: not when each

@@ -31,6 +31,8 @@ const CONTROL_PLANE: &[&str] = &[
     "drain",
     "rebalance",
     "reload",
+    "upgrade",
+    "notify",
     "admin",
     "metrics",
     "trim",
@@ -46,6 +48,7 @@ const LEAVES: &[&str] = &[
     "proxy_protocol",
     "conn_limit",
     "sockopt",
+    "notify",
 ];
 
 /// Top-level module of each file under `src/` (lib.rs and main.rs: none).

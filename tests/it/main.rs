@@ -20,4 +20,5 @@ mod sticky;
 #[path = "../support/mod.rs"]
 mod support;
 mod tls;
+mod upgrade;
 mod websocket;

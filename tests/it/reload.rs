@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use sluice::admin::api::BackendState;
 use sluice::admin::client::ClientError;
 use sluice::demo::EchoBackend;
@@ -286,82 +285,6 @@ async fn listeners_open_and_close_with_a_reload() {
     assert!(running.addr("second").is_none());
     // The listener that stayed was not touched.
     echo(&mut public, Message::text("untouched")).await;
-}
-
-/// What the hammering clients saw.
-#[derive(Default)]
-struct Hammered {
-    ok: AtomicU64,
-    /// Closed by sluice on purpose (1012: their backend was removed).
-    moved: AtomicU64,
-    failed: AtomicU64,
-    /// The longest time between two successful connects, in µs.
-    longest_gap_us: AtomicU64,
-}
-
-/// One connect, upgrade, greeting, echo and close.
-async fn one_round(url: &str) -> Result<bool, String> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    match ws.next().await {
-        Some(Ok(Message::Text(_))) => {}
-        Some(Ok(Message::Close(Some(f)))) if u16::from(f.code) == 1012 => return Ok(false),
-        other => return Err(format!("greeting: {other:?}")),
-    }
-    ws.send(Message::text("ping"))
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str() == "ping" => {}
-        Some(Ok(Message::Close(Some(f)))) if u16::from(f.code) == 1012 => return Ok(false),
-        other => return Err(format!("echo: {other:?}")),
-    }
-    ws.close(None).await.map_err(|e| format!("close: {e}"))?;
-    while ws.next().await.is_some() {}
-    Ok(true)
-}
-
-/// `workers` clients connecting over and over through `url` until `stop`.
-fn hammer(
-    url: String,
-    workers: usize,
-    stop: &CancellationToken,
-) -> (Arc<Hammered>, Vec<tokio::task::JoinHandle<()>>) {
-    let seen = Arc::new(Hammered::default());
-    let last_ok = Arc::new(std::sync::Mutex::new(Instant::now()));
-    let tasks = (0..workers)
-        .map(|_| {
-            let (url, stop, seen, last_ok) =
-                (url.clone(), stop.clone(), seen.clone(), last_ok.clone());
-            tokio::spawn(async move {
-                while !stop.is_cancelled() {
-                    match tokio::time::timeout(Duration::from_secs(5), one_round(&url)).await {
-                        Ok(Ok(true)) => {
-                            seen.ok.fetch_add(1, Ordering::Relaxed);
-                            let now = Instant::now();
-                            let mut last = last_ok.lock().expect("lock");
-                            let gap = now.duration_since(*last).as_micros() as u64;
-                            seen.longest_gap_us.fetch_max(gap, Ordering::Relaxed);
-                            *last = now;
-                        }
-                        Ok(Ok(false)) => {
-                            seen.moved.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(Err(error)) => {
-                            eprintln!("hammer: {error}");
-                            seen.failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            eprintln!("hammer: a round took over 5 s");
-                            seen.failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    (seen, tasks)
 }
 
 #[tokio::test]

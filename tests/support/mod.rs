@@ -5,6 +5,7 @@
 //! - `clients`: WebSocket and HTTP clients;
 //! - `backends`: raw scripted backends;
 //! - `chat`: chatting clients for drain and rebalance load;
+//! - `hammer`: clients opening connection after connection;
 //! - `netns`: a network namespace whose link a test can take down;
 //! - `process`: child processes, free ports, temp dirs (shared with the
 //!   benches).
@@ -14,6 +15,7 @@
 mod backends;
 mod chat;
 mod clients;
+mod hammer;
 mod harness;
 pub mod netns;
 pub mod process;
@@ -21,6 +23,9 @@ pub mod process;
 pub use backends::*;
 pub use chat::*;
 pub use clients::*;
+// Not used by every bench that includes this module.
+#[allow(unused_imports)]
+pub use hammer::*;
 pub use harness::*;
 
 use std::time::Duration;

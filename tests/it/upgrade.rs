@@ -1,0 +1,481 @@
+//! Binary upgrade with the real binary: the new process takes the
+//! listening sockets over, the old one drains with 1012 and exits; a new
+//! binary that fails leaves the old one serving.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sluice::admin::api::Status;
+use sluice::admin::client::{AdminClient, ClientError};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::process::{self, Proc, TempDir};
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// A sluice process started from `DIR/sluice`, a link to the test build
+/// that a test may replace (an upgrade starts whatever is at that path).
+struct Deployed {
+    dir: TempDir,
+    proc: Proc,
+    port: u16,
+    admin: AdminClient,
+    /// Processes started by upgrades (children of the first), stopped on drop.
+    later: Vec<u32>,
+}
+
+impl Deployed {
+    /// Starts sluice with pool `app` of `backends`, `pool_settings`, and
+    /// `top` at the top of the file; with `token` the admin token comes
+    /// from a file, else it is generated (and read from the output).
+    fn start(
+        name: &str,
+        backends: &[SocketAddr],
+        pool_settings: &str,
+        top: &str,
+        token: bool,
+    ) -> Self {
+        Self::start_notifying(name, backends, pool_settings, top, token, None)
+    }
+
+    /// Like `start`, with `NOTIFY_SOCKET` set to `notify` (as systemd
+    /// does for `Type=notify`).
+    fn start_notifying(
+        name: &str,
+        backends: &[SocketAddr],
+        pool_settings: &str,
+        top: &str,
+        token: bool,
+        notify: Option<&Path>,
+    ) -> Self {
+        let dir = TempDir::new(&format!("sluice-upgrade-{name}")).expect("temp dir");
+        std::os::unix::fs::symlink(BIN, dir.path().join("sluice")).expect("link");
+        let [port, admin_port] = process::free_ports().expect("ports");
+        let mut text = format!(
+            "{top}\n[admin]\nbind = \"127.0.0.1:{admin_port}\"\n{}\n\
+             [[listener]]\nname = \"public\"\nbind = \"127.0.0.1:{port}\"\npool = \"app\"\n\
+             [[pool]]\nname = \"app\"\n{pool_settings}\n",
+            if token {
+                "token_file = \"admin.token\""
+            } else {
+                ""
+            }
+        );
+        for (i, addr) in backends.iter().enumerate() {
+            text.push_str(&format!(
+                "[[pool.backend]]\nname = \"b{}\"\naddress = \"{addr}\"\n",
+                i + 1
+            ));
+        }
+        dir.write("admin.token", ADMIN_TOKEN).expect("token");
+        let config = dir.write("sluice.toml", &text).expect("config");
+        let mut cmd = Command::new(dir.path().join("sluice"));
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(socket) = notify {
+            cmd.env("NOTIFY_SOCKET", socket);
+        }
+        let mut child = cmd.spawn().expect("starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let proc = Proc(child);
+        let token = if token {
+            ADMIN_TOKEN.to_string()
+        } else {
+            let mut lines = BufReader::new(stdout).lines();
+            loop {
+                let line = lines.next().expect("a token line").expect("stdout");
+                if let Some(token) = line.trim().strip_prefix("admin token (generated):") {
+                    break token.trim().to_string();
+                }
+            }
+        };
+        let admin = AdminClient {
+            addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            token: Some(token),
+        };
+        Self {
+            dir,
+            proc,
+            port,
+            admin,
+            later: Vec::new(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("sluice")
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    async fn status(&self) -> Status {
+        within(10, "status", self.admin.status())
+            .await
+            .expect("status")
+    }
+
+    async fn wait_up(&self) {
+        within(10, "sluice up", async {
+            while self.admin.status().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    /// `sluice ctl upgrade` against it.
+    async fn ctl_upgrade(&mut self) -> std::process::Output {
+        let out = within(
+            60,
+            "ctl upgrade",
+            tokio::process::Command::new(BIN)
+                .env_remove("SLUICE_ADMIN")
+                .env_remove("SLUICE_TOKEN")
+                .args(["ctl", "--admin", &self.admin.addr.to_string()])
+                .args([
+                    "--token",
+                    self.admin.token.as_deref().unwrap_or_default(),
+                    "upgrade",
+                ])
+                .output(),
+        )
+        .await
+        .expect("ctl runs");
+        if let Some(pid) = new_pid(&String::from_utf8_lossy(&out.stdout)) {
+            self.later.push(pid);
+        }
+        out
+    }
+}
+
+impl Drop for Deployed {
+    fn drop(&mut self) {
+        for pid in &self.later {
+            let _ = process::send_signal(*pid, "KILL");
+        }
+    }
+}
+
+/// The new process's pid in `ctl upgrade`'s output.
+fn new_pid(stdout: &str) -> Option<u32> {
+    stdout
+        .strip_prefix("upgraded: process ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+}
+
+#[tokio::test]
+async fn an_upgrade_moves_every_websocket_over_gradually_and_refuses_no_connection() {
+    let _heavy = heavy().await;
+    const CLIENTS: usize = 500;
+    let window = Duration::from_secs(4);
+    let backends = echo_backends(3).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let mut sluice = Deployed::start(
+        "move",
+        &addrs,
+        "drain = { window = \"4s\" }\nrebalance = { enabled = false }\n",
+        "",
+        true,
+    );
+    sluice.wait_up().await;
+    let old_pid = sluice.proc.pid();
+    let stop = CancellationToken::new();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(chat(sluice.url(), Duration::from_millis(500), stop.clone())))
+        .collect();
+    eventually(60, "every client connected", || {
+        backends.iter().map(|b| b.ws_open()).sum::<usize>() == CLIENTS
+    })
+    .await;
+    let hammer_stop = CancellationToken::new();
+    let (seen, workers) = hammer(sluice.url(), 4, &hammer_stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let asked = Instant::now();
+    let out = sluice.ctl_upgrade().await;
+    let upgraded = Instant::now();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = new_pid(&stdout).expect("new pid");
+    assert_ne!(new, old_pid);
+    // Both processes while the old one drains, seen from the new one.
+    let status = sluice.status().await;
+    let pids: Vec<(u32, &str)> = status
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.role.as_str()))
+        .collect();
+    assert_eq!(
+        pids,
+        [(new, "serving"), (old_pid, "draining")],
+        "{status:?}"
+    );
+
+    // The old process exits by itself once its window is over.
+    let exit = within(30, "the old process exits", async {
+        loop {
+            if let Some(status) = sluice.proc.0.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let lifetime = upgraded.elapsed();
+    assert!(exit.success(), "{exit}");
+    assert!(
+        lifetime >= window * 3 / 4,
+        "the old process lived {lifetime:?}"
+    );
+    eventually(30, "every client on the new process", || {
+        backends.iter().map(|b| b.ws_open()).sum::<usize>() == CLIENTS
+    })
+    .await;
+    within(10, "the new process sees them all", async {
+        loop {
+            let status = sluice.status().await;
+            let ws: u64 = status.backends().map(|b| b.connections.ws).sum();
+            if ws >= CLIENTS as u64 && status.processes.len() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    hammer_stop.cancel();
+    for w in workers {
+        within(10, "hammer worker", w).await.expect("worker");
+    }
+    let (stats, totals) = finish_chat(&stop, clients).await;
+    let closes: Vec<(u16, Instant)> = stats.iter().flat_map(|s| s.closes.clone()).collect();
+    eprintln!(
+        "upgrade: {} clients, {} closes, lost {}, wrong {}, resent {}; old process lived {lifetime:?} for a {window:?} window; hammer {} ok, {} failed, longest gap between connects {} ms, {:?} during the handover ({:?})",
+        CLIENTS,
+        closes.len(),
+        totals.lost,
+        totals.wrong,
+        totals.resent,
+        seen.ok.load(Ordering::Relaxed),
+        seen.failed.load(Ordering::Relaxed),
+        seen.longest_gap_us.load(Ordering::Relaxed) / 1000,
+        seen.longest_gap_within(asked, upgraded),
+        upgraded - asked,
+    );
+    assert_eq!(
+        seen.failed.load(Ordering::Relaxed),
+        0,
+        "refused or failed connections"
+    );
+    assert_eq!((totals.lost, totals.wrong), (0, 0), "{totals:?}");
+    assert_eq!(
+        closes.len(),
+        CLIENTS,
+        "every old connection was closed once"
+    );
+    assert!(closes.iter().all(|c| c.0 == 1012), "all with 1012");
+    // Spread over the window: no tenth holds more than 1.5 × its share.
+    let first = closes.iter().map(|c| c.1).min().expect("closes");
+    let mut tenths = [0usize; 10];
+    for (_, at) in &closes {
+        let i = (at.duration_since(first).as_secs_f64() / window.as_secs_f64() * 10.0) as usize;
+        tenths[i.min(9)] += 1;
+    }
+    let share = CLIENTS as f64 / 10.0;
+    assert!(
+        tenths.iter().all(|&n| n as f64 <= 1.5 * share),
+        "closes per tenth of the window: {tenths:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_new_binary_leaves_the_old_process_serving() {
+    let _load = LoadShare::take().await;
+    let backends = echo_backends(2).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let mut sluice = Deployed::start(
+        "fail",
+        &addrs,
+        "sticky = { cookie = \"PIN\" }\n",
+        "upgrade_timeout = \"2s\"\n",
+        false,
+    );
+    sluice.wait_up().await;
+    let old_pid = sluice.proc.pid();
+    let mut ws = ws_connect(&sluice.url()).await;
+    let first = greeting(&mut ws).await;
+    // A sticky cookie, signed with the key this process made up.
+    let addr = SocketAddr::from(([127, 0, 0, 1], sluice.port));
+    let reply = HttpClient::connect(addr).await.get("/").await;
+    let cookie = reply
+        .headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a sticky cookie")
+        .to_string();
+    let pinned = reply.backend();
+
+    // A binary that exits at once.
+    let path = sluice.path();
+    std::fs::remove_file(&path).expect("unlink");
+    std::fs::write(&path, "#!/bin/sh\necho 'broken build' >&2\nexit 3\n").expect("script");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let out = sluice.ctl_upgrade().await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("exited with exit status: 3 before it was ready; this process keeps serving"),
+        "{stderr}"
+    );
+    echo(&mut ws, Message::text("still served")).await;
+
+    // One that never gets ready: stopped after upgrade_timeout; a second
+    // upgrade meanwhile is refused.
+    std::fs::write(&path, "#!/bin/sh\nexec sleep 60\n").expect("script");
+    let admin = sluice.admin.clone();
+    let slow = tokio::spawn(async move { admin.upgrade().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match within(10, "second upgrade", sluice.admin.upgrade()).await {
+        Err(ClientError::Status { status, message }) => {
+            assert_eq!(status, 409);
+            assert_eq!(message, "an upgrade is already under way");
+        }
+        other => panic!("expected a 409, got {other:?}"),
+    }
+    match within(10, "slow upgrade", slow).await.expect("task") {
+        Err(ClientError::Status { status, message }) => {
+            assert_eq!(status, 500);
+            assert!(
+                message.contains("was not ready within 2s: stopped it"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a 500, got {other:?}"),
+    }
+    assert_eq!(sluice.status().await.processes[0].pid, old_pid);
+    echo(&mut ws, Message::text("and still")).await;
+
+    // The real binary again, by SIGUSR2 this time.
+    std::fs::remove_file(&path).expect("unlink");
+    std::os::unix::fs::symlink(BIN, &path).expect("link");
+    process::send_signal(old_pid, "USR2").expect("SIGUSR2");
+    match within(10, "close 1012", futures_util::StreamExt::next(&mut ws)).await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1012),
+        other => panic!("expected Close 1012, got {other:?}"),
+    }
+    let new = within(10, "the new process", async {
+        loop {
+            // The generated token still works: it was handed over too.
+            if let Ok(status) = sluice.admin.status().await
+                && status.processes[0].pid != old_pid
+            {
+                return status.processes[0].pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    sluice.later.push(new);
+    let mut again = ws_connect(&sluice.url()).await;
+    let _ = greeting(&mut again).await;
+    let _ = first;
+    // The cookie made by the old process still pins: the key was handed over.
+    let mut http = HttpClient::connect(addr).await;
+    let req = hyper::Request::get("/")
+        .header("host", "sluice.test")
+        .header("cookie", &cookie)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let reply = http.send(req).await;
+    assert_eq!(reply.backend(), pinned);
+    assert!(reply.headers.get("set-cookie").is_none(), "no new pin");
+    within(15, "the old process exits", async {
+        while alive(old_pid) && sluice.proc.0.try_wait().expect("wait").is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Reads notifications as systemd's notify socket does.
+async fn next_notification(socket: &tokio::net::UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = within(10, "a notification", socket.recv(&mut buf))
+        .await
+        .expect("recv");
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+#[tokio::test]
+async fn the_service_manager_hears_ready_reloading_and_the_new_main_pid() {
+    let _load = LoadShare::take().await;
+    let backends = echo_backends(1).await;
+    let dir = TempDir::new("sluice-notify").expect("temp dir");
+    let path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&path).expect("notify socket");
+    let mut sluice = Deployed::start_notifying(
+        "notify",
+        &[backends[0].addr],
+        "drain = { window = \"1s\" }\n",
+        "",
+        true,
+        Some(&path),
+    );
+    assert_eq!(next_notification(&socket).await, "READY=1\n");
+    sluice.wait_up().await;
+    let pid = sluice.proc.pid();
+
+    process::send_signal(pid, "HUP").expect("SIGHUP");
+    let reloading = next_notification(&socket).await;
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(next_notification(&socket).await, "READY=1\n");
+
+    let out = sluice.ctl_upgrade().await;
+    assert!(out.status.success());
+    let new = new_pid(&String::from_utf8_lossy(&out.stdout)).expect("new pid");
+    // From the old (main) process: the new one is the main process now;
+    // the new one does not claim readiness itself.
+    assert_eq!(
+        next_notification(&socket).await,
+        format!("MAINPID={new}\nREADY=1\n")
+    );
+    within(10, "the old process exits", async {
+        while sluice.proc.0.try_wait().expect("wait").is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The old process said nothing more (no STOPPING=1 for the service);
+    // the new one says STOPPING=1 when it is stopped.
+    process::send_signal(new, "TERM").expect("SIGTERM");
+    assert_eq!(next_notification(&socket).await, "STOPPING=1\n");
+}
