@@ -396,3 +396,47 @@ async fn sighup_reloads_the_config_of_the_binary() {
     assert!(status.backend("app", "b2").is_some());
     echo(&mut ws, Message::text("across the reload")).await;
 }
+
+#[tokio::test]
+async fn a_reload_changes_the_certificate_and_leaves_open_connections_alone() {
+    use crate::tls::{tls_connect, write_cert};
+    let backends = echo_backends(1).await;
+    let file = ConfigFile::new("tls");
+    let first = write_cert(file.dir.path(), "first", &["app.test"]);
+    let second = write_cert(file.dir.path(), "second", &["app.test"]);
+    let tls = |stem: &str| format!("tls = {{ cert = \"{stem}.pem\", key = \"{stem}.key\" }}\n");
+    file.write("", &named(&backends, &["b1"]), &tls("first"));
+    let sluice = file.start().await;
+    let (stream, seen) = tls_connect(sluice.addr, "app.test").await;
+    assert_eq!(seen, first);
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://app.test/ws", stream)
+        .await
+        .expect("upgrade");
+    use futures_util::SinkExt as _;
+    let hello = within(10, "greeting", ws.next()).await;
+    assert!(matches!(hello, Some(Ok(Message::Text(_)))), "{hello:?}");
+
+    file.write("", &named(&backends, &["b1"]), &tls("second"));
+    let report = reload(&sluice).await.expect("reload");
+    assert_eq!(report.changes, ["changed listener public: tls"]);
+    assert_eq!(tls_connect(sluice.addr, "app.test").await.1, second);
+    ws.send(Message::text("same connection"))
+        .await
+        .expect("send");
+    let back = within(10, "echo", ws.next()).await;
+    assert!(
+        matches!(&back, Some(Ok(Message::Text(t))) if t.as_str() == "same connection"),
+        "{back:?}"
+    );
+
+    // A certificate that does not load is refused, naming the file.
+    file.write("", &named(&backends, &["b1"]), &tls("missing"));
+    match reload(&sluice).await {
+        Err(ClientError::Status { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(message.contains("missing.pem"), "{message}");
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+    assert_eq!(tls_connect(sluice.addr, "app.test").await.1, second);
+}

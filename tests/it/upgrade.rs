@@ -234,6 +234,24 @@ async fn an_upgrade_moves_every_websocket_over_gradually_and_refuses_no_connecti
         [(new, "serving"), (old_pid, "draining")],
         "{status:?}"
     );
+    let out = within(
+        30,
+        "ctl status",
+        tokio::process::Command::new(BIN)
+            .env_remove("SLUICE_ADMIN")
+            .env_remove("SLUICE_TOKEN")
+            .args(["ctl", "--admin", &sluice.admin.addr.to_string()])
+            .args(["--token", ADMIN_TOKEN, "status"])
+            .output(),
+    )
+    .await
+    .expect("ctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("process {new} serving: ")), "{text}");
+    assert!(
+        text.contains(&format!("process {old_pid} draining: ")),
+        "{text}"
+    );
 
     // The old process exits by itself once its window is over.
     let exit = within(30, "the old process exits", async {
