@@ -141,6 +141,8 @@ impl Drains {
     /// Closes the WebSockets that came through listener `listener` (which
     /// a reload removed) evenly over `cfg.window`, with `cfg.close_code`.
     pub fn drain_listener(&self, name: &str, listener: u32, cfg: DrainConfig) {
+        // Upgrades still under way through it close as soon as they open.
+        self.registry.close_listener(listener, cfg.close_code);
         let mut conns = self.registry.connections_of_listener(listener);
         conns.shuffle(&mut rand::rng());
         info!(listener = %name, window = ?cfg.window, websockets = conns.len(), "draining a removed listener's WebSockets");
@@ -228,7 +230,10 @@ impl Drains {
     /// Ends any drain of `backend` and puts it in rotation (slow start
     /// where configured).
     pub fn put_back(&self, pool: &str, backend: &Arc<Backend>) {
-        if let Some(drain) = self.lock().remove(&backend.id) {
+        // Under the lock, so a drain started meanwhile (a reload retiring
+        // it) is not overwritten by this.
+        let mut drains = self.lock();
+        if let Some(drain) = drains.remove(&backend.id) {
             drain.cancel.cancel();
         }
         if backend.state() != BackendState::Up {
@@ -236,6 +241,7 @@ impl Drains {
             backend.mark_back(std::time::Instant::now());
         }
         backend.set_state(BackendState::Up);
+        drop(drains);
     }
 
     /// Forgets the drains of backends the registry no longer has.

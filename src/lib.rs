@@ -235,7 +235,7 @@ pub async fn start_with(
         tasks,
         shutdown,
         admin_stop,
-        upgrader.handed_over.clone(),
+        upgrader.clone(),
     ));
     match link {
         // Serving: the previous process may stop accepting now.
@@ -259,8 +259,9 @@ async fn shut_down_on_cancel(
     tasks: TaskTracker,
     shutdown: CancellationToken,
     admin_stop: CancellationToken,
-    handed_over: CancellationToken,
+    upgrader: Arc<upgrade::Upgrader>,
 ) {
+    let handed_over = upgrader.handed_over.clone();
     let close_code = tokio::select! {
         () = shutdown.cancelled() => Some(SHUTDOWN_CLOSE_CODE),
         () = handed_over.cancelled() => {
@@ -268,6 +269,8 @@ async fn shut_down_on_cancel(
             // and move the WebSockets over as a drain does (1012).
             admin_stop.cancel();
             shutdown.cancel();
+            reloader.release_sockets().await;
+            upgrader.release_admin();
             None
         }
     };

@@ -133,14 +133,18 @@ async fn accept_connection(
     let Some(permit) = admit(listener_permit, &ctx, client.addr) else {
         return;
     };
-    let Some(tls) = ctx.tls.clone() else {
+    let tls = ctx.tls.clone();
+    let send_proxy_v2 = ctx.upstream.cfg.send_proxy_protocol == Some(ProxyVersion::V2);
+    // Not held while the connection lasts (see `http::serve_connection`).
+    drop(ctx);
+    let Some(tls) = tls else {
         http::serve_connection(stream, client, cell, permit, shutdown).await;
         return;
     };
     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
         Ok(Ok(stream)) => {
             // The SNI name is kept only for a v2 header towards backends.
-            let sni = (ctx.upstream.cfg.send_proxy_protocol == Some(ProxyVersion::V2))
+            let sni = send_proxy_v2
                 .then(|| stream.get_ref().1.server_name().map(Into::into))
                 .flatten();
             client.tls = Some(sni);
@@ -148,11 +152,11 @@ async fn accept_connection(
         }
         // Port scanners and broken clients: counted, logged at debug.
         Ok(Err(error)) => {
-            ctx.handshake_errors.inc();
+            cell.load().handshake_errors.inc();
             debug!(%error, "TLS handshake failed");
         }
         Err(_) => {
-            ctx.handshake_errors.inc();
+            cell.load().handshake_errors.inc();
             debug!("TLS handshake timed out");
         }
     }

@@ -165,6 +165,11 @@ impl Reports {
             .insert(pool.to_string(), report);
     }
 
+    /// Forgets every report (after a reload).
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// The last report of `pool`.
     pub fn get(&self, pool: &str) -> Option<Report> {
         self.0

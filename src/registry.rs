@@ -519,6 +519,11 @@ pub struct Registry {
     /// Close code every new WebSocket gets at once (0: none, `ABORT`: drop
     /// it): set at shutdown.
     closing: AtomicU32,
+    /// Listeners a reload removed, with the close code a WebSocket that
+    /// still opens through one of them gets at once.
+    closing_listeners: Mutex<Vec<(u32, u16)>>,
+    /// `closing_listeners` is not empty (read without the lock).
+    any_listener_closing: AtomicBool,
 }
 
 impl Registry {
@@ -531,6 +536,8 @@ impl Registry {
             next_backend: AtomicU64::new(1),
             leases_total: AtomicU64::new(0),
             closing: AtomicU32::new(0),
+            closing_listeners: Mutex::new(Vec::new()),
+            any_listener_closing: AtomicBool::new(false),
         };
         registry.reconfigure(cfg, Instant::now());
         registry
@@ -717,6 +724,24 @@ impl Registry {
         }
     }
 
+    /// Marks listener `listener` removed: a WebSocket that opens through
+    /// it from now on (its upgrade was under way) is asked to close with
+    /// `code` at once.
+    pub fn close_listener(&self, listener: u32, code: u16) {
+        lock(&self.closing_listeners).push((listener, code));
+        self.any_listener_closing.store(true, Ordering::Release);
+    }
+
+    fn listener_close_code(&self, listener: u32) -> Option<u16> {
+        if !self.any_listener_closing.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.closing_listeners)
+            .iter()
+            .find(|(l, _)| *l == listener)
+            .map(|(_, code)| *code)
+    }
+
     /// Control handles of the live WebSockets that came through listener
     /// `listener`.
     pub fn connections_of_listener(&self, listener: u32) -> Vec<(Arc<Backend>, Arc<ConnControl>)> {
@@ -792,7 +817,11 @@ impl Lease {
         backend.ws.fetch_add(1, Ordering::Relaxed);
         backend.lock_conns().insert(id, control.clone());
         match self.registry.closing.load(Ordering::Acquire) {
-            0 => {}
+            0 => {
+                if let Some(code) = self.registry.listener_close_code(listener) {
+                    control.request_close(code);
+                }
+            }
             ABORT => control.abort(),
             code => control.request_close(code as u16),
         }
@@ -938,6 +967,56 @@ mod tests {
         let later = registry.lease(&b0).into_ws(0);
         assert_eq!(later.control().poll_request(waker), CloseRequest::Abort);
         assert_eq!(early.control().poll_request(waker), CloseRequest::Abort);
+    }
+
+    #[test]
+    fn a_removed_listener_closes_websockets_that_open_through_it_later() {
+        let registry = one_pool(1, "0s");
+        let b0 = registry.pools()[0].backends[0].clone();
+        let waker = std::task::Waker::noop();
+        registry.close_listener(7, 1012);
+        let late = registry.lease(&b0).into_ws(7);
+        let other = registry.lease(&b0).into_ws(8);
+        assert_eq!(
+            late.control().poll_request(waker),
+            CloseRequest::Close(1012)
+        );
+        assert_eq!(other.control().poll_request(waker), CloseRequest::None);
+        assert_eq!(registry.connections_of_listener(7).len(), 1);
+    }
+
+    #[test]
+    fn a_reload_keeps_backends_that_stay_and_retires_the_others() {
+        let registry = one_pool(3, "30s");
+        let before = registry.pools()[0].backends.clone();
+        let held = registry.lease(&before[2]).into_ws(0);
+        // b2 goes, b1 and b0 stay (b0 with a new weight), b9 joins.
+        let text = "[[listener]]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\nslow_start = \"30s\"\n\n[[pool.backend]]\nname = \"b0\"\naddress = \"127.0.0.1:4000\"\nweight = 5\n\n[[pool.backend]]\nname = \"b1\"\naddress = \"127.0.0.1:4001\"\n\n[[pool.backend]]\nname = \"b9\"\naddress = \"127.0.0.1:4009\"\n";
+        let cfg = crate::config::parse(text, std::path::Path::new("t.toml")).expect("config");
+        let t0 = Instant::now();
+        let done = registry.reconfigure(&cfg, t0);
+        let pool = registry.pools()[0].clone();
+        assert!(Arc::ptr_eq(&pool.backends[0], &before[0]));
+        assert!(Arc::ptr_eq(&pool.backends[1], &before[1]));
+        assert_eq!(pool.backends[0].weight(), 5);
+        assert_eq!(done.added.len(), 1);
+        assert!(done.added[0].is_ramping(), "a joining backend ramps up");
+        assert_eq!(done.removed.len(), 1);
+        assert_eq!(before[2].state(), BackendState::Draining);
+        assert_eq!(pool.retiring().len(), 1);
+        assert!(Arc::ptr_eq(
+            &pool.find("b2").expect("still found"),
+            &before[2]
+        ));
+        // Not forgotten while it has a connection or is not drained.
+        assert!(registry.forget_drained().is_empty());
+        drop(held);
+        assert!(before[2].finish_drain());
+        assert_eq!(
+            registry.forget_drained(),
+            [("app".to_string(), "b2".to_string())]
+        );
+        assert!(registry.pools()[0].find("b2").is_none());
     }
 
     #[test]

@@ -101,8 +101,9 @@ struct Slot {
     stop: CancellationToken,
     /// Stops its certificate watcher.
     tls_watch: Option<CancellationToken>,
-    /// A duplicate of the listening socket, for a binary upgrade.
-    fd: OwnedFd,
+    /// A duplicate of the listening socket, for a binary upgrade (none
+    /// once handed over).
+    fd: Option<OwnedFd>,
 }
 
 struct State {
@@ -207,6 +208,15 @@ impl Reloader {
         self.state.lock().await.cfg.clone()
     }
 
+    /// After a handover: closes this process's duplicates of the listening
+    /// sockets (its accept loops have stopped), so that only the new
+    /// process holds them.
+    pub async fn release_sockets(&self) {
+        for slot in &mut self.state.lock().await.listeners {
+            slot.fd = None;
+        }
+    }
+
     /// What a binary upgrade hands over: each listener's name and
     /// configured address with a duplicate of its socket, and each pool's
     /// sticky key.
@@ -214,7 +224,12 @@ impl Reloader {
         let st = self.state.lock().await;
         let mut listeners = Vec::with_capacity(st.listeners.len());
         for slot in &st.listeners {
-            listeners.push((slot.name.clone(), slot.bind, slot.fd.try_clone()?));
+            let Some(fd) = &slot.fd else {
+                return Err(io::Error::other(
+                    "the listening sockets were handed over already",
+                ));
+            };
+            listeners.push((slot.name.clone(), slot.bind, fd.try_clone()?));
         }
         let sticky_keys = st
             .upstreams
@@ -275,9 +290,13 @@ impl Reloader {
             .unwrap_or_default();
         let mut connectors = backend_connectors(&new)?;
         let prepared = self.prepare_listeners(&st, &new)?;
-        if st.cfg.is_some() && changes.is_empty() {
-            // Certificates were read again (above); nothing else to do.
-            return Ok(changes);
+        // Everything that can fail has been made: certificate files whose
+        // paths did not change are read again now (SIGHUP always did; a
+        // file that no longer loads keeps the ones in use).
+        for (l, prep) in new.listeners.iter().zip(&prepared) {
+            if let (Some(_), Some(tls)) = (prep.kept, &prep.tls) {
+                tls.reload(&l.name);
+            }
         }
 
         // Nothing below fails: the swap.
@@ -320,6 +339,9 @@ impl Reloader {
             upstreams.insert(pool.name.clone(), upstream);
         }
         self.swap_listeners(&mut st, &new, prepared, &upstreams);
+        // Reports name backends by their place in the pool, which may have
+        // changed: the rebalancer makes new ones.
+        self.reports.clear();
         for (pool, backend) in &reconfigured.removed {
             self.drains.retire(pool, backend);
         }
@@ -337,11 +359,15 @@ impl Reloader {
         st.upstreams = upstreams;
         // Sockets handed over for listeners the config no longer has close.
         lock(&self.inherited).listeners.clear();
+        // The same config again is the same generation (its backend CAs
+        // and certificates were read anew all the same).
         let number = {
             let mut generation = lock(&self.generation);
-            generation.number += 1;
-            generation.loaded_at = SystemTime::now();
-            generation.path = new.path.clone();
+            if generation.number == 0 || !changes.is_empty() {
+                generation.number += 1;
+                generation.loaded_at = SystemTime::now();
+                generation.path = new.path.clone();
+            }
             generation.number
         };
         self.metrics.config_generation.set(number as i64);
@@ -384,12 +410,8 @@ impl Reloader {
                         .and_then(|i| st.listeners[i].cell.load().tls.clone())
                         .filter(|t| t.settings() == settings);
                     match same {
-                        // The same files: read again, as SIGHUP always did
-                        // (a file that no longer loads keeps the old ones).
-                        Some(tls) => {
-                            tls.reload(&l.name);
-                            Some(tls)
-                        }
+                        // The same files: read again once nothing can fail.
+                        Some(tls) => Some(tls),
                         None => Some(Tls::new(settings).map_err(|source| ApplyError::Tls {
                             name: l.name.clone(),
                             source,
@@ -506,7 +528,7 @@ impl Reloader {
                         max: l.max_connections,
                         stop,
                         tls_watch: None,
-                        fd,
+                        fd: Some(fd),
                     }
                 }
             };

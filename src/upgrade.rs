@@ -140,16 +140,18 @@ pub struct Exec {
 }
 
 impl Exec {
-    /// This process's binary as it was started: `argv[0]` made absolute
-    /// (so an upgrade starts whatever is at that path now, as HAProxy and
-    /// nginx do), else the running executable; and its arguments.
+    /// This process's binary as it was started: `argv[0]`, made absolute
+    /// when it is a path and left to the `PATH` search when it is a bare
+    /// name (so an upgrade starts whatever is installed there now, as
+    /// HAProxy and nginx do, also after the old file was replaced); and
+    /// its arguments.
     pub fn current() -> Option<Self> {
         let mut args = std::env::args_os();
         let argv0 = PathBuf::from(args.next()?);
         let path = if argv0.components().count() > 1 {
             std::path::absolute(&argv0).ok()?
         } else {
-            std::env::current_exe().ok()?
+            argv0
         };
         Some(Self {
             path,
@@ -215,9 +217,13 @@ impl Upgrader {
     /// Starts the new process, hands it the listening sockets, waits up to
     /// `upgrade_timeout` for it to be ready and then marks this one handed
     /// over (it stops accepting and drains). On any failure the new
-    /// process is stopped and this one serves on.
-    pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
-        let exec = self.exec.as_ref().ok_or(UpgradeError::NotAvailable)?;
+    /// process is stopped and this one serves on. The work runs on a task
+    /// of its own: a caller that goes away (a client that hangs up) does
+    /// not leave it half done.
+    pub async fn upgrade(self: &Arc<Self>) -> Result<Upgraded, UpgradeError> {
+        if self.exec.is_none() {
+            return Err(UpgradeError::NotAvailable);
+        }
         if self.handed_over.is_cancelled() {
             return Err(UpgradeError::ShuttingDown);
         }
@@ -227,37 +233,56 @@ impl Upgrader {
         if self.started.swap(true, Ordering::AcqRel) {
             return Err(UpgradeError::InProgress);
         }
-        let result = async {
-            let cfg = self
-                .reloader
-                .config()
-                .await
-                .ok_or(UpgradeError::ShuttingDown)?;
-            let handover = self.gather().await.map_err(UpgradeError::Socket)?;
-            let registry = self.registry.clone();
-            self.run(exec, handover, cfg.upgrade_timeout, move || {
-                registry.ws_total()
-            })
-            .await
-        }
-        .await;
-        match &result {
-            Ok(done) => {
-                info!(
-                    old.pid = done.old_pid,
-                    new.pid = done.new_pid,
-                    "upgrade: the new process is ready; this one stops accepting and drains"
-                );
-                // The service manager follows the new process from now on.
-                crate::notify::main_pid(done.new_pid);
-                self.handed_over.cancel();
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let result = this.upgrade_now().await;
+            match &result {
+                Ok(done) => {
+                    info!(
+                        old.pid = done.old_pid,
+                        new.pid = done.new_pid,
+                        "upgrade: the new process is ready; this one stops accepting and drains"
+                    );
+                    // The service manager follows the new process from now on.
+                    crate::notify::main_pid(done.new_pid);
+                    this.handed_over.cancel();
+                }
+                Err(error) => {
+                    warn!(error = %crate::error_chain::chain(error), "upgrade failed; this process keeps serving");
+                    this.started.store(false, Ordering::Release);
+                }
             }
+            result
+        });
+        match task.await {
+            Ok(result) => result,
+            // Only a panic gets here; the upgrade did not happen.
             Err(error) => {
-                warn!(error = %crate::error_chain::chain(error), "upgrade failed; this process keeps serving");
                 self.started.store(false, Ordering::Release);
+                Err(UpgradeError::Socket(io::Error::other(error.to_string())))
             }
         }
-        result
+    }
+
+    async fn upgrade_now(&self) -> Result<Upgraded, UpgradeError> {
+        let exec = self.exec.as_ref().ok_or(UpgradeError::NotAvailable)?;
+        let cfg = self
+            .reloader
+            .config()
+            .await
+            .ok_or(UpgradeError::ShuttingDown)?;
+        let handover = self.gather().await.map_err(UpgradeError::Socket)?;
+        let registry = self.registry.clone();
+        self.run(exec, handover, cfg.upgrade_timeout, move || {
+            registry.ws_total()
+        })
+        .await
+    }
+
+    /// After the handover: the duplicates of the sockets are the new
+    /// process's business now (a listener it removes must close).
+    pub fn release_admin(&self) {
+        lock(&self.admin).take();
     }
 
     /// The manifest and the sockets it names.
@@ -436,10 +461,21 @@ pub fn inherit() -> Result<Option<Inherited>, InheritError> {
         .map_err(InheritError::Receive)?;
     // SAFETY: the kernel has just installed these descriptors in this
     // process for us (SCM_RIGHTS); nothing else owns them.
-    let mut fds: Vec<OwnedFd> = raw[..nfds]
+    let fds: Vec<OwnedFd> = raw[..nfds]
         .iter()
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
+    // Received descriptors are not close-on-exec: without this, every
+    // later upgrade would pass them on to a process that knows nothing of
+    // them, keeping ports open that a reload closed.
+    let mut fds = fds
+        .into_iter()
+        .map(|fd| {
+            let socket = socket2::Socket::from(fd);
+            socket.set_cloexec(true).map(|()| OwnedFd::from(socket))
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(InheritError::Receive)?;
     (&link)
         .read_exact(&mut len[got..])
         .map_err(InheritError::Receive)?;

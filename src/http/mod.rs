@@ -91,7 +91,13 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     shutdown: CancellationToken,
 ) {
     let permit = Arc::new(permit);
-    let ctx = cell.load_full();
+    // Only these settings are read once; the context itself is not held,
+    // so an old generation (its pool view, its idle connections) goes
+    // once no request uses it.
+    let (head_timeout, max_head) = {
+        let ctx = cell.load();
+        (ctx.cfg.header_read_timeout, ctx.cfg.max_header_size)
+    };
     // What the shutdown below needs to know of the requests.
     let seen = Arc::new(Seen::default());
     let svc_seen = seen.clone();
@@ -109,11 +115,11 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(ctx.cfg.header_read_timeout)
+        .header_read_timeout(head_timeout)
         // 431 past the configured head; the read buffer is bounded too, so a
         // head that never ends holds at most this much.
-        .max_header_size(ctx.cfg.max_header_size)
-        .max_buf_size((ctx.cfg.max_header_size + 8192).max(8192))
+        .max_header_size(max_head)
+        .max_buf_size((max_head + 8192).max(8192))
         // Not `half_close(true)`: with it hyper stops reading while a
         // request is in flight, so a client that goes away during a long
         // poll would no longer cancel it; a client that shuts its write
@@ -129,7 +135,7 @@ pub async fn serve_connection<S: TunnelIo + AsyncRead>(
             // binary upgrade hands the socket over at that moment) has its
             // first request on the way: serve it, waiting for its head as
             // long as any request's, before closing.
-            let wait = tokio::time::timeout(ctx.cfg.header_read_timeout, seen.first.cancelled());
+            let wait = tokio::time::timeout(head_timeout, seen.first.cancelled());
             tokio::select! {
                 result = conn.as_mut() => result,
                 _ = wait => {

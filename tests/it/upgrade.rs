@@ -399,6 +399,15 @@ async fn a_failing_new_binary_leaves_the_old_process_serving() {
     assert_eq!(sluice.status().await.processes[0].pid, old_pid);
     echo(&mut ws, Message::text("and still")).await;
 
+    // A client that hangs up on the upgrade does not leave it half done:
+    // the slow child is still stopped at the timeout, and the next
+    // upgrade (below) is not refused as under way.
+    let admin = sluice.admin.clone();
+    let hung_up = tokio::spawn(async move { admin.upgrade().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hung_up.abort();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
     // The real binary again, by SIGUSR2 this time.
     std::fs::remove_file(&path).expect("unlink");
     std::os::unix::fs::symlink(BIN, &path).expect("link");
@@ -496,4 +505,59 @@ async fn the_service_manager_hears_ready_reloading_and_the_new_main_pid() {
     // the new one says STOPPING=1 when it is stopped.
     process::send_signal(new, "TERM").expect("SIGTERM");
     assert_eq!(next_notification(&socket).await, "STOPPING=1\n");
+}
+
+#[tokio::test]
+async fn after_two_upgrades_a_listener_removed_by_reload_is_closed() {
+    let _load = LoadShare::take().await;
+    let backends = echo_backends(1).await;
+    let second = process::free_port().expect("port");
+    let extra =
+        format!("[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:{second}\"\npool = \"app\"\n");
+    let mut sluice = Deployed::start(
+        "twice",
+        &[backends[0].addr],
+        "drain = { window = \"200ms\" }\n",
+        &extra,
+        true,
+    );
+    sluice.wait_up().await;
+    let second_addr = SocketAddr::from(([127, 0, 0, 1], second));
+    let mut previous = sluice.proc.pid();
+    for round in 0..2 {
+        let out = sluice.ctl_upgrade().await;
+        assert!(out.status.success(), "upgrade {round}");
+        let new = new_pid(&String::from_utf8_lossy(&out.stdout)).expect("pid");
+        within(15, "the previous process exits", async {
+            while alive(previous) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        previous = new;
+        // Both listeners serve from the new process.
+        let mut ws = ws_connect(&format!("ws://{second_addr}/ws")).await;
+        assert_eq!(greeting(&mut ws).await, "b1");
+        echo(&mut ws, Message::text("through second")).await;
+    }
+    let config = sluice.dir.path().join("sluice.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace(&extra, "")).expect("write");
+    let report = within(10, "reload", sluice.admin.reload())
+        .await
+        .expect("reload");
+    assert_eq!(
+        report.changes,
+        ["removed listener second: stopped accepting, draining its connections"]
+    );
+    // No process holds the socket any more: connecting is refused.
+    within(5, "the port closes", async {
+        while tokio::net::TcpStream::connect(second_addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut ws = ws_connect(&sluice.url()).await;
+    assert_eq!(greeting(&mut ws).await, "b1");
+    echo(&mut ws, Message::text("public still serves")).await;
 }
