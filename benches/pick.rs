@@ -65,7 +65,7 @@ fn picks(c: &mut Criterion) {
         ],
         &[0; 32],
     );
-    let value = sticky.set_cookie(5).expect("cookie");
+    let value = sticky.set_cookie(5, 0x1234_5678).expect("cookie");
     let pair = value
         .to_str()
         .expect("ascii")

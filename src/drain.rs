@@ -115,7 +115,7 @@ impl Drains {
     /// changes nothing.
     pub fn drain(
         &self,
-        pool: &PoolEntry,
+        pool: &Arc<PoolEntry>,
         backend: &Arc<Backend>,
         window: Option<Duration>,
     ) -> Result<(), DrainError> {
@@ -126,15 +126,15 @@ impl Drains {
         if let Some(window) = window {
             cfg.window = window;
         }
-        self.start(&pool.name, backend, cfg, true);
+        self.start(pool, backend, cfg, true);
         Ok(())
     }
 
     /// Drains a backend a reload removed, over its pool's window; a drain
     /// already under way (an operator's) goes on.
-    pub fn retire(&self, pool: &PoolEntry, backend: &Arc<Backend>) {
+    pub fn retire(&self, pool: &Arc<PoolEntry>, backend: &Arc<Backend>) {
         if !self.shutting_down.load(Ordering::Acquire) {
-            self.start(&pool.name, backend, pool.cfg.drain, true);
+            self.start(pool, backend, pool.cfg.drain, true);
         }
     }
 
@@ -148,10 +148,12 @@ impl Drains {
         info!(listener = %name, window = ?cfg.window, websockets = conns.len(), "draining a removed listener's WebSockets");
         let started = Instant::now();
         tokio::spawn(async move {
-            for ((backend, conn), offset) in conns.iter().zip(plan_drain(conns.len(), cfg.window)) {
+            for ((pool, backend, conn), offset) in
+                conns.iter().zip(plan_drain(conns.len(), cfg.window))
+            {
                 tokio::time::sleep_until(started + offset).await;
                 if Arc::strong_count(conn) > 1 {
-                    conn.request_close(cfg.close_code);
+                    pool.close_moving(backend, conn, cfg.close_code, std::time::Instant::now());
                     backend.drain_closed.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -175,14 +177,21 @@ impl Drains {
                 if let Some(code) = close_code {
                     cfg.close_code = code;
                 }
-                self.start(&pool.name, &backend, cfg, close_code.is_some());
+                self.start(pool, &backend, cfg, close_code.is_some());
             }
         }
     }
 
-    /// Starts draining `backend`; `out_of_rotation`: it takes no new
-    /// connection meanwhile.
-    fn start(&self, pool: &str, backend: &Arc<Backend>, cfg: DrainConfig, out_of_rotation: bool) {
+    /// Starts draining `backend` of `pool`; `out_of_rotation`: it takes no
+    /// new connection meanwhile (else this process is stopping, and its
+    /// clients' pins need not be moved).
+    fn start(
+        &self,
+        pool: &Arc<PoolEntry>,
+        backend: &Arc<Backend>,
+        cfg: DrainConfig,
+        out_of_rotation: bool,
+    ) {
         let mut drains = self.lock();
         if drains.contains_key(&backend.id) {
             return;
@@ -197,10 +206,10 @@ impl Drains {
             planned: Arc::default(),
             closed: Arc::default(),
         };
-        info!(%pool, backend = %backend.name, window = ?cfg.window, websockets = backend.ws_count(), "drain started");
+        info!(pool = %pool.name, backend = %backend.name, window = ?cfg.window, websockets = backend.ws_count(), "drain started");
         tokio::spawn(run_drain(
             backend.clone(),
-            pool.to_string(),
+            out_of_rotation.then(|| pool.clone()),
             cfg,
             drain.started,
             drain.planned.clone(),
@@ -265,7 +274,7 @@ impl Drains {
 /// arrive late, and marks it drained once it has no connection left.
 async fn run_drain(
     backend: Arc<Backend>,
-    pool: String,
+    moving: Option<Arc<PoolEntry>>,
     cfg: DrainConfig,
     started: Instant,
     planned: Arc<AtomicUsize>,
@@ -278,7 +287,13 @@ async fn run_drain(
     planned.store(conns.len(), Ordering::Relaxed);
     let mut asked: HashSet<u64> = HashSet::with_capacity(conns.len());
     let close = |conn: &crate::registry::ConnControl| {
-        conn.request_close(cfg.close_code);
+        match &moving {
+            // Its client is placed afresh when it comes back.
+            Some(pool) => {
+                pool.close_moving(&backend, conn, cfg.close_code, std::time::Instant::now())
+            }
+            None => conn.request_close(cfg.close_code),
+        }
         backend.drain_closed.fetch_add(1, Ordering::Relaxed);
         closed.fetch_add(1, Ordering::Relaxed);
     };
@@ -315,7 +330,7 @@ async fn run_drain(
         }
     }
     if backend.finish_drain() {
-        info!(%pool, backend = %backend.name, closed = closed.load(Ordering::Relaxed), "drained");
+        info!(backend = %backend.name, closed = closed.load(Ordering::Relaxed), "drained");
     }
 }
 

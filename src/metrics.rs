@@ -223,21 +223,25 @@ impl Collector for LiveCollector {
                 ConstGauge::new(up).encode(m.encode_family(&labels)?)?;
             }
         }
-        {
-            let mut m = encoder.encode_descriptor(
+        type PerPool = fn(&crate::registry::PoolStats) -> &std::sync::atomic::AtomicU64;
+        let per_pool: [(&str, &str, PerPool); 2] = [
+            (
                 "sluice_sticky_repins",
                 "Sticky clients sent to a new backend because theirs could not take them",
-                None,
-                MetricType::Counter,
-            )?;
+                |s| &s.sticky_repins,
+            ),
+            (
+                "sluice_sticky_moved",
+                "Sticky clients placed afresh because sluice closed their WebSocket (rebalance, drain)",
+                |s| &s.sticky_moved,
+            ),
+        ];
+        for (name, help, counter) in per_pool {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for pool in pools.iter() {
                 let labels = [("pool", pool.name.as_str())];
-                ConstCounter::new(
-                    pool.stats
-                        .sticky_repins
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                )
-                .encode(m.encode_family(&labels)?)?;
+                ConstCounter::new(counter(&pool.stats).load(std::sync::atomic::Ordering::Relaxed))
+                    .encode(m.encode_family(&labels)?)?;
             }
         }
         type PerBackend = fn(&crate::registry::Backend) -> &std::sync::atomic::AtomicU64;

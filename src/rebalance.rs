@@ -180,6 +180,18 @@ impl Reports {
     }
 }
 
+/// The pool's backends as the plan sees them at `at`.
+fn members_at(pool: &PoolEntry, at: Instant) -> Vec<Member> {
+    pool.backends
+        .iter()
+        .map(|b| Member {
+            count: b.ws_count(),
+            weight: b.effective_weight(at),
+            eligible: b.is_accepting(),
+        })
+        .collect()
+}
+
 /// Rebalances `pool` every interval until `shutdown` (a reload ends it
 /// and starts another with the new settings).
 pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: CancellationToken) {
@@ -215,15 +227,7 @@ pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: Cancella
             reports.set(p, Report { at, plan, shed: 0 });
             continue;
         }
-        let members: Vec<Member> = pool
-            .backends
-            .iter()
-            .map(|b| Member {
-                count: b.ws_count(),
-                weight: b.effective_weight(at),
-                eligible: b.is_accepting(),
-            })
-            .collect();
+        let members = members_at(&pool, at);
         let decided = plan(&members, &cfg);
         let Some(shed) = decided.shed else {
             debug!(pool = %pool.name, note = decided.note, "rebalance: nothing to shed");
@@ -280,7 +284,15 @@ pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: Cancella
             {
                 break; // a drain began, or the backend went down: stop
             }
-            conn.request_close(close_code);
+            // The pool may be within tolerance already (clients left, or
+            // came back elsewhere): then the rest of the plan is not needed.
+            let now = members_at(&pool, Instant::now());
+            if plan(&now, &cfg).shed.is_none() {
+                debug!(pool = %pool.name, backend = %backend.name, "rebalance: level before the planned closes were done");
+                break;
+            }
+            // A sticky client is placed afresh when it comes back.
+            pool.close_moving(&backend, conn, close_code, Instant::now());
             backend
                 .rebalance_shed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

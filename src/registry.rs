@@ -35,6 +35,8 @@ pub struct ConnControl {
     /// The listener it came through (`ListenerCtx::id`), so the
     /// connections of a listener a reload removed can be drained.
     pub listener: u32,
+    /// The sticky pin (cookie nonce) it was made under; 0: none.
+    pub pin: u64,
     /// Requested close: 0 for none, a WebSocket close code, or `ABORT`.
     close: AtomicU32,
     /// Wakes the tunnel when a close is requested.
@@ -53,11 +55,12 @@ pub enum CloseRequest {
 }
 
 impl ConnControl {
-    fn new(id: u64, listener: u32) -> Self {
+    fn new(id: u64, listener: u32, pin: u64) -> Self {
         Self {
             id,
             started: Instant::now(),
             listener,
+            pin,
             close: AtomicU32::new(0),
             waker: AtomicWaker::new(),
         }
@@ -435,6 +438,62 @@ pub struct PoolStats {
     pub admission_rejected: AtomicU64,
     /// Sticky clients sent to a new backend because theirs could not take them.
     pub sticky_repins: AtomicU64,
+    /// Sticky clients placed afresh because sluice closed their WebSocket.
+    pub sticky_moved: AtomicU64,
+    /// Sticky pins whose WebSocket sluice closed on purpose.
+    pub moved: MovedPins,
+}
+
+/// Most pins a pool remembers as moved; past it (all unexpired) a closed
+/// client keeps its pin, as before pins were remembered.
+pub const MAX_MOVED_PINS: usize = 100_000;
+
+/// The sticky pins whose WebSocket sluice closed on purpose (drain,
+/// rebalance, a removed listener): the next request with such a pin is
+/// placed afresh, away from the backend it was on. Bounded
+/// (`MAX_MOVED_PINS`) and expiring.
+#[derive(Debug, Default)]
+pub struct MovedPins(Mutex<HashMap<u64, (u64, Instant)>>);
+
+impl MovedPins {
+    /// Remembers that pin `nonce` was moved off backend `backend` (its
+    /// id), until `expires`; false when the record is full.
+    pub fn record(&self, nonce: u64, backend: u64, now: Instant, expires: Instant) -> bool {
+        if nonce == 0 {
+            return false;
+        }
+        let mut pins = lock(&self.0);
+        if pins.len() >= MAX_MOVED_PINS {
+            pins.retain(|_, (_, until)| *until > now);
+            if pins.len() >= MAX_MOVED_PINS {
+                return false;
+            }
+        }
+        pins.insert(nonce, (backend, expires));
+        true
+    }
+
+    /// The backend (id) pin `nonce` was moved off, once: the pin is
+    /// forgotten.
+    pub fn take(&self, nonce: u64, now: Instant) -> Option<u64> {
+        let mut pins = lock(&self.0);
+        if pins.is_empty() {
+            return None;
+        }
+        match pins.remove(&nonce) {
+            Some((backend, until)) if until > now => Some(backend),
+            _ => None,
+        }
+    }
+
+    /// Pins remembered now.
+    pub fn len(&self) -> usize {
+        lock(&self.0).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl PoolStats {
@@ -467,6 +526,23 @@ pub struct PoolEntry {
 }
 
 impl PoolEntry {
+    /// How long a moved pin is remembered: the drain window (a drained
+    /// client comes back within it) plus a minute.
+    pub fn moved_pin_ttl(&self) -> Duration {
+        self.cfg.drain.window.max(self.cfg.rebalance.interval * 2) + Duration::from_secs(60)
+    }
+
+    /// Asks `conn` of `backend` to close with `code`, remembering its
+    /// sticky pin as moved so that its client is placed afresh.
+    pub fn close_moving(&self, backend: &Backend, conn: &ConnControl, code: u16, now: Instant) {
+        if conn.pin != 0 {
+            self.stats
+                .moved
+                .record(conn.pin, backend.id, now, now + self.moved_pin_ttl());
+        }
+        conn.request_close(code);
+    }
+
     /// Backends a reload removed that still drain.
     pub fn retiring(&self) -> Vec<Arc<Backend>> {
         lock(&self.retiring).clone()
@@ -744,12 +820,18 @@ impl Registry {
 
     /// Control handles of the live WebSockets that came through listener
     /// `listener`.
-    pub fn connections_of_listener(&self, listener: u32) -> Vec<(Arc<Backend>, Arc<ConnControl>)> {
+    #[allow(clippy::type_complexity)]
+    pub fn connections_of_listener(
+        &self,
+        listener: u32,
+    ) -> Vec<(Arc<PoolEntry>, Arc<Backend>, Arc<ConnControl>)> {
         let mut found = Vec::new();
-        for backend in self.backends() {
-            for conn in backend.connections() {
-                if conn.listener == listener {
-                    found.push((backend.clone(), conn));
+        for pool in self.pools.load().iter() {
+            for backend in pool.all_backends() {
+                for conn in backend.connections() {
+                    if conn.listener == listener {
+                        found.push((pool.clone(), backend.clone(), conn));
+                    }
                 }
             }
         }
@@ -809,10 +891,10 @@ impl Lease {
     }
 
     /// Turns the slot into a live WebSocket with a control handle; it came
-    /// through listener `listener`.
-    pub fn into_ws(self, listener: u32) -> WsEntry {
+    /// through listener `listener` under sticky pin `pin` (0: none).
+    pub fn into_ws(self, listener: u32, pin: u64) -> WsEntry {
         let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
-        let control = Arc::new(ConnControl::new(id, listener));
+        let control = Arc::new(ConnControl::new(id, listener, pin));
         let backend = self.backend.clone();
         backend.ws.fetch_add(1, Ordering::Relaxed);
         backend.lock_conns().insert(id, control.clone());
@@ -889,7 +971,7 @@ mod tests {
         let ws = registry
             .lease_within(&backend, 2)
             .expect("room for 2")
-            .into_ws(0);
+            .into_ws(0, 0);
         assert!(registry.lease_within(&backend, 2).is_none(), "full at 2");
         assert_eq!((backend.http_count(), backend.ws_count()), (1, 1));
         drop(first);
@@ -926,7 +1008,7 @@ mod tests {
     fn a_close_request_reaches_the_handle_once_and_abort_overrides() {
         let registry = one_pool(1, "0s");
         let backend = registry.pools()[0].backends[0].clone();
-        let entry = registry.lease(&backend).into_ws(0);
+        let entry = registry.lease(&backend).into_ws(0, 0);
         let waker = std::task::Waker::noop();
         let control = entry.control().clone();
         assert_eq!(control.poll_request(waker), CloseRequest::None);
@@ -950,10 +1032,10 @@ mod tests {
         let registry = one_pool(2, "0s");
         let b0 = registry.pools()[0].backends[0].clone();
         let b1 = registry.pools()[0].backends[1].clone();
-        let early = registry.lease(&b0).into_ws(0);
+        let early = registry.lease(&b0).into_ws(0, 0);
         let pending = registry.lease(&b1);
         registry.close_all(1001);
-        let late = pending.into_ws(0);
+        let late = pending.into_ws(0, 0);
         let waker = std::task::Waker::noop();
         assert_eq!(
             early.control().poll_request(waker),
@@ -964,7 +1046,7 @@ mod tests {
             CloseRequest::Close(1001)
         );
         registry.abort_all();
-        let later = registry.lease(&b0).into_ws(0);
+        let later = registry.lease(&b0).into_ws(0, 0);
         assert_eq!(later.control().poll_request(waker), CloseRequest::Abort);
         assert_eq!(early.control().poll_request(waker), CloseRequest::Abort);
     }
@@ -975,8 +1057,8 @@ mod tests {
         let b0 = registry.pools()[0].backends[0].clone();
         let waker = std::task::Waker::noop();
         registry.close_listener(7, 1012);
-        let late = registry.lease(&b0).into_ws(7);
-        let other = registry.lease(&b0).into_ws(8);
+        let late = registry.lease(&b0).into_ws(7, 0);
+        let other = registry.lease(&b0).into_ws(8, 0);
         assert_eq!(
             late.control().poll_request(waker),
             CloseRequest::Close(1012)
@@ -989,7 +1071,7 @@ mod tests {
     fn a_reload_keeps_backends_that_stay_and_retires_the_others() {
         let registry = one_pool(3, "30s");
         let before = registry.pools()[0].backends.clone();
-        let held = registry.lease(&before[2]).into_ws(0);
+        let held = registry.lease(&before[2]).into_ws(0, 0);
         // b2 goes, b1 and b0 stay (b0 with a new weight), b9 joins.
         let text = "[[listener]]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[[pool]]\nname = \"app\"\nslow_start = \"30s\"\n\n[[pool.backend]]\nname = \"b0\"\naddress = \"127.0.0.1:4000\"\nweight = 5\n\n[[pool.backend]]\nname = \"b1\"\naddress = \"127.0.0.1:4001\"\n\n[[pool.backend]]\nname = \"b9\"\naddress = \"127.0.0.1:4009\"\n";
         let cfg = crate::config::parse(text, std::path::Path::new("t.toml")).expect("config");

@@ -321,13 +321,13 @@ impl Reloader {
                 sticky_key,
             ));
             tokio::spawn(health::run(pool.clone(), tls, stop.clone()));
-            // Clients of hash and sticky pools come back to the backend their
-            // key or cookie names: shedding them would move nothing.
-            let pinned =
-                matches!(pool.cfg.algorithm, Algorithm::Hash(_)) || pool.cfg.sticky.is_some();
+            // Clients of hash pools come back to the backend their key
+            // names: shedding them would move nothing. (Sticky clients
+            // whose WebSocket the rebalancer closes are placed afresh.)
+            let pinned = matches!(pool.cfg.algorithm, Algorithm::Hash(_));
             let was = st.upstreams.get(&pool.name).map(|u| &u.cfg);
             if pool.cfg.rebalance.enabled && pinned && was != Some(&pool.cfg) {
-                info!(pool = %pool.name, "rebalancing off: hash and sticky clients return to their backend");
+                info!(pool = %pool.name, "rebalancing off: hash clients return to the backend their key names");
             }
             if pool.cfg.rebalance.enabled && !pinned {
                 tokio::spawn(rebalance::run(

@@ -1,9 +1,13 @@
 //! Sticky sessions: a cookie that pins a client to a backend.
 //!
-//! The cookie's value is an HMAC-SHA256 of the pool and backend names under
-//! a secret key, cut to 128 bits: it reveals nothing about the backend and
-//! cannot be forged to pick one. A value that matches no backend (unknown,
-//! tampered, or from another key) counts as no cookie.
+//! The cookie's value is a random 64-bit nonce naming the pin, then an
+//! HMAC-SHA256 of the pool and backend names and that nonce under a secret
+//! key, cut to 128 bits: it reveals nothing about the backend and cannot be
+//! forged to pick one, and sluice can tell one client's pin from another's
+//! (to re-place the clients whose WebSocket it closed itself). Values of
+//! the earlier form, the HMAC of pool and backend alone, still pin (without
+//! a nonce). A value that matches no backend (unknown, tampered, or from
+//! another key) counts as no cookie.
 
 use hmac::{Hmac, KeyInit, Mac};
 use hyper::header::{COOKIE, HeaderMap, HeaderValue};
@@ -11,15 +15,34 @@ use sha2::Sha256;
 
 use crate::config::{SameSite, StickyConfig};
 
-/// Hex characters of a cookie value (128 bits).
+/// Hex characters of a cookie's MAC (128 bits), the whole value of the
+/// earlier form.
 const VALUE_LEN: usize = 32;
+
+/// Hex characters of the nonce in front of the MAC.
+const NONCE_LEN: usize = 16;
 
 /// A pool's sticky cookies.
 #[derive(Debug)]
 pub struct Sticky {
     cfg: StickyConfig,
-    /// The cookie value of each backend, in pool order.
+    /// The value of the earlier form for each backend, in pool order.
     values: Vec<String>,
+    /// Each backend's MAC state after pool and name, to add a nonce to.
+    macs: Vec<Hmac<Sha256>>,
+}
+
+/// What a valid cookie says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    /// The backend, by index in the pool.
+    pub backend: usize,
+    /// The pin's nonce; `None` for a cookie of the earlier form.
+    pub nonce: Option<u64>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Every value of cookie `name` in the request's Cookie headers (a
@@ -45,7 +68,7 @@ impl Sticky {
     /// secret, else by `fallback_key` (random at start).
     pub fn new(cfg: StickyConfig, pool: &str, backends: &[&str], fallback_key: &[u8]) -> Self {
         let key = cfg.secret.clone().unwrap_or_else(|| fallback_key.to_vec());
-        let values = backends
+        let macs: Vec<Hmac<Sha256>> = backends
             .iter()
             .map(|b| {
                 let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key)
@@ -53,20 +76,50 @@ impl Sticky {
                 mac.update(pool.as_bytes());
                 mac.update(&[0]);
                 mac.update(b.as_bytes());
-                let digest = mac.finalize().into_bytes();
-                digest
-                    .iter()
-                    .take(VALUE_LEN / 2)
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
+                mac
             })
             .collect();
-        Self { cfg, values }
+        let values = macs
+            .iter()
+            .map(|mac| hex(&mac.clone().finalize().into_bytes()[..VALUE_LEN / 2]))
+            .collect();
+        Self { cfg, values, macs }
     }
 
-    /// The backend the request's cookie pins it to, if it has a valid one.
-    pub fn pinned(&self, headers: &HeaderMap) -> Option<usize> {
-        cookies(headers, &self.cfg.cookie).find_map(|given| self.backend_of(given))
+    /// The MAC of backend `backend`'s pin `nonce`, as hex.
+    fn tag(&self, backend: usize, nonce: u64) -> String {
+        let mut mac = self.macs[backend].clone();
+        mac.update(&[0]);
+        mac.update(&nonce.to_be_bytes());
+        hex(&mac.finalize().into_bytes()[..VALUE_LEN / 2])
+    }
+
+    /// The pin the request's cookie holds, if it has a valid one.
+    pub fn pinned(&self, headers: &HeaderMap) -> Option<Pin> {
+        cookies(headers, &self.cfg.cookie).find_map(|given| self.pin_of(given))
+    }
+
+    fn pin_of(&self, given: &str) -> Option<Pin> {
+        if given.len() == NONCE_LEN + VALUE_LEN {
+            let nonce = u64::from_str_radix(given.get(..NONCE_LEN)?, 16).ok()?;
+            let mac = &given[NONCE_LEN..];
+            // Every backend's MAC is computed and compared, found or not.
+            let backend = (0..self.macs.len()).fold(None, |found, i| {
+                if same(&self.tag(i, nonce), mac) {
+                    Some(i)
+                } else {
+                    found
+                }
+            })?;
+            return Some(Pin {
+                backend,
+                nonce: Some(nonce),
+            });
+        }
+        self.backend_of(given).map(|backend| Pin {
+            backend,
+            nonce: None,
+        })
     }
 
     fn backend_of(&self, given: &str) -> Option<usize> {
@@ -87,13 +140,17 @@ impl Sticky {
         found
     }
 
-    /// The Set-Cookie value that pins a client to `backend`.
-    pub fn set_cookie(&self, backend: usize) -> Option<HeaderValue> {
+    /// The Set-Cookie value that pins a client to `backend` with pin
+    /// `nonce`.
+    pub fn set_cookie(&self, backend: usize, nonce: u64) -> Option<HeaderValue> {
         let c = &self.cfg;
+        if backend >= self.macs.len() {
+            return None;
+        }
         let mut text = format!(
-            "{}={}; Path=/; Max-Age={}",
+            "{}={nonce:016x}{}; Path=/; Max-Age={}",
             c.cookie,
-            self.values.get(backend)?,
+            self.tag(backend, nonce),
             c.ttl.as_secs()
         );
         if c.http_only {
@@ -109,6 +166,15 @@ impl Sticky {
         });
         HeaderValue::from_str(&text).ok()
     }
+}
+
+/// Equal, compared in constant time (for MACs).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]
@@ -133,7 +199,7 @@ mod tests {
     #[test]
     fn a_cookie_round_trips_and_reveals_nothing() {
         let s = sticky(b"0123456789abcdef0123");
-        let set = s.set_cookie(1).expect("value");
+        let set = s.set_cookie(1, 0xfeed).expect("value");
         let set = set.to_str().expect("ascii");
         assert!(
             set.ends_with("; Path=/; Max-Age=3600; HttpOnly; Secure; SameSite=Lax"),
@@ -143,12 +209,37 @@ mod tests {
         let value = set.split(';').next().expect("pair");
         assert_eq!(
             s.pinned(&headers(&format!("theme=dark; {value}; other=1"))),
-            Some(1)
+            Some(Pin {
+                backend: 1,
+                nonce: Some(0xfeed)
+            })
+        );
+        // Each pin has its own value; a tampered nonce is no pin.
+        let other = s.set_cookie(1, 0xbeef).expect("value");
+        assert_ne!(
+            other.to_str().expect("ascii").split(';').next(),
+            Some(value)
+        );
+        let forged = value.replace("000000000000feed", "000000000000beef");
+        assert_eq!(s.pinned(&headers(&forged)), None);
+        // The earlier form still pins, without a nonce.
+        assert_eq!(
+            s.pinned(&headers(&format!("SLUICE_AFFINITY={}", s.values[0]))),
+            Some(Pin {
+                backend: 0,
+                nonce: None
+            })
         );
     }
 
     #[test]
     fn forged_tampered_or_foreign_values_count_as_absent() {
+        let one = |b| {
+            Some(Pin {
+                backend: b,
+                nonce: None,
+            })
+        };
         let s = sticky(b"0123456789abcdef0123");
         assert_eq!(s.pinned(&headers("SLUICE_AFFINITY=app-1")), None);
         assert_eq!(
@@ -174,7 +265,7 @@ mod tests {
                 "SLUICE_AFFINITY={}; SLUICE_AFFINITY={ours}",
                 "f".repeat(32)
             ))),
-            Some(1)
+            one(1)
         );
     }
 }

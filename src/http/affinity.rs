@@ -12,7 +12,7 @@ use crate::upstream::{Affinity, Upstream};
 
 /// How `req` is tied to a backend of `upstream`'s pool.
 pub fn affinity<B>(upstream: &Upstream, req: &Request<B>, peer: SocketAddr) -> Affinity {
-    let pinned = upstream
+    let pin = upstream
         .sticky
         .as_ref()
         .and_then(|s| s.pinned(req.headers()));
@@ -20,11 +20,27 @@ pub fn affinity<B>(upstream: &Upstream, req: &Request<B>, peer: SocketAddr) -> A
         Algorithm::Hash(key) => hash_key(key, req, peer),
         _ => None,
     };
-    Affinity {
-        pinned,
+    let mut affinity = Affinity {
+        pinned: pin.map(|p| p.backend),
+        nonce: pin.and_then(|p| p.nonce),
         key,
         reusable: !super::headers::is_websocket_upgrade(req),
+        ..Affinity::default()
+    };
+    // A pin whose WebSocket sluice closed on purpose is placed afresh.
+    if let Some(nonce) = affinity.nonce
+        && let Some(from) = upstream
+            .pool
+            .stats
+            .moved
+            .take(nonce, std::time::Instant::now())
+    {
+        affinity.avoid = upstream.pool.backends.iter().position(|b| b.id == from);
+        affinity.pinned = None;
+        affinity.nonce = None;
+        affinity.moved = true;
     }
+    affinity
 }
 
 /// The hash of what `key` names in `req`, if the request has it.

@@ -218,7 +218,7 @@ async fn forward(
     let mut resp = answer.resp;
     headers::drop_length_of_chunked(resp.headers_mut());
     headers::strip_hop_by_hop(resp.headers_mut());
-    if let Some(cookie) = upstream.pin(affinity, answer.backend) {
+    if let (_, Some(cookie)) = upstream.pin(affinity, answer.backend) {
         resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
     // A connection that began with this client's PROXY header is not
@@ -252,7 +252,8 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         Err(error) => return upstream_error(&error),
     };
     let (lease, mut resp) = (answer.lease, answer.resp);
-    if let Some(cookie) = upstream.pin(affinity, answer.backend) {
+    let (pin, cookie) = upstream.pin(affinity, answer.backend);
+    if let Some(cookie) = cookie {
         resp.headers_mut().append(hyper::header::SET_COOKIE, cookie);
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -287,7 +288,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
             warn!("upgraded connection is not a TCP stream");
             return;
         };
-        let entry = lease.into_ws(listener);
+        let entry = lease.into_ws(listener, pin);
         debug!(conn.id = entry.control().id, "tunnel opened");
         let tunnel = Tunnel::new(
             client.io.into_inner(),

@@ -18,6 +18,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+
+use hyper::header::HeaderValue;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -118,6 +120,13 @@ impl UpstreamError {
 pub struct Affinity {
     /// The backend a sticky cookie pins the client to.
     pub pinned: Option<usize>,
+    /// That pin's nonce (`None`: no pin, or a cookie of the earlier form).
+    pub nonce: Option<u64>,
+    /// The client's pin was moved (sluice closed its WebSocket): it is
+    /// placed afresh, away from `avoid`.
+    pub moved: bool,
+    /// A backend not to place it on while another can take it.
+    pub avoid: Option<usize>,
     /// The request's hash key, for `algorithm = "hash"`.
     pub key: Option<u64>,
     /// A plain HTTP request, which an idle kept-alive connection can carry
@@ -260,20 +269,28 @@ impl Upstream {
         }
     }
 
-    /// The Set-Cookie that pins the client to `chosen`, unless its cookie
-    /// already does; a client whose pinned backend could not take it is
-    /// re-pinned, and counted.
-    pub fn pin(&self, affinity: Affinity, chosen: usize) -> Option<hyper::header::HeaderValue> {
-        let sticky = self.sticky.as_ref()?;
-        if affinity.pinned == Some(chosen) {
-            return None;
+    /// The client's pin after this request, on `chosen`: its nonce (0:
+    /// none) and the Set-Cookie to send, unless its cookie already pins it
+    /// there. A client whose pinned backend could not take it is re-pinned,
+    /// and counted; one with a cookie of the earlier form gets the same pin
+    /// in the current form.
+    pub fn pin(&self, affinity: Affinity, chosen: usize) -> (u64, Option<HeaderValue>) {
+        let Some(sticky) = self.sticky.as_ref() else {
+            return (0, None);
+        };
+        if affinity.pinned == Some(chosen)
+            && let Some(nonce) = affinity.nonce
+        {
+            return (nonce, None);
         }
-        if affinity.pinned.is_some() {
-            self.pool
-                .stats
-                .sticky_repins
-                .fetch_add(1, Ordering::Relaxed);
+        let stats = &self.pool.stats;
+        if affinity.moved {
+            stats.sticky_moved.fetch_add(1, Ordering::Relaxed);
+        } else if affinity.pinned.is_some_and(|p| p != chosen) {
+            stats.sticky_repins.fetch_add(1, Ordering::Relaxed);
         }
-        sticky.set_cookie(chosen)
+        // Never 0, which means "no pin".
+        let nonce = rand::random::<u64>().max(1);
+        (nonce, sticky.set_cookie(chosen, nonce))
     }
 }

@@ -68,6 +68,14 @@ impl Upstream {
                 load_of(b, candidate && room && token, now)
             })
             .collect();
+        let mut loads = loads;
+        // Away from the backend a moved pin was on, while another can take it.
+        if let Some(a) = affinity.avoid
+            && loads.iter().enumerate().any(|(i, l)| i != a && l.eligible)
+            && let Some(load) = loads.get_mut(a)
+        {
+            load.eligible = false;
+        }
         if !any_accepting {
             let pool = self.cfg.name.clone();
             return Err(if tried.is_empty() {

@@ -55,7 +55,9 @@ async fn long_polling_then_upgrade_stays_on_one_backend() {
         let pin = pin_of(&first).expect("a sticky cookie on the first response");
         let backend = first.backend();
         assert!(
-            pin.len() == "SLUICE_AFFINITY=".len() + 32 && !pin.contains(&backend),
+            // A 64-bit nonce and a 128-bit MAC, in hex.
+            // (hex: it may contain "b1" by chance, never an address)
+            pin.len() == "SLUICE_AFFINITY=".len() + 48 && !pin.contains("127.0.0.1"),
             "{pin}"
         );
         for _ in 0..5 {
@@ -217,4 +219,178 @@ async fn p2c_spreads_connections() {
             b.ws_open()
         );
     }
+}
+
+/// What a sticky client with a cookie jar saw.
+#[derive(Debug, Default)]
+struct JarStats {
+    /// The backend of each WebSocket, in order.
+    backends: Vec<String>,
+    /// HTTP requests (with the jar's cookie) that reached another backend
+    /// than the client's WebSocket at that moment.
+    mismatches: usize,
+    /// Set-Cookie headers received.
+    cookies: usize,
+}
+
+/// A client that keeps its cookie jar: a WebSocket with its cookie, an
+/// HTTP request with it after each (re)connect, reconnecting whenever
+/// sluice closes the WebSocket, until `stop`.
+async fn jar_client(
+    sluice_url: String,
+    http: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> JarStats {
+    use futures_util::StreamExt;
+    let mut stats = JarStats::default();
+    let mut jar: Option<String> = None;
+    for _ in 0..100 {
+        if stop.is_cancelled() {
+            break;
+        }
+        let mut req = sluice_url.as_str().into_client_request().expect("request");
+        if let Some(c) = &jar {
+            req.headers_mut()
+                .insert("cookie", c.parse().expect("value"));
+        }
+        let Ok(Ok((mut ws, resp))) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if let Some(set) = resp
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("SLUICE_AFFINITY="))
+        {
+            stats.cookies += 1;
+            jar = Some(set.split(';').next().unwrap_or_default().to_string());
+        }
+        let backend = greeting(&mut ws).await;
+        let mut client = HttpClient::connect(http).await;
+        let mut get = hyper::Request::get("/poll").header("host", "sluice.test");
+        if let Some(c) = &jar {
+            get = get.header("cookie", c);
+        }
+        let reply = client
+            .send(get.body(Full::new(Bytes::new())).expect("request"))
+            .await;
+        if reply.backend() != backend {
+            stats.mismatches += 1;
+        }
+        if pin_of(&reply).is_some() {
+            stats.cookies += 1;
+        }
+        stats.backends.push(backend);
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+        }
+    }
+    stats
+}
+
+#[tokio::test]
+async fn a_sticky_pool_levels_and_every_client_keeps_one_pin() {
+    let _heavy = heavy().await;
+    const CLIENTS: usize = 300;
+    let backends = echo_backends(3).await;
+    let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    cfg.pools[0].sticky = Some(StickyConfig::default());
+    cfg.pools[0].rebalance.interval = Duration::from_millis(500);
+    cfg.pools[0].rebalance.min_excess = 5;
+    cfg.pools[0].rebalance.max_shed_per_interval = 25;
+    let sluice = Sluice::with_config(cfg).await;
+    // b3 starts empty: drained while the clients arrive.
+    within(
+        10,
+        "drain b3",
+        sluice.admin().drain("app", "b3", Some("0s")),
+    )
+    .await
+    .expect("drain");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(jar_client(sluice.url("/ws"), sluice.addr, stop.clone())))
+        .collect();
+    eventually(60, "every client connected", || {
+        backends[0].ws_open() + backends[1].ws_open() == CLIENTS
+    })
+    .await;
+    // A long-polling client mid-session: its pin is never moved, however
+    // overloaded its backend is, since sluice closed nothing of it.
+    let first = get_with_cookie(&sluice, None).await;
+    let poll_pin = pin_of(&first).expect("a pin");
+    let poll_backend = first.backend();
+    let poll_stop = stop.clone();
+    let addr = sluice.addr;
+    let poller = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !poll_stop.is_cancelled() {
+            let mut client = HttpClient::connect(addr).await;
+            let req = hyper::Request::get("/poll")
+                .header("host", "sluice.test")
+                .header("cookie", &poll_pin)
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let reply = client.send(req).await;
+            seen.push((reply.backend(), pin_of(&reply)));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    });
+    let started = std::time::Instant::now();
+    within(10, "undrain b3", sluice.admin().undrain("app", "b3"))
+        .await
+        .expect("undrain");
+    eventually(60, "the pool levels within tolerance", || {
+        backends.iter().all(|b| (80..=120).contains(&b.ws_open()))
+            && backends.iter().map(|b| b.ws_open()).sum::<usize>() == CLIENTS
+    })
+    .await;
+    let level_after = started.elapsed();
+    // It stays level: a few more intervals without moves.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let counts: Vec<usize> = backends.iter().map(|b| b.ws_open()).collect();
+    stop.cancel();
+    let mut stats = Vec::new();
+    for c in clients {
+        stats.push(within(30, "client", c).await.expect("client"));
+    }
+    let polls = within(10, "poller", poller).await.expect("poller");
+    assert!(polls.len() > 20, "{} polls", polls.len());
+    assert!(
+        polls
+            .iter()
+            .all(|(b, pin)| *b == poll_backend && pin.is_none()),
+        "the long-poller stayed on {poll_backend}: {polls:?}"
+    );
+    let moves: usize = stats.iter().map(|s| s.backends.len() - 1).sum();
+    eprintln!(
+        "sticky rebalance: within tolerance after {level_after:?}, {moves} moves (at least 80 needed: b3 from 0 to share x (1 - tolerance)), counts {counts:?}"
+    );
+    for s in &stats {
+        assert_eq!(s.mismatches, 0, "HTTP and WebSocket on one backend: {s:?}");
+        assert!(s.backends.len() <= 2, "no client moved twice: {s:?}");
+        if s.backends.len() == 2 {
+            assert_ne!(
+                s.backends[0], s.backends[1],
+                "a moved client goes elsewhere"
+            );
+            assert_eq!(s.cookies, 2, "one new pin per move: {s:?}");
+        } else {
+            assert_eq!(s.cookies, 1, "{s:?}");
+        }
+    }
+    let moved = sluice.registry().pools()[0]
+        .stats
+        .sticky_moved
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(moved as usize, moves);
 }
