@@ -161,6 +161,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 sluice::upgrade::inherit().context("taking over from the previous process")?;
             let upgrading = inherited.is_some();
             runtime(cfg.worker_threads)?.block_on(async {
+                let signals = Signals::listen()?;
                 let shutdown = CancellationToken::new();
                 let options = sluice::Options {
                     inherited,
@@ -170,7 +171,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 if !upgrading {
                     print_admin(&running);
                 }
-                serve_until_signalled(running, shutdown).await;
+                serve_until_signalled(running, shutdown, signals).await;
                 Ok(())
             })
         }
@@ -194,6 +195,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             runtime(1)?.block_on(ctl(client, command))
         }
         Command::Demo { bind, tls_bind } => runtime(0)?.block_on(async {
+            let signals = Signals::listen()?;
             let shutdown = CancellationToken::new();
             let (backends, running) =
                 sluice::demo::start(bind, Some(tls_bind), shutdown.clone()).await?;
@@ -210,7 +212,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             print_admin(&running);
             say!("Press Ctrl-C to stop.");
-            serve_until_signalled(running, shutdown).await;
+            serve_until_signalled(running, shutdown, signals).await;
             Ok(())
         }),
     }
@@ -245,20 +247,42 @@ fn print_admin(running: &sluice::Running) {
     }
 }
 
+/// The signals sluice acts on, listened for before it starts: a signal
+/// that arrives once it said it is ready (SIGHUP from `systemctl reload`)
+/// must not meet the default action, which ends the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("listening for SIGHUP")?,
+            usr2: signal(SignalKind::user_defined2()).context("listening for SIGUSR2")?,
+        })
+    }
+}
+
 /// Runs until sluice has shut down. First SIGTERM or Ctrl-C: drain and stop.
-/// Second: close every WebSocket now. Third: drop everything.
-async fn serve_until_signalled(running: sluice::Running, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined2()),
-    ) else {
-        tracing::error!("cannot listen for signals");
-        running.wait().await;
-        return;
-    };
+/// Second: close every WebSocket now. Third: drop everything. SIGHUP
+/// reloads the config, SIGUSR2 upgrades the binary.
+async fn serve_until_signalled(
+    running: sluice::Running,
+    shutdown: CancellationToken,
+    signals: Signals,
+) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+        mut usr2,
+    } = signals;
     let registry = running.registry.clone();
     let reloader = running.reloader.clone();
     let upgrader = running.upgrader.clone();
