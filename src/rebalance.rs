@@ -195,7 +195,12 @@ fn members_at(pool: &PoolEntry, at: Instant) -> Vec<Member> {
 /// Rebalances `pool` every interval until `shutdown` (a reload ends it
 /// and starts another with the new settings).
 pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: CancellationToken) {
-    let cfg = pool.cfg.rebalance;
+    let mut cfg = pool.cfg.rebalance;
+    if let Some(factor) = pool.cfg.hash_balance_factor {
+        // Keys may sit up to the factor over their share: within that the
+        // balancer and the rebalancer agree, so nothing flaps.
+        cfg.tolerance = cfg.tolerance.max(factor - 1.0);
+    }
     let close_code = pool.cfg.drain.close_code;
     let p = pool.name.as_str();
     // Connections younger than this are not shed: nobody is bounced twice

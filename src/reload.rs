@@ -321,13 +321,15 @@ impl Reloader {
                 sticky_key,
             ));
             tokio::spawn(health::run(pool.clone(), tls, stop.clone()));
-            // Clients of hash pools come back to the backend their key
-            // names: shedding them would move nothing. (Sticky clients
-            // whose WebSocket the rebalancer closes are placed afresh.)
-            let pinned = matches!(pool.cfg.algorithm, Algorithm::Hash(_));
+            // Clients of strict hash pools come back to the backend their
+            // key names: shedding them would move nothing. (Sticky clients
+            // whose WebSocket the rebalancer closes are placed afresh; with
+            // hash_balance_factor, keys spill over from a full backend.)
+            let pinned = matches!(pool.cfg.algorithm, Algorithm::Hash(_))
+                && pool.cfg.hash_balance_factor.is_none();
             let was = st.upstreams.get(&pool.name).map(|u| &u.cfg);
             if pool.cfg.rebalance.enabled && pinned && was != Some(&pool.cfg) {
-                info!(pool = %pool.name, "rebalancing off: hash clients return to the backend their key names");
+                info!(pool = %pool.name, "rebalancing off: hash clients return to the backend their key names (set hash_balance_factor to let them spill over)");
             }
             if pool.cfg.rebalance.enabled && !pinned {
                 tokio::spawn(rebalance::run(

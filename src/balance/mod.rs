@@ -72,6 +72,25 @@ pub fn pick_p2c(loads: &[Load], rng: &mut impl rand::Rng) -> Option<usize> {
     }
 }
 
+/// Whether backend `i` may take one more connection under bounded-load
+/// hashing with `factor`: `(active + 1) ≤ factor × (total + 1) × weight /
+/// total weight`, over the eligible backends (HAProxy's
+/// `hash-balance-factor`, Envoy's bounded-load hashing). Without a factor
+/// every backend may.
+pub fn within_bound(loads: &[Load], factor: Option<f64>) -> impl Fn(usize) -> bool + '_ {
+    let (total, weights) = loads
+        .iter()
+        .filter(|l| l.eligible)
+        .fold((0usize, 0.0f64), |(n, w), l| (n + l.active, w + l.weight));
+    move |i: usize| match (factor, loads.get(i)) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(f), Some(l)) => {
+            weights > 0.0 && (l.active + 1) as f64 <= f * (total + 1) as f64 * l.weight / weights
+        }
+    }
+}
+
 /// A hash mapped onto [0, 1).
 fn unit(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
@@ -110,6 +129,8 @@ impl SmoothRoundRobin {
 #[derive(Debug)]
 pub struct Balancer {
     algorithm: Algorithm,
+    /// Bounded-load hashing, when set (`hash_balance_factor`).
+    factor: Option<f64>,
     /// The ring, for `hash`.
     ring: Option<Ring>,
     /// Where least_conn starts looking, so that ties rotate.
@@ -129,6 +150,7 @@ impl Balancer {
         });
         Self {
             algorithm: pool.algorithm.clone(),
+            factor: pool.hash_balance_factor,
             ring,
             rotation: AtomicUsize::new(0),
             round_robin: Mutex::new(SmoothRoundRobin::default()),
@@ -144,7 +166,9 @@ impl Balancer {
         }
         match (&self.algorithm, &self.ring, key) {
             (Algorithm::Hash(_), Some(ring), Some(key)) => {
-                let eligible = |i: usize| loads.get(i).is_some_and(|l| l.eligible);
+                let strict = |i: usize| loads.get(i).is_some_and(|l| l.eligible);
+                let bounded = within_bound(loads, self.factor);
+                let eligible = |i: usize| strict(i) && bounded(i);
                 // During slow start a backend takes back only the share of
                 // its keys the ramp allows, the same keys every time; when
                 // every candidate is ramping, the ramp gives way.
@@ -154,6 +178,8 @@ impl Balancer {
                             && unit(hash::hash64(&(key ^ i as u64).to_le_bytes())) < loads[i].ramp
                 })
                 .or_else(|| ring.pick(key, eligible))
+                // Nobody under the bound (a pool nearly empty): the ring alone.
+                .or_else(|| ring.pick(key, strict))
             }
             (Algorithm::RoundRobin, _, _) => self
                 .round_robin
@@ -323,6 +349,49 @@ mod tests {
             (quarter as f64 - 0.25 * full as f64).abs() < 0.06 * full as f64,
             "{quarter} of {full}"
         );
+    }
+
+    #[test]
+    fn bounded_hashing_spills_keys_of_a_full_backend_and_only_those() {
+        use crate::config::{BackendConfig, HashKey, PoolConfig};
+        let backends = (0..3)
+            .map(|i| BackendConfig {
+                name: format!("b{i}"),
+                address: "127.0.0.1:1".parse().expect("addr"),
+                weight: 1,
+                tls: None,
+            })
+            .collect();
+        let mut pool = PoolConfig::new("p", backends);
+        pool.algorithm = Algorithm::Hash(HashKey::Ip);
+        let strict = Balancer::new(&pool);
+        pool.hash_balance_factor = Some(1.25);
+        let bounded = Balancer::new(&pool);
+        let keys: Vec<u64> = (0..3000u64)
+            .map(|k| hash::hash64(&k.to_le_bytes()))
+            .collect();
+        // b0 holds 60 of 90: above 1.25 × its share (37.5 after one more).
+        let full = loads(&[60, 15, 15], &[1.0; 3]);
+        let mut moved = 0;
+        for &k in &keys {
+            let (was, now) = (strict.pick(&full, Some(k)), bounded.pick(&full, Some(k)));
+            if was != now {
+                moved += 1;
+                assert_eq!(was, Some(0), "only the full backend's keys move");
+            } else {
+                assert_ne!(now, Some(0));
+            }
+        }
+        assert!(moved > 800, "about a third of the keys spill: {moved}");
+        // Within the bound nothing moves.
+        let level = loads(&[30, 30, 30], &[1.0; 3]);
+        assert!(
+            keys.iter()
+                .all(|&k| strict.pick(&level, Some(k)) == bounded.pick(&level, Some(k)))
+        );
+        let bound = within_bound(&full, Some(1.25));
+        assert!(!bound(0) && bound(1) && bound(2));
+        assert!(within_bound(&full, None)(0));
     }
 
     #[test]

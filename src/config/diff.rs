@@ -290,6 +290,10 @@ fn pool_keys(old: &PoolConfig, new: &PoolConfig) -> Vec<&'static str> {
     key(old.admission != new.admission, "admission");
     key(old.sticky != new.sticky, "sticky");
     key(
+        old.hash_balance_factor != new.hash_balance_factor,
+        "hash_balance_factor",
+    );
+    key(
         old.send_proxy_protocol != new.send_proxy_protocol,
         "send_proxy_protocol",
     );

@@ -192,6 +192,13 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
             "only used with algorithm = \"hash\"".into(),
         ));
     }
+    let factor = t.number("hash_balance_factor", 0.0, 1.0, 100.0)?;
+    let hash_balance_factor = (factor > 0.0).then_some(factor);
+    if hash_balance_factor.is_some() && !matches!(algorithm, Algorithm::Hash(_)) {
+        return Err(t.error_here(
+            "key \"hash_balance_factor\": only used with algorithm = \"hash\"".into(),
+        ));
+    }
     let sticky = read_sticky(&mut t)?;
     let mut backends: Vec<BackendConfig> = Vec::new();
     for mut b in t.tables("backend")? {
@@ -223,6 +230,7 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     }
     let pool = PoolConfig {
         algorithm,
+        hash_balance_factor,
         connect_timeout: t.duration("connect_timeout", defaults.connect_timeout, MIN_TIMEOUT)?,
         response_timeout: t.duration("response_timeout", defaults.response_timeout, MIN_TIMEOUT)?,
         retries: t.integer("retries", defaults.retries as u64, 0, 100)? as usize,

@@ -358,6 +358,10 @@ pub struct PoolConfig {
     pub admission: AdmissionConfig,
     /// Sticky sessions, when configured.
     pub sticky: Option<StickyConfig>,
+    /// With `algorithm = "hash"`: a backend above this many times its
+    /// weighted share of the pool's connections is skipped for new keys
+    /// (bounded-load consistent hashing); `None`: strict hashing.
+    pub hash_balance_factor: Option<f64>,
     /// The PROXY header written on every new connection to a backend.
     pub send_proxy_protocol: Option<ProxyVersion>,
     /// How long an idle upstream HTTP connection is kept for reuse.
@@ -429,6 +433,7 @@ impl PoolConfig {
             max_connections_per_backend: 0,
             admission: AdmissionConfig::default(),
             sticky: None,
+            hash_balance_factor: None,
             keepalive_timeout: Duration::from_secs(60),
             keepalive_max_idle: 32,
             tcp_keepalive: Some(TcpKeepalive::default()),

@@ -217,6 +217,23 @@ fn sticky_hash_and_p2c_settings() {
             .unwrap_err()
             .contains("only used with algorithm = \"hash\"")
     );
+    let cfg = check(&with(
+        "algorithm = \"hash\"\nkey = \"ip\"\nhash_balance_factor = 1.25",
+    ))
+    .expect("valid");
+    assert_eq!(cfg.pools[0].hash_balance_factor, Some(1.25));
+    assert!(
+        check(&with("hash_balance_factor = 1.25"))
+            .unwrap_err()
+            .contains("key \"hash_balance_factor\": only used with algorithm = \"hash\"")
+    );
+    assert!(
+        check(&with(
+            "algorithm = \"hash\"\nkey = \"ip\"\nhash_balance_factor = 0.5"
+        ))
+        .unwrap_err()
+        .contains("out of range 1..=100")
+    );
     assert!(
         check(&with("algorithm = \"hash\"\nkey = \"body:x\""))
             .unwrap_err()

@@ -394,3 +394,86 @@ async fn a_sticky_pool_levels_and_every_client_keeps_one_pin() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(moved as usize, moves);
 }
+
+/// A WebSocket client whose requests carry `x-user: user`, reconnecting
+/// whenever sluice closes it; the backend of each connection.
+async fn keyed_client(
+    url: String,
+    user: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<String> {
+    use futures_util::StreamExt;
+    let mut backends = Vec::new();
+    for _ in 0..100 {
+        if stop.is_cancelled() {
+            break;
+        }
+        let mut req = url.as_str().into_client_request().expect("request");
+        req.headers_mut()
+            .insert("x-user", user.parse().expect("value"));
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        backends.push(greeting(&mut ws).await);
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+        }
+    }
+    backends
+}
+
+#[tokio::test]
+async fn a_hash_pool_with_a_balance_factor_levels_within_the_bound() {
+    const CLIENTS: usize = 60;
+    let backends = echo_backends(3).await;
+    let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    cfg.pools[0].algorithm = Algorithm::Hash(HashKey::Header("x-user".into()));
+    cfg.pools[0].hash_balance_factor = Some(1.25);
+    cfg.pools[0].rebalance.interval = Duration::from_millis(300);
+    cfg.pools[0].rebalance.min_excess = 2;
+    let sluice = Sluice::with_config(cfg).await;
+    within(
+        10,
+        "drain b3",
+        sluice.admin().drain("app", "b3", Some("0s")),
+    )
+    .await
+    .expect("drain");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|u| {
+            tokio::spawn(keyed_client(
+                sluice.url("/ws"),
+                format!("user-{u}"),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    eventually(30, "every client connected", || {
+        backends[0].ws_open() + backends[1].ws_open() == CLIENTS
+    })
+    .await;
+    within(10, "undrain b3", sluice.admin().undrain("app", "b3"))
+        .await
+        .expect("undrain");
+    // Share 20 each; the bound lets a backend hold up to 1.25 × 20.
+    eventually(30, "the pool levels within the bound", || {
+        let counts: Vec<usize> = backends.iter().map(|b| b.ws_open()).collect();
+        counts.iter().sum::<usize>() == CLIENTS
+            && counts.iter().all(|&n| n <= 25)
+            && counts[2] >= 10
+    })
+    .await;
+    stop.cancel();
+    for c in clients {
+        let seen = within(30, "client", c).await.expect("client");
+        assert!(seen.len() <= 3, "moved at most twice: {seen:?}");
+    }
+}
