@@ -120,6 +120,9 @@ pub struct Tunnel<C = TcpStream, B = TcpStream> {
     ping: Option<Ping>,
     /// When the client last sent anything.
     last_client: Instant,
+    /// When the last message to the client ended (as seen by `poll`), and
+    /// the count of those messages then.
+    last_answer: (Instant, u64),
     /// Our Ping is out since then, with no frame from the client yet.
     ping_sent: Option<Instant>,
     /// The client stopped answering: only the backend's side of the close
@@ -153,6 +156,7 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
             last_activity: Instant::now(),
             ping: settings.ping,
             last_client: Instant::now(),
+            last_answer: (Instant::now(), 0),
             ping_sent: None,
             client_gone: false,
         }
@@ -240,7 +244,7 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
         if down.ping_out.is_some() || !down.tracker.is_at_frame_boundary() {
             // Mid-frame towards the client: the Ping waits for the frame's
             // end (new data wakes the tunnel).
-            return PingStep::Wait(now + close::QUIET);
+            return PingStep::Wait(now + close::FRAME_WAIT);
         }
         let token = rand::random();
         self.down.queue_ping(token);
@@ -286,7 +290,11 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
             match this.control().poll_request(cx.waker()) {
                 CloseRequest::Abort => return Poll::Ready(this.stats(false)),
                 CloseRequest::Close(code) if this.close.is_open() => {
-                    this.close.request(code, Instant::now(), this.last_activity);
+                    // The last answer counts if the client said nothing after it.
+                    let (at, _) = this.last_answer;
+                    let answered_at = (at > this.last_client).then_some(at);
+                    this.close
+                        .request(code, Instant::now(), this.last_activity, answered_at);
                     this.answers_seen = this.down.tracker.messages();
                 }
                 _ => {}
@@ -307,6 +315,10 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
             }
             if this.up.active || this.down.active {
                 this.last_activity = Instant::now();
+                let answers = this.down.tracker.messages();
+                if answers != this.last_answer.1 {
+                    this.last_answer = (this.last_activity, answers);
+                }
             }
             if this.up.active {
                 // Any frame from the client shows it is there.
@@ -335,7 +347,7 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                             "client did not answer sluice's Ping: closing"
                         );
                         this.client_gone = true;
-                        this.close.request(1001, now, this.last_client);
+                        this.close.request(1001, now, this.last_client, None);
                         this.answers_seen = this.down.tracker.messages();
                     }
                 }

@@ -135,6 +135,12 @@ async fn undrain_puts_the_backend_back_and_drain_of_empty_backend_is_immediate()
     );
 }
 
+/// How long a close waits for an answer to the client (the tunnel's
+/// `QUIET_MAX_WAIT`), as the README documents it.
+fn sluice_quiet_max_wait() -> Duration {
+    Duration::from_secs(2)
+}
+
 #[tokio::test]
 async fn shutdown_spreads_closes_over_the_drain_window() {
     let backends = echo_backends(1).await;
@@ -145,9 +151,9 @@ async fn shutdown_spreads_closes_over_the_drain_window() {
     for _ in 0..20 {
         sockets.push(sluice.ws_named("/ws").await.0);
     }
-    // Idle connections (silent for longer than the 500 ms quiet time):
-    // each close goes out when it is due.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Idle connections (silent for longer than the close's longest wait
+    // for an answer): each close goes out when it is due.
+    tokio::time::sleep(sluice_quiet_max_wait() + Duration::from_millis(100)).await;
     let started = Instant::now();
     sluice.shutdown.cancel();
     let times = join_all(sockets.into_iter().map(|mut ws| async move {
