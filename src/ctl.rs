@@ -266,32 +266,61 @@ pub async fn rollout(client: &AdminClient, pool: &str, plan: &Rollout) -> Result
                 b.name
             )));
         }
-        let addr: SocketAddr = b
-            .address
-            .parse()
-            .map_err(|_| CtlError::Rollout(format!("{step}: bad address {}", b.address)))?;
-        println!("{step}: waiting until {addr} accepts connections");
-        wait_accepting(addr, plan.health_timeout)
+        let restarted = Instant::now();
+        println!("{step}: waiting until sluice sees it healthy");
+        wait_healthy(client, pool, b, restarted, plan.health_timeout)
             .await
-            .map_err(|()| {
-                CtlError::Rollout(format!(
-                    "{step}: {addr} not accepting after {:?}; {} left drained",
-                    plan.health_timeout, b.name
-                ))
-            })?;
+            .map_err(|why| CtlError::Rollout(format!("{step}: {why}; {} left drained", b.name)))?;
         client.undrain(pool, &b.name).await?;
         println!("{step}: back in rotation");
-        if wait_balanced(client, pool, plan.balance_timeout).await? {
-            println!("{step}: pool is level");
-        } else {
-            println!(
-                "{step}: pool not level after {:?}; going on",
+        match wait_balanced(client, pool, plan.balance_timeout).await? {
+            Ok(()) => println!("{step}: pool is level"),
+            Err(counts) => println!(
+                "{step}: pool not level after {:?} ({counts}); going on",
                 plan.balance_timeout
-            );
+            ),
         }
     }
     println!("rollout of {pool} done: {n} backends restarted");
     Ok(())
+}
+
+/// Waits until sluice's own health checks pass `backend` with a check
+/// that finished after `since` (the restart). A pool without active checks
+/// gives no verdict: then `ctl` waits until the backend accepts a TCP
+/// connection from where it runs.
+async fn wait_healthy(
+    client: &AdminClient,
+    pool: &str,
+    backend: &api::Backend,
+    since: Instant,
+    limit: Duration,
+) -> Result<(), String> {
+    loop {
+        let view = find(client, pool, &backend.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(check) = view.last_check else {
+            let addr: SocketAddr = backend
+                .address
+                .parse()
+                .map_err(|_| format!("bad address {}", backend.address))?;
+            println!(
+                "  (pool {pool} has no health checks: waiting until {addr} accepts a connection from here)"
+            );
+            return wait_accepting(addr, limit.saturating_sub(since.elapsed()))
+                .await
+                .map_err(|()| format!("{addr} not accepting after {limit:?}"));
+        };
+        let after_restart = Duration::from_millis(check.ago_ms) < since.elapsed();
+        if after_restart && check.ok {
+            return Ok(());
+        }
+        if since.elapsed() >= limit {
+            return Err(format!("not healthy by its health checks after {limit:?}"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 async fn wait_accepting(addr: SocketAddr, limit: Duration) -> Result<(), ()> {
@@ -307,30 +336,42 @@ async fn wait_accepting(addr: SocketAddr, limit: Duration) -> Result<(), ()> {
     Err(())
 }
 
-/// True once every backend of `pool` in rotation (up or in slow start)
-/// holds at least 80 % of its weighted share of the pool's WebSockets;
-/// false after `limit`.
+/// `Ok` once every backend of `pool` that takes connections (in rotation
+/// and healthy, the one just back included) holds at least 80 % of its
+/// weighted share of the pool's WebSockets; after `limit`, `Err` with each
+/// backend's count and share.
 async fn wait_balanced(
     client: &AdminClient,
     pool: &str,
     limit: Duration,
-) -> Result<bool, CtlError> {
+) -> Result<Result<(), String>, CtlError> {
     let started = Instant::now();
     loop {
         let status = client.status().await?;
         let up: Vec<&api::Backend> = status
             .backends()
-            .filter(|b| b.pool == pool && b.state.is_in_rotation())
+            .filter(|b| b.pool == pool && !b.removed && b.state.is_in_rotation())
             .collect();
         let weight = |b: &api::Backend| u64::from(b.weight.max(1));
         let total: u64 = up.iter().map(|b| b.connections.ws).sum();
         let weights: u64 = up.iter().map(|b| weight(b)).sum::<u64>().max(1);
         let share = |b: &api::Backend| total as f64 * weight(b) as f64 / weights as f64;
         if up.iter().all(|b| b.connections.ws as f64 >= 0.8 * share(b)) {
-            return Ok(true);
+            return Ok(Ok(()));
         }
         if started.elapsed() >= limit {
-            return Ok(false);
+            let counts: Vec<String> = up
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} {} of a share of {:.0}",
+                        b.name,
+                        b.connections.ws,
+                        share(b)
+                    )
+                })
+                .collect();
+            return Ok(Err(counts.join(", ")));
         }
         tokio::time::sleep(POLL).await;
     }

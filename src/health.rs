@@ -136,7 +136,9 @@ pub async fn run(
                 .map(|(b, tls)| check(b.addr, health, tls.as_ref(), cfg.send_proxy_protocol)),
         )
         .await;
+        let checked = std::time::Instant::now();
         for ((b, state), ok) in pool.backends.iter().zip(states.iter_mut()).zip(results) {
+            b.note_check(ok, checked);
             match state.record(ok, health.rise, health.fall) {
                 Some(false) => {
                     b.set_active_down(true);

@@ -208,6 +208,10 @@ pub struct Backend {
     back_since: AtomicU64,
     /// Passive failures in a row.
     failures: AtomicU32,
+    /// When the active check last finished (ns after `epoch`, plus 1; 0:
+    /// never), and whether it passed.
+    last_check: AtomicU64,
+    last_check_ok: AtomicBool,
     /// Live proxied WebSockets.
     ws: AtomicUsize,
     /// HTTP requests in flight (including upgrade handshakes).
@@ -243,6 +247,8 @@ impl Backend {
             ejected_until: AtomicU64::new(0),
             back_since: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            last_check: AtomicU64::new(0),
+            last_check_ok: AtomicBool::new(false),
             ws: AtomicUsize::new(0),
             http: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
@@ -343,6 +349,26 @@ impl Backend {
             return true;
         }
         false
+    }
+
+    /// Records one active check's result at `now`.
+    pub fn note_check(&self, ok: bool, now: Instant) {
+        self.last_check_ok.store(ok, Ordering::Relaxed);
+        self.last_check.store(self.stamp(now), Ordering::Relaxed);
+    }
+
+    /// The last active check: passed, and how long before `now`.
+    pub fn last_check(&self, now: Instant) -> Option<(bool, Duration)> {
+        match self.last_check.load(Ordering::Relaxed) {
+            0 => None,
+            at => {
+                let at = self.epoch + Duration::from_nanos(at - 1);
+                Some((
+                    self.last_check_ok.load(Ordering::Relaxed),
+                    now.saturating_duration_since(at),
+                ))
+            }
+        }
     }
 
     /// What the active check last said: down.

@@ -116,6 +116,18 @@ pub struct Backend {
     /// A reload removed it from the config: it drains, then is forgotten.
     #[serde(default)]
     pub removed: bool,
+    /// The last active health check (`null` when the pool has none, or
+    /// before the first).
+    #[serde(default)]
+    pub last_check: Option<LastCheck>,
+}
+
+/// One active health check's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCheck {
+    pub ok: bool,
+    /// How long ago it finished.
+    pub ago_ms: u64,
 }
 
 /// A backend's state as users see it.
@@ -289,6 +301,7 @@ mod tests {
             connections: Connections { ws: 3, http: 1 },
             drain,
             removed: false,
+            last_check: None,
         }
     }
 
@@ -310,6 +323,7 @@ mod tests {
                 "connections": { "ws": 3, "http": 1 },
                 "drain": { "window_ms": 5000, "elapsed_ms": 1200, "planned": 2, "closed": 1 },
                 "removed": false,
+                "last_check": null,
             })
         );
         let v = serde_json::to_value(backend(BackendState::Up, None)).expect("serde");

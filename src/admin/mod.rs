@@ -385,6 +385,15 @@ fn backend_status(state: &AdminState, pool: &PoolEntry, backend: &Arc<Backend>) 
         },
         drain,
         removed: !pool.backends.iter().any(|b| Arc::ptr_eq(b, backend)),
+        last_check: pool
+            .cfg
+            .health
+            .as_ref()
+            .and(backend.last_check(std::time::Instant::now()))
+            .map(|(ok, ago)| api::LastCheck {
+                ok,
+                ago_ms: ago.as_millis() as u64,
+            }),
     }
 }
 

@@ -329,7 +329,19 @@ async fn rollout_restarts_every_backend_without_losing_a_message() {
         })
         .await;
     }
-    let sluice = Sluice::with_config(config(&addrs)).await;
+    // sluice's own health checks say when a restarted backend is back;
+    // the rebalancer levels the pool before the next one.
+    let mut cfg = config(&addrs);
+    cfg.pools[0].health = Some(sluice::config::HealthConfig {
+        path: Some("/health".into()),
+        interval: Duration::from_millis(200),
+        rise: 2,
+        fall: 2,
+        ..sluice::config::HealthConfig::default()
+    });
+    cfg.pools[0].rebalance.interval = Duration::from_millis(400);
+    cfg.pools[0].rebalance.min_excess = 2;
+    let sluice = Sluice::with_config(cfg).await;
     let stop = CancellationToken::new();
     const CLIENTS: usize = 60;
     let clients = chatters(&sluice, CLIENTS, Duration::from_millis(200), &stop);
@@ -361,7 +373,7 @@ async fn rollout_restarts_every_backend_without_losing_a_message() {
             "--window",
             "1s",
             "--balance-timeout",
-            "2s",
+            "20s",
         ]);
     let out = within(90, "rollout", cmd.output())
         .await
@@ -374,11 +386,16 @@ async fn rollout_restarts_every_backend_without_losing_a_message() {
     );
     for step in [
         "[1/3] app/b1: draining",
+        "[1/3] app/b1: waiting until sluice sees it healthy",
+        "[1/3] app/b1: pool is level",
         "[2/3] app/b2: back in rotation",
+        "[2/3] app/b2: pool is level",
         "[3/3] app/b3: running sh",
+        "[3/3] app/b3: pool is level",
     ] {
         assert!(text.contains(step), "missing {step:?} in\n{text}");
     }
+    assert!(!text.contains("has no health checks"), "{text}");
     assert!(
         text.ends_with("rollout of app done: 3 backends restarted\n"),
         "{text}"
