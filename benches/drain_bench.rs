@@ -17,7 +17,9 @@
 //!
 //! Run: `cargo bench --bench drain_bench` (`-- --quick`: 600 clients, 5 s
 //! window; `-- --conns N --window SECS --every MS`, the clients' message
-//! interval, 1,000 ms by default). `drain.resent_per_1000_closes` is the
+//! interval, 1,000 ms by default; `--delay MIN-MAX`: the backends take
+//! that many ms to answer each message, as an app answering requests
+//! does). `drain.resent_per_1000_closes` is the
 //! rate of messages caught in a close (sent while sluice's Close was on its
 //! way, so sent again after reconnecting).
 
@@ -44,6 +46,8 @@ struct Options {
     window: u64,
     /// Message interval of every client.
     every: Duration,
+    /// The backends take this long to answer each message (at random).
+    delay: (Duration, Duration),
 }
 
 fn options() -> Result<Options> {
@@ -51,6 +55,7 @@ fn options() -> Result<Options> {
         conns: 6000,
         window: 30,
         every: Duration::from_secs(1),
+        delay: (Duration::ZERO, Duration::ZERO),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -62,12 +67,20 @@ fn options() -> Result<Options> {
             }
             "--conns" => opts.conns = args.next().context("--conns needs a number")?.parse()?,
             "--window" => opts.window = args.next().context("--window needs seconds")?.parse()?,
+            "--delay" => {
+                let text = args.next().context("--delay needs MIN-MAX milliseconds")?;
+                let (lo, hi) = text.split_once('-').unwrap_or((&text, &text));
+                opts.delay = (
+                    Duration::from_millis(lo.parse()?),
+                    Duration::from_millis(hi.parse()?),
+                );
+            }
             "--every" => {
                 let ms: u64 = args.next().context("--every needs milliseconds")?.parse()?;
                 opts.every = Duration::from_millis(ms);
             }
             other => bail!(
-                "unknown argument {other:?}; use --quick, --conns N, --window SECS, --every MS"
+                "unknown argument {other:?}; use --quick, --conns N, --window SECS, --every MS, --delay MIN-MAX"
             ),
         }
     }
@@ -101,6 +114,9 @@ async fn run(opts: Options, fd_limit: u64) -> Result<()> {
         opts.conns, opts.every, opts.window
     );
     let backends = echo_backends(3).await;
+    for b in &backends {
+        b.set_reply_delay(opts.delay.0, opts.delay.1);
+    }
     let dir = std::env::temp_dir().join(format!("sluice-drain-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (port, admin_port) = (free_port()?, free_port()?);
@@ -118,13 +134,15 @@ async fn run(opts: Options, fd_limit: u64) -> Result<()> {
     }
     std::fs::write(dir.join("sluice.toml"), config)?;
     let _sluice = Proc(
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(dir.join("sluice.toml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting sluice")?,
+        Command::new(
+            std::env::var_os("SLUICE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into()),
+        )
+        .args(["run", "--config"])
+        .arg(dir.join("sluice.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting sluice")?,
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -50,6 +50,9 @@ pub struct EchoStats {
     pub accept_times: std::sync::Mutex<Vec<std::time::Instant>>,
     /// `/health` answers 503 when false.
     pub unhealthy: std::sync::atomic::AtomicBool,
+    /// Each WebSocket echo waits a random time in this range, in ms (0, 0:
+    /// none), like an app that takes time to answer a request.
+    pub reply_delay_ms: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
 }
 
 /// A demo backend: HTTP echo and WebSocket echo on one port.
@@ -85,6 +88,16 @@ impl EchoBackend {
     /// WebSockets open now.
     pub fn ws_open(&self) -> usize {
         self.stats.ws_open.load(Ordering::SeqCst)
+    }
+
+    /// Makes each WebSocket echo wait between `min` and `max` (at random).
+    pub fn set_reply_delay(&self, min: std::time::Duration, max: std::time::Duration) {
+        let (lo, hi) = &self.stats.reply_delay_ms;
+        lo.store(min.as_millis() as u64, Ordering::SeqCst);
+        hi.store(
+            max.as_millis().max(min.as_millis()) as u64,
+            Ordering::SeqCst,
+        );
     }
 
     /// Makes `/health` answer 503 (false) or 200 (true).
@@ -200,7 +213,7 @@ async fn serve_request(
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {}
-                () = echo(ws, &ws_name) => {}
+                () = echo(ws, &ws_name, &stats) => {}
             }
             stats.ws_open.fetch_sub(1, Ordering::SeqCst);
         });
@@ -262,7 +275,7 @@ async fn serve_request(
     resp
 }
 
-async fn echo<S>(mut ws: WebSocketStream<S>, name: &str)
+async fn echo<S>(mut ws: WebSocketStream<S>, name: &str, stats: &EchoStats)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -281,6 +294,14 @@ where
             Ok(_) => continue,
             Err(_) => break,
         };
+        let (lo, hi) = (
+            stats.reply_delay_ms.0.load(Ordering::Relaxed),
+            stats.reply_delay_ms.1.load(Ordering::Relaxed),
+        );
+        if hi > 0 {
+            let ms = rand::random_range(lo..=hi);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         if let Err(error) = ws.send(reply).await {
             debug!(%error, "demo echo send failed");
             break;

@@ -120,9 +120,6 @@ pub struct Tunnel<C = TcpStream, B = TcpStream> {
     ping: Option<Ping>,
     /// When the client last sent anything.
     last_client: Instant,
-    /// When the last message to the client ended (as seen by `poll`), and
-    /// the count of those messages then.
-    last_answer: (Instant, u64),
     /// Our Ping is out since then, with no frame from the client yet.
     ping_sent: Option<Instant>,
     /// The client stopped answering: only the backend's side of the close
@@ -156,7 +153,6 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
             last_activity: Instant::now(),
             ping: settings.ping,
             last_client: Instant::now(),
-            last_answer: (Instant::now(), 0),
             ping_sent: None,
             client_gone: false,
         }
@@ -290,11 +286,7 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
             match this.control().poll_request(cx.waker()) {
                 CloseRequest::Abort => return Poll::Ready(this.stats(false)),
                 CloseRequest::Close(code) if this.close.is_open() => {
-                    // The last answer counts if the client said nothing after it.
-                    let (at, _) = this.last_answer;
-                    let answered_at = (at > this.last_client).then_some(at);
-                    this.close
-                        .request(code, Instant::now(), this.last_activity, answered_at);
+                    this.close.request(code, Instant::now(), this.last_activity);
                     this.answers_seen = this.down.tracker.messages();
                 }
                 _ => {}
@@ -315,10 +307,6 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
             }
             if this.up.active || this.down.active {
                 this.last_activity = Instant::now();
-                let answers = this.down.tracker.messages();
-                if answers != this.last_answer.1 {
-                    this.last_answer = (this.last_activity, answers);
-                }
             }
             if this.up.active {
                 // Any frame from the client shows it is there.
@@ -347,7 +335,7 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                             "client did not answer sluice's Ping: closing"
                         );
                         this.client_gone = true;
-                        this.close.request(1001, now, this.last_client, None);
+                        this.close.request(1001, now, this.last_client);
                         this.answers_seen = this.down.tracker.messages();
                     }
                 }

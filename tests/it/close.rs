@@ -98,7 +98,7 @@ async fn close_requested_mid_message_is_sent_after_the_message_ends() {
 }
 
 #[tokio::test]
-async fn close_on_an_idle_connection_waits_only_for_quiet() {
+async fn a_close_without_an_answer_to_wait_for_goes_within_the_longest_wait() {
     let backends = echo_backends(1).await;
     let sluice = Sluice::start(&[&backends[0]]).await;
     let (mut ws, _) = sluice.ws_named("/ws").await;
@@ -116,10 +116,10 @@ async fn close_on_an_idle_connection_waits_only_for_quiet() {
         }
         other => panic!("expected Close 1012, got {other:?}"),
     }
-    // Right after an answer went to the client: at once, well under the
-    // 2 s longest wait.
+    // No answer comes: the close goes at the longest wait for one (2 s),
+    // no later.
     assert!(
-        started.elapsed() < Duration::from_millis(900),
+        started.elapsed() < Duration::from_millis(2900),
         "took {:?}",
         started.elapsed()
     );
