@@ -217,14 +217,15 @@ pub async fn start_with(
         }
     };
     reloader.apply(cfg).await?;
+    let mut admin_done = None;
     let admin = admin.map(|(info, socket, state, acfg)| {
-        tokio::spawn(admin::serve(
+        admin_done = Some(tokio::spawn(admin::serve(
             socket,
             Arc::new(state),
             acfg.header_read_timeout,
             acfg.max_connections,
             admin_stop.clone(),
-        ));
+        )));
         info
     });
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
@@ -234,7 +235,10 @@ pub async fn start_with(
         reloader.clone(),
         tasks,
         shutdown,
-        admin_stop,
+        AdminTask {
+            stop: admin_stop,
+            done: admin_done,
+        },
         upgrader.clone(),
     ));
     match link {
@@ -252,15 +256,26 @@ pub async fn start_with(
     })
 }
 
+/// The admin API's task: stopped last, and awaited so that its last
+/// answers go out.
+struct AdminTask {
+    stop: CancellationToken,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
 async fn shut_down_on_cancel(
     registry: Arc<Registry>,
     drains: Arc<drain::Drains>,
     reloader: Arc<reload::Reloader>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-    admin_stop: CancellationToken,
+    admin: AdminTask,
     upgrader: Arc<upgrade::Upgrader>,
 ) {
+    let AdminTask {
+        stop: admin_stop,
+        done: admin_done,
+    } = admin;
     let handed_over = upgrader.handed_over.clone();
     let close_code = tokio::select! {
         () = shutdown.cancelled() => Some(SHUTDOWN_CLOSE_CODE),
@@ -311,5 +326,10 @@ async fn shut_down_on_cancel(
         let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     }
     admin_stop.cancel();
+    // Its last answers (the upgrade that handed this process over) go out
+    // before the process ends.
+    if let Some(done) = admin_done {
+        let _ = done.await;
+    }
     info!("shut down");
 }

@@ -63,7 +63,8 @@ pub fn generate_token() -> String {
 /// Largest request head the admin API reads (its requests are small).
 const MAX_HEAD: usize = 16 * 1024;
 
-/// Serves the admin API on `listener` until `shutdown`: at most
+/// Serves the admin API on `listener` until `shutdown` (then requests in
+/// flight are answered, for up to `ANSWER_GRACE`): at most
 /// `max_connections` at once (more wait in the backlog), each closed when
 /// a request head takes longer than `header_read_timeout`, or when it
 /// stays idle that long.
@@ -76,10 +77,11 @@ pub async fn serve(
 ) {
     info!(addr = ?listener.local_addr().ok(), "admin API listening");
     let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => permit.expect("the limit semaphore is never closed"),
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -90,28 +92,49 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
         };
         let state = state.clone();
-        tokio::spawn(async move {
+        let stop = shutdown.clone();
+        connections.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(req, &state).await) }
             });
-            if let Err(error) = http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
                 .max_header_size(MAX_HEAD)
                 .max_buf_size(MAX_HEAD + 8192)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            // At the end, a request in flight (the upgrade that handed this
+            // process over) still gets its answer.
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(error) = result {
                 debug!(client.addr = %peer, error = %crate::error_chain::chain(&error), "admin connection ended with an error");
             }
         });
     }
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(ANSWER_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        debug!("admin requests still open at the end: dropped");
+    }
 }
+
+/// How long the admin API, once stopped, lets requests in flight finish.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     let path = req.uri().path().trim_end_matches('/').to_string();
