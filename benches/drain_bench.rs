@@ -19,7 +19,8 @@
 //! window; `-- --conns N --window SECS --every MS`, the clients' message
 //! interval, 1,000 ms by default; `--delay MIN-MAX`: the backends take
 //! that many ms to answer each message, as an app answering requests
-//! does). `drain.resent_per_1000_closes` is the
+//! does; `SLUICE_BIN=PATH` runs another sluice build instead of this
+//! one). `drain.resent_per_1000_closes` is the
 //! rate of messages caught in a close (sent while sluice's Close was on its
 //! way, so sent again after reconnecting).
 
