@@ -319,10 +319,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn hash_gives_a_ramping_backend_a_growing_part_of_its_keys() {
+    /// A hash pool (on the client address) of `n` backends `b0`, `b1`, ...
+    fn hash_pool(n: usize) -> crate::config::PoolConfig {
         use crate::config::{BackendConfig, HashKey, PoolConfig};
-        let backends = (0..3)
+        let backends = (0..n)
             .map(|i| BackendConfig {
                 name: format!("b{i}"),
                 address: "127.0.0.1:1".parse().expect("addr"),
@@ -332,7 +332,12 @@ mod tests {
             .collect();
         let mut pool = PoolConfig::new("p", backends);
         pool.algorithm = Algorithm::Hash(HashKey::Ip);
-        let balancer = Balancer::new(&pool);
+        pool
+    }
+
+    #[test]
+    fn hash_gives_a_ramping_backend_a_growing_part_of_its_keys() {
+        let balancer = Balancer::new(&hash_pool(3));
         let mut l = loads(&[0, 0, 0], &[1.0; 3]);
         let owned = |l: &[Load]| {
             (0..3000u64)
@@ -353,17 +358,7 @@ mod tests {
 
     #[test]
     fn bounded_hashing_spills_keys_of_a_full_backend_and_only_those() {
-        use crate::config::{BackendConfig, HashKey, PoolConfig};
-        let backends = (0..3)
-            .map(|i| BackendConfig {
-                name: format!("b{i}"),
-                address: "127.0.0.1:1".parse().expect("addr"),
-                weight: 1,
-                tls: None,
-            })
-            .collect();
-        let mut pool = PoolConfig::new("p", backends);
-        pool.algorithm = Algorithm::Hash(HashKey::Ip);
+        let mut pool = hash_pool(3);
         let strict = Balancer::new(&pool);
         pool.hash_balance_factor = Some(1.25);
         let bounded = Balancer::new(&pool);
@@ -396,16 +391,7 @@ mod tests {
 
     #[test]
     fn hash_still_places_keys_when_every_backend_is_ramping() {
-        use crate::config::{BackendConfig, HashKey, PoolConfig};
-        let backends = vec![BackendConfig {
-            name: "only".into(),
-            address: "127.0.0.1:1".parse().expect("addr"),
-            weight: 1,
-            tls: None,
-        }];
-        let mut pool = PoolConfig::new("p", backends);
-        pool.algorithm = Algorithm::Hash(HashKey::Ip);
-        let balancer = Balancer::new(&pool);
+        let balancer = Balancer::new(&hash_pool(1));
         let mut l = loads(&[0], &[1.0]);
         l[0].ramp = 0.02;
         assert!(

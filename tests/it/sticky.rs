@@ -221,6 +221,32 @@ async fn p2c_spreads_connections() {
     }
 }
 
+/// Backend b3 of pool `app` drained at once, so it starts empty.
+async fn drained_while_clients_arrive(sluice: &Sluice) {
+    within(
+        10,
+        "drain b3",
+        sluice.admin().drain("app", "b3", Some("0s")),
+    )
+    .await
+    .expect("drain");
+}
+
+/// Reads `ws` until sluice closes it (true) or `stop` (false).
+async fn held_until_closed<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    tokio::select! {
+        () = stop.cancelled() => false,
+        _ = async { while let Some(Ok(_)) = ws.next().await {} } => true,
+    }
+}
+
 /// What a sticky client with a cookie jar saw.
 #[derive(Debug, Default)]
 struct JarStats {
@@ -241,7 +267,6 @@ async fn jar_client(
     http: std::net::SocketAddr,
     stop: tokio_util::sync::CancellationToken,
 ) -> JarStats {
-    use futures_util::StreamExt;
     let mut stats = JarStats::default();
     let mut jar: Option<String> = None;
     for _ in 0..100 {
@@ -288,9 +313,8 @@ async fn jar_client(
             stats.cookies += 1;
         }
         stats.backends.push(backend);
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+        if !held_until_closed(&mut ws, &stop).await {
+            break;
         }
     }
     stats
@@ -308,13 +332,7 @@ async fn a_sticky_pool_levels_and_every_client_keeps_one_pin() {
     cfg.pools[0].rebalance.max_shed_per_interval = 25;
     let sluice = Sluice::with_config(cfg).await;
     // b3 starts empty: drained while the clients arrive.
-    within(
-        10,
-        "drain b3",
-        sluice.admin().drain("app", "b3", Some("0s")),
-    )
-    .await
-    .expect("drain");
+    drained_while_clients_arrive(&sluice).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| tokio::spawn(jar_client(sluice.url("/ws"), sluice.addr, stop.clone())))
@@ -402,7 +420,6 @@ async fn keyed_client(
     user: String,
     stop: tokio_util::sync::CancellationToken,
 ) -> Vec<String> {
-    use futures_util::StreamExt;
     let mut backends = Vec::new();
     for _ in 0..100 {
         if stop.is_cancelled() {
@@ -421,9 +438,8 @@ async fn keyed_client(
             continue;
         };
         backends.push(greeting(&mut ws).await);
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+        if !held_until_closed(&mut ws, &stop).await {
+            break;
         }
     }
     backends
@@ -439,13 +455,7 @@ async fn a_hash_pool_with_a_balance_factor_levels_within_the_bound() {
     cfg.pools[0].rebalance.interval = Duration::from_millis(300);
     cfg.pools[0].rebalance.min_excess = 2;
     let sluice = Sluice::with_config(cfg).await;
-    within(
-        10,
-        "drain b3",
-        sluice.admin().drain("app", "b3", Some("0s")),
-    )
-    .await
-    .expect("drain");
+    drained_while_clients_arrive(&sluice).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|u| {
