@@ -28,8 +28,13 @@ pub struct Sticky {
     cfg: StickyConfig,
     /// The value of the earlier form for each backend, in pool order.
     values: Vec<String>,
-    /// Each backend's MAC state after pool and name, to add a nonce to.
-    macs: Vec<Hmac<Sha256>>,
+    /// The same, as bytes.
+    raw: Vec<[u8; VALUE_LEN / 2]>,
+    /// The keyed MAC state after the pool's name, to add a nonce to: a
+    /// pin's value is its nonce and its backend's value masked with the
+    /// MAC of the nonce, so one MAC checks a cookie whatever the number
+    /// of backends (one MAC per backend took 12 µs a request with 8).
+    nonce_mac: Hmac<Sha256>,
 }
 
 /// What a valid cookie says.
@@ -68,30 +73,48 @@ impl Sticky {
     /// secret, else by `fallback_key` (random at start).
     pub fn new(cfg: StickyConfig, pool: &str, backends: &[&str], fallback_key: &[u8]) -> Self {
         let key = cfg.secret.clone().unwrap_or_else(|| fallback_key.to_vec());
-        let macs: Vec<Hmac<Sha256>> = backends
+        let keyed =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC takes keys of any length");
+        let raw: Vec<[u8; VALUE_LEN / 2]> = backends
             .iter()
             .map(|b| {
-                let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key)
-                    .expect("HMAC takes keys of any length");
+                let mut mac = keyed.clone();
                 mac.update(pool.as_bytes());
                 mac.update(&[0]);
                 mac.update(b.as_bytes());
-                mac
+                let digest = mac.finalize().into_bytes();
+                std::array::from_fn(|i| digest[i])
             })
             .collect();
-        let values = macs
-            .iter()
-            .map(|mac| hex(&mac.clone().finalize().into_bytes()[..VALUE_LEN / 2]))
-            .collect();
-        Self { cfg, values, macs }
+        let values = raw.iter().map(|r| hex(r)).collect();
+        let mut nonce_mac = keyed;
+        nonce_mac.update(pool.as_bytes());
+        nonce_mac.update(&[1]);
+        Self {
+            cfg,
+            values,
+            raw,
+            nonce_mac,
+        }
     }
 
-    /// The MAC of backend `backend`'s pin `nonce`, as hex.
-    fn tag(&self, backend: usize, nonce: u64) -> String {
-        let mut mac = self.macs[backend].clone();
-        mac.update(&[0]);
+    /// What masks a backend's value in pin `nonce`.
+    fn mask(&self, nonce: u64) -> [u8; VALUE_LEN / 2] {
+        let mut mac = self.nonce_mac.clone();
         mac.update(&nonce.to_be_bytes());
-        hex(&mac.finalize().into_bytes()[..VALUE_LEN / 2])
+        let digest = mac.finalize().into_bytes();
+        std::array::from_fn(|i| digest[i])
+    }
+
+    /// Backend `backend`'s value in pin `nonce`, as hex.
+    fn tag(&self, backend: usize, nonce: u64) -> String {
+        let mask = self.mask(nonce);
+        let masked: Vec<u8> = self.raw[backend]
+            .iter()
+            .zip(mask)
+            .map(|(v, m)| v ^ m)
+            .collect();
+        hex(&masked)
     }
 
     /// The pin the request's cookie holds, if it has a valid one.
@@ -102,14 +125,17 @@ impl Sticky {
     fn pin_of(&self, given: &str) -> Option<Pin> {
         if given.len() == NONCE_LEN + VALUE_LEN {
             let nonce = u64::from_str_radix(given.get(..NONCE_LEN)?, 16).ok()?;
-            let mac = &given[NONCE_LEN..];
-            // Every backend's MAC is computed and compared, found or not.
-            let backend = (0..self.macs.len()).fold(None, |found, i| {
-                if same(&self.tag(i, nonce), mac) {
-                    Some(i)
-                } else {
-                    found
-                }
+            let mask = self.mask(nonce);
+            let hex = given.as_bytes().get(NONCE_LEN..)?;
+            let mut value = [0u8; VALUE_LEN / 2];
+            for (i, byte) in value.iter_mut().enumerate() {
+                let pair = std::str::from_utf8(hex.get(2 * i..2 * i + 2)?).ok()?;
+                *byte = u8::from_str_radix(pair, 16).ok()? ^ mask[i];
+            }
+            // Every backend's value is compared in full, found or not.
+            let backend = self.raw.iter().enumerate().fold(None, |found, (i, r)| {
+                let diff = r.iter().zip(&value).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+                if diff == 0 { Some(i) } else { found }
             })?;
             return Some(Pin {
                 backend,
@@ -144,7 +170,7 @@ impl Sticky {
     /// `nonce`.
     pub fn set_cookie(&self, backend: usize, nonce: u64) -> Option<HeaderValue> {
         let c = &self.cfg;
-        if backend >= self.macs.len() {
+        if backend >= self.raw.len() {
             return None;
         }
         let mut text = format!(
@@ -166,15 +192,6 @@ impl Sticky {
         });
         HeaderValue::from_str(&text).ok()
     }
-}
-
-/// Equal, compared in constant time (for MACs).
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 #[cfg(test)]
