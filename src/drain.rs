@@ -18,6 +18,32 @@ use tracing::info;
 use crate::config::DrainConfig;
 use crate::registry::{Backend, BackendState, PoolEntry, Registry};
 
+/// A sticky pin (pool, cookie nonce) whose WebSocket this process closed
+/// after a binary upgrade handed it over: the new process places its
+/// client afresh.
+pub type MovedPin = (String, u64);
+
+/// Why every backend drains: this process stops.
+#[derive(Debug)]
+pub enum Farewell {
+    /// It shuts down: WebSockets close with this code, clients keep pins.
+    Shutdown(u16),
+    /// A new process took over: WebSockets close with each pool's code,
+    /// and the pins they held go to the new process, if it listens.
+    HandedOver(Option<tokio::sync::mpsc::UnboundedSender<MovedPin>>),
+}
+
+/// What a drain does with the sticky pin of a WebSocket it closes.
+#[derive(Debug, Clone)]
+enum Moving {
+    /// Nothing: this process stops, and the pin stays good.
+    Keep,
+    /// Remembers it here: the next request with it is placed afresh.
+    Here(Arc<PoolEntry>),
+    /// Sends it to the process that took over, to place it afresh there.
+    Away(String, tokio::sync::mpsc::UnboundedSender<MovedPin>),
+}
+
 /// How often a drain looks for late WebSockets and for the backend to be empty.
 const EMPTY_POLL: Duration = Duration::from_millis(100);
 
@@ -126,7 +152,7 @@ impl Drains {
         if let Some(window) = window {
             cfg.window = window;
         }
-        self.start(pool, backend, cfg, true);
+        self.start(pool, backend, cfg, Moving::Here(pool.clone()), true);
         Ok(())
     }
 
@@ -134,7 +160,8 @@ impl Drains {
     /// already under way (an operator's) goes on.
     pub fn retire(&self, pool: &Arc<PoolEntry>, backend: &Arc<Backend>) {
         if !self.shutting_down.load(Ordering::Acquire) {
-            self.start(pool, backend, pool.cfg.drain, true);
+            let moving = Moving::Here(pool.clone());
+            self.start(pool, backend, pool.cfg.drain, moving, true);
         }
     }
 
@@ -160,36 +187,41 @@ impl Drains {
         });
     }
 
-    /// Drains every backend with `close_code` (shutdown; `None`: each
-    /// pool's own, after a binary upgrade), in place of any drain an
+    /// Drains every backend as `farewell` says, in place of any drain an
     /// operator started; no drain or undrain is taken after it. After an
-    /// upgrade (`None`) the backends stay in rotation: requests that still
-    /// reach this process (a connection accepted just before the handover)
-    /// are served, only the WebSockets move.
-    pub fn drain_all(&self, close_code: Option<u16>) {
+    /// upgrade the backends stay in rotation: requests that still reach
+    /// this process (a connection accepted just before the handover) are
+    /// served, only the WebSockets move.
+    pub fn drain_all(&self, farewell: Farewell) {
         self.shutting_down.store(true, Ordering::Release);
         for (_, drain) in self.lock().drain() {
             drain.cancel.cancel();
         }
         for pool in self.registry.pools().iter() {
-            for backend in pool.all_backends() {
-                let mut cfg = pool.cfg.drain;
-                if let Some(code) = close_code {
-                    cfg.close_code = code;
+            let mut cfg = pool.cfg.drain;
+            let moving = match &farewell {
+                Farewell::Shutdown(code) => {
+                    cfg.close_code = *code;
+                    Moving::Keep
                 }
-                self.start(pool, &backend, cfg, close_code.is_some());
+                Farewell::HandedOver(Some(feed)) => Moving::Away(pool.name.clone(), feed.clone()),
+                Farewell::HandedOver(None) => Moving::Keep,
+            };
+            let out_of_rotation = matches!(farewell, Farewell::Shutdown(_));
+            for backend in pool.all_backends() {
+                self.start(pool, &backend, cfg, moving.clone(), out_of_rotation);
             }
         }
     }
 
-    /// Starts draining `backend` of `pool`; `out_of_rotation`: it takes no
-    /// new connection meanwhile (else this process is stopping, and its
-    /// clients' pins need not be moved).
+    /// Starts draining `backend` of `pool`; `out_of_rotation`: it takes
+    /// no new connection meanwhile (else a new process has taken over).
     fn start(
         &self,
         pool: &Arc<PoolEntry>,
         backend: &Arc<Backend>,
         cfg: DrainConfig,
+        moving: Moving,
         out_of_rotation: bool,
     ) {
         let mut drains = self.lock();
@@ -209,7 +241,7 @@ impl Drains {
         info!(pool = %pool.name, backend = %backend.name, window = ?cfg.window, websockets = backend.ws_count(), "drain started");
         tokio::spawn(run_drain(
             backend.clone(),
-            out_of_rotation.then(|| pool.clone()),
+            moving,
             cfg,
             drain.started,
             drain.planned.clone(),
@@ -274,7 +306,7 @@ impl Drains {
 /// arrive late, and marks it drained once it has no connection left.
 async fn run_drain(
     backend: Arc<Backend>,
-    moving: Option<Arc<PoolEntry>>,
+    moving: Moving,
     cfg: DrainConfig,
     started: Instant,
     planned: Arc<AtomicUsize>,
@@ -289,10 +321,18 @@ async fn run_drain(
     let close = |conn: &crate::registry::ConnControl| {
         match &moving {
             // Its client is placed afresh when it comes back.
-            Some(pool) => {
+            Moving::Here(pool) => {
                 pool.close_moving(&backend, conn, cfg.close_code, std::time::Instant::now())
             }
-            None => conn.request_close(cfg.close_code),
+            Moving::Away(pool, feed) => {
+                if conn.pin != 0 {
+                    // The new process may have stopped listening: the pin
+                    // then just stays good.
+                    let _ = feed.send((pool.clone(), conn.pin));
+                }
+                conn.request_close(cfg.close_code);
+            }
+            Moving::Keep => conn.request_close(cfg.close_code),
         }
         backend.drain_closed.fetch_add(1, Ordering::Relaxed);
         closed.fetch_add(1, Ordering::Relaxed);

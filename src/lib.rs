@@ -277,8 +277,8 @@ async fn shut_down_on_cancel(
         done: admin_done,
     } = admin;
     let handed_over = upgrader.handed_over.clone();
-    let close_code = tokio::select! {
-        () = shutdown.cancelled() => Some(SHUTDOWN_CLOSE_CODE),
+    let farewell = tokio::select! {
+        () = shutdown.cancelled() => drain::Farewell::Shutdown(SHUTDOWN_CLOSE_CODE),
         () = handed_over.cancelled() => {
             // A new process serves now, admin API included: stop accepting
             // and move the WebSockets over as a drain does (1012).
@@ -286,10 +286,10 @@ async fn shut_down_on_cancel(
             shutdown.cancel();
             reloader.release_sockets().await;
             upgrader.release_admin();
-            None
+            drain::Farewell::HandedOver(upgrader.moved_feed())
         }
     };
-    if close_code.is_some() {
+    if let drain::Farewell::Shutdown(_) = farewell {
         // Not after a handover: the service manager follows the new process.
         notify::stopping();
     }
@@ -305,17 +305,17 @@ async fn shut_down_on_cancel(
         }
         None => Duration::ZERO,
     };
-    match close_code {
-        Some(code) => info!(
+    match &farewell {
+        drain::Farewell::Shutdown(code) => info!(
             websockets = registry.ws_total(),
             "shutting down: draining every backend, closing WebSockets with {code}"
         ),
-        None => info!(
+        drain::Farewell::HandedOver(_) => info!(
             websockets = registry.ws_total(),
             "handed over: draining every backend with each pool's close code"
         ),
     }
-    drains.drain_all(close_code);
+    drains.drain_all(farewell);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         warn!(

@@ -33,9 +33,11 @@ use sendfd::{RecvWithFd as _, SendWithFd as _};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixListener;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::drain::MovedPin;
 use crate::registry::Registry;
 use crate::reload::Reloader;
 
@@ -184,6 +186,17 @@ pub struct Upgrader {
     /// Set when the new process is ready: this one then drains and exits.
     pub handed_over: CancellationToken,
     predecessor: Arc<Mutex<Option<Predecessor>>>,
+    /// After the handover: where this process's drain sends the sticky
+    /// pins it moves, for the new process (taken once).
+    moved_feed: Mutex<Option<UnboundedSender<MovedPin>>>,
+}
+
+/// Pins of `pool` whose WebSocket the old process closed after the
+/// handover, as it tells the new one (a status line of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct MovedLine {
+    pool: String,
+    moved: Vec<u64>,
 }
 
 impl Upgrader {
@@ -196,6 +209,7 @@ impl Upgrader {
             started: AtomicBool::new(false),
             handed_over: CancellationToken::new(),
             predecessor: Arc::default(),
+            moved_feed: Mutex::new(None),
         }
     }
 
@@ -277,6 +291,12 @@ impl Upgrader {
             registry.ws_total()
         })
         .await
+    }
+
+    /// After the handover: where the drain sends the sticky pins it moves,
+    /// so that the new process places their clients afresh.
+    pub fn moved_feed(&self) -> Option<UnboundedSender<MovedPin>> {
+        lock(&self.moved_feed).take()
     }
 
     /// After the handover: the duplicates of the sockets are the new
@@ -385,8 +405,10 @@ impl Upgrader {
             }
         };
         drop(dir);
+        let (feed, moved) = tokio::sync::mpsc::unbounded_channel();
+        *lock(&self.moved_feed) = Some(feed);
         // The child lives on when this process exits; it is not waited for.
-        tokio::spawn(report_status(stream, websockets));
+        tokio::spawn(report_status(stream, websockets, moved));
         Ok(Upgraded {
             old_pid: std::process::id(),
             new_pid: pid,
@@ -425,22 +447,54 @@ async fn send(
 }
 
 /// Writes how many WebSockets this (old) process has left, every second,
-/// until it exits or the new process goes away.
+/// and the sticky pins its drain moves as soon as they are moved (before
+/// their clients can come back), until it exits or the new process goes
+/// away.
 async fn report_status(
     mut stream: tokio::net::UnixStream,
     websockets: impl Fn() -> usize + Send + 'static,
+    mut moved: UnboundedReceiver<MovedPin>,
 ) {
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    let mut feeding = true;
     loop {
-        let status = Predecessor {
-            pid: std::process::id(),
-            websockets: websockets() as u64,
-        };
-        let mut line = serde_json::to_vec(&status).expect("the status always serializes");
-        line.push(b'\n');
-        if stream.write_all(&line).await.is_err() {
+        let mut out = Vec::new();
+        tokio::select! {
+            _ = tick.tick() => {
+                let status = Predecessor {
+                    pid: std::process::id(),
+                    websockets: websockets() as u64,
+                };
+                push_line(&mut out, &status);
+            }
+            pin = moved.recv(), if feeding => {
+                let Some(first) = pin else {
+                    feeding = false; // every drain is done
+                    continue;
+                };
+                // Whatever else is queued goes in the same write.
+                let mut by_pool: HashMap<String, Vec<u64>> = HashMap::new();
+                let mut next = Some(first);
+                while let Some((pool, nonce)) = next {
+                    by_pool.entry(pool).or_default().push(nonce);
+                    next = moved.try_recv().ok();
+                }
+                for (pool, moved) in by_pool {
+                    push_line(&mut out, &MovedLine { pool, moved });
+                }
+            }
+        }
+        if stream.write_all(&out).await.is_err() {
             return;
         }
-        tokio::time::sleep(STATUS_EVERY).await;
+    }
+}
+
+/// Appends `value` as one line of JSON.
+fn push_line(out: &mut Vec<u8>, value: &impl Serialize) {
+    // Plain structs of numbers and strings: serializing cannot fail.
+    if serde_json::to_writer(&mut *out, value).is_ok() {
+        out.push(b'\n');
     }
 }
 
@@ -522,6 +576,7 @@ impl Upgrader {
     /// then follows its drain until it exits.
     pub fn ready(&self, link: StdUnixStream, old_pid: u32) {
         let predecessor = self.predecessor.clone();
+        let registry = self.registry.clone();
         *lock(&predecessor) = Some(Predecessor {
             pid: old_pid,
             websockets: 0,
@@ -535,6 +590,8 @@ impl Upgrader {
                 while let Some(line) = lines.next_line().await? {
                     if let Ok(status) = serde_json::from_str::<Predecessor>(&line) {
                         *lock(&predecessor) = Some(status);
+                    } else if let Ok(moved) = serde_json::from_str::<MovedLine>(&line) {
+                        note_moved(&registry, moved);
                     }
                 }
                 io::Result::Ok(())
@@ -545,6 +602,21 @@ impl Upgrader {
             info!(old.pid = old_pid, "the previous process has exited");
             *lock(&predecessor) = None;
         });
+    }
+}
+
+/// Remembers pins the old process moved, so that their clients are placed
+/// afresh here: by least connections, their old backend not excluded (it
+/// was not the reason for the move).
+fn note_moved(registry: &Registry, line: MovedLine) {
+    let Some(pool) = registry.pool(&line.pool) else {
+        return; // a pool this config does not have: placed afresh anyway
+    };
+    let now = std::time::Instant::now();
+    let until = now + pool.moved_pin_ttl();
+    for nonce in line.moved {
+        // Backend id 0 is no backend: nothing is avoided.
+        pool.stats.moved.record(nonce, 0, now, until);
     }
 }
 

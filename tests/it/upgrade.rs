@@ -2,6 +2,7 @@
 //! listening sockets over, the old one drains with 1012 and exits; a new
 //! binary that fails leaves the old one serving.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use sluice::admin::api::Status;
 use sluice::admin::client::{AdminClient, ClientError};
 use tokio_tungstenite::tungstenite::Message;
@@ -573,4 +575,92 @@ async fn after_two_upgrades_a_listener_removed_by_reload_is_closed() {
     let mut ws = ws_connect(&sluice.url()).await;
     assert_eq!(greeting(&mut ws).await, "b1");
     echo(&mut ws, Message::text("public still serves")).await;
+}
+
+/// Opens a WebSocket with `cookie` (if any): the backend it reached and
+/// the sticky cookie it was given (if any).
+async fn sticky_ws(url: &str, cookie: Option<&str>) -> (Ws, String, Option<String>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("request");
+    if let Some(c) = cookie {
+        req.headers_mut()
+            .insert("cookie", c.parse().expect("value"));
+    }
+    let (mut ws, resp) = within(10, "upgrade", tokio_tungstenite::connect_async(req))
+        .await
+        .expect("upgrade");
+    let pin = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("SLUICE_AFFINITY="))
+        .map(|v| v.split(';').next().unwrap_or_default().to_string());
+    let backend = greeting(&mut ws).await;
+    (ws, backend, pin)
+}
+
+#[tokio::test]
+async fn sticky_clients_moved_by_an_upgrade_are_placed_afresh_by_the_new_process() {
+    const CLIENTS: usize = 30;
+    let backends = echo_backends(2).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Deployed::start(
+        "sticky",
+        &addrs,
+        "sticky = { cookie = \"SLUICE_AFFINITY\" }\n\
+         drain = { window = \"1s\" }\nrebalance = { enabled = false }\n",
+        "",
+        true,
+    );
+    sluice.wait_up().await;
+    // Every client pinned to b1: b2 is drained while they arrive, then
+    // back in rotation (and nothing rebalances).
+    within(10, "drain", sluice.admin.drain("app", "b2", None))
+        .await
+        .expect("drain");
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (ws, backend, pin) = sticky_ws(&sluice.url(), None).await;
+        assert_eq!(backend, "b1");
+        clients.push((ws, pin.expect("a first pin")));
+    }
+    within(10, "undrain", sluice.admin.undrain("app", "b2"))
+        .await
+        .expect("undrain");
+
+    let mut sluice = sluice;
+    let out = sluice.ctl_upgrade().await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each client, closed by the old process (1012), comes back with its
+    // cookie to the new one.
+    let mut placed: HashMap<String, usize> = HashMap::new();
+    for (mut ws, pin) in clients {
+        let code = within(10, "the old process closes it", async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => continue,
+                    _ => break None,
+                }
+            }
+        })
+        .await;
+        assert_eq!(code, Some(1012));
+        let (_ws, backend, new_pin) = sticky_ws(&sluice.url(), Some(&pin)).await;
+        let new_pin = new_pin.expect("a moved client gets a new pin");
+        assert_ne!(new_pin, pin);
+        *placed.entry(backend).or_default() += 1;
+    }
+    // Placed by least connections in the new process: level, not all back
+    // on b1 as their old pins said.
+    let on_b2 = placed.get("b2").copied().unwrap_or_default();
+    assert!(
+        (CLIENTS / 2 - 1..=CLIENTS / 2 + 1).contains(&on_b2),
+        "{placed:?}"
+    );
 }
