@@ -7,6 +7,7 @@ mod close;
 mod ctl;
 mod drain;
 mod edge;
+mod examples;
 mod failures;
 mod fuzz;
 mod health;
