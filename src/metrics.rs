@@ -17,7 +17,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
+use arc_swap::ArcSwap;
+
 use crate::registry::Registry;
+use crate::tls::Tls;
 
 type ListenerLabels = [(&'static str, String); 1];
 type PoolLabels = [(&'static str, String); 1];
@@ -35,6 +38,38 @@ pub struct Metrics {
     pub connect_seconds: Histogram,
     /// The config generation in use (1 at start, +1 per applied reload).
     pub config_generation: Gauge,
+    /// The TLS listeners, as the last reload left them.
+    tls: TlsListeners,
+}
+
+/// Each TLS listener's name and certificates, read at scrape time (so a
+/// certificate file reloaded since shows at once).
+#[derive(Clone, Default)]
+struct TlsListeners(Arc<ArcSwap<Vec<(String, Tls)>>>);
+
+impl std::fmt::Debug for TlsListeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.0.load().iter().map(|(n, _)| n.clone()).collect();
+        f.debug_tuple("TlsListeners").field(&names).finish()
+    }
+}
+
+impl Collector for TlsListeners {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut m = encoder.encode_descriptor(
+            "sluice_tls_certificate_expiry_seconds",
+            "When each served certificate expires (its notAfter, Unix seconds), by listener and name",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, tls) in self.0.load().iter() {
+            for (name, not_after) in tls.certificates() {
+                let labels = [("listener", listener.as_str()), ("name", name.as_str())];
+                ConstGauge::new(not_after).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Metrics {
@@ -84,6 +119,8 @@ impl Metrics {
             config_generation.clone(),
         );
         registry.register_collector(Box::new(LiveCollector(live)));
+        let tls = TlsListeners::default();
+        registry.register_collector(Box::new(tls.clone()));
         Self {
             registry,
             accepted,
@@ -93,7 +130,14 @@ impl Metrics {
             client_limited,
             connect_seconds,
             config_generation,
+            tls,
         }
+    }
+
+    /// The TLS listeners whose certificates are exported (after each
+    /// start or reload).
+    pub fn set_tls_listeners(&self, listeners: Vec<(String, Tls)>) {
+        self.tls.0.store(Arc::new(listeners));
     }
 
     /// The accepted-connections counter of `listener`, for its accept loop.

@@ -120,6 +120,35 @@ pub fn load_key(source: &CertSource, refuse_expired: bool) -> Result<Arc<Certifi
 }
 
 /// A client configuration (ALPN `http/1.1`) trusting the CAs in `ca` (PEM).
+/// The name a certificate is known by (its first DNS name, else its
+/// subject's common name) and its `notAfter` as Unix seconds; `None` when
+/// its leaf does not parse.
+pub fn identity(key: &CertifiedKey) -> Option<(String, i64)> {
+    let leaf = key.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let dns = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+        });
+    let name = dns
+        .or_else(|| {
+            parsed
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    Some((name, parsed.validity().not_after.timestamp()))
+}
+
 pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, PemError> {
     let pem = read(ca)?;
     let unusable = |reason: String| PemError::Unusable {

@@ -560,6 +560,12 @@ impl Reloader {
         self.bound.store(Arc::new(
             slots.iter().map(|s| (s.name.clone(), s.addr)).collect(),
         ));
+        self.metrics.set_tls_listeners(
+            slots
+                .iter()
+                .filter_map(|s| Some((s.name.clone(), s.cell.load().tls.clone()?)))
+                .collect(),
+        );
         st.listeners = slots;
     }
 

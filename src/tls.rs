@@ -75,6 +75,22 @@ impl CertStore {
     }
 }
 
+impl CertStore {
+    /// Each distinct certificate once: its name and `notAfter`.
+    fn identities(&self) -> Vec<(String, i64)> {
+        let mut seen: Vec<&Arc<CertifiedKey>> = Vec::new();
+        for key in std::iter::once(&self.default)
+            .chain(self.exact.values())
+            .chain(self.wildcard.values())
+        {
+            if !seen.iter().any(|k| Arc::ptr_eq(k, key)) {
+                seen.push(key);
+            }
+        }
+        seen.into_iter().filter_map(|k| pem::identity(k)).collect()
+    }
+}
+
 #[derive(Debug)]
 struct Resolver(Arc<ArcSwap<CertStore>>);
 
@@ -127,6 +143,12 @@ impl Tls {
                 false
             }
         }
+    }
+
+    /// The certificates served now (after any reload): name and
+    /// `notAfter` (Unix seconds) of each.
+    pub fn certificates(&self) -> Vec<(String, i64)> {
+        self.store.load().identities()
     }
 
     /// The settings it was made from.

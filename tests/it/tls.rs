@@ -104,6 +104,25 @@ pub(crate) fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> Vec<u8> {
     c.cert.der().to_vec()
 }
 
+/// Like `write_cert`, valid until 1 January of `year`.
+fn write_cert_until(dir: &Path, stem: &str, name: &str, year: i32) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+    params.not_after = rcgen::date_time_ymd(year, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("self-signed");
+    std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).expect("write cert");
+    std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).expect("write key");
+}
+
+/// 1 January of `year` (UTC) in Unix seconds, as the metric shows it.
+fn new_year(year: i32) -> i64 {
+    // Days from 1970 to `year`, leap years included (valid to 2099).
+    let days: i64 = (1970..year)
+        .map(|y| if y % 4 == 0 { 366 } else { 365 })
+        .sum();
+    days * 86_400
+}
+
 fn files(dir: &Path, stem: &str) -> CertSource {
     CertSource::Files {
         cert: dir.join(format!("{stem}.pem")),
@@ -350,4 +369,45 @@ async fn health_checks_reach_a_tls_backend_over_tls() {
         "up"
     );
     assert_eq!(front.http().await.get("/x").await.status, 200);
+}
+
+#[tokio::test]
+async fn certificate_expiry_is_exported_per_name_and_follows_a_reload() {
+    let dir = temp_dir("expiry");
+    write_cert_until(&dir, "site", "app.test", 2031);
+    write_cert_until(&dir, "api", "api.test", 2032);
+    let backends = echo_backends(1).await;
+    let mut settings = one_cert(&dir, "site", Duration::from_secs(5));
+    settings.sni = vec![(vec!["api.test".into()], files(&dir, "api"))];
+    let sluice = tls_sluice(backends[0].addr, settings).await;
+    let metrics = || async {
+        HttpClient::connect(sluice.admin_addr())
+            .await
+            .get("/metrics")
+            .await
+            .text()
+    };
+    let series = |name: &str, year: i32| {
+        format!(
+            "sluice_tls_certificate_expiry_seconds{{listener=\"public\",name=\"{name}\"}} {}",
+            new_year(year)
+        )
+    };
+    let text = metrics().await;
+    for line in [series("app.test", 2031), series("api.test", 2032)] {
+        assert!(text.contains(&line), "{line} in:\n{text}");
+    }
+    // A renewed file: the metric follows the certificate served.
+    write_cert_until(&dir, "api", "api.test", 2033);
+    let want = series("api.test", 2033);
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = metrics().await;
+        if text.contains(&want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(text.contains(&want), "{want} in:\n{text}");
+    assert!(text.contains(&series("app.test", 2031)));
 }
