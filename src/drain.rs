@@ -18,10 +18,12 @@ use tracing::info;
 use crate::config::DrainConfig;
 use crate::registry::{Backend, BackendState, PoolEntry, Registry};
 
-/// A sticky pin (pool, cookie nonce) whose WebSocket this process closed
-/// after a binary upgrade handed it over: the new process places its
-/// client afresh.
-pub type MovedPin = (String, u64);
+/// A sticky pin (pool, cookie nonce) whose WebSocket this process closes
+/// after a binary upgrade handed it over, so that the new process places
+/// its client afresh; the sender fires once the new process has been told,
+/// and only then is the WebSocket closed (its client cannot come back
+/// before the new process knows).
+pub type MovedPin = (String, u64, tokio::sync::oneshot::Sender<()>);
 
 /// Why every backend drains: this process stops.
 #[derive(Debug)]
@@ -318,20 +320,28 @@ async fn run_drain(
     conns.shuffle(&mut rand::rng());
     planned.store(conns.len(), Ordering::Relaxed);
     let mut asked: HashSet<u64> = HashSet::with_capacity(conns.len());
-    let close = |conn: &crate::registry::ConnControl| {
+    let close = |conn: &Arc<crate::registry::ConnControl>| {
         match &moving {
             // Its client is placed afresh when it comes back.
             Moving::Here(pool) => {
                 pool.close_moving(&backend, conn, cfg.close_code, std::time::Instant::now())
             }
-            Moving::Away(pool, feed) => {
-                if conn.pin != 0 {
-                    // The new process may have stopped listening: the pin
-                    // then just stays good.
-                    let _ = feed.send((pool.clone(), conn.pin));
+            Moving::Away(pool, feed) if conn.pin != 0 => {
+                let (told, heard) = tokio::sync::oneshot::channel();
+                let code = cfg.close_code;
+                let conn = conn.clone();
+                if feed.send((pool.clone(), conn.pin, told)).is_ok() {
+                    // Closed once the new process knows, or at once when
+                    // the link is gone (the pin then just stays good).
+                    tokio::spawn(async move {
+                        let _ = heard.await;
+                        conn.request_close(code);
+                    });
+                } else {
+                    conn.request_close(code);
                 }
-                conn.request_close(cfg.close_code);
             }
+            Moving::Away(..) => conn.request_close(cfg.close_code),
             Moving::Keep => conn.request_close(cfg.close_code),
         }
         backend.drain_closed.fetch_add(1, Ordering::Relaxed);

@@ -457,6 +457,7 @@ async fn report_status(
 ) {
     let mut tick = tokio::time::interval(STATUS_EVERY);
     let mut feeding = true;
+    let mut waiting = Vec::new();
     loop {
         let mut out = Vec::new();
         tokio::select! {
@@ -475,8 +476,9 @@ async fn report_status(
                 // Whatever else is queued goes in the same write.
                 let mut by_pool: HashMap<String, Vec<u64>> = HashMap::new();
                 let mut next = Some(first);
-                while let Some((pool, nonce)) = next {
+                while let Some((pool, nonce, told)) = next {
                     by_pool.entry(pool).or_default().push(nonce);
+                    waiting.push(told);
                     next = moved.try_recv().ok();
                 }
                 for (pool, moved) in by_pool {
@@ -484,7 +486,13 @@ async fn report_status(
                 }
             }
         }
-        if stream.write_all(&out).await.is_err() {
+        let written = stream.write_all(&out).await;
+        // Their WebSockets may close now (when the link broke too: the
+        // pins then stay good).
+        for told in waiting.drain(..) {
+            let _ = told.send(());
+        }
+        if written.is_err() {
             return;
         }
     }
@@ -665,6 +673,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_and_moved_lines_never_parse_as_each_other() {
+        let mut out = Vec::new();
+        push_line(
+            &mut out,
+            &Predecessor {
+                pid: 7,
+                websockets: 3,
+            },
+        );
+        push_line(
+            &mut out,
+            &MovedLine {
+                pool: "app".into(),
+                moved: vec![1, 2],
+            },
+        );
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(serde_json::from_str::<MovedLine>(lines[0]).is_err());
+        assert!(serde_json::from_str::<Predecessor>(lines[1]).is_err());
+        let moved: MovedLine = serde_json::from_str(lines[1]).expect("moved line");
+        assert_eq!(moved.moved, [1, 2]);
+    }
 
     #[test]
     fn keys_round_trip_through_hex() {

@@ -639,6 +639,7 @@ async fn sticky_clients_moved_by_an_upgrade_are_placed_afresh_by_the_new_process
     // Each client, closed by the old process (1012), comes back with its
     // cookie to the new one.
     let mut placed: HashMap<String, usize> = HashMap::new();
+    let mut back = Vec::new();
     for (mut ws, pin) in clients {
         let code = within(10, "the old process closes it", async {
             loop {
@@ -651,7 +652,9 @@ async fn sticky_clients_moved_by_an_upgrade_are_placed_afresh_by_the_new_process
         })
         .await;
         assert_eq!(code, Some(1012));
-        let (_ws, backend, new_pin) = sticky_ws(&sluice.url(), Some(&pin)).await;
+        let (ws, backend, new_pin) = sticky_ws(&sluice.url(), Some(&pin)).await;
+        // Kept open: the new process places by its live counts.
+        back.push(ws);
         let new_pin = new_pin.expect("a moved client gets a new pin");
         assert_ne!(new_pin, pin);
         *placed.entry(backend).or_default() += 1;
