@@ -344,6 +344,7 @@ pub fn config(
             default: cert,
             sni: Vec::new(),
             handshake_timeout: std::time::Duration::from_secs(10),
+            acme: Vec::new(),
         });
         listeners.push(listener);
     }

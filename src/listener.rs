@@ -142,6 +142,11 @@ async fn accept_connection(
         return;
     };
     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) => {
+            // A CA checking a TLS-ALPN-01 challenge: the handshake was
+            // the answer; nothing is served on it (RFC 8737).
+            debug!("answered an ACME TLS-ALPN-01 challenge");
+        }
         Ok(Ok(stream)) => {
             // The SNI name is kept only for a v2 header towards backends.
             let sni = send_proxy_v2

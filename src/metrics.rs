@@ -40,6 +40,7 @@ pub struct Metrics {
     pub config_generation: Gauge,
     /// The TLS listeners, as the last reload left them.
     tls: TlsListeners,
+    acme_orders: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 /// Each TLS listener's name and certificates, read at scrape time (so a
@@ -119,6 +120,12 @@ impl Metrics {
             config_generation.clone(),
         );
         registry.register_collector(Box::new(LiveCollector(live)));
+        let acme_orders = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "sluice_acme_orders",
+            "Certificate orders placed with an ACME CA, by result",
+            acme_orders.clone(),
+        );
         let tls = TlsListeners::default();
         registry.register_collector(Box::new(tls.clone()));
         Self {
@@ -131,7 +138,20 @@ impl Metrics {
             connect_seconds,
             config_generation,
             tls,
+            acme_orders,
         }
+    }
+
+    /// The counters of ACME orders.
+    pub fn acme_orders(&self) -> crate::acme::OrderCounters {
+        // One statement each: the family's read guard must be gone before
+        // the next entry is created (a write lock).
+        let ok = self.acme_orders.get_or_create(&[("result", "ok")]).clone();
+        let failed = self
+            .acme_orders
+            .get_or_create(&[("result", "failed")])
+            .clone();
+        crate::acme::OrderCounters { ok, failed }
     }
 
     /// The TLS listeners whose certificates are exported (after each

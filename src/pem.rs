@@ -23,13 +23,18 @@ pub enum CertSource {
     Files { cert: PathBuf, key: PathBuf },
     /// PEM text held in memory (the demo's generated certificate).
     Pem { cert: String, key: String },
+    /// PEM files sluice writes itself (ACME): until they exist, the names
+    /// they are for have no certificate; reloaded when they change.
+    Managed { cert: PathBuf, key: PathBuf },
 }
 
 impl CertSource {
     /// The files to watch for changes (none for PEM held in memory).
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         let files = match self {
-            Self::Files { cert, key } => Some([cert.as_path(), key.as_path()]),
+            Self::Files { cert, key } | Self::Managed { cert, key } => {
+                Some([cert.as_path(), key.as_path()])
+            }
             Self::Pem { .. } => None,
         };
         files.into_iter().flatten()
@@ -74,7 +79,9 @@ pub fn load_certified_key(source: &CertSource) -> Result<Arc<CertifiedKey>, PemE
 /// blocked by a certificate that is already being served).
 pub fn load_key(source: &CertSource, refuse_expired: bool) -> Result<Arc<CertifiedKey>, PemError> {
     let (cert_name, cert_pem, key_name, key_pem) = match source {
-        CertSource::Files { cert, key } => (cert.clone(), read(cert)?, key.clone(), read(key)?),
+        CertSource::Files { cert, key } | CertSource::Managed { cert, key } => {
+            (cert.clone(), read(cert)?, key.clone(), read(key)?)
+        }
         CertSource::Pem { cert, key } => (
             PathBuf::from("<generated certificate>"),
             cert.clone().into_bytes(),
@@ -147,6 +154,20 @@ pub fn identity(key: &CertifiedKey) -> Option<(String, i64)> {
         })
         .unwrap_or_default();
     Some((name, parsed.validity().not_after.timestamp()))
+}
+
+/// A certificate's `notBefore` and `notAfter`; `None` when its leaf does
+/// not parse.
+pub fn validity(key: &CertifiedKey) -> Option<(SystemTime, SystemTime)> {
+    let leaf = key.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    Some((
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+    ))
 }
 
 pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, PemError> {

@@ -541,6 +541,16 @@ impl Reloader {
                 if let Some(tls) = &ctx.tls {
                     let watch = slot.stop.child_token();
                     tokio::spawn(tls.clone().watch(l.name.clone(), watch.clone()));
+                    // Its ACME certificates are kept while this TLS serves.
+                    for acme in &tls.settings().acme {
+                        tokio::spawn(crate::acme::run(
+                            acme.clone(),
+                            tls.clone(),
+                            l.name.clone(),
+                            self.metrics.acme_orders(),
+                            watch.clone(),
+                        ));
+                    }
                     slot.tls_watch = Some(watch);
                 }
             }

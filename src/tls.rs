@@ -30,9 +30,17 @@ use crate::pem::{self, PemError};
 pub const RELOAD_CHECK: Duration = Duration::from_secs(2);
 
 /// The certificates of one listener.
+/// The ALPN protocol of a TLS-ALPN-01 challenge (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Certificates answering TLS-ALPN-01 challenges, by name (written by
+/// `acme`, read by the resolver).
+pub type Challenges = Arc<ArcSwap<HashMap<String, Arc<CertifiedKey>>>>;
+
 #[derive(Debug)]
 struct CertStore {
-    default: Arc<CertifiedKey>,
+    /// `None`: an ACME certificate not obtained yet.
+    default: Option<Arc<CertifiedKey>>,
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// By the suffix after `*.`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
@@ -41,12 +49,14 @@ struct CertStore {
 impl CertStore {
     fn load(settings: &TlsSettings, refuse_expired: bool) -> Result<Self, PemError> {
         let mut store = Self {
-            default: pem::load_key(&settings.default, refuse_expired)?,
+            default: load_source(&settings.default, refuse_expired)?,
             exact: HashMap::new(),
             wildcard: HashMap::new(),
         };
         for (hosts, source) in &settings.sni {
-            let key = pem::load_key(source, refuse_expired)?;
+            let Some(key) = load_source(source, refuse_expired)? else {
+                continue;
+            };
             for host in hosts {
                 let host = host.to_ascii_lowercase();
                 match host.strip_prefix("*.") {
@@ -58,20 +68,38 @@ impl CertStore {
         Ok(store)
     }
 
-    fn resolve(&self, name: Option<&str>) -> Arc<CertifiedKey> {
+    fn resolve(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let Some(name) = name.map(str::to_ascii_lowercase) else {
             return self.default.clone();
         };
         if let Some(key) = self.exact.get(&name) {
-            return key.clone();
+            return Some(key.clone());
         }
         // A wildcard covers exactly one label.
         if let Some((_, parent)) = name.split_once('.')
             && let Some(key) = self.wildcard.get(parent)
         {
-            return key.clone();
+            return Some(key.clone());
         }
         self.default.clone()
+    }
+}
+
+/// Loads `source`; files sluice writes itself that do not exist yet (or
+/// do not load: they are obtained again) give `None`.
+fn load_source(
+    source: &pem::CertSource,
+    refuse_expired: bool,
+) -> Result<Option<Arc<CertifiedKey>>, PemError> {
+    match (source, pem::load_key(source, refuse_expired)) {
+        (_, Ok(key)) => Ok(Some(key)),
+        (pem::CertSource::Managed { cert, .. }, Err(error)) => {
+            if cert.exists() {
+                warn!(error = %chain(&error), "an ACME certificate in the cache does not load: it is obtained again");
+            }
+            Ok(None)
+        }
+        (_, Err(error)) => Err(error),
     }
 }
 
@@ -79,7 +107,9 @@ impl CertStore {
     /// Each distinct certificate once: its name and `notAfter`.
     fn identities(&self) -> Vec<(String, i64)> {
         let mut seen: Vec<&Arc<CertifiedKey>> = Vec::new();
-        for key in std::iter::once(&self.default)
+        for key in self
+            .default
+            .iter()
             .chain(self.exact.values())
             .chain(self.wildcard.values())
         {
@@ -92,11 +122,22 @@ impl CertStore {
 }
 
 #[derive(Debug)]
-struct Resolver(Arc<ArcSwap<CertStore>>);
+struct Resolver {
+    store: Arc<ArcSwap<CertStore>>,
+    challenges: Challenges,
+}
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load().resolve(hello.server_name()))
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            // Only the challenge certificate answers a challenge handshake.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.challenges.load().get(&name).cloned();
+        }
+        self.store.load().resolve(hello.server_name())
     }
 }
 
@@ -107,12 +148,15 @@ pub struct Tls {
     pub handshake_timeout: Duration,
     store: Arc<ArcSwap<CertStore>>,
     settings: Arc<TlsSettings>,
+    /// TLS-ALPN-01 answers, for the listener's ACME certificates.
+    pub challenges: Challenges,
 }
 
 impl Tls {
     /// Loads every certificate of `settings`.
     pub fn new(settings: &TlsSettings) -> Result<Self, PemError> {
         let store = Arc::new(ArcSwap::from_pointee(CertStore::load(settings, true)?));
+        let challenges = Challenges::default();
         let mut config = ServerConfig::builder_with_provider(pem::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| PemError::Unusable {
@@ -120,13 +164,20 @@ impl Tls {
                 reason: e.to_string(),
             })?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Resolver(store.clone())));
+            .with_cert_resolver(Arc::new(Resolver {
+                store: store.clone(),
+                challenges: challenges.clone(),
+            }));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if !settings.acme.is_empty() {
+            config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+        }
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             handshake_timeout: settings.handshake_timeout,
             store,
             settings: Arc::new(settings.clone()),
+            challenges,
         })
     }
 
@@ -220,9 +271,13 @@ mod tests {
                 ),
             ],
             handshake_timeout: Duration::from_secs(5),
+            acme: Vec::new(),
         };
         let store = CertStore::load(&settings, true).expect("loads");
-        let is = |a: &Arc<CertifiedKey>, b: &Arc<CertifiedKey>| Arc::ptr_eq(a, b);
+        let is = |a: &Option<Arc<CertifiedKey>>, b: &Arc<CertifiedKey>| {
+            a.as_ref().is_some_and(|a| Arc::ptr_eq(a, b))
+        };
+        let default = store.default.clone().expect("a default");
         assert!(is(
             &store.resolve(Some("API.example.com")),
             &store.exact["api.example.com"]
@@ -232,9 +287,27 @@ mod tests {
             &store.wildcard["ws.example.com"]
         ));
         assert!(
-            is(&store.resolve(Some("a.b.ws.example.com")), &store.default),
+            is(&store.resolve(Some("a.b.ws.example.com")), &default),
             "a wildcard covers one label"
         );
-        assert!(is(&store.resolve(None), &store.default));
+        assert!(is(&store.resolve(None), &default));
+    }
+
+    #[test]
+    fn an_acme_certificate_not_obtained_yet_leaves_its_names_without_one() {
+        let dir = std::env::temp_dir().join(format!("sluice-tls-managed-{}", std::process::id()));
+        let settings = TlsSettings {
+            default: pem::CertSource::Managed {
+                cert: dir.join("none.pem"),
+                key: dir.join("none.key"),
+            },
+            sni: vec![(vec!["api.test".into()], generated(&["api.test"]))],
+            handshake_timeout: Duration::from_secs(5),
+            acme: Vec::new(),
+        };
+        let store = CertStore::load(&settings, true).expect("loads without the files");
+        assert!(store.resolve(Some("chat.test")).is_none());
+        assert!(store.resolve(None).is_none());
+        assert!(store.resolve(Some("api.test")).is_some());
     }
 }

@@ -394,38 +394,33 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
     })
 }
 
-/// `tls = { cert, key, handshake_timeout }` with `[[listener.tls.sni]]`
-/// entries; every certificate is loaded and checked now, so `sluice check`
-/// reports an unreadable, expired or mismatched one with its file.
+/// `tls = { cert, key, handshake_timeout }` (or `acme = { ... }` in place
+/// of `cert` and `key`) with `[[listener.tls.sni]]` entries; every
+/// certificate file is loaded and checked now, so `sluice check` reports
+/// an unreadable, expired or mismatched one with its file.
 fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError> {
     let context = format!("{} tls", listener.context());
     let Some(mut t) = listener.table("tls", context)? else {
         return Ok(None);
     };
-    fn source(t: &mut Table<'_>) -> Result<CertSource, ConfigError> {
-        let cert = t.required_string("cert")?;
-        let key = t.required_string("key")?;
-        let source = CertSource::Files {
-            cert: t.path_near_config(&cert.value),
-            key: t.path_near_config(&key.value),
-        };
-        crate::pem::load_certified_key(&source)
-            .map_err(|e| t.error_at(&cert.span, "cert", chain(&e).to_string()))?;
-        Ok(source)
-    }
-    let default = source(&mut t)?;
+    let mut acme = Vec::new();
+    let default = cert_source(&mut t, &mut acme)?;
     let handshake_timeout =
         t.duration("handshake_timeout", Duration::from_secs(10), MIN_TIMEOUT)?;
     let mut sni = Vec::new();
     for mut entry in t.tables("sni")? {
-        let hosts = entry
-            .strings("hosts")?
-            .ok_or_else(|| entry.error_here("missing key \"hosts\"".into()))?;
-        if hosts.value.is_empty()
-            || hosts
-                .value
-                .iter()
-                .any(|h| h.is_empty() || h.strip_prefix("*.").unwrap_or(h).contains('*'))
+        let hosts = match entry.strings("hosts")? {
+            Some(hosts) => Some(hosts),
+            // An ACME entry is for its domains.
+            None if entry.has("acme") => None,
+            None => return Err(entry.error_here("missing key \"hosts\"".into())),
+        };
+        if let Some(hosts) = &hosts
+            && (hosts.value.is_empty()
+                || hosts
+                    .value
+                    .iter()
+                    .any(|h| h.is_empty() || h.strip_prefix("*.").unwrap_or(h).contains('*')))
         {
             return Err(entry.error_at(
                 &hosts.span,
@@ -433,16 +428,148 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError
                 "host names, or *.domain wildcards, are needed".into(),
             ));
         }
-        let src = source(&mut entry)?;
+        let src = cert_source(&mut entry, &mut acme)?;
         entry.finish()?;
-        sni.push((hosts.value, src));
+        let hosts = match hosts {
+            Some(hosts) => hosts.value,
+            None => acme.last().map(|a| a.domains.clone()).unwrap_or_default(),
+        };
+        sni.push((hosts, src));
     }
     t.finish()?;
     Ok(Some(TlsSettings {
         default,
         sni,
         handshake_timeout,
+        acme,
     }))
+}
+
+/// `cert` and `key` files (loaded and checked now), or `acme = { ... }`
+/// (added to `acme`).
+fn cert_source(t: &mut Table<'_>, acme: &mut Vec<AcmeSettings>) -> Result<CertSource, ConfigError> {
+    if let Some(a) = t.table("acme", format!("{} acme", t.context()))? {
+        if t.has("cert") || t.has("key") {
+            return Err(t.error_here("either cert and key, or acme, not both".into()));
+        }
+        let settings = read_acme(a)?;
+        let files = settings.files();
+        acme.push(settings);
+        return Ok(files);
+    }
+    let cert = t.required_string("cert")?;
+    let key = t.required_string("key")?;
+    let source = CertSource::Files {
+        cert: t.path_near_config(&cert.value),
+        key: t.path_near_config(&key.value),
+    };
+    crate::pem::load_certified_key(&source)
+        .map_err(|e| t.error_at(&cert.span, "cert", chain(&e).to_string()))?;
+    Ok(source)
+}
+
+/// `acme = { domains, contact, directory, directory_ca, cache, challenge,
+/// renew_before }`: checked without contacting the CA.
+fn read_acme(mut a: Table<'_>) -> Result<AcmeSettings, ConfigError> {
+    let domains = a
+        .strings("domains")?
+        .ok_or_else(|| a.error_here("missing key \"domains\"".into()))?;
+    if domains.value.is_empty()
+        || domains.value.iter().any(|d| {
+            d.contains('*')
+                || rustls::pki_types::ServerName::try_from(d.as_str()).map_or(true, |n| {
+                    !matches!(n, rustls::pki_types::ServerName::DnsName(_))
+                })
+        })
+    {
+        return Err(a.error_at(
+            &domains.span,
+            "domains",
+            "DNS names are needed (no wildcards: they need dns-01, which sluice does not do)"
+                .into(),
+        ));
+    }
+    let contact = match a.strings("contact")? {
+        Some(c) => {
+            if let Some(bad) = c.value.iter().find(|c| !c.starts_with("mailto:")) {
+                return Err(a.error_at(
+                    &c.span,
+                    "contact",
+                    format!("{bad:?}: a mailto: URL is needed"),
+                ));
+            }
+            c.value
+        }
+        None => Vec::new(),
+    };
+    let directory = a.required_string("directory")?;
+    if !directory.value.starts_with("https://") || directory.value.len() <= "https://".len() {
+        return Err(a.error_at(
+            &directory.span,
+            "directory",
+            "an https:// URL is needed".into(),
+        ));
+    }
+    let directory_ca = match a.string("directory_ca")? {
+        Some(ca) => {
+            let path = a.path_near_config(&ca.value);
+            crate::pem::client_config(&path)
+                .map_err(|e| a.error_at(&ca.span, "directory_ca", chain(&e).to_string()))?;
+            Some(path)
+        }
+        None => None,
+    };
+    let cache = a.required_string("cache")?;
+    let cache_path = a.path_near_config(&cache.value);
+    if let Err(e) = writable_dir(&cache_path) {
+        return Err(a.error_at(&cache.span, "cache", e));
+    }
+    let challenge = match a.string("challenge")? {
+        None => AcmeChallenge::TlsAlpn01,
+        Some(c) => match c.value.as_str() {
+            "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+            other => {
+                return Err(a.error_at(
+                    &c.span,
+                    "challenge",
+                    format!("{other:?}: expected \"tls-alpn-01\""),
+                ));
+            }
+        },
+    };
+    let renew_before = a
+        .has("renew_before")
+        .then(|| a.duration("renew_before", Duration::ZERO, Duration::from_secs(1)))
+        .transpose()?;
+    a.finish()?;
+    Ok(AcmeSettings {
+        domains: domains.value,
+        contact,
+        directory: directory.value,
+        directory_ca,
+        cache: cache_path,
+        challenge,
+        renew_before,
+    })
+}
+
+/// Whether sluice could create and write `dir` (it creates it when it
+/// first needs it): the nearest folder that exists must be writable.
+fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("."));
+    if !existing.is_dir() {
+        return Err(format!("{} is not a folder", existing.display()));
+    }
+    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
+        .map_err(|_| "a path with a NUL byte".to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated path; access(2) only reads it.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(format!("{} is not writable", existing.display()));
+    }
+    Ok(())
 }
 
 /// `proxy_protocol` and `proxy_protocol_from` on a listener.

@@ -117,6 +117,11 @@ impl<'s> Table<'s> {
             .error(span, &self.context, format!("key \"{key}\": {message}"))
     }
 
+    /// Whether the table has `key` (not yet read).
+    pub fn has(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
     fn take(&mut self, key: &str) -> Option<Spanned<DeValue<'s>>> {
         self.entries.remove(key)
     }
@@ -147,8 +152,16 @@ impl<'s> Table<'s> {
         let Some(v) = self.take(key) else {
             return Ok(None);
         };
-        let DeValue::Array(items) = v.get_ref() else {
-            return Err(self.wrong_type(key, &v, "an array of strings"));
+        let items = match v.get_ref() {
+            DeValue::Array(items) => items,
+            // One string stands for a list of one.
+            DeValue::String(s) => {
+                return Ok(Some(Value {
+                    value: vec![s.to_string()],
+                    span: v.span(),
+                }));
+            }
+            _ => return Err(self.wrong_type(key, &v, "an array of strings")),
         };
         let mut out = Vec::new();
         for item in items.iter() {

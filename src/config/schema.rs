@@ -107,6 +107,52 @@ pub struct TlsSettings {
     pub sni: Vec<(Vec<String>, CertSource)>,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Certificates sluice gets from an ACME CA; each writes the files of
+    /// its `CertSource::Managed` (the default's or an SNI entry's).
+    pub acme: Vec<AcmeSettings>,
+}
+
+/// One certificate from an ACME CA (`acme = { ... }` in a listener's
+/// `tls` or in an SNI entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// The names on the certificate (the first names its cache files).
+    pub domains: Vec<String>,
+    /// e.g. `mailto:ops@example.com`; may be empty.
+    pub contact: Vec<String>,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// A CA bundle to trust the directory with (a private CA such as
+    /// Pebble or step-ca); `None`: the system's roots.
+    pub directory_ca: Option<PathBuf>,
+    /// Where the account key and the certificate are kept.
+    pub cache: PathBuf,
+    pub challenge: AcmeChallenge,
+    /// Renew this long before the certificate expires; `None`: when a
+    /// third of its lifetime is left.
+    pub renew_before: Option<Duration>,
+}
+
+impl AcmeSettings {
+    /// The files its certificate and key are kept in.
+    pub fn files(&self) -> CertSource {
+        let stem = self
+            .domains
+            .first()
+            .map(|d| d.replace('*', "_"))
+            .unwrap_or_default();
+        CertSource::Managed {
+            cert: self.cache.join(format!("{stem}.pem")),
+            key: self.cache.join(format!("{stem}.key")),
+        }
+    }
+}
+
+/// How sluice proves to the CA that it serves a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// A TLS handshake with ALPN `acme-tls/1` on this listener (RFC 8737).
+    TlsAlpn01,
 }
 
 /// The admin API listener.

@@ -185,6 +185,10 @@ fn shipped_examples_are_valid() {
             "examples/minimal.toml",
             include_str!("../../examples/minimal.toml"),
         ),
+        (
+            "examples/acme.toml",
+            include_str!("../../examples/acme.toml"),
+        ),
     ] {
         if let Err(e) = parse(text, Path::new(name)) {
             panic!("{e}");
@@ -760,4 +764,66 @@ mod any_text {
             check_answer(&text)?;
         }
     }
+}
+
+#[test]
+fn acme_sections_are_checked_without_contacting_the_ca() {
+    let with = |acme: &str| {
+        MINIMAL.replace(
+            "pool = \"app\"\n",
+            &format!("pool = \"app\"\n[listener.tls]\nacme = {{ {acme} }}\n"),
+        )
+    };
+    let dir = std::env::temp_dir().join("sluice-acme-check");
+    let good = format!(
+        "domains = [\"chat.example.com\"], contact = \"mailto:ops@example.com\", \
+         directory = \"https://acme.example/dir\", cache = \"{}\"",
+        dir.display()
+    );
+    let cfg = check(&with(&good)).expect("valid");
+    let tls = cfg.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.acme[0].contact, ["mailto:ops@example.com"]);
+    assert_eq!(tls.acme[0].challenge, AcmeChallenge::TlsAlpn01);
+    assert_eq!(tls.default, tls.acme[0].files());
+    for (bad, says) in [
+        (
+            good.replace("https://acme.example/dir", "http://acme.example/dir"),
+            "key \"directory\": an https:// URL is needed",
+        ),
+        (
+            good.replace("chat.example.com", "*.example.com"),
+            "key \"domains\": DNS names are needed",
+        ),
+        (
+            good.replace("mailto:ops@example.com", "ops@example.com"),
+            "key \"contact\"",
+        ),
+        (
+            format!("{good}, challenge = \"dns-01\""),
+            "key \"challenge\"",
+        ),
+        (
+            good.replace(
+                &dir.display().to_string(),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml/acme"),
+            ),
+            "key \"cache\": ",
+        ),
+        (format!("{good}, colour = 1"), "colour"),
+    ] {
+        let err = check(&with(&bad)).expect_err(&bad);
+        assert!(
+            err.contains("sluice.toml:") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+    let both = MINIMAL.replace(
+        "pool = \"app\"\n",
+        &format!("pool = \"app\"\n[listener.tls]\ncert = \"a.pem\"\nkey = \"a.key\"\nacme = {{ {good} }}\n"),
+    );
+    assert!(
+        check(&both)
+            .expect_err("both")
+            .contains("either cert and key, or acme")
+    );
 }

@@ -32,6 +32,7 @@ const CONTROL_PLANE: &[&str] = &[
     "rebalance",
     "reload",
     "upgrade",
+    "acme",
     "notify",
     "admin",
     "metrics",

@@ -1,5 +1,6 @@
 //! Integration tests: real sluice, real backends, real clients on loopback.
 
+mod acme;
 mod admin;
 mod balance;
 mod cli;

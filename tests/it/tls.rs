@@ -140,6 +140,7 @@ pub(crate) fn one_cert(dir: &Path, stem: &str, handshake_timeout: Duration) -> T
         default: files(dir, stem),
         sni: vec![],
         handshake_timeout,
+        acme: Vec::new(),
     }
 }
 
@@ -220,6 +221,7 @@ async fn sni_chooses_the_certificate() {
             (vec!["*.ws.test".into()], files(&dir, "wild")),
         ],
         handshake_timeout: Duration::from_secs(5),
+        acme: Vec::new(),
     };
     let sluice = tls_sluice(backends[0].addr, settings).await;
     assert_eq!(tls_connect(sluice.addr, "api.test").await.1, api);

@@ -18,6 +18,7 @@ mod clients;
 mod hammer;
 mod harness;
 pub mod netns;
+pub mod pebble;
 pub mod process;
 
 pub use backends::*;

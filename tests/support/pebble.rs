@@ -1,0 +1,120 @@
+//! Pebble (Debian's `pebble` package), the ACME test CA, on loopback: its
+//! own mock DNS (`pebble-challtestsrv -dns01`) answers every name with
+//! 127.0.0.1, so the CA validates challenges against sluice's listeners.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::process::{Proc, TempDir, free_ports};
+
+pub struct Pebble {
+    pub dir: TempDir,
+    /// The directory URL.
+    pub directory: String,
+    /// The CA bundle that trusts Pebble's own HTTPS (for `directory_ca`).
+    pub directory_ca: PathBuf,
+    management: SocketAddr,
+    _dns: Proc,
+    _pebble: Proc,
+}
+
+/// Whether both programs are installed.
+pub fn installed() -> bool {
+    ["pebble", "pebble-challtestsrv"].iter().all(|p| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+impl Pebble {
+    /// Starts Pebble validating TLS-ALPN-01 on `tls_port` and HTTP-01 on
+    /// `http_port` of 127.0.0.1, with certificates valid `validity`.
+    pub async fn start(tls_port: u16, http_port: u16, validity: Duration) -> Self {
+        let dir = TempDir::new("sluice-pebble").expect("temp dir");
+        let [listen, management, dns, dns_mgmt] = free_ports().expect("ports");
+        let own = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("rcgen");
+        let cert = dir.write("pebble.pem", &own.cert.pem()).expect("cert");
+        let key = dir
+            .write("pebble.key", &own.signing_key.serialize_pem())
+            .expect("key");
+        let config = format!(
+            r#"{{"pebble": {{"listenAddress": "127.0.0.1:{listen}",
+              "managementListenAddress": "127.0.0.1:{management}",
+              "certificate": "{}", "privateKey": "{}",
+              "httpPort": {http_port}, "tlsPort": {tls_port},
+              "ocspResponderURL": "", "externalAccountBindingRequired": false,
+              "certificateValidityPeriod": {}}}}}"#,
+            cert.display(),
+            key.display(),
+            validity.as_secs()
+        );
+        let config = dir.write("pebble.json", &config).expect("config");
+        let dns_proc = Proc(
+            Command::new("pebble-challtestsrv")
+                .args(["-dns01", &format!("127.0.0.1:{dns}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                // IPv4 only: sluice listens on 127.0.0.1.
+                .args(["-defaultIPv6", ""])
+                .args(["-management", &format!("127.0.0.1:{dns_mgmt}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("pebble-challtestsrv starts"),
+        );
+        let pebble = Proc(
+            Command::new("pebble")
+                .arg("-config")
+                .arg(&config)
+                .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+                // No random waits and no rejected nonces: tests stay fast.
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env("PEBBLE_AUTHZREUSE", "0")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("pebble starts"),
+        );
+        let management = SocketAddr::from(([127, 0, 0, 1], management));
+        super::within(20, "pebble listening", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", listen))
+                .await
+                .is_err()
+                || tokio::net::TcpStream::connect(management).await.is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        Self {
+            directory: format!("https://127.0.0.1:{listen}/dir"),
+            directory_ca: cert,
+            dir,
+            management,
+            _dns: dns_proc,
+            _pebble: pebble,
+        }
+    }
+
+    /// The root that Pebble's issued certificates chain to (PEM).
+    pub async fn root(&self) -> String {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--fail", "--cacert"])
+            .arg(&self.directory_ca)
+            .arg(format!("https://{}/roots/0", self.management))
+            .output()
+            .await
+            .expect("curl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("PEM")
+    }
+}
