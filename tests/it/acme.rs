@@ -17,15 +17,11 @@ const NAME: &str = "chat.sluice.test";
 
 /// Skips (or fails under `.ci/run`) without Pebble.
 fn pebble_here() -> bool {
-    if pebble::installed() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("SLUICE_REQUIRE_PEBBLE").is_none(),
-        "pebble is not installed"
-    );
-    eprintln!("skipped: needs Debian's pebble package");
-    false
+    tool_present(
+        pebble::installed(),
+        "SLUICE_REQUIRE_PEBBLE",
+        "needs Debian's pebble package",
+    )
 }
 
 fn acme_settings(pebble: &Pebble, cache: &std::path::Path) -> AcmeSettings {
@@ -127,11 +123,7 @@ async fn a_first_start_obtains_a_certificate_by_tls_alpn_and_a_restart_reuses_it
     let mut sluice =
         acme_sluice(port, acme_settings(&pebble, cache.path()), backends[0].addr).await;
     let first = wait_served(port, &root).await;
-    let metrics = HttpClient::connect(sluice.admin_addr())
-        .await
-        .get("/metrics")
-        .await
-        .text();
+    let metrics = sluice.metrics().await;
     assert!(
         metrics.contains("sluice_acme_orders_total{result=\"ok\"} 1"),
         "{metrics}"
@@ -154,11 +146,7 @@ async fn a_first_start_obtains_a_certificate_by_tls_alpn_and_a_restart_reuses_it
     // Started again with the cache: the same certificate, no new order.
     let sluice = acme_sluice(port, acme_settings(&pebble, cache.path()), backends[0].addr).await;
     assert_eq!(wss_echo(port, &root).await, Ok(first));
-    let metrics = HttpClient::connect(sluice.admin_addr())
-        .await
-        .get("/metrics")
-        .await
-        .text();
+    let metrics = sluice.metrics().await;
     assert!(
         !metrics.contains("sluice_acme_orders_total{result=\"ok\"} 1"),
         "no order at the second start: {metrics}"

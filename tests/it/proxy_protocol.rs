@@ -205,16 +205,10 @@ async fn bad_headers_are_closed_and_reach_no_backend() {
     assert_eq!(backends[0].stats.tcp_accepted.load(Ordering::SeqCst), 0);
     // The listener serves everyone else meanwhile.
     assert_eq!(get_after(&sluice, &good).await.status, 200);
-    let metrics = HttpClient::connect(sluice.admin_addr())
-        .await
-        .get("/metrics")
-        .await;
+    let metrics = sluice.metrics().await;
     assert!(
-        metrics
-            .text()
-            .contains("sluice_proxy_protocol_rejected_total{listener=\"public\"} 4"),
-        "{}",
-        metrics.text()
+        metrics.contains("sluice_proxy_protocol_rejected_total{listener=\"public\"} 4"),
+        "{metrics}"
     );
 }
 
@@ -449,16 +443,15 @@ async fn tls_listeners_read_the_header_before_tls_and_send_sni_on() {
 /// cannot be skipped.
 #[tokio::test]
 async fn haproxy_send_proxy_v2_in_front_carries_the_client() {
-    if !std::process::Command::new("haproxy")
+    let installed = std::process::Command::new("haproxy")
         .arg("-v")
         .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        assert!(
-            std::env::var_os("SLUICE_REQUIRE_HAPROXY").is_none(),
-            "haproxy is not installed"
-        );
-        eprintln!("skipped: haproxy is not installed (apt-get install haproxy)");
+        .is_ok_and(|o| o.status.success());
+    if !tool_present(
+        installed,
+        "SLUICE_REQUIRE_HAPROXY",
+        "haproxy is not installed (apt-get install haproxy)",
+    ) {
         return;
     }
     let echo = echo_backends(1).await;

@@ -382,20 +382,13 @@ async fn certificate_expiry_is_exported_per_name_and_follows_a_reload() {
     let mut settings = one_cert(&dir, "site", Duration::from_secs(5));
     settings.sni = vec![(vec!["api.test".into()], files(&dir, "api"))];
     let sluice = tls_sluice(backends[0].addr, settings).await;
-    let metrics = || async {
-        HttpClient::connect(sluice.admin_addr())
-            .await
-            .get("/metrics")
-            .await
-            .text()
-    };
     let series = |name: &str, year: i32| {
         format!(
             "sluice_tls_certificate_expiry_seconds{{listener=\"public\",name=\"{name}\"}} {}",
             new_year(year)
         )
     };
-    let text = metrics().await;
+    let text = sluice.metrics().await;
     for line in [series("app.test", 2031), series("api.test", 2032)] {
         assert!(text.contains(&line), "{line} in:\n{text}");
     }
@@ -404,7 +397,7 @@ async fn certificate_expiry_is_exported_per_name_and_follows_a_reload() {
     let want = series("api.test", 2033);
     let mut text = String::new();
     for _ in 0..50 {
-        text = metrics().await;
+        text = sluice.metrics().await;
         if text.contains(&want) {
             break;
         }

@@ -145,6 +145,15 @@ impl Sluice {
     }
 
     /// The admin API's status document.
+    /// `GET /metrics` of its admin API, as text.
+    pub async fn metrics(&self) -> String {
+        HttpClient::connect(self.admin_addr())
+            .await
+            .get("/metrics")
+            .await
+            .text()
+    }
+
     pub async fn status(&self) -> sluice::admin::api::Status {
         within(10, "admin status", self.admin().status())
             .await

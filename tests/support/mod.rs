@@ -96,6 +96,17 @@ impl LoadShare {
 }
 
 /// Fails a test that waits too long, instead of hanging CI.
+/// Whether a tool a test needs is `installed`; without it the test is
+/// skipped, or fails when `require` is set in the environment (`.ci/run`
+/// sets it, so CI cannot skip it).
+pub fn tool_present(installed: bool, require: &str, missing: &str) -> bool {
+    if !installed {
+        assert!(std::env::var_os(require).is_none(), "{missing}");
+        eprintln!("skipped: {missing}");
+    }
+    installed
+}
+
 pub async fn within<F: std::future::Future>(secs: u64, what: &str, fut: F) -> F::Output {
     match tokio::time::timeout(Duration::from_secs(secs), fut).await {
         Ok(out) => out,
