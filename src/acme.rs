@@ -4,9 +4,11 @@
 //! key and the certificate in the `cache` folder (owner-only), reuses them
 //! at start, and orders a certificate when there is none or when it is due
 //! for renewal (`renew_before`, else a third of its lifetime before it
-//! expires). It proves the names with TLS-ALPN-01: the challenge
+//! expires). It proves the names with TLS-ALPN-01 (the challenge
 //! certificates go into the listener's `Tls::challenges`, which its
-//! resolver answers `acme-tls/1` handshakes with. The new certificate is
+//! resolver answers `acme-tls/1` handshakes with) or HTTP-01 (the key
+//! authorizations go into the process's `Http01Answers`, which its plain
+//! listeners answer `/.well-known/acme-challenge/` from). The new certificate is
 //! written to the cache files the listener serves from (a
 //! `CertSource::Managed`) and the listener reloads them, as it reloads any
 //! certificate file, without touching open connections. Failures are
@@ -30,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::config::{AcmeChallenge, AcmeSettings, CertSource};
 use crate::error_chain::chain;
+use crate::http::challenge::Http01Answers;
 use crate::pem;
 use crate::tls::Tls;
 
@@ -50,10 +53,12 @@ pub enum AcmeError {
     },
     #[error("the CA offers no {0} challenge for {1}")]
     NoChallenge(&'static str, String),
-    #[error("the order for {domains:?} ended {status}")]
+    #[error("the order for {domains:?} ended {status}: {problems}")]
     Order {
         domains: Vec<String>,
         status: String,
+        /// The CA's problem documents, of the order and its challenges.
+        problems: String,
     },
     #[error("making the challenge certificate")]
     ChallengeCert(#[source] rcgen::Error),
@@ -67,6 +72,8 @@ pub enum AcmeError {
     },
     #[error("the certificate the CA issued does not load")]
     Issued(#[source] pem::PemError),
+    #[error("stopped")]
+    Stopped,
 }
 
 /// Counters of orders, by result.
@@ -87,10 +94,12 @@ fn due(files: &CertSource, settings: &AcmeSettings) -> Option<SystemTime> {
 }
 
 /// Keeps the certificate of `settings` for listener `listener`'s `tls`,
-/// until `stop`.
+/// until `stop`; HTTP-01 answers go into `http01`, which the process's
+/// plain listeners serve.
 pub async fn run(
     settings: AcmeSettings,
     tls: Tls,
+    http01: Http01Answers,
     listener: String,
     orders: OrderCounters,
     stop: CancellationToken,
@@ -116,11 +125,15 @@ pub async fn run(
             }
         }
         last_order = Some(tokio::time::Instant::now());
+        let mut tokens = Vec::new();
         let result = tokio::select! {
-            r = obtain(&settings, &tls, &files) => r,
-            () = stop.cancelled() => return,
+            r = obtain(&settings, &tls, &http01, &mut tokens, &files) => r,
+            () = stop.cancelled() => Err(AcmeError::Stopped),
         };
-        clear_challenges(&tls, &settings.domains);
+        clear_challenges(&tls, &settings.domains, &http01, &tokens);
+        if stop.is_cancelled() {
+            return;
+        }
         match result {
             Ok(()) => {
                 orders.ok.inc();
@@ -144,7 +157,14 @@ pub async fn run(
 }
 
 /// One order: account, challenges, certificate, written to the cache.
-async fn obtain(settings: &AcmeSettings, tls: &Tls, files: &CertSource) -> Result<(), AcmeError> {
+/// The HTTP-01 tokens it answers are added to `tokens`.
+async fn obtain(
+    settings: &AcmeSettings,
+    tls: &Tls,
+    http01: &Http01Answers,
+    tokens: &mut Vec<String>,
+    files: &CertSource,
+) -> Result<(), AcmeError> {
     let ca = |source| AcmeError::Ca {
         directory: settings.directory.clone(),
         source,
@@ -166,15 +186,31 @@ async fn obtain(settings: &AcmeSettings, tls: &Tls, files: &CertSource) -> Resul
         if authz.status == AuthorizationStatus::Valid {
             continue;
         }
-        let AcmeChallenge::TlsAlpn01 = settings.challenge;
         let name = authz.identifier().to_string();
+        let (kind, label) = match settings.challenge {
+            AcmeChallenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+            AcmeChallenge::Http01 => (ChallengeType::Http01, "http-01"),
+        };
         let mut challenge = authz
-            .challenge(ChallengeType::TlsAlpn01)
-            .ok_or_else(|| AcmeError::NoChallenge("tls-alpn-01", name.clone()))?;
-        let key = challenge_cert(&name, challenge.key_authorization().digest().as_ref())?;
-        let mut answers = (**tls.challenges.load()).clone();
-        answers.insert(name.to_ascii_lowercase(), key);
-        tls.challenges.store(Arc::new(answers));
+            .challenge(kind)
+            .ok_or_else(|| AcmeError::NoChallenge(label, name.clone()))?;
+        match settings.challenge {
+            AcmeChallenge::TlsAlpn01 => {
+                let key = challenge_cert(&name, challenge.key_authorization().digest().as_ref())?;
+                let mut answers = (**tls.challenges.load()).clone();
+                answers.insert(name.to_ascii_lowercase(), key);
+                tls.challenges.store(Arc::new(answers));
+            }
+            AcmeChallenge::Http01 => {
+                let mut answers = (**http01.load()).clone();
+                answers.insert(
+                    challenge.token.clone(),
+                    challenge.key_authorization().as_str().to_string(),
+                );
+                http01.store(Arc::new(answers));
+                tokens.push(challenge.token.clone());
+            }
+        }
         challenge.set_ready().await.map_err(ca)?;
     }
     let retries = RetryPolicy::new()
@@ -185,6 +221,7 @@ async fn obtain(settings: &AcmeSettings, tls: &Tls, files: &CertSource) -> Resul
         return Err(AcmeError::Order {
             domains: settings.domains.clone(),
             status: format!("{status:?}"),
+            problems: problems(&mut order).await,
         });
     }
     let key_pem = order.finalize().await.map_err(ca)?;
@@ -198,7 +235,7 @@ async fn obtain(settings: &AcmeSettings, tls: &Tls, files: &CertSource) -> Resul
         true,
     )
     .map_err(AcmeError::Issued)?;
-    let CertSource::Managed { cert, key } = files else {
+    let CertSource::Managed { cert, key, .. } = files else {
         return Ok(());
     };
     // The key first: a reload between the two sees the old pair or a
@@ -206,6 +243,26 @@ async fn obtain(settings: &AcmeSettings, tls: &Tls, files: &CertSource) -> Resul
     write_private(key, key_pem.as_bytes())?;
     write_private(cert, chain_pem.as_bytes())?;
     Ok(())
+}
+
+/// What the CA said went wrong with `order`: its problem document and
+/// those of its challenges.
+async fn problems(order: &mut instant_acme::Order) -> String {
+    let mut out: Vec<String> = order.state().error.iter().map(|p| p.to_string()).collect();
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(authz)) = authorizations.next().await {
+        let name = authz.identifier().to_string();
+        for c in &authz.challenges {
+            if let Some(problem) = &c.error {
+                out.push(format!("{name} {:?}: {problem}", c.r#type));
+            }
+        }
+    }
+    if out.is_empty() {
+        "no problem document".into()
+    } else {
+        out.join("; ")
+    }
 }
 
 /// The account of `settings`' CA from the cache, else a new one (saved).
@@ -276,12 +333,20 @@ fn challenge_cert(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeEr
     )))
 }
 
-fn clear_challenges(tls: &Tls, domains: &[String]) {
+/// Takes the answers of one order's challenges back.
+fn clear_challenges(tls: &Tls, domains: &[String], http01: &Http01Answers, tokens: &[String]) {
     let mut answers = (**tls.challenges.load()).clone();
     for d in domains {
         answers.remove(&d.to_ascii_lowercase());
     }
     tls.challenges.store(Arc::new(answers));
+    if !tokens.is_empty() {
+        let mut answers = (**http01.load()).clone();
+        for t in tokens {
+            answers.remove(t);
+        }
+        http01.store(Arc::new(answers));
+    }
 }
 
 fn create_cache(dir: &Path) -> Result<(), AcmeError> {

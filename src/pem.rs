@@ -24,20 +24,31 @@ pub enum CertSource {
     /// PEM text held in memory (the demo's generated certificate).
     Pem { cert: String, key: String },
     /// PEM files sluice writes itself (ACME): until they exist, the names
-    /// they are for have no certificate; reloaded when they change.
-    Managed { cert: PathBuf, key: PathBuf },
+    /// they are for have `fallback`, or no certificate; reloaded when they
+    /// change.
+    Managed {
+        cert: PathBuf,
+        key: PathBuf,
+        fallback: Option<Box<CertSource>>,
+    },
 }
 
 impl CertSource {
     /// The files to watch for changes (none for PEM held in memory).
-    pub fn files(&self) -> impl Iterator<Item = &Path> {
-        let files = match self {
-            Self::Files { cert, key } | Self::Managed { cert, key } => {
-                Some([cert.as_path(), key.as_path()])
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            Self::Files { cert, key } => vec![cert, key],
+            Self::Managed {
+                cert,
+                key,
+                fallback,
+            } => {
+                let mut files = vec![cert.as_path(), key];
+                files.extend(fallback.iter().flat_map(|f| f.files()));
+                files
             }
-            Self::Pem { .. } => None,
-        };
-        files.into_iter().flatten()
+            Self::Pem { .. } => Vec::new(),
+        }
     }
 }
 
@@ -79,7 +90,7 @@ pub fn load_certified_key(source: &CertSource) -> Result<Arc<CertifiedKey>, PemE
 /// blocked by a certificate that is already being served).
 pub fn load_key(source: &CertSource, refuse_expired: bool) -> Result<Arc<CertifiedKey>, PemError> {
     let (cert_name, cert_pem, key_name, key_pem) = match source {
-        CertSource::Files { cert, key } | CertSource::Managed { cert, key } => {
+        CertSource::Files { cert, key } | CertSource::Managed { cert, key, .. } => {
             (cert.clone(), read(cert)?, key.clone(), read(key)?)
         }
         CertSource::Pem { cert, key } => (

@@ -28,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{self, Algorithm, Change, Config, ConfigError};
+use crate::config::{self, AcmeChallenge, Algorithm, Change, Config, ConfigError};
 use crate::conn_limit::ClientLimit;
 use crate::drain::Drains;
 use crate::error_chain::chain;
+use crate::http::challenge::Http01Answers;
 use crate::http::{ListenerCell, ListenerCtx};
 use crate::metrics::Metrics;
 use crate::pem::PemError;
@@ -154,6 +155,8 @@ pub struct Reloader {
     bound: ArcSwap<Vec<(String, SocketAddr)>>,
     /// What a predecessor handed over, used by the first `apply`.
     inherited: Mutex<Inheritance>,
+    /// ACME HTTP-01 answers, served by the plain listeners.
+    http01: Http01Answers,
 }
 
 impl Reloader {
@@ -187,6 +190,7 @@ impl Reloader {
             }),
             bound: ArcSwap::from_pointee(Vec::new()),
             inherited: Mutex::new(inherited),
+            http01: Http01Answers::default(),
         });
         tokio::spawn(reloader.clone().forget_drained());
         reloader
@@ -464,6 +468,14 @@ impl Reloader {
             .map(Some)
             .collect();
         let mut slots = Vec::with_capacity(new.listeners.len());
+        // Plain listeners answer HTTP-01 challenges only when some ACME
+        // section uses them; otherwise those paths go to the backends.
+        let http01 = new
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .flat_map(|t| &t.acme)
+            .any(|a| a.challenge == AcmeChallenge::Http01);
         for (l, prep) in new.listeners.iter().zip(prepared) {
             let kept = prep.kept.and_then(|i| old[i].take());
             let id = kept.as_ref().map_or_else(
@@ -494,6 +506,7 @@ impl Reloader {
                 proxy_rejected: self.metrics.proxy_rejected(&l.name),
                 client_limit,
                 client_limited: self.metrics.client_limited(&l.name),
+                http01: (l.tls.is_none() && http01).then(|| self.http01.clone()),
                 cfg: l.clone(),
                 upstream: upstreams[pool].clone(),
                 registry: self.registry.clone(),
@@ -546,6 +559,7 @@ impl Reloader {
                         tokio::spawn(crate::acme::run(
                             acme.clone(),
                             tls.clone(),
+                            self.http01.clone(),
                             l.name.clone(),
                             self.metrics.acme_orders(),
                             watch.clone(),

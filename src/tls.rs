@@ -86,18 +86,21 @@ impl CertStore {
 }
 
 /// Loads `source`; files sluice writes itself that do not exist yet (or
-/// do not load: they are obtained again) give `None`.
+/// do not load: they are obtained again) give their fallback, or `None`.
 fn load_source(
     source: &pem::CertSource,
     refuse_expired: bool,
 ) -> Result<Option<Arc<CertifiedKey>>, PemError> {
     match (source, pem::load_key(source, refuse_expired)) {
         (_, Ok(key)) => Ok(Some(key)),
-        (pem::CertSource::Managed { cert, .. }, Err(error)) => {
+        (pem::CertSource::Managed { cert, fallback, .. }, Err(error)) => {
             if cert.exists() {
                 warn!(error = %chain(&error), "an ACME certificate in the cache does not load: it is obtained again");
             }
-            Ok(None)
+            match fallback {
+                Some(fallback) => load_source(fallback, refuse_expired),
+                None => Ok(None),
+            }
         }
         (_, Err(error)) => Err(error),
     }
@@ -300,6 +303,7 @@ mod tests {
             default: pem::CertSource::Managed {
                 cert: dir.join("none.pem"),
                 key: dir.join("none.key"),
+                fallback: None,
             },
             sni: vec![(vec!["api.test".into()], generated(&["api.test"]))],
             handshake_timeout: Duration::from_secs(5),
@@ -309,5 +313,22 @@ mod tests {
         assert!(store.resolve(Some("chat.test")).is_none());
         assert!(store.resolve(None).is_none());
         assert!(store.resolve(Some("api.test")).is_some());
+
+        // With a fallback, that is served until the files are there.
+        let fallback = generated(&["chat.test"]);
+        let with_fallback = TlsSettings {
+            default: pem::CertSource::Managed {
+                cert: dir.join("none.pem"),
+                key: dir.join("none.key"),
+                fallback: Some(Box::new(fallback.clone())),
+            },
+            ..settings
+        };
+        let store = CertStore::load(&with_fallback, true).expect("loads the fallback");
+        let expected = pem::load_certified_key(&fallback).expect("fallback");
+        assert_eq!(
+            store.resolve(Some("chat.test")).map(|k| k.cert.clone()),
+            Some(expected.cert.clone())
+        );
     }
 }

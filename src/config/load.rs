@@ -56,6 +56,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
     }
     let mut listeners = Vec::new();
+    // The first `challenge = "http-01"`, refused unless a plain listener
+    // is there to answer it.
+    let mut http01 = None;
     for (i, mut t) in root.tables("listener")?.into_iter().enumerate() {
         let name = match t.string("name")? {
             Some(v) => {
@@ -119,7 +122,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 defaults.ws_ping_timeout,
                 MIN_TIMEOUT,
             )?,
-            tls: read_tls(&mut t)?,
+            tls: read_tls(&mut t, &mut http01)?,
             proxy_protocol: read_proxy_protocol(&mut t)?,
             ..defaults
         };
@@ -131,6 +134,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
         t.finish()?;
         listeners.push(listener);
+    }
+    if let Some(error) = http01
+        && listeners.iter().all(|l| l.tls.is_some())
+    {
+        return Err(error);
     }
     if pools.is_empty() {
         return Err(root.error_here("no [[pool]] is defined: at least one is needed".into()));
@@ -398,13 +406,18 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
 /// of `cert` and `key`) with `[[listener.tls.sni]]` entries; every
 /// certificate file is loaded and checked now, so `sluice check` reports
 /// an unreadable, expired or mismatched one with its file.
-fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError> {
+/// `http01` gets the error for the first `challenge = "http-01"`, refused
+/// when no listener is plain.
+fn read_tls(
+    listener: &mut Table<'_>,
+    http01: &mut Option<ConfigError>,
+) -> Result<Option<TlsSettings>, ConfigError> {
     let context = format!("{} tls", listener.context());
     let Some(mut t) = listener.table("tls", context)? else {
         return Ok(None);
     };
     let mut acme = Vec::new();
-    let default = cert_source(&mut t, &mut acme)?;
+    let default = cert_source(&mut t, &mut acme, http01)?;
     let handshake_timeout =
         t.duration("handshake_timeout", Duration::from_secs(10), MIN_TIMEOUT)?;
     let mut sni = Vec::new();
@@ -428,7 +441,7 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError
                 "host names, or *.domain wildcards, are needed".into(),
             ));
         }
-        let src = cert_source(&mut entry, &mut acme)?;
+        let src = cert_source(&mut entry, &mut acme, http01)?;
         entry.finish()?;
         let hosts = match hosts {
             Some(hosts) => hosts.value,
@@ -447,30 +460,49 @@ fn read_tls(listener: &mut Table<'_>) -> Result<Option<TlsSettings>, ConfigError
 
 /// `cert` and `key` files (loaded and checked now), or `acme = { ... }`
 /// (added to `acme`).
-fn cert_source(t: &mut Table<'_>, acme: &mut Vec<AcmeSettings>) -> Result<CertSource, ConfigError> {
+fn cert_source(
+    t: &mut Table<'_>,
+    acme: &mut Vec<AcmeSettings>,
+    http01: &mut Option<ConfigError>,
+) -> Result<CertSource, ConfigError> {
     if let Some(a) = t.table("acme", format!("{} acme", t.context()))? {
         if t.has("cert") || t.has("key") {
             return Err(t.error_here("either cert and key, or acme, not both".into()));
         }
-        let settings = read_acme(a)?;
+        let settings = read_acme(a, http01)?;
         let files = settings.files();
         acme.push(settings);
         return Ok(files);
     }
     let cert = t.required_string("cert")?;
     let key = t.required_string("key")?;
+    cert_files(t, &cert, &key, "cert")
+}
+
+/// The files `cert` and `key` name, loaded and checked now (an error names
+/// `cert_key`).
+fn cert_files(
+    t: &Table<'_>,
+    cert: &Value<String>,
+    key: &Value<String>,
+    cert_key: &str,
+) -> Result<CertSource, ConfigError> {
     let source = CertSource::Files {
         cert: t.path_near_config(&cert.value),
         key: t.path_near_config(&key.value),
     };
     crate::pem::load_certified_key(&source)
-        .map_err(|e| t.error_at(&cert.span, "cert", chain(&e).to_string()))?;
+        .map_err(|e| t.error_at(&cert.span, cert_key, chain(&e).to_string()))?;
     Ok(source)
 }
 
 /// `acme = { domains, contact, directory, directory_ca, cache, challenge,
-/// renew_before }`: checked without contacting the CA.
-fn read_acme(mut a: Table<'_>) -> Result<AcmeSettings, ConfigError> {
+/// renew_before, fallback_cert, fallback_key }`: checked without
+/// contacting the CA.
+fn read_acme(
+    mut a: Table<'_>,
+    http01: &mut Option<ConfigError>,
+) -> Result<AcmeSettings, ConfigError> {
     let domains = a
         .strings("domains")?
         .ok_or_else(|| a.error_here("missing key \"domains\"".into()))?;
@@ -528,14 +560,37 @@ fn read_acme(mut a: Table<'_>) -> Result<AcmeSettings, ConfigError> {
         None => AcmeChallenge::TlsAlpn01,
         Some(c) => match c.value.as_str() {
             "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+            "http-01" => {
+                http01.get_or_insert_with(|| {
+                    a.error_at(
+                        &c.span,
+                        "challenge",
+                        "\"http-01\" is answered on a plain (non-TLS) listener, and there is none \
+                         (the CA fetches port 80)"
+                            .into(),
+                    )
+                });
+                AcmeChallenge::Http01
+            }
             other => {
                 return Err(a.error_at(
                     &c.span,
                     "challenge",
-                    format!("{other:?}: expected \"tls-alpn-01\""),
+                    format!("{other:?}: expected \"tls-alpn-01\" or \"http-01\""),
                 ));
             }
         },
+    };
+    let fallback = match (a.string("fallback_cert")?, a.string("fallback_key")?) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(cert_files(&a, &cert, &key, "fallback_cert")?),
+        (Some(v), None) | (None, Some(v)) => {
+            return Err(a.error_at(
+                &v.span,
+                "fallback_cert",
+                "fallback_cert and fallback_key go together".into(),
+            ));
+        }
     };
     let renew_before = a
         .has("renew_before")
@@ -550,6 +605,7 @@ fn read_acme(mut a: Table<'_>) -> Result<AcmeSettings, ConfigError> {
         cache: cache_path,
         challenge,
         renew_before,
+        fallback,
     })
 }
 

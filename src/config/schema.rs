@@ -131,6 +131,9 @@ pub struct AcmeSettings {
     /// Renew this long before the certificate expires; `None`: when a
     /// third of its lifetime is left.
     pub renew_before: Option<Duration>,
+    /// Served for the domains until the CA's certificate is there
+    /// (`CertSource::Files`); `None`: their handshakes fail until then.
+    pub fallback: Option<CertSource>,
 }
 
 impl AcmeSettings {
@@ -144,6 +147,7 @@ impl AcmeSettings {
         CertSource::Managed {
             cert: self.cache.join(format!("{stem}.pem")),
             key: self.cache.join(format!("{stem}.key")),
+            fallback: self.fallback.clone().map(Box::new),
         }
     }
 }
@@ -153,6 +157,9 @@ impl AcmeSettings {
 pub enum AcmeChallenge {
     /// A TLS handshake with ALPN `acme-tls/1` on this listener (RFC 8737).
     TlsAlpn01,
+    /// `GET /.well-known/acme-challenge/{token}` on a plain listener
+    /// (RFC 8555 §8.3), answered by sluice itself.
+    Http01,
 }
 
 /// The admin API listener.

@@ -810,6 +810,18 @@ fn acme_sections_are_checked_without_contacting_the_ca() {
             "key \"cache\": ",
         ),
         (format!("{good}, colour = 1"), "colour"),
+        (
+            format!("{good}, challenge = \"http-01\""),
+            "key \"challenge\": \"http-01\" is answered on a plain (non-TLS) listener",
+        ),
+        (
+            format!("{good}, fallback_key = \"a.key\""),
+            "key \"fallback_cert\": fallback_cert and fallback_key go together",
+        ),
+        (
+            format!("{good}, fallback_cert = \"none.pem\", fallback_key = \"none.key\""),
+            "key \"fallback_cert\": reading ",
+        ),
     ] {
         let err = check(&with(&bad)).expect_err(&bad);
         assert!(
@@ -817,6 +829,14 @@ fn acme_sections_are_checked_without_contacting_the_ca() {
             "{bad}: {err}"
         );
     }
+    // HTTP-01 is answered on a plain listener, which the CA reaches.
+    let http01 = format!(
+        "{}\n[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:8081\"\npool = \"app\"\n",
+        with(&format!("{good}, challenge = \"http-01\""))
+    );
+    let cfg = check(&http01).expect("http-01 with a plain listener");
+    let tls = cfg.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.acme[0].challenge, AcmeChallenge::Http01);
     let both = MINIMAL.replace(
         "pool = \"app\"\n",
         &format!("pool = \"app\"\n[listener.tls]\ncert = \"a.pem\"\nkey = \"a.key\"\nacme = {{ {good} }}\n"),

@@ -10,6 +10,7 @@
 
 mod affinity;
 pub mod body;
+pub mod challenge;
 mod headers;
 
 use std::convert::Infallible;
@@ -62,6 +63,9 @@ pub struct ListenerCtx {
     pub client_limit: Option<Arc<ClientLimit>>,
     /// Requests answered 429 for their client's connection count.
     pub client_limited: Counter,
+    /// ACME HTTP-01 answers, on a plain listener of a process that has an
+    /// `http-01` ACME section.
+    pub http01: Option<challenge::Http01Answers>,
 }
 
 impl ListenerCtx {
@@ -185,6 +189,11 @@ async fn handle<S: TunnelIo + AsyncRead>(
     }
     if let Err((code, text)) = headers::check_request(&req, ctx.cfg.max_uri_length) {
         return refuse(code, text);
+    }
+    if let Some(answers) = &ctx.http01
+        && let Some(resp) = challenge::answer(&req, answers)
+    {
+        return resp;
     }
     // One span per proxied request or WebSocket; `upstream` records the
     // backend once it has one.

@@ -66,6 +66,7 @@ impl Pebble {
                 .spawn()
                 .expect("pebble-challtestsrv starts"),
         );
+        let log = std::fs::File::create(dir.path().join("pebble.log")).expect("log");
         let pebble = Proc(
             Command::new("pebble")
                 .arg("-config")
@@ -75,8 +76,8 @@ impl Pebble {
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
                 .env("PEBBLE_AUTHZREUSE", "0")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
                 .spawn()
                 .expect("pebble starts"),
         );
@@ -99,6 +100,20 @@ impl Pebble {
             _dns: dns_proc,
             _pebble: pebble,
         }
+    }
+
+    /// ACME requests Pebble has handled so far (from its log).
+    pub fn requests(&self) -> usize {
+        self.log().matches("-> calling handler()").count()
+    }
+
+    /// Certificates Pebble has issued so far.
+    pub fn issued(&self) -> usize {
+        self.log().matches("Issued certificate serial").count()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
     }
 
     /// The root that Pebble's issued certificates chain to (PEM).
