@@ -135,10 +135,21 @@ async fn accept_connection(
     };
     let tls = ctx.tls.clone();
     let send_proxy_v2 = ctx.upstream.cfg.send_proxy_protocol == Some(ProxyVersion::V2);
+    // h2c with prior knowledge, on a plain listener that asks for it.
+    let h2c = ctx.cfg.http2.enabled == Some(true);
+    let head_timeout = ctx.cfg.header_read_timeout;
     // Not held while the connection lasts (see `http::serve_connection`).
     drop(ctx);
     let Some(tls) = tls else {
-        http::serve_connection(stream, client, cell, permit, shutdown).await;
+        let h2 = match h2c {
+            true => http::h2::has_preface(&stream, head_timeout).await,
+            false => Some(false),
+        };
+        match h2 {
+            Some(true) => http::h2::serve(stream, client, cell, permit, shutdown).await,
+            Some(false) => http::serve_connection(stream, client, cell, permit, shutdown).await,
+            None => debug!("no request within the head timeout: closing"),
+        }
         return;
     };
     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
@@ -153,7 +164,11 @@ async fn accept_connection(
                 .then(|| stream.get_ref().1.server_name().map(Into::into))
                 .flatten();
             client.tls = Some(sni);
-            http::serve_connection(stream, client, cell, permit, shutdown).await;
+            if stream.get_ref().1.alpn_protocol() == Some(crate::tls::H2_ALPN) {
+                http::h2::serve(stream, client, cell, permit, shutdown).await;
+            } else {
+                http::serve_connection(stream, client, cell, permit, shutdown).await;
+            }
         }
         // Port scanners and broken clients: counted, logged at debug.
         Ok(Err(error)) => {
@@ -208,7 +223,10 @@ pub async fn serve(
         } else {
             debug_span!("conn", client.addr = %peer, listener = %ctx.cfg.name)
         };
-        if ctx.tls.is_none() && ctx.cfg.proxy_protocol.is_none() {
+        if ctx.tls.is_none()
+            && ctx.cfg.proxy_protocol.is_none()
+            && ctx.cfg.http2.enabled != Some(true)
+        {
             // The common case, without a wrapping future.
             let client = Client {
                 addr: peer,

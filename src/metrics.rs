@@ -34,6 +34,8 @@ pub struct Metrics {
     handshake_errors: Family<ListenerLabels, Counter>,
     proxy_rejected: Family<ListenerLabels, Counter>,
     client_limited: Family<ListenerLabels, Counter>,
+    h2_connections: Family<ListenerLabels, Counter>,
+    h2_streams: Family<ListenerLabels, Counter>,
     /// Time to open a TCP connection to a backend.
     pub connect_seconds: Histogram,
     /// The config generation in use (1 at start, +1 per applied reload).
@@ -113,6 +115,18 @@ impl Metrics {
             "Requests answered 429 because their client address had max_connections_per_client, by listener",
             client_limited.clone(),
         );
+        let h2_connections = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "sluice_http2_connections",
+            "Client connections served over HTTP/2 (h2 by ALPN, or h2c), by listener",
+            h2_connections.clone(),
+        );
+        let h2_streams = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "sluice_http2_streams",
+            "Requests (streams) received over HTTP/2, WebSockets by extended CONNECT included, by listener",
+            h2_streams.clone(),
+        );
         let config_generation = Gauge::default();
         registry.register(
             "sluice_config_generation",
@@ -135,6 +149,8 @@ impl Metrics {
             handshake_errors,
             proxy_rejected,
             client_limited,
+            h2_connections,
+            h2_streams,
             connect_seconds,
             config_generation,
             tls,
@@ -186,6 +202,14 @@ impl Metrics {
         self.client_limited
             .get_or_create(&[("listener", listener.to_string())])
             .clone()
+    }
+
+    /// The HTTP/2 connection and stream counters of `listener`.
+    pub fn http2(&self, listener: &str) -> (Counter, Counter) {
+        let labels = [("listener", listener.to_string())];
+        let connections = self.h2_connections.get_or_create(&labels).clone();
+        let streams = self.h2_streams.get_or_create(&labels).clone();
+        (connections, streams)
     }
 
     /// The admission-rejected counter of `pool`.

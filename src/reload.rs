@@ -414,13 +414,15 @@ impl Reloader {
                 Some(settings) => {
                     let same = kept
                         .and_then(|i| st.listeners[i].cell.load().tls.clone())
-                        .filter(|t| t.settings() == settings);
+                        .filter(|t| t.settings() == settings && t.h2 == l.http2());
                     match same {
                         // The same files: read again once nothing can fail.
                         Some(tls) => Some(tls),
-                        None => Some(Tls::new(settings).map_err(|source| ApplyError::Tls {
-                            name: l.name.clone(),
-                            source,
+                        None => Some(Tls::new(settings, l.http2()).map_err(|source| {
+                            ApplyError::Tls {
+                                name: l.name.clone(),
+                                source,
+                            }
                         })?),
                     }
                 }
@@ -499,8 +501,11 @@ impl Reloader {
                 (Some(p), Some(t)) => p.tls.as_ref().is_some_and(|o| o.same(t)),
                 _ => false,
             };
+            let (h2_connections, h2_streams) = self.metrics.http2(&l.name);
             let ctx = Arc::new(ListenerCtx {
                 id,
+                h2_connections,
+                h2_streams,
                 tls: prep.tls,
                 handshake_errors: self.metrics.tls_handshake_errors(&l.name),
                 proxy_rejected: self.metrics.proxy_rejected(&l.name),

@@ -30,6 +30,9 @@ use crate::pem::{self, PemError};
 pub const RELOAD_CHECK: Duration = Duration::from_secs(2);
 
 /// The certificates of one listener.
+/// The ALPN protocol of HTTP/2 over TLS (RFC 9113).
+pub const H2_ALPN: &[u8] = b"h2";
+
 /// The ALPN protocol of a TLS-ALPN-01 challenge (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
@@ -153,11 +156,14 @@ pub struct Tls {
     settings: Arc<TlsSettings>,
     /// TLS-ALPN-01 answers, for the listener's ACME certificates.
     pub challenges: Challenges,
+    /// ALPN offers `h2`.
+    pub h2: bool,
 }
 
 impl Tls {
-    /// Loads every certificate of `settings`.
-    pub fn new(settings: &TlsSettings) -> Result<Self, PemError> {
+    /// Loads every certificate of `settings`; ALPN offers `h2` too when
+    /// `h2`.
+    pub fn new(settings: &TlsSettings, h2: bool) -> Result<Self, PemError> {
         let store = Arc::new(ArcSwap::from_pointee(CertStore::load(settings, true)?));
         let challenges = Challenges::default();
         let mut config = ServerConfig::builder_with_provider(pem::provider())
@@ -171,7 +177,11 @@ impl Tls {
                 store: store.clone(),
                 challenges: challenges.clone(),
             }));
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = if h2 {
+            vec![H2_ALPN.to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         if !settings.acme.is_empty() {
             config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
         }
@@ -181,6 +191,7 @@ impl Tls {
             store,
             settings: Arc::new(settings.clone()),
             challenges,
+            h2,
         })
     }
 

@@ -257,6 +257,27 @@ fn listener_keys(
     );
     key(old.tls != new.tls, "tls");
     key(old.proxy_protocol != new.proxy_protocol, "proxy_protocol");
+    key(old.http2.enabled != new.http2.enabled, "http2");
+    key(
+        old.http2.websockets != new.http2.websockets,
+        "websocket_over_http2",
+    );
+    key(
+        old.http2.max_concurrent_streams != new.http2.max_concurrent_streams,
+        "http2_max_concurrent_streams",
+    );
+    key(
+        old.http2.stream_window != new.http2.stream_window,
+        "http2_stream_window",
+    );
+    key(
+        old.http2.connection_window != new.http2.connection_window,
+        "http2_connection_window",
+    );
+    key(
+        old.http2.idle_timeout != new.http2.idle_timeout,
+        "http2_idle_timeout",
+    );
     keys
 }
 

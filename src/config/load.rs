@@ -124,8 +124,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             )?,
             tls: read_tls(&mut t, &mut http01)?,
             proxy_protocol: read_proxy_protocol(&mut t)?,
+            http2: read_http2(&mut t)?,
             ..defaults
         };
+        if listener.http2.websockets && !listener.http2() {
+            return Err(t.error_here(
+                "websocket_over_http2 needs HTTP/2 on the listener (http2 = true)".into(),
+            ));
+        }
+        if listener.http2.websockets {
+            return Err(t.error_here(
+                "websocket_over_http2 is not served yet (see the README's \"Not yet\")".into(),
+            ));
+        }
         if listeners
             .iter()
             .any(|l: &ListenerConfig| l.name == listener.name)
@@ -399,6 +410,41 @@ fn read_drain(pool: &mut Table<'_>) -> Result<DrainConfig, ConfigError> {
         close_code,
         close_timeout,
         max_message_wait,
+    })
+}
+
+/// `http2`, `websocket_over_http2` and the `http2_*` limits of a listener.
+fn read_http2(t: &mut Table<'_>) -> Result<Http2Settings, ConfigError> {
+    let d = Http2Settings::default();
+    let enabled = if t.has("http2") {
+        Some(t.boolean("http2", true)?)
+    } else {
+        None
+    };
+    let stream_window = t.integer(
+        "http2_stream_window",
+        d.stream_window.into(),
+        65_535,
+        1 << 30,
+    )? as u32;
+    let connection_window = t.integer(
+        "http2_connection_window",
+        d.connection_window.into(),
+        65_535,
+        1 << 30,
+    )? as u32;
+    Ok(Http2Settings {
+        enabled,
+        websockets: t.boolean("websocket_over_http2", d.websockets)?,
+        max_concurrent_streams: t.integer(
+            "http2_max_concurrent_streams",
+            d.max_concurrent_streams.into(),
+            1,
+            10_000,
+        )? as u32,
+        stream_window,
+        connection_window,
+        idle_timeout: t.duration("http2_idle_timeout", d.idle_timeout, MIN_TIMEOUT)?,
     })
 }
 

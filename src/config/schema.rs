@@ -60,6 +60,43 @@ pub struct ListenerConfig {
     pub tls: Option<TlsSettings>,
     /// The PROXY protocol from an L4 balancer in front, when configured.
     pub proxy_protocol: Option<ProxyProtocolIn>,
+    /// HTTP/2 towards clients (see [`Http2Settings`]).
+    pub http2: Http2Settings,
+}
+
+/// HTTP/2 towards clients: by ALPN on a TLS listener, with prior
+/// knowledge (h2c) on a plain one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// `http2`; `None`: on for TLS listeners, off for plain ones.
+    pub enabled: Option<bool>,
+    /// `websocket_over_http2`: advertise `SETTINGS_ENABLE_CONNECT_PROTOCOL`
+    /// and accept WebSockets by extended CONNECT (RFC 8441).
+    pub websockets: bool,
+    /// Streams a client may have open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Bytes a client may send on one stream before sluice has read them.
+    pub stream_window: u32,
+    /// Bytes a client may send on all streams of a connection before sluice
+    /// has read them; larger than `stream_window`, so that a stream whose
+    /// backend reads slowly does not hold up the others.
+    pub connection_window: u32,
+    /// A connection with no new stream for this long gets GOAWAY (its
+    /// streams in flight finish).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            websockets: false,
+            max_concurrent_streams: 100,
+            stream_window: 256 * 1024,
+            connection_window: 4 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// TCP keepalive probes: after `idle` of silence, every `interval`; `count`
@@ -515,6 +552,12 @@ impl ListenerConfig {
             ws_ping_timeout: Duration::from_secs(10),
             tls: None,
             proxy_protocol: None,
+            http2: Http2Settings::default(),
         }
+    }
+
+    /// Whether clients may speak HTTP/2 to this listener.
+    pub fn http2(&self) -> bool {
+        self.http2.enabled.unwrap_or(self.tls.is_some())
     }
 }

@@ -847,3 +847,48 @@ fn acme_sections_are_checked_without_contacting_the_ca() {
             .contains("either cert and key, or acme")
     );
 }
+
+#[test]
+fn http2_settings_are_read_and_checked() {
+    let with =
+        |keys: &str| MINIMAL.replace("pool = \"app\"\n", &format!("pool = \"app\"\n{keys}\n"));
+    let cfg = check(MINIMAL).expect("valid");
+    assert!(
+        !cfg.listeners[0].http2(),
+        "off on a plain listener by default"
+    );
+    let cfg = check(&with(
+        "http2 = true\nhttp2_max_concurrent_streams = 50\nhttp2_stream_window = 65535\n\
+         http2_connection_window = 1048576\nhttp2_idle_timeout = \"5s\"",
+    ))
+    .expect("valid");
+    let h2 = cfg.listeners[0].http2;
+    assert!(cfg.listeners[0].http2());
+    assert_eq!(
+        (
+            h2.max_concurrent_streams,
+            h2.stream_window,
+            h2.connection_window
+        ),
+        (50, 65_535, 1 << 20)
+    );
+    assert_eq!(h2.idle_timeout, std::time::Duration::from_secs(5));
+    for (bad, says) in [
+        ("http2 = \"yes\"", "key \"http2\""),
+        (
+            "http2_max_concurrent_streams = 0",
+            "key \"http2_max_concurrent_streams\"",
+        ),
+        ("http2_stream_window = 1000", "key \"http2_stream_window\""),
+        (
+            "websocket_over_http2 = true",
+            "websocket_over_http2 needs HTTP/2",
+        ),
+    ] {
+        let err = check(&with(bad)).expect_err(bad);
+        assert!(
+            err.contains("sluice.toml:") && err.contains(says),
+            "{bad}: {err}"
+        );
+    }
+}

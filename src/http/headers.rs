@@ -251,6 +251,7 @@ pub fn prepare_request<B>(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    join_cookies(headers);
     if websocket {
         // Only the protocol sluice tunnels: a client's `Upgrade: websocket,
         // h2c` must not let a backend switch it to something else.
@@ -259,6 +260,24 @@ pub fn prepare_request<B>(
     }
     if let Some(proto) = forwarded {
         add_forwarded(headers, peer, proto);
+    }
+}
+
+/// One Cookie header of all of them, `; `-separated: HTTP/2 clients send
+/// each cookie in a field of its own, which an HTTP/1.1 backend must get
+/// as one (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -437,5 +456,22 @@ mod tests {
         prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), None, false);
         assert_eq!(r.uri(), "/a?b=1");
         assert_eq!(r.headers()["host"], "example.com");
+    }
+
+    #[test]
+    fn an_http2_request_reaches_the_backend_as_http_1_1_with_one_cookie_line() {
+        let mut r = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://chat.example.com/page")
+            .header("cookie", "a=1")
+            .header("cookie", "sluice=b1.x")
+            .body(())
+            .expect("valid");
+        prepare_request(&mut r, "10.1.2.3:5555".parse().expect("addr"), None, false);
+        assert_eq!(r.version(), Version::HTTP_11);
+        assert_eq!(r.uri(), "/page");
+        assert_eq!(r.headers()["host"], "chat.example.com");
+        let cookies: Vec<_> = r.headers().get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; sluice=b1.x"]);
     }
 }

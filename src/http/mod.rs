@@ -1,6 +1,6 @@
 //! The HTTP side of a client connection.
 //!
-//! Owns one client connection's HTTP/1.1 (hyper): requests are forwarded to
+//! Owns one client connection's HTTP/1.1 (hyper; HTTP/2 in `h2`): requests are forwarded to
 //! a backend of the listener's pool over reused connections; a WebSocket
 //! upgrade is forwarded on a fresh connection and, on 101, both sockets are
 //! handed to a [`Tunnel`]. Adds forwarded headers, strips hop-by-hop ones,
@@ -11,6 +11,7 @@
 mod affinity;
 pub mod body;
 pub mod challenge;
+pub mod h2;
 mod headers;
 
 use std::convert::Infallible;
@@ -66,6 +67,10 @@ pub struct ListenerCtx {
     /// ACME HTTP-01 answers, on a plain listener of a process that has an
     /// `http-01` ACME section.
     pub http01: Option<challenge::Http01Answers>,
+    /// Client connections served over HTTP/2.
+    pub h2_connections: Counter,
+    /// Requests (streams) received over HTTP/2.
+    pub h2_streams: Counter,
 }
 
 impl ListenerCtx {

@@ -13,6 +13,7 @@ mod failures;
 mod fuzz;
 mod health;
 mod http;
+mod http2;
 mod layers;
 mod liveness;
 mod proxy_protocol;

@@ -69,6 +69,15 @@ pub(crate) async fn tls_connect(addr: SocketAddr, name: &str) -> (TlsStream<TcpS
 /// TLS for `name` over a connection the test opened, and the certificate
 /// the server showed.
 pub(crate) async fn tls_over(tcp: TcpStream, name: &str) -> (TlsStream<TcpStream>, Vec<u8>) {
+    tls_over_alpn(tcp, name, &[b"http/1.1"]).await
+}
+
+/// Like `tls_over`, offering `alpn`.
+pub(crate) async fn tls_over_alpn(
+    tcp: TcpStream,
+    name: &str,
+    alpn: &[&[u8]],
+) -> (TlsStream<TcpStream>, Vec<u8>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -76,7 +85,7 @@ pub(crate) async fn tls_over(tcp: TcpStream, name: &str) -> (TlsStream<TcpStream
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let name = ServerName::try_from(name.to_string()).expect("name");
     let tls = within(
         10,
