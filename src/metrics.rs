@@ -36,6 +36,7 @@ pub struct Metrics {
     client_limited: Family<ListenerLabels, Counter>,
     h2_connections: Family<ListenerLabels, Counter>,
     h2_streams: Family<ListenerLabels, Counter>,
+    h2_websockets: Family<ListenerLabels, Gauge>,
     /// Time to open a TCP connection to a backend.
     pub connect_seconds: Histogram,
     /// The config generation in use (1 at start, +1 per applied reload).
@@ -127,6 +128,12 @@ impl Metrics {
             "Requests (streams) received over HTTP/2, WebSockets by extended CONNECT included, by listener",
             h2_streams.clone(),
         );
+        let h2_websockets = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "sluice_http2_websockets",
+            "WebSockets open over HTTP/2 (RFC 8441 extended CONNECT), by listener; they count in sluice_connections like any other",
+            h2_websockets.clone(),
+        );
         let config_generation = Gauge::default();
         registry.register(
             "sluice_config_generation",
@@ -151,6 +158,7 @@ impl Metrics {
             client_limited,
             h2_connections,
             h2_streams,
+            h2_websockets,
             connect_seconds,
             config_generation,
             tls,
@@ -204,12 +212,14 @@ impl Metrics {
             .clone()
     }
 
-    /// The HTTP/2 connection and stream counters of `listener`.
-    pub fn http2(&self, listener: &str) -> (Counter, Counter) {
+    /// The HTTP/2 connection and stream counters of `listener`, and its
+    /// gauge of WebSockets over HTTP/2.
+    pub fn http2(&self, listener: &str) -> (Counter, Counter, Gauge) {
         let labels = [("listener", listener.to_string())];
         let connections = self.h2_connections.get_or_create(&labels).clone();
         let streams = self.h2_streams.get_or_create(&labels).clone();
-        (connections, streams)
+        let websockets = self.h2_websockets.get_or_create(&labels).clone();
+        (connections, streams, websockets)
     }
 
     /// The admission-rejected counter of `pool`.

@@ -501,11 +501,12 @@ impl Reloader {
                 (Some(p), Some(t)) => p.tls.as_ref().is_some_and(|o| o.same(t)),
                 _ => false,
             };
-            let (h2_connections, h2_streams) = self.metrics.http2(&l.name);
+            let (h2_connections, h2_streams, h2_websockets) = self.metrics.http2(&l.name);
             let ctx = Arc::new(ListenerCtx {
                 id,
                 h2_connections,
                 h2_streams,
+                h2_websockets,
                 tls: prep.tls,
                 handshake_errors: self.metrics.tls_handshake_errors(&l.name),
                 proxy_rejected: self.metrics.proxy_rejected(&l.name),

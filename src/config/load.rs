@@ -132,11 +132,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 "websocket_over_http2 needs HTTP/2 on the listener (http2 = true)".into(),
             ));
         }
-        if listener.http2.websockets {
-            return Err(t.error_here(
-                "websocket_over_http2 is not served yet (see the README's \"Not yet\")".into(),
-            ));
-        }
+
         if listeners
             .iter()
             .any(|l: &ListenerConfig| l.name == listener.name)

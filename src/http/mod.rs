@@ -13,6 +13,7 @@ pub mod body;
 pub mod challenge;
 pub mod h2;
 mod headers;
+mod ws_h2;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -71,6 +72,8 @@ pub struct ListenerCtx {
     pub h2_connections: Counter,
     /// Requests (streams) received over HTTP/2.
     pub h2_streams: Counter,
+    /// WebSockets open over HTTP/2 (RFC 8441).
+    pub h2_websockets: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl ListenerCtx {
@@ -192,6 +195,17 @@ async fn handle<S: TunnelIo + AsyncRead>(
         );
         return resp;
     }
+    if ws_h2::is_extended_connect(&req) {
+        let span = debug_span!(
+            "ws",
+            pool = ctx.upstream.cfg.name.as_str(),
+            backend = field::Empty,
+            h2 = true
+        );
+        return ws_h2::websocket(req, client, ctx.clone(), permit)
+            .instrument(span)
+            .await;
+    }
     if let Err((code, text)) = headers::check_request(&req, ctx.cfg.max_uri_length) {
         return refuse(code, text);
     }
@@ -256,14 +270,50 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         return refuse(StatusCode::BAD_REQUEST, reason);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
+    let switched = match open_websocket(req, &client, &ctx).await {
+        Ok(switched) => switched,
+        Err(answer) => return answer,
+    };
+    let client_side = async move {
+        let upgraded = client_upgrade
+            .await
+            .map_err(|error| debug!(error = %chain(&error), "client upgrade did not complete"))
+            .ok()?;
+        let Ok(client) = upgraded.downcast::<TokioIo<S>>() else {
+            warn!("upgraded connection is not a TCP stream");
+            return None;
+        };
+        Some((client.io.into_inner(), client.read_buf))
+    };
+    let resp = switched.spawn_tunnel(&ctx, permit, client_side, None);
+    // The backend's 101 goes to the client as it is.
+    resp.map(|_| ProxyBody::empty())
+}
+
+/// A backend that switched to WebSocket: its 101, and what the tunnel
+/// needs of it.
+struct Switched {
+    resp: Response<Incoming>,
+    lease: crate::registry::Lease,
+    pin: u64,
+}
+
+/// Sends the upgrade `req` (GET, with its `Sec-WebSocket-Key`) to a
+/// backend of the pool; its 101, or the answer the client gets instead
+/// (the backend's refusal as it is, or sluice's error).
+async fn open_websocket(
+    mut req: Request<Incoming>,
+    client: &Client,
+    ctx: &ListenerCtx,
+) -> Result<Switched, Response<ProxyBody>> {
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
     headers::prepare_request(&mut req, client.addr, ctx.forwarded(), true);
     let timeout = ctx.cfg.body_timeout;
     let req = req.map(|body| RequestBody::new(body, timeout));
-    let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
+    let answer = match upstream.send(&ctx.registry, affinity, req, client).await {
         Ok(answer) => answer,
-        Err(error) => return upstream_error(&error),
+        Err(error) => return Err(upstream_error(&error)),
     };
     let (lease, mut resp) = (answer.lease, answer.resp);
     let (pin, cookie) = upstream.pin(affinity, answer.backend);
@@ -274,56 +324,90 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         // The backend declined the upgrade: pass its answer on as it is.
         headers::drop_length_of_chunked(resp.headers_mut());
         headers::strip_hop_by_hop(resp.headers_mut());
-        return resp.map(|body| ProxyBody::upstream(body, lease, None));
+        return Err(resp.map(|body| ProxyBody::upstream(body, lease, None)));
     }
-    let backend_upgrade = hyper::upgrade::on(&mut resp);
-    let settings = tunnel::Settings {
-        close_timeout: upstream.cfg.drain.close_timeout,
-        max_message_wait: upstream.cfg.drain.max_message_wait,
-        ping: ctx.cfg.ws_ping_interval.map(|interval| tunnel::Ping {
-            interval,
-            timeout: ctx.cfg.ws_ping_timeout,
-        }),
-    };
-    let listener = ctx.id;
-    let tunnel = async move {
-        let _permit = permit;
-        let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
-            Ok(both) => both,
-            Err(error) => {
-                debug!(error = %chain(&error), "upgrade did not complete");
+    Ok(Switched { resp, lease, pin })
+}
+
+impl Switched {
+    /// Spawns the tunnel between the client's side, once `client_side`
+    /// has it (the stream and bytes that came with it), and the backend's;
+    /// returns the 101 (for the client to get, as it is or translated).
+    /// `h2` counts the WebSocket while it lasts.
+    fn spawn_tunnel<C, F>(
+        mut self,
+        ctx: &Arc<ListenerCtx>,
+        permit: Arc<ConnPermit>,
+        client_side: F,
+        h2: Option<prometheus_client::metrics::gauge::Gauge>,
+    ) -> Response<Incoming>
+    where
+        C: TunnelIo,
+        F: std::future::Future<Output = Option<(C, bytes::Bytes)>> + Send + 'static,
+    {
+        let backend_upgrade = hyper::upgrade::on(&mut self.resp);
+        let upstream = &ctx.upstream;
+        let settings = tunnel::Settings {
+            close_timeout: upstream.cfg.drain.close_timeout,
+            max_message_wait: upstream.cfg.drain.max_message_wait,
+            ping: ctx.cfg.ws_ping_interval.map(|interval| tunnel::Ping {
+                interval,
+                timeout: ctx.cfg.ws_ping_timeout,
+            }),
+        };
+        let listener = ctx.id;
+        let (lease, pin) = (self.lease, self.pin);
+        let tunnel = async move {
+            let _permit = permit;
+            let (client, backend) = tokio::join!(client_side, backend_upgrade);
+            let (Some((client, client_pending)), Ok(backend)) = (client, backend) else {
+                debug!("upgrade did not complete");
                 return;
-            }
+            };
+            let Ok(backend) = backend.downcast::<TokioIo<BackendStream>>() else {
+                warn!("upgraded backend connection is not a TCP stream");
+                return;
+            };
+            let _live = h2.map(LiveGauge::new);
+            let entry = lease.into_ws(listener, pin);
+            debug!(conn.id = entry.control().id, "tunnel opened");
+            let tunnel = Tunnel::new(
+                client,
+                client_pending,
+                backend.io.into_inner(),
+                backend.read_buf,
+                entry,
+                settings,
+            );
+            let stats = tunnel.await;
+            debug!(
+                conn.id = stats.id,
+                messages.up = stats.messages_up,
+                messages.down = stats.messages_down,
+                cut = stats.cut,
+                "tunnel closed"
+            );
         };
-        let (Ok(client), Ok(backend)) = (
-            client.downcast::<TokioIo<S>>(),
-            backend.downcast::<TokioIo<BackendStream>>(),
-        ) else {
-            warn!("upgraded connection is not a TCP stream");
-            return;
-        };
-        let entry = lease.into_ws(listener, pin);
-        debug!(conn.id = entry.control().id, "tunnel opened");
-        let tunnel = Tunnel::new(
-            client.io.into_inner(),
-            client.read_buf,
-            backend.io.into_inner(),
-            backend.read_buf,
-            entry,
-            settings,
-        );
-        let stats = tunnel.await;
-        debug!(
-            conn.id = stats.id,
-            messages.up = stats.messages_up,
-            messages.down = stats.messages_down,
-            cut = stats.cut,
-            "tunnel closed"
-        );
-    };
-    // The tunnel logs inside this request's span, and so its connection's.
-    ctx.tasks.spawn(tunnel.instrument(Span::current()));
-    resp.map(|_| ProxyBody::empty())
+        // The tunnel logs inside this request's span, and so its connection's.
+        ctx.tasks.spawn(tunnel.instrument(Span::current()));
+        self.resp
+    }
+}
+
+/// A gauge raised while this lives.
+struct LiveGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl LiveGauge {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for LiveGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The answer to a request that got none from a backend, by who failed.

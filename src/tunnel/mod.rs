@@ -26,7 +26,7 @@ mod flow;
 pub mod frame;
 mod stream;
 
-pub use stream::TunnelIo;
+pub use stream::{TunnelIo, read_with_noop_waker};
 
 use std::future::Future;
 use std::pin::Pin;

@@ -64,7 +64,7 @@ fn poll_tls_read_ready<D>(
 
 /// Reads with a no-op waker: Pending means nothing is there now; the
 /// tunnel then waits in `poll_read_ready` with its own waker.
-fn read_with_noop_waker(
+pub fn read_with_noop_waker(
     stream: &mut (impl AsyncRead + Unpin),
     buf: &mut Vec<u8>,
 ) -> io::Result<usize> {

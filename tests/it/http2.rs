@@ -306,3 +306,235 @@ async fn curl_speaks_h2_over_tls_and_h2c_with_prior_knowledge() {
     );
     assert_eq!(curl_version(&[], &url).await, "1.1 200");
 }
+
+type H2Ws = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// A WebSocket over the HTTP/2 connection of `client` (RFC 8441), past
+/// the demo backend's greeting; with the 200's headers and the backend's
+/// name.
+async fn ws_over_h2(
+    client: &SendRequest<Full<Bytes>>,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> (H2Ws, hyper::HeaderMap, String) {
+    let (headers, upgraded) = connect_h2(client, path, extra).await;
+    let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    config.max_message_size = Some(64 << 20);
+    config.max_frame_size = Some(64 << 20);
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        Some(config),
+    )
+    .await;
+    let name = greeting(&mut ws).await;
+    (ws, headers, name)
+}
+
+/// An extended CONNECT for a WebSocket at `path`: the 200's headers and
+/// the stream.
+async fn connect_h2(
+    client: &SendRequest<Full<Bytes>>,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> (hyper::HeaderMap, hyper::upgrade::Upgraded) {
+    let mut req = hyper::Request::connect(format!("https://app.test{path}"))
+        .header("sec-websocket-version", "13");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let mut req = req.body(Full::new(Bytes::new())).expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut sender = client.clone();
+    let resp = within(10, "extended CONNECT", sender.send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let headers = resp.headers().clone();
+    let upgraded = within(10, "upgrade", hyper::upgrade::on(resp))
+        .await
+        .expect("upgraded");
+    (headers, upgraded)
+}
+
+async fn ws_h2_sluice(
+    backends: &[sluice::demo::EchoBackend],
+) -> (Sluice, crate::support::process::TempDir) {
+    tls_sluice(backends, |cfg| {
+        cfg.listeners[0].http2.websockets = true;
+        cfg.pools[0].drain.window = Duration::ZERO;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn websockets_over_h2_carry_messages_from_1_byte_to_16_mib() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let backends = echo_backends(1).await;
+    let (sluice, _dir) = ws_h2_sluice(&backends).await;
+    let client = h2_over_tls(&sluice).await;
+    // The page first, on the same connection, as a browser does.
+    assert_eq!(send(&client, get("https://app.test/")).await.status, 200);
+    let (mut ws, headers, name) =
+        ws_over_h2(&client, "/ws", &[("sec-websocket-protocol", "chat, other")]).await;
+    assert_eq!(name, "b1");
+    assert_eq!(headers["sec-websocket-protocol"], "chat");
+    assert!(!headers.contains_key("sec-websocket-accept"));
+    for size in [1usize, 125, 126, 65_535, 65_536, 1 << 20, 16 << 20] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        ws.send(Message::binary(payload.clone()))
+            .await
+            .expect("send");
+        let back = within(30, "echo", ws.next()).await;
+        match back {
+            Some(Ok(Message::Binary(b))) => assert!(b[..] == payload[..], "{size} B differ"),
+            other => panic!("{size} B: {other:?}"),
+        }
+    }
+    let metrics = sluice.metrics().await;
+    assert_eq!(
+        metric(&metrics, "sluice_http2_websockets{listener=\"public\"}"),
+        1.0,
+        "{metrics}"
+    );
+    ws.close(None).await.expect("close");
+    while let Some(Ok(_)) = ws.next().await {}
+    eventually(10, "the WebSocket is gone from the count", || {
+        backends[0].ws_open() == 0
+    })
+    .await;
+    // The connection still serves.
+    assert_eq!(
+        send(&client, get("https://app.test/after")).await.status,
+        200
+    );
+}
+
+/// The code of the Close the WebSocket gets next (messages before it
+/// skipped).
+async fn close_code(ws: &mut H2Ws) -> Option<u16> {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    within(10, "close", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_drain_closes_each_h2_websocket_with_1012_and_leaves_the_rest_of_the_connection() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let backends = echo_backends(2).await;
+    let (sluice, _dir) = ws_h2_sluice(&backends).await;
+    let client = h2_over_tls(&sluice).await;
+    let mut on = std::collections::HashMap::<String, Vec<H2Ws>>::new();
+    for _ in 0..6 {
+        let (ws, _, name) = ws_over_h2(&client, "/ws", &[]).await;
+        on.entry(name).or_default().push(ws);
+    }
+    assert_eq!(
+        on["b1"].len(),
+        3,
+        "least connections over one h2 connection"
+    );
+    let status = sluice.backend_status("b1").await;
+    assert_eq!(status.connections.ws, 3, "{status:?}");
+
+    within(10, "drain", sluice.admin().drain("app", "b1", Some("0s")))
+        .await
+        .expect("drain");
+    for ws in on.get_mut("b1").expect("b1") {
+        assert_eq!(close_code(ws).await, Some(1012));
+    }
+    // The others, and page requests on the same connection, go on.
+    for ws in on.get_mut("b2").expect("b2") {
+        ws.send(Message::text("still here")).await.expect("send");
+        let back = within(10, "echo", ws.next()).await;
+        assert!(
+            matches!(&back, Some(Ok(Message::Text(t))) if t.as_str() == "still here"),
+            "{back:?}"
+        );
+    }
+    let page = send(&client, get("https://app.test/page")).await;
+    assert_eq!(
+        (page.status, page.headers["x-backend"].to_str().ok()),
+        (200, Some("b2"))
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_each_h2_websocket_with_1001_then_the_connection() {
+    let backends = echo_backends(1).await;
+    let (mut sluice, _dir) = ws_h2_sluice(&backends).await;
+    let client = h2_over_tls(&sluice).await;
+    let (mut a, _, _) = ws_over_h2(&client, "/ws", &[]).await;
+    let (mut b, _, _) = ws_over_h2(&client, "/ws", &[]).await;
+    let stop = tokio::spawn(async move { sluice.stop().await });
+    for ws in [&mut a, &mut b] {
+        assert_eq!(close_code(ws).await, Some(1001));
+    }
+    drop((a, b));
+    within(15, "sluice stops", stop).await.expect("stopped");
+    eventually(10, "the connection ends", || client.is_closed()).await;
+}
+
+#[tokio::test]
+async fn frames_pass_byte_for_byte_over_h2_fragments_pings_compressed_and_close() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let backend = RawBackend::echo("Sec-WebSocket-Extensions: permessage-deflate\r\n").await;
+    let dir = temp_dir("h2-raw");
+    write_cert(&dir, "site", &["app.test"]);
+    let mut cfg = config(&[backend.addr]);
+    cfg.listeners[0].tls = Some(one_cert(&dir, "site", Duration::from_secs(5)));
+    cfg.listeners[0].http2.websockets = true;
+    let sluice = Sluice::with_config(cfg).await;
+    let client = h2_over_tls(&sluice).await;
+    let (headers, upgraded) = connect_h2(
+        &client,
+        "/raw",
+        &[
+            ("sec-websocket-extensions", "permessage-deflate"),
+            ("sec-websocket-protocol", "chat"),
+            ("origin", "https://app.test"),
+        ],
+    )
+    .await;
+    assert_eq!(headers["sec-websocket-extensions"], "permessage-deflate");
+    // The backend got an ordinary HTTP/1.1 upgrade with the client's headers.
+    let head = backend.seen.lock().expect("lock")[0].head.clone();
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.starts_with("get /raw http/1.1\r\n"), "{head}");
+    for line in [
+        "host: app.test\r\n",
+        "upgrade: websocket\r\n",
+        "connection: upgrade\r\n",
+        "sec-websocket-version: 13\r\n",
+        "sec-websocket-extensions: permessage-deflate\r\n",
+        "sec-websocket-protocol: chat\r\n",
+        "origin: https://app.test\r\n",
+    ] {
+        assert!(lower.contains(line), "{line:?} in {head}");
+    }
+    assert!(lower.contains("sec-websocket-key: "), "{head}");
+
+    let mut stream = TokioIo::new(upgraded);
+    let sent = transparency_frames();
+    for chunk in sent.chunks(777) {
+        stream.write_all(chunk).await.expect("write");
+    }
+    let mut back = vec![0u8; sent.len()];
+    within(10, "echo", stream.read_exact(&mut back))
+        .await
+        .expect("read");
+    assert_eq!(back, sent, "the client got back exactly what it sent");
+    assert_eq!(backend.seen.lock().expect("lock")[0].bytes, sent);
+}

@@ -95,24 +95,7 @@ async fn frames_pass_byte_for_byte_fragments_pings_compressed_and_close() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let key = Some([9, 8, 7, 6]);
-    let mut sent = Vec::new();
-    // A fragmented text message with a ping and a pong between its fragments,
-    sent.extend(frame(0x01, b"frag-one ", key));
-    sent.extend(frame(0x89, b"ping!", key));
-    sent.extend(frame(0x00, b"frag-two ", key));
-    sent.extend(frame(0x8a, b"pong", key));
-    sent.extend(frame(0x80, b"frag-three", key));
-    // a "compressed" message (RSV1 set, as permessage-deflate does),
-    sent.extend(frame(
-        0xc2,
-        &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00],
-        key,
-    ));
-    // a 70,000-byte binary message (64-bit length),
-    sent.extend(frame(0x82, &vec![0xab; 70_000], key));
-    // and a close with code 4001.
-    sent.extend(frame(0x88, &[0x0f, 0xa1, b'b', b'y', b'e'], key));
+    let sent = transparency_frames();
     for chunk in sent.chunks(777) {
         stream.write_all(chunk).await.expect("write");
     }

@@ -32,7 +32,10 @@ pub async fn ws_connect(url: &str) -> Ws {
 }
 
 /// Reads the demo backend's first message, `connected to NAME`.
-pub async fn greeting(ws: &mut Ws) -> String {
+pub async fn greeting<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let msg = within(10, "greeting", ws.next())
         .await
         .expect("a message")
@@ -133,6 +136,28 @@ pub async fn raw_ws_client(addr: SocketAddr, extra: &str) -> (TcpStream, String)
     stream.write_all(req.as_bytes()).await.expect("write");
     let head = within(10, "101 head", read_head(&mut stream)).await;
     (stream, head)
+}
+
+/// What a client sends to see that frames pass byte for byte: a
+/// fragmented text message with a ping and a pong between its fragments,
+/// a "compressed" message (RSV1 set, as permessage-deflate does), a
+/// 70,000-byte binary message (64-bit length), and a close with code 4001.
+pub fn transparency_frames() -> Vec<u8> {
+    let key = Some([9, 8, 7, 6]);
+    let mut sent = Vec::new();
+    sent.extend(frame(0x01, b"frag-one ", key));
+    sent.extend(frame(0x89, b"ping!", key));
+    sent.extend(frame(0x00, b"frag-two ", key));
+    sent.extend(frame(0x8a, b"pong", key));
+    sent.extend(frame(0x80, b"frag-three", key));
+    sent.extend(frame(
+        0xc2,
+        &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00],
+        key,
+    ));
+    sent.extend(frame(0x82, &vec![0xab; 70_000], key));
+    sent.extend(frame(0x88, &[0x0f, 0xa1, b'b', b'y', b'e'], key));
+    sent
 }
 
 /// One frame, as a client would send it (masked) or a server (unmasked).
