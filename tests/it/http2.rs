@@ -538,3 +538,70 @@ async fn frames_pass_byte_for_byte_over_h2_fragments_pings_compressed_and_close(
     assert_eq!(back, sent, "the client got back exactly what it sent");
     assert_eq!(backend.seen.lock().expect("lock")[0].bytes, sent);
 }
+
+fn chromium_here() -> bool {
+    let installed = std::process::Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    tool_present(
+        installed,
+        "SLUICE_REQUIRE_CHROMIUM",
+        "needs Debian's chromium package",
+    )
+}
+
+/// Headless Chromium showing `url` (app.test resolves to 127.0.0.1), until
+/// dropped.
+fn chromium(url: &str, profile: &std::path::Path) -> crate::support::process::Proc {
+    crate::support::process::Proc(
+        std::process::Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--ignore-certificate-errors",
+                "--host-resolver-rules=MAP app.test 127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromium starts"),
+    )
+}
+
+#[tokio::test]
+async fn chromium_loads_the_demo_page_over_h2_and_opens_its_websocket_inside() {
+    if !chromium_here() {
+        return;
+    }
+    for over_h2 in [true, false] {
+        let backends = echo_backends(1).await;
+        let (sluice, dir) = tls_sluice(&backends, |cfg| {
+            cfg.listeners[0].http2.websockets = over_h2;
+        })
+        .await;
+        let url = format!("https://app.test:{}/", sluice.addr.port());
+        let _browser = chromium(&url, &dir.path().join("profile"));
+        // The demo page opens its WebSocket as soon as it has loaded.
+        within(60, "the page's WebSocket is open", async {
+            while backends[0].ws_open() == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let metrics = sluice.metrics().await;
+        let streams = metric(&metrics, "sluice_http2_streams_total{listener=\"public\"}");
+        assert!(streams >= 1.0, "the page came over h2: {metrics}");
+        assert_eq!(
+            metric(&metrics, "sluice_http2_websockets{listener=\"public\"}"),
+            if over_h2 { 1.0 } else { 0.0 },
+            "websocket_over_http2 = {over_h2}: {metrics}"
+        );
+        let status = sluice.backend_status("b1").await;
+        assert_eq!(status.connections.ws, 1, "{status:?}");
+    }
+}
