@@ -605,3 +605,309 @@ async fn chromium_loads_the_demo_page_over_h2_and_opens_its_websocket_inside() {
         assert_eq!(status.connections.ws, 1, "{status:?}");
     }
 }
+
+/// HTTP/2 frames written by hand, for what no well-behaved client sends.
+mod raw {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const CONTINUATION: u8 = 0x9;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// `GET http://a.test/` in HPACK: indexed :method, :scheme, :path; a
+    /// literal :authority.
+    pub fn get_block() -> Vec<u8> {
+        let mut block = vec![0x82, 0x86, 0x84, 0x01, 0x06];
+        block.extend_from_slice(b"a.test");
+        block
+    }
+
+    /// An h2c connection after the preface and an empty SETTINGS.
+    pub async fn connect(addr: std::net::SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(super::sluice_h2::PREFACE)
+            .await
+            .expect("preface");
+        s.write_all(&frame(SETTINGS, 0, 0, &[]))
+            .await
+            .expect("settings");
+        s
+    }
+
+    /// Reads frames until the connection ends or `secs` pass: the kinds
+    /// seen, in order, with the GOAWAY error code if one came.
+    pub async fn frames_until_closed(s: &mut TcpStream, secs: u64) -> (Vec<u8>, Option<u32>) {
+        let mut kinds = Vec::new();
+        let mut goaway = None;
+        let read = async {
+            loop {
+                let mut head = [0u8; 9];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                if s.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                kinds.push(head[3]);
+                if head[3] == GOAWAY && payload.len() >= 8 {
+                    goaway = Some(u32::from_be_bytes([
+                        payload[4], payload[5], payload[6], payload[7],
+                    ]));
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(secs), read).await;
+        (kinds, goaway)
+    }
+}
+
+mod sluice_h2 {
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+}
+
+async fn h2c_sluice(backends: &[sluice::demo::EchoBackend]) -> Sluice {
+    let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    cfg.listeners[0].http2.enabled = Some(true);
+    Sluice::with_config(cfg).await
+}
+
+#[tokio::test]
+async fn rapid_reset_is_bounded() {
+    use tokio::io::AsyncWriteExt as _;
+    let backends = echo_backends(1).await;
+    let sluice = h2c_sluice(&backends).await;
+    let mut s = raw::connect(sluice.addr).await;
+    let block = raw::get_block();
+    let attempts = 5_000u32;
+    let mut burst = Vec::new();
+    for i in 0..attempts {
+        let id = 2 * i + 1;
+        burst.extend(raw::frame(raw::HEADERS, 0x5, id, &block));
+        burst.extend(raw::frame(raw::RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    // The server may stop reading (GOAWAY, close) before all of it is in.
+    let _ = within(20, "burst", s.write_all(&burst)).await;
+    let (kinds, goaway) = raw::frames_until_closed(&mut s, 10).await;
+    let forwarded = backends[0]
+        .stats
+        .http_requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "rapid reset: {attempts} opened and reset, {forwarded} reached the backend, goaway {goaway:?}, {} frames back",
+        kinds.len()
+    );
+    assert!(
+        goaway.is_some() || (forwarded as u32) < attempts / 10,
+        "{forwarded} forwarded, {kinds:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_continuation_flood_is_cut_off() {
+    use tokio::io::AsyncWriteExt as _;
+    let backends = echo_backends(1).await;
+    let sluice = h2c_sluice(&backends).await;
+    let mut s = raw::connect(sluice.addr).await;
+    s.write_all(&raw::frame(raw::HEADERS, 0x1, 1, &raw::get_block()))
+        .await
+        .expect("headers");
+    // Header after header (literal, not indexed, 100-byte values), never
+    // END_HEADERS.
+    let mut field = vec![0x00, 0x05];
+    field.extend_from_slice(b"x-pad");
+    field.push(100);
+    field.extend(std::iter::repeat_n(b'a', 100));
+    let chunk: Vec<u8> = field
+        .iter()
+        .copied()
+        .cycle()
+        .take(field.len() * 150)
+        .collect();
+    let (mut rd, mut wr) = s.into_split();
+    let reader = tokio::spawn(async move {
+        // Frames until an answer to the flood (or the end): the kinds seen.
+        let mut kinds = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            if tokio::io::AsyncReadExt::read_exact(&mut rd, &mut head)
+                .await
+                .is_err()
+            {
+                return kinds;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if tokio::io::AsyncReadExt::read_exact(&mut rd, &mut payload)
+                .await
+                .is_err()
+            {
+                return kinds;
+            }
+            kinds.push(head[3]);
+            if [raw::GOAWAY, raw::RST_STREAM, raw::HEADERS].contains(&head[3]) {
+                return kinds;
+            }
+        }
+    });
+    let mut sent = 0usize;
+    within(30, "the flood is refused", async {
+        while sent < 64 << 20 && !reader.is_finished() {
+            if wr
+                .write_all(&raw::frame(raw::CONTINUATION, 0, 1, &chunk))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            sent += chunk.len();
+        }
+    })
+    .await;
+    let kinds = within(10, "an answer", reader).await.expect("reader");
+    eprintln!(
+        "continuation flood: answered after {} KiB: frames {kinds:?}",
+        sent / 1024
+    );
+    // What was written includes what the kernel's socket buffers hold
+    // (a few MiB on loopback); sluice stopped long before 64 MiB.
+    assert!(sent < 8 << 20, "sluice read {sent} B of one header block");
+    assert!(
+        kinds
+            .iter()
+            .any(|k| [raw::GOAWAY, raw::RST_STREAM, raw::HEADERS].contains(k)),
+        "{kinds:?}"
+    );
+    assert_eq!(
+        backends[0]
+            .stats
+            .http_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_settings_flood_from_a_client_that_does_not_read_is_bounded() {
+    use tokio::io::AsyncWriteExt as _;
+    let backends = echo_backends(1).await;
+    let sluice = h2c_sluice(&backends).await;
+    let mut s = raw::connect(sluice.addr).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS = 100, again and again; each asks
+    // for an ACK, which this client never reads.
+    let one = raw::frame(raw::SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]);
+    let batch: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * 10_000)
+        .collect();
+    let mut sent = 0usize;
+    let stalled = tokio::time::timeout(Duration::from_secs(2), async {
+        while sent < 256 << 20 {
+            if s.write_all(&batch).await.is_err() {
+                return;
+            }
+            sent += batch.len();
+        }
+    })
+    .await
+    .is_err();
+    eprintln!(
+        "settings flood: {} frames written before sluice stopped reading (stalled: {stalled})",
+        sent / one.len()
+    );
+    assert!(
+        sent < 256 << 20,
+        "sluice kept reading SETTINGS it could not ACK"
+    );
+    // Other clients are served meanwhile.
+    let mut http = sluice.http().await;
+    assert_eq!(http.get("/other").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_never_reads_holds_up_only_itself() {
+    let backends = echo_backends(1).await;
+    let (sluice, _dir) = tls_sluice(&backends, |_| {}).await;
+    let client = h2_over_tls(&sluice).await;
+    // An 8 MiB answer the client does not read: the client's window and
+    // sluice's 256 KiB send buffer fill, the backend's side waits.
+    let big = Bytes::from(vec![b'x'; 8 << 20]);
+    let req = hyper::Request::post("https://app.test/big")
+        .body(Full::new(big))
+        .expect("request");
+    let mut sender = client.clone();
+    let stuck = within(20, "the big answer's head", sender.send_request(req))
+        .await
+        .expect("head");
+    assert_eq!(stuck.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Other streams of the same connection are served meanwhile.
+    for i in 0..10 {
+        let reply = send(&client, get(&format!("https://app.test/small/{i}"))).await;
+        assert_eq!(reply.status, 200);
+    }
+    // And the stuck one still comes whole once read.
+    let body = within(30, "the big body", stuck.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(body.len() > 8 << 20, "{}", body.len());
+}
+
+#[tokio::test]
+async fn a_malformed_h2_request_gets_a_stream_error_and_the_connection_goes_on() {
+    use tokio::io::AsyncWriteExt as _;
+    let backends = echo_backends(1).await;
+    let sluice = h2c_sluice(&backends).await;
+    let mut s = raw::connect(sluice.addr).await;
+    // Connection-specific fields make a request malformed (RFC 9113
+    // §8.2.2): a stream error. (An upper-case field name, also malformed,
+    // gets the h2 crate's GOAWAY PROTOCOL_ERROR instead.)
+    for (id, name, value) in [
+        (1u32, &b"connection"[..], &b"close"[..]),
+        (3, b"te", b"gzip"),
+    ] {
+        let mut block = raw::get_block();
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value);
+        s.write_all(&raw::frame(raw::HEADERS, 0x5, id, &block))
+            .await
+            .expect("write");
+    }
+    s.write_all(&raw::frame(raw::HEADERS, 0x5, 5, &raw::get_block()))
+        .await
+        .expect("write");
+    let (kinds, goaway) = raw::frames_until_closed(&mut s, 2).await;
+    // Two RST_STREAMs, then the good request's HEADERS; no GOAWAY.
+    assert_eq!(
+        kinds.iter().filter(|k| **k == raw::RST_STREAM).count(),
+        2,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&raw::HEADERS), "{kinds:?}");
+    assert_eq!(goaway, None);
+    assert_eq!(
+        backends[0]
+            .stats
+            .http_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
