@@ -29,6 +29,14 @@
 //!    3 rounds of their own over the proxies (order rotating), median
 //!    reported; failed connections are counted, not fatal.
 //!
+//! 5. HTTP/2, over the same TLS listeners (ALPN h2; `benches/h2/`): GETs
+//!    on 4 h2 connections x 25 streams in a closed loop (requests/s, p99,
+//!    proxy CPU per request); WebSocket echo over h2 (RFC 8441; sluice
+//!    and HAProxy) next to the same over TLS HTTP/1.1 (100 WebSockets
+//!    each, msg/s and p99); 3 rounds, order rotating, medians. Then
+//!    sluice's KiB per idle WebSocket over h2 (100 per connection) and
+//!    over wss, 800 each.
+//!
 //! The client load and the backends run on a multi-thread tokio runtime in
 //! this process. A process may hold at most 20,000 file descriptors here and
 //! this process holds both ends of every proxied connection it makes (client
@@ -61,6 +69,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use sluice::demo::EchoBackend;
 
 // Shared with the tests; each bench is a crate of its own.
+#[path = "h2/mod.rs"]
+mod h2;
 #[allow(clippy::duplicate_mod)]
 #[path = "../tests/support/process.rs"]
 mod process;
@@ -332,6 +342,8 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
         }
     }
 
+    let h2_figures = h2_rounds(&started, &cert, opts).await?;
+
     let mut memories: Vec<Option<Memory>> = vec![None];
     let mut tls_rates: Vec<Option<WssTls>> = vec![None];
     for ((_, mut proxy, _, _, memory), (samples, failures)) in started
@@ -365,7 +377,185 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
     print_table(&rows, &opts.memory_steps(), direct);
     println!();
     print_figures(&rows, direct);
+    print_h2_figures(&h2_figures);
     Ok(())
+}
+
+/// What the HTTP/2 part measured of one proxy (medians over its rounds).
+struct H2Figures {
+    name: &'static str,
+    req_per_s: f64,
+    req_p99_ms: f64,
+    cpu_us_per_req: f64,
+    /// Echo over WebSockets inside h2, and over TLS HTTP/1.1; `None` for
+    /// nginx, which does not do RFC 8441.
+    ws_h2: Option<(f64, f64)>,
+    wss: Option<(f64, f64)>,
+    /// sluice: KiB per idle WebSocket over h2 and over TLS HTTP/1.1.
+    idle_kib: Option<(f64, f64)>,
+}
+
+/// Idle WebSockets for the h2-against-h1 memory figure (under the TLS
+/// listener's limit).
+const H2_IDLE: usize = 800;
+
+/// HTTP/2 requests, WebSocket echo over h2 and over wss, in rounds over
+/// the proxies (rotating order); then sluice's idle memory over each.
+async fn h2_rounds(
+    started: &[(ProxyKind, Proc, SocketAddr, SocketAddr, Memory)],
+    cert: &Cert,
+    opts: &Options,
+) -> Result<Vec<H2Figures>> {
+    let h2c = h2::connector(&cert.der, &[b"h2"])?;
+    let h1c = h2::connector(&cert.der, &[b"http/1.1"])?;
+    let duration = opts.echo_duration();
+    println!(
+        "ws_bench: HTTP/2: {} connections x {} streams of GETs, {ECHO_CONNS} WebSockets over h2 and over wss, {} s each, {ECHO_ROUNDS} rounds",
+        h2::H2_CONNS,
+        h2::H2_STREAMS,
+        opts.seconds
+    );
+    // A baseline binary may not speak HTTP/2.
+    let started: Vec<_> = started
+        .iter()
+        .filter(|s| !matches!(s.0, ProxyKind::SluiceBase))
+        .collect();
+    let n = started.len();
+    let mut req: Vec<Vec<h2::Rate>> = (0..n).map(|_| Vec::new()).collect();
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut ws_h2: Vec<Vec<h2::Rate>> = (0..n).map(|_| Vec::new()).collect();
+    let mut wss: Vec<Vec<h2::Rate>> = (0..n).map(|_| Vec::new()).collect();
+    for round in 0..ECHO_ROUNDS {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let (kind, proxy, _, tls_addr, _) = &started[i];
+            let name = kind.name();
+            let before = proxy.cpu_ticks();
+            let rate = h2::requests(*tls_addr, &h2c, duration)
+                .await
+                .with_context(|| format!("HTTP/2 requests through {name}"))?;
+            let requests = rate.per_s * duration.as_secs_f64();
+            let us = proxy.cpu_ticks().saturating_sub(before) as f64 / CLOCK_TICKS_PER_S * 1e6
+                / requests.max(1.0);
+            println!(
+                "{name}: h2 round {}: {:.0} req/s, p99 {:.2} ms, {us:.1} us of proxy CPU per request",
+                round + 1,
+                rate.per_s,
+                rate.p99_ms
+            );
+            req[i].push(rate);
+            cpu[i].push(us);
+            if matches!(kind, ProxyKind::Nginx) {
+                continue;
+            }
+            let over_h2 = h2::echo_h2(*tls_addr, &h2c, duration)
+                .await
+                .with_context(|| format!("WebSocket echo over h2 through {name}"))?;
+            let over_h1 = h2::echo_wss(*tls_addr, &h1c, duration)
+                .await
+                .with_context(|| format!("wss echo through {name}"))?;
+            println!(
+                "{name}: h2 round {}: echo over h2 {:.0} msg/s p99 {:.2} ms, over wss {:.0} msg/s p99 {:.2} ms",
+                round + 1,
+                over_h2.per_s,
+                over_h2.p99_ms,
+                over_h1.per_s,
+                over_h1.p99_ms
+            );
+            ws_h2[i].push(over_h2);
+            wss[i].push(over_h1);
+        }
+    }
+    let median_rate = |rates: Vec<h2::Rate>| -> Option<(f64, f64)> {
+        if rates.is_empty() {
+            return None;
+        }
+        let per_s = Echo::from_samples(rates.iter().map(|r| r.per_s).collect()).median;
+        let p99 = Echo::from_samples(rates.iter().map(|r| r.p99_ms).collect()).median;
+        Some((per_s, p99))
+    };
+    let mut out = Vec::new();
+    for (i, (kind, proxy, _, tls_addr, _)) in started.iter().enumerate() {
+        let (req_per_s, req_p99_ms) = median_rate(std::mem::take(&mut req[i])).unwrap_or_default();
+        let idle_kib = if matches!(kind, ProxyKind::Sluice) {
+            Some(h2_idle_memory(proxy, *tls_addr, &h2c, &h1c).await?)
+        } else {
+            None
+        };
+        out.push(H2Figures {
+            name: kind.name(),
+            req_per_s,
+            req_p99_ms,
+            cpu_us_per_req: Echo::from_samples(std::mem::take(&mut cpu[i])).median,
+            ws_h2: median_rate(std::mem::take(&mut ws_h2[i])),
+            wss: median_rate(std::mem::take(&mut wss[i])),
+            idle_kib,
+        });
+    }
+    Ok(out)
+}
+
+/// sluice's RSS per idle WebSocket over h2 and over wss, [`H2_IDLE`] each.
+async fn h2_idle_memory(
+    proxy: &Proc,
+    tls_addr: SocketAddr,
+    h2c: &TlsConnector,
+    h1c: &TlsConnector,
+) -> Result<(f64, f64)> {
+    tokio::time::sleep(SETTLE).await;
+    let start = proxy.rss_kib()?;
+    let (senders, streams) = h2::open_h2_ws(tls_addr, h2c, H2_IDLE).await?;
+    tokio::time::sleep(SETTLE).await;
+    let with_h2 = proxy.rss_kib()?;
+    drop(streams);
+    drop(senders);
+    tokio::time::sleep(AFTER_CLOSE).await;
+    let between = proxy.rss_kib()?;
+    let conns = h2::open_wss(tls_addr, h1c, H2_IDLE).await?;
+    tokio::time::sleep(SETTLE).await;
+    let with_wss = proxy.rss_kib()?;
+    drop(conns);
+    let per = |at: u64, from: u64| (at as f64 - from as f64) / H2_IDLE as f64;
+    println!(
+        "{}: RSS {start} KiB, {with_h2} KiB with {H2_IDLE} idle WebSockets over h2, {between} KiB after, {with_wss} KiB with {H2_IDLE} over wss",
+        proxy.name
+    );
+    Ok((per(with_h2, start), per(with_wss, between)))
+}
+
+fn print_h2_figures(figures: &[H2Figures]) {
+    let by = |name: &str| figures.iter().find(|f| f.name == name);
+    for f in figures {
+        let n = f.name;
+        println!("{n}.h2_req_per_s = {:.0}", f.req_per_s);
+        println!("{n}.h2_req_p99_ms = {:.2}", f.req_p99_ms);
+        println!("{n}.h2_cpu_us_per_req = {:.1}", f.cpu_us_per_req);
+        if let Some((per_s, p99)) = f.ws_h2 {
+            println!("{n}.ws_over_h2_echo_msgs_per_s = {per_s:.0}");
+            println!("{n}.ws_over_h2_echo_p99_ms = {p99:.2}");
+        }
+        if let Some((per_s, p99)) = f.wss {
+            println!("{n}.wss_echo_msgs_per_s = {per_s:.0}");
+            println!("{n}.wss_echo_p99_ms = {p99:.2}");
+        }
+        if let Some((h2, h1)) = f.idle_kib {
+            println!("{n}.kib_per_idle_ws_over_h2_at_{H2_IDLE} = {h2:.2}");
+            println!("{n}.kib_per_idle_wss_at_{H2_IDLE} = {h1:.2}");
+        }
+    }
+    if let Some(s) = by("sluice") {
+        for other in ["haproxy", "nginx", "sluice-base"] {
+            if let Some(o) = by(other).filter(|o| o.req_per_s > 0.0) {
+                println!(
+                    "sluice.h2_req_vs_{other} = {:.3}",
+                    s.req_per_s / o.req_per_s
+                );
+            }
+        }
+        if let (Some((h2, _)), Some((h1, _))) = (s.ws_h2, s.wss) {
+            println!("sluice.ws_over_h2_echo_vs_wss = {:.3}", h2 / h1);
+        }
+    }
 }
 
 async fn start_backends() -> Result<Vec<EchoBackend>> {
@@ -407,7 +597,7 @@ async fn start_and_measure_memory(
 
 // ---------------------------------------------------------------- proxies
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum ProxyKind {
     Sluice,
     /// The `--baseline` sluice binary.
@@ -465,7 +655,8 @@ impl ProxyKind {
                     .arg("--config")
                     .arg(&config)
                     .env("SLUICE_LOG", "warn");
-                sluice_config(port, tls_port, backends, cert)
+                // A baseline binary may predate the HTTP/2 keys.
+                sluice_config(port, tls_port, backends, cert, self == Self::Sluice)
             }
             Self::Haproxy => {
                 cmd.arg("-db").arg("-f").arg(&config);
@@ -484,13 +675,24 @@ impl ProxyKind {
     }
 }
 
-fn sluice_config(port: u16, tls_port: u16, backends: &[SocketAddr], cert: &Cert) -> String {
+fn sluice_config(
+    port: u16,
+    tls_port: u16,
+    backends: &[SocketAddr],
+    cert: &Cert,
+    h2_websockets: bool,
+) -> String {
     let (cert, key) = (cert.cert.display(), cert.key.display());
+    let h2 = if h2_websockets {
+        "websocket_over_http2 = true\n"
+    } else {
+        ""
+    };
     let mut text = format!(
         "worker_threads = 1\nshutdown_timeout = \"2s\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
          [[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:{port}\"\npool = \"echo\"\nmax_connections = 9000\n\n\
          [[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{tls_port}\"\npool = \"echo\"\nmax_connections = {TLS_MAX_CONNS}\n\
-         tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\n\
+         {h2}tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\n\
          [[pool]]\nname = \"echo\"\nalgorithm = \"least_conn\"\n"
     );
     for (i, addr) in backends.iter().enumerate() {
@@ -509,7 +711,7 @@ fn haproxy_config(port: u16, tls_port: u16, backends: &[SocketAddr], cert: &Cert
          defaults\n    mode http\n    maxconn 9000\n    timeout connect 5s\n    timeout client 1h\n    \
          timeout server 1h\n    timeout tunnel 1h\n    timeout http-request 10s\n\n\
          frontend bench\n    bind 127.0.0.1:{port}\n\
-         \x20   bind 127.0.0.1:{tls_port} ssl crt {combined} alpn http/1.1\n    default_backend echo\n\n\
+         \x20   bind 127.0.0.1:{tls_port} ssl crt {combined} alpn h2,http/1.1\n    default_backend echo\n\n\
          backend echo\n    balance leastconn\n"
     );
     for (i, addr) in backends.iter().enumerate() {
@@ -528,9 +730,11 @@ fn nginx_config(
 ) -> String {
     let p = prefix.display();
     let (cert, key) = (cert.cert.display(), cert.key.display());
-    // The same WebSocket proxying on both servers.
+    // The same WebSocket proxying on both servers; plain requests reuse
+    // backend connections (an empty Connection header for them), as
+    // sluice and HAProxy do.
     let location = "        location / {\n            proxy_pass http://echo;\n            proxy_http_version 1.1;\n\
-         \x20           proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection \"upgrade\";\n\
+         \x20           proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection $connection_upgrade;\n\
          \x20           proxy_read_timeout 3600s;\n            proxy_send_timeout 3600s;\n        }\n";
     let servers: String = backends
         .iter()
@@ -542,12 +746,13 @@ fn nginx_config(
         "{user}worker_processes 1;\ndaemon off;\nmaster_process on;\npid {p}/nginx.pid;\n\
          error_log {p}/error.log warn;\nworker_rlimit_nofile 19500;\n\n\
          events {{\n    worker_connections 19000;\n}}\n\n\
-         http {{\n    access_log off;\n\
+         http {{\n    access_log off;\n    keepalive_requests 100000000;\n\
          \x20   client_body_temp_path {p}/client_body;\n    proxy_temp_path {p}/proxy;\n\
          \x20   fastcgi_temp_path {p}/fastcgi;\n    uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n\n\
-         \x20   upstream echo {{\n        least_conn;\n{servers}    }}\n\n\
+         \x20   map $http_upgrade $connection_upgrade {{\n        default upgrade;\n        '' '';\n    }}\n\n\
+         \x20   upstream echo {{\n        least_conn;\n{servers}        keepalive 64;\n    }}\n\n\
          \x20   server {{\n        listen 127.0.0.1:{port} backlog=4096;\n{location}    }}\n\n\
-         \x20   server {{\n        listen 127.0.0.1:{tls_port} ssl backlog=4096;\n\
+         \x20   server {{\n        listen 127.0.0.1:{tls_port} ssl http2 backlog=4096;\n\
          \x20       ssl_certificate {cert};\n        ssl_certificate_key {key};\n{location}    }}\n}}\n"
     )
 }
