@@ -38,8 +38,9 @@ impl IdlePool {
     /// A live idle connection ready for a request, if one is kept.
     pub fn checkout(&self) -> Option<SendRequest<RequestBody>> {
         let mut conns = self.lock();
+        let now = Instant::now();
         while let Some((sender, since)) = conns.pop() {
-            if sender.is_ready() && since.elapsed() <= self.timeout {
+            if sender.is_ready() && now.saturating_duration_since(since) <= self.timeout {
                 return Some(sender);
             }
         }
@@ -48,9 +49,10 @@ impl IdlePool {
 
     /// True when a ready idle connection is kept.
     pub fn has_ready(&self) -> bool {
+        let now = Instant::now();
         self.lock()
             .iter()
-            .any(|(s, since)| s.is_ready() && since.elapsed() <= self.timeout)
+            .any(|(s, since)| s.is_ready() && now.saturating_duration_since(*since) <= self.timeout)
     }
 
     /// Keeps `sender` for reuse once it can take a request. A connection
@@ -75,9 +77,14 @@ impl IdlePool {
     fn keep(&self, sender: SendRequest<RequestBody>) {
         let mut conns = self.lock();
         let timeout = self.timeout;
-        conns.retain(|(s, since)| !s.is_closed() && since.elapsed() <= timeout);
+        // One clock read for the lot: this runs at every request's end,
+        // over as many idle connections as requests were in flight.
+        let now = Instant::now();
+        conns.retain(|(s, since)| {
+            !s.is_closed() && now.saturating_duration_since(*since) <= timeout
+        });
         if conns.len() < self.max_idle {
-            conns.push((sender, Instant::now()));
+            conns.push((sender, now));
         }
     }
 }
