@@ -911,3 +911,45 @@ async fn a_malformed_h2_request_gets_a_stream_error_and_the_connection_goes_on()
         1
     );
 }
+
+#[tokio::test]
+async fn an_h2_websocket_follows_the_sticky_cookie_of_the_page() {
+    let backends = echo_backends(3).await;
+    let (sluice, _dir) = tls_sluice(&backends, |cfg| {
+        cfg.listeners[0].http2.websockets = true;
+        cfg.pools[0].algorithm = Algorithm::RoundRobin;
+        cfg.pools[0].sticky = Some(StickyConfig {
+            secret: Some(b"test secret, at least 16 bytes".to_vec()),
+            ..StickyConfig::default()
+        });
+    })
+    .await;
+    let client = h2_over_tls(&sluice).await;
+    let page = send(&client, get("https://app.test/")).await;
+    let cookie = page
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("SLUICE_AFFINITY="))
+        .map(|v| v.split(';').next().unwrap_or_default().to_string())
+        .expect("a sticky cookie");
+    let pinned = page.headers["x-backend"]
+        .to_str()
+        .expect("name")
+        .to_string();
+    // Round robin would spread them; the pin holds every one.
+    for _ in 0..4 {
+        let (_ws, _, name) = ws_over_h2(&client, "/ws", &[("cookie", &cookie)]).await;
+        assert_eq!(name, pinned);
+    }
+    // Without the cookie, a WebSocket gets a pin of its own in the 200.
+    let (_ws, headers, _) = ws_over_h2(&client, "/ws", &[]).await;
+    assert!(
+        headers
+            .get_all("set-cookie")
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.starts_with("SLUICE_AFFINITY="))),
+        "{headers:?}"
+    );
+}
