@@ -197,18 +197,18 @@ async fn obtain(
         match settings.challenge {
             AcmeChallenge::TlsAlpn01 => {
                 let key = challenge_cert(&name, challenge.key_authorization().digest().as_ref())?;
-                let mut answers = (**tls.challenges.load()).clone();
-                answers.insert(name.to_ascii_lowercase(), key);
-                tls.challenges.store(Arc::new(answers));
+                let name = name.to_ascii_lowercase();
+                edit(&tls.challenges, |answers| {
+                    answers.insert(name.clone(), key.clone());
+                });
             }
             AcmeChallenge::Http01 => {
-                let mut answers = (**http01.load()).clone();
-                answers.insert(
-                    challenge.token.clone(),
-                    challenge.key_authorization().as_str().to_string(),
-                );
-                http01.store(Arc::new(answers));
-                tokens.push(challenge.token.clone());
+                let key_auth = challenge.key_authorization().as_str().to_string();
+                let token = challenge.token.clone();
+                edit(http01, |answers| {
+                    answers.insert(token.clone(), key_auth.clone());
+                });
+                tokens.push(token);
             }
         }
         challenge.set_ready().await.map_err(ca)?;
@@ -335,18 +335,31 @@ fn challenge_cert(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeEr
 
 /// Takes the answers of one order's challenges back.
 fn clear_challenges(tls: &Tls, domains: &[String], http01: &Http01Answers, tokens: &[String]) {
-    let mut answers = (**tls.challenges.load()).clone();
-    for d in domains {
-        answers.remove(&d.to_ascii_lowercase());
-    }
-    tls.challenges.store(Arc::new(answers));
-    if !tokens.is_empty() {
-        let mut answers = (**http01.load()).clone();
-        for t in tokens {
-            answers.remove(t);
+    edit(&tls.challenges, |answers| {
+        for d in domains {
+            answers.remove(&d.to_ascii_lowercase());
         }
-        http01.store(Arc::new(answers));
+    });
+    if !tokens.is_empty() {
+        edit(http01, |answers| {
+            for t in tokens {
+                answers.remove(t);
+            }
+        });
     }
+}
+
+/// Changes a shared answer map; `rcu`, so that the tasks of several ACME
+/// sections editing it at once do not undo each other.
+fn edit<V: Clone>(
+    map: &arc_swap::ArcSwap<std::collections::HashMap<String, V>>,
+    change: impl Fn(&mut std::collections::HashMap<String, V>),
+) {
+    map.rcu(|current| {
+        let mut next = (**current).clone();
+        change(&mut next);
+        next
+    });
 }
 
 fn create_cache(dir: &Path) -> Result<(), AcmeError> {

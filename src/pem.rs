@@ -79,12 +79,6 @@ fn read(path: &Path) -> Result<Vec<u8>, PemError> {
     })
 }
 
-/// Loads and checks one certificate chain with its key; an expired one is
-/// an error.
-pub fn load_certified_key(source: &CertSource) -> Result<Arc<CertifiedKey>, PemError> {
-    load_key(source, true)
-}
-
 /// Loads one certificate chain with its key; an expired one is refused
 /// when `refuse_expired`, else served with a warning (a reload must not be
 /// blocked by a certificate that is already being served).
@@ -238,7 +232,7 @@ pub(crate) mod tests {
                 cert: cert.pem(),
                 key: key.serialize_pem(),
             };
-            assert!(load_certified_key(&source).is_ok(), "{alg:?}");
+            assert!(load_key(&source, true).is_ok(), "{alg:?}");
         }
     }
 
@@ -249,12 +243,15 @@ pub(crate) mod tests {
         else {
             unreachable!("generated() makes PEM sources")
         };
-        let err = load_certified_key(&CertSource::Pem { cert, key }).expect_err("mismatch");
+        let err = load_key(&CertSource::Pem { cert, key }, true).expect_err("mismatch");
         assert!(err.to_string().contains("does the key belong to"), "{err}");
-        let err = load_certified_key(&CertSource::Pem {
-            cert: "nope".into(),
-            key: "nope".into(),
-        })
+        let err = load_key(
+            &CertSource::Pem {
+                cert: "nope".into(),
+                key: "nope".into(),
+            },
+            true,
+        )
         .expect_err("garbage");
         assert!(matches!(err, PemError::NoCertificate { .. }), "{err}");
     }

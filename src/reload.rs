@@ -502,8 +502,13 @@ impl Reloader {
                 _ => false,
             };
             let (h2_connections, h2_streams, h2_websockets) = self.metrics.http2(&l.name);
+            let limit = kept.as_ref().map_or_else(
+                || Arc::new(Semaphore::new(l.max_connections)),
+                |slot| slot.limit.clone(),
+            );
             let ctx = Arc::new(ListenerCtx {
                 id,
+                limit: limit.clone(),
                 h2_connections,
                 h2_streams,
                 h2_websockets,
@@ -530,7 +535,6 @@ impl Reloader {
                     let (socket, fd) = prep.socket.expect("a listener that is not kept was bound");
                     let addr = socket.local_addr().unwrap_or(l.bind);
                     let cell: ListenerCell = Arc::new(ArcSwap::new(ctx.clone()));
-                    let limit = Arc::new(Semaphore::new(l.max_connections));
                     let stop = self.shutdown.child_token();
                     self.tasks.spawn(listener::serve(
                         socket,

@@ -29,7 +29,6 @@ use crate::pem::{self, PemError};
 /// How often certificate files are looked at for changes.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(2);
 
-/// The certificates of one listener.
 /// The ALPN protocol of HTTP/2 over TLS (RFC 9113).
 pub const H2_ALPN: &[u8] = b"h2";
 
@@ -40,6 +39,7 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// `acme`, read by the resolver).
 pub type Challenges = Arc<ArcSwap<HashMap<String, Arc<CertifiedKey>>>>;
 
+/// The certificates of one listener.
 #[derive(Debug)]
 struct CertStore {
     /// `None`: an ACME certificate not obtained yet.
@@ -336,7 +336,7 @@ mod tests {
             ..settings
         };
         let store = CertStore::load(&with_fallback, true).expect("loads the fallback");
-        let expected = pem::load_certified_key(&fallback).expect("fallback");
+        let expected = pem::load_key(&fallback, true).expect("fallback");
         assert_eq!(
             store.resolve(Some("chat.test")).map(|k| k.cert.clone()),
             Some(expected.cert.clone())

@@ -143,7 +143,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         listeners.push(listener);
     }
     if let Some(error) = http01
-        && listeners.iter().all(|l| l.tls.is_some())
+        && !listeners
+            .iter()
+            .any(|l| l.tls.is_none() && l.proxy_protocol.is_none())
     {
         return Err(error);
     }
@@ -429,6 +431,12 @@ fn read_http2(t: &mut Table<'_>) -> Result<Http2Settings, ConfigError> {
         65_535,
         1 << 30,
     )? as u32;
+    if connection_window < stream_window {
+        return Err(t.error_here(format!(
+            "http2_connection_window ({connection_window}) is below http2_stream_window \
+             ({stream_window}): one stream could stall the others"
+        )));
+    }
     Ok(Http2Settings {
         enabled,
         websockets: t.boolean("websocket_over_http2", d.websockets)?,
@@ -518,22 +526,23 @@ fn cert_source(
     }
     let cert = t.required_string("cert")?;
     let key = t.required_string("key")?;
-    cert_files(t, &cert, &key, "cert")
+    cert_files(t, &cert, &key, "cert", true)
 }
 
 /// The files `cert` and `key` name, loaded and checked now (an error names
-/// `cert_key`).
+/// `cert_key`; an expired certificate is one when `refuse_expired`).
 fn cert_files(
     t: &Table<'_>,
     cert: &Value<String>,
     key: &Value<String>,
     cert_key: &str,
+    refuse_expired: bool,
 ) -> Result<CertSource, ConfigError> {
     let source = CertSource::Files {
         cert: t.path_near_config(&cert.value),
         key: t.path_near_config(&key.value),
     };
-    crate::pem::load_certified_key(&source)
+    crate::pem::load_key(&source, refuse_expired)
         .map_err(|e| t.error_at(&cert.span, cert_key, chain(&e).to_string()))?;
     Ok(source)
 }
@@ -607,8 +616,8 @@ fn read_acme(
                     a.error_at(
                         &c.span,
                         "challenge",
-                        "\"http-01\" is answered on a plain (non-TLS) listener, and there is none \
-                         (the CA fetches port 80)"
+                        "\"http-01\" is answered on a plain (non-TLS) listener without \
+                         proxy_protocol, and there is none (the CA fetches port 80)"
                             .into(),
                     )
                 });
@@ -625,7 +634,9 @@ fn read_acme(
     };
     let fallback = match (a.string("fallback_cert")?, a.string("fallback_key")?) {
         (None, None) => None,
-        (Some(cert), Some(key)) => Some(cert_files(&a, &cert, &key, "fallback_cert")?),
+        // Only served until the CA's certificate is there: one that has
+        // expired since is warned about, not refused.
+        (Some(cert), Some(key)) => Some(cert_files(&a, &cert, &key, "fallback_cert", false)?),
         (Some(v), None) | (None, Some(v)) => {
             return Err(a.error_at(
                 &v.span,

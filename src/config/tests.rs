@@ -835,6 +835,16 @@ fn acme_sections_are_checked_without_contacting_the_ca() {
         with(&format!("{good}, challenge = \"http-01\""))
     );
     let cfg = check(&http01).expect("http-01 with a plain listener");
+    // One behind the PROXY protocol cannot be reached by the CA.
+    let behind = http01.replace(
+        "name = \"plain\"\n",
+        "name = \"plain\"\nproxy_protocol = \"v2\"\nproxy_protocol_from = [\"10.0.0.0/8\"]\n",
+    );
+    assert!(
+        check(&behind)
+            .expect_err("only behind the PROXY protocol")
+            .contains("without proxy_protocol"),
+    );
     let tls = cfg.listeners[0].tls.as_ref().expect("tls");
     assert_eq!(tls.acme[0].challenge, AcmeChallenge::Http01);
     let both = MINIMAL.replace(
@@ -883,6 +893,10 @@ fn http2_settings_are_read_and_checked() {
         (
             "websocket_over_http2 = true",
             "websocket_over_http2 needs HTTP/2",
+        ),
+        (
+            "http2_stream_window = 8388608",
+            "http2_connection_window (4194304) is below http2_stream_window",
         ),
     ] {
         let err = check(&with(bad)).expect_err(bad);

@@ -8,7 +8,8 @@
 //! listener's `http2_*` settings; the crate's own protections against
 //! rapid resets (20 pending resets, then GOAWAY), CONTINUATION floods (the
 //! header list is bounded by `max_header_size`) and a peer that never
-//! reads (`max_send_buf_size` per stream) stay on.
+//! reads (`max_send_buf_size` per stream, a share of 1 MiB per
+//! connection) stay on.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,9 +38,12 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A PING every this long on a connection that is otherwise quiet; one
 /// unanswered for as long again ends it (a client gone without a FIN).
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
-/// Bytes queued towards one stream whose client does not read, before
-/// that stream (only) waits.
-const MAX_SEND_BUF: usize = 256 * 1024;
+/// Bytes queued towards the client on one connection, over all its
+/// streams (each gets its share, at least [`MIN_SEND_BUF`]) before a
+/// stream whose client does not read waits: bounds what a client that
+/// opens many streams and reads none can make sluice hold.
+const CONNECTION_SEND_BUF: usize = 1024 * 1024;
+const MIN_SEND_BUF: usize = 16 * 1024;
 
 /// Whether the client on `stream` opens with the HTTP/2 preface, looked
 /// at without consuming it: `Some(false)` as soon as its first bytes
@@ -82,23 +86,40 @@ pub async fn serve<S: TunnelIo + AsyncRead>(
     shutdown: CancellationToken,
 ) {
     let permit = Arc::new(permit);
-    let (settings, max_head) = {
+    let (settings, max_head, head_timeout) = {
         let ctx = cell.load();
         ctx.h2_connections.inc();
-        (ctx.cfg.http2, ctx.cfg.max_header_size)
+        (
+            ctx.cfg.http2,
+            ctx.cfg.max_header_size,
+            ctx.cfg.header_read_timeout,
+        )
     };
-    let idle = settings.idle_timeout;
-    // When the last stream began, in ms since `start`.
+    // When the last stream began, in ms since `start` (0: none yet).
     let start = tokio::time::Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let seen = last.clone();
+    // Cancelled once a connection over its client's limit has had its
+    // 429: where HTTP/1.1 closes it (`Connection: close`), HTTP/2 sends
+    // GOAWAY. (The other edge refusals close an HTTP/1.1 connection
+    // because its framing is in doubt; an HTTP/2 stream's is not.)
+    let close = CancellationToken::new();
+    let closing = close.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        seen.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        seen.store(start.elapsed().as_millis().max(1) as u64, Ordering::Relaxed);
         let ctx = cell.load_full();
         ctx.h2_streams.inc();
         let permit = permit.clone();
         let client = client.clone();
-        async move { Ok::<_, Infallible>(super::handle::<S>(req, client, ctx, permit).await) }
+        let closing = closing.clone();
+        async move {
+            let over_limit = permit.over_limit();
+            let resp = super::handle::<S>(req, client, ctx, permit).await;
+            if over_limit {
+                closing.cancel();
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -107,7 +128,10 @@ pub async fn serve<S: TunnelIo + AsyncRead>(
         .initial_stream_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
-        .max_send_buf_size(MAX_SEND_BUF)
+        .max_send_buf_size(
+            (CONNECTION_SEND_BUF / settings.max_concurrent_streams.max(1) as usize)
+                .max(MIN_SEND_BUF),
+        )
         .keep_alive_interval(KEEP_ALIVE)
         .keep_alive_timeout(KEEP_ALIVE)
         .auto_date_header(false);
@@ -117,18 +141,39 @@ pub async fn serve<S: TunnelIo + AsyncRead>(
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = loop {
-        let since = Duration::from_millis(last.load(Ordering::Relaxed));
-        let idle_at = start + since + idle;
+        let mark = last.load(Ordering::Relaxed);
+        // A client that has not opened a stream yet (not even sent the
+        // preface: hyper's handshake has no timeout of its own) has the
+        // head timeout to do so, as on HTTP/1.1; then the idle timeout
+        // runs from each new stream.
+        let deadline = if mark == 0 {
+            start + head_timeout
+        } else {
+            start + Duration::from_millis(mark) + settings.idle_timeout
+        };
         tokio::select! {
             result = conn.as_mut() => break result,
-            () = tokio::time::sleep_until(idle_at) => {
-                if Duration::from_millis(last.load(Ordering::Relaxed)) == since {
-                    debug!("HTTP/2 connection idle: GOAWAY");
-                    conn.as_mut().graceful_shutdown();
-                    break conn.await;
+            () = tokio::time::sleep_until(deadline) => {
+                if last.load(Ordering::Relaxed) != mark {
+                    continue;
                 }
+                if mark == 0 {
+                    debug!("no HTTP/2 stream within the head timeout: closing");
+                    break Ok(());
+                }
+                debug!("HTTP/2 connection idle: GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            () = close.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
             }
             () = shutdown.cancelled() => {
+                if last.load(Ordering::Relaxed) == 0 {
+                    // A GOAWAY would wait for a handshake that may never come.
+                    break Ok(());
+                }
                 conn.as_mut().graceful_shutdown();
                 break conn.await;
             }

@@ -85,7 +85,10 @@ pub fn check_request<B>(
         (Some(host), None) if !is_host(host.as_bytes()) => {
             Err((StatusCode::BAD_REQUEST, "invalid Host header\n"))
         }
-        (None, None) if req.version() == Version::HTTP_11 && uri.authority().is_none() => {
+        (None, None)
+            if matches!(req.version(), Version::HTTP_11 | Version::HTTP_2)
+                && uri.authority().is_none() =>
+        {
             Err((StatusCode::BAD_REQUEST, "request without a Host header\n"))
         }
         _ => Ok(()),
@@ -260,6 +263,21 @@ pub fn prepare_request<B>(
     }
     if let Some(proto) = forwarded {
         add_forwarded(headers, peer, proto);
+    }
+}
+
+/// Sets Host from the target's authority when the request has none (an
+/// HTTP/2 request names its host in `:authority`).
+pub fn host_from_authority<B>(req: &mut Request<B>) {
+    if req.headers().contains_key(header::HOST) {
+        return;
+    }
+    if let Some(host) = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, host);
     }
 }
 

@@ -74,6 +74,9 @@ pub struct ListenerCtx {
     pub h2_streams: Counter,
     /// WebSockets open over HTTP/2 (RFC 8441).
     pub h2_websockets: prometheus_client::metrics::gauge::Gauge,
+    /// The listener's places under `max_connections`: a WebSocket over
+    /// HTTP/2 takes one of its own, as if it were a connection.
+    pub limit: Arc<tokio::sync::Semaphore>,
 }
 
 impl ListenerCtx {
@@ -178,7 +181,7 @@ struct Seen {
 }
 
 async fn handle<S: TunnelIo + AsyncRead>(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<ConnPermit>,
@@ -194,6 +197,11 @@ async fn handle<S: TunnelIo + AsyncRead>(
             HeaderValue::from(1 + rand::random_range(0..3u32)),
         );
         return resp;
+    }
+    if req.version() == hyper::Version::HTTP_2 {
+        // `:authority` is the Host of HTTP/2: shown as one from here on,
+        // so that a `header:host` hash key finds it as for HTTP/1.1.
+        headers::host_from_authority(&mut req);
     }
     if ws_h2::is_extended_connect(&req) {
         let span = debug_span!(
@@ -333,11 +341,12 @@ impl Switched {
     /// Spawns the tunnel between the client's side, once `client_side`
     /// has it (the stream and bytes that came with it), and the backend's;
     /// returns the 101 (for the client to get, as it is or translated).
+    /// `permit` (the places it counts in) is held until the tunnel ends;
     /// `h2` counts the WebSocket while it lasts.
     fn spawn_tunnel<C, F>(
         mut self,
         ctx: &Arc<ListenerCtx>,
-        permit: Arc<ConnPermit>,
+        permit: impl Send + 'static,
         client_side: F,
         h2: Option<prometheus_client::metrics::gauge::Gauge>,
     ) -> Response<Incoming>

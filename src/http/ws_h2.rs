@@ -19,7 +19,8 @@ use std::task::{Context, Poll};
 use hyper::body::Incoming;
 use hyper::ext::Protocol;
 use hyper::header::{
-    CONNECTION, CONTENT_LENGTH, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    UPGRADE,
 };
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
@@ -65,6 +66,32 @@ pub(super) async fn websocket(
             "WebSocket over HTTP/2 without Sec-WebSocket-Version\n",
         );
     }
+    // Each WebSocket counts under the listener's limits as a connection
+    // would: it holds a backend connection of its own.
+    let Ok(place) = ctx.limit.clone().try_acquire_owned() else {
+        let mut resp = status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the listener is at max_connections\n",
+        );
+        resp.headers_mut().insert(
+            RETRY_AFTER,
+            HeaderValue::from(1 + rand::random_range(0..3u32)),
+        );
+        return resp;
+    };
+    let own = ConnPermit::new(place, ctx.client_limit.as_ref(), client.addr.ip());
+    if own.over_limit() || own.refused() {
+        ctx.client_limited.inc();
+        let mut resp = status(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address\n",
+        );
+        resp.headers_mut().insert(
+            RETRY_AFTER,
+            HeaderValue::from(1 + rand::random_range(0..3u32)),
+        );
+        return resp;
+    }
     let client_upgrade = hyper::upgrade::on(&mut req);
     // The backend's request: the GET of an HTTP/1.1 upgrade.
     *req.method_mut() = Method::GET;
@@ -82,13 +109,27 @@ pub(super) async fn websocket(
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     let switched = match open_websocket(req, &client, &ctx).await {
         Ok(switched) => switched,
+        // A 2xx to an extended CONNECT opens the tunnel (RFC 8441 §5): a
+        // backend that answered the upgrade with a page, not a 101, has
+        // refused it.
+        Err(answer) if answer.status().is_success() || answer.status().is_informational() => {
+            return status(
+                StatusCode::BAD_GATEWAY,
+                "the backend answered the WebSocket upgrade without switching\n",
+            );
+        }
         Err(answer) => return answer,
     };
     let client_side = async move {
         let upgraded = client_upgrade.await.ok()?;
         Some((H2Io::new(upgraded), bytes::Bytes::new()))
     };
-    let switch = switched.spawn_tunnel(&ctx, permit, client_side, Some(ctx.h2_websockets.clone()));
+    let switch = switched.spawn_tunnel(
+        &ctx,
+        (permit, own),
+        client_side,
+        Some(ctx.h2_websockets.clone()),
+    );
     // 200 with what the backend chose (subprotocol, extensions, cookies).
     let mut headers = switch.headers().clone();
     headers::strip_hop_by_hop(&mut headers);
@@ -150,6 +191,11 @@ impl TunnelIo for H2Io {
             Held::Failed(error) => Err(error),
             Held::Data(mut data) => {
                 let n = data.len().min(buf.capacity() - buf.len());
+                if n == 0 {
+                    // Ok(0) would read as the end of the stream.
+                    self.held = Held::Data(data);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
                 buf.extend_from_slice(&data[..n]);
                 if n < data.len() {
                     data.drain(..n);

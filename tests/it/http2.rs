@@ -953,3 +953,113 @@ async fn an_h2_websocket_follows_the_sticky_cookie_of_the_page() {
         "{headers:?}"
     );
 }
+
+#[tokio::test]
+async fn an_h2_client_that_never_sends_its_preface_is_closed_after_the_head_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let backends = echo_backends(1).await;
+    let (sluice, _dir) = tls_sluice(&backends, |cfg| {
+        cfg.listeners[0].header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tcp = TcpStream::connect(sluice.addr).await.expect("connect");
+    let (mut tls, _) = tls_over_alpn(tcp, "app.test", BOTH).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // Nothing sent: sluice's SETTINGS, then the end.
+    let mut buf = vec![0u8; 1024];
+    within(10, "closed by sluice", async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_backend_answering_an_h2_websocket_with_a_page_gets_the_client_a_502() {
+    use tokio::io::AsyncWriteExt as _;
+    // A backend that ignores the upgrade and serves a page.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\npage\n")
+                    .await;
+            });
+        }
+    });
+    let dir = temp_dir("h2-page");
+    write_cert(&dir, "site", &["app.test"]);
+    let mut cfg = config(&[addr]);
+    cfg.listeners[0].tls = Some(one_cert(&dir, "site", Duration::from_secs(5)));
+    cfg.listeners[0].http2.websockets = true;
+    let sluice = Sluice::with_config(cfg).await;
+    let client = h2_over_tls(&sluice).await;
+    let mut req = hyper::Request::connect("https://app.test/ws")
+        .header("sec-websocket-version", "13")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = within(10, "answer", client.clone().send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 502);
+}
+
+#[tokio::test]
+async fn each_h2_websocket_counts_under_the_per_client_limit() {
+    let backends = echo_backends(1).await;
+    let (sluice, _dir) = tls_sluice(&backends, |cfg| {
+        cfg.listeners[0].http2.websockets = true;
+        // The h2 connection, and one WebSocket in it.
+        cfg.listeners[0].max_connections_per_client = 2;
+    })
+    .await;
+    let client = h2_over_tls(&sluice).await;
+    let (_first, _, _) = ws_over_h2(&client, "/ws", &[]).await;
+    let mut req = hyper::Request::connect("https://app.test/ws")
+        .header("sec-websocket-version", "13")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let second = within(10, "answer", client.clone().send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(second.status(), 429);
+    assert_eq!(backends[0].ws_open(), 1);
+    // Page requests still go through.
+    assert_eq!(
+        send(&client, get("https://app.test/page")).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn an_h2_connection_over_the_per_client_limit_gets_its_429_then_goaway() {
+    let backends = echo_backends(1).await;
+    let (sluice, _dir) = tls_sluice(&backends, |cfg| {
+        cfg.listeners[0].max_connections_per_client = 1;
+    })
+    .await;
+    let first = h2_over_tls(&sluice).await;
+    assert_eq!(send(&first, get("https://app.test/a")).await.status, 200);
+    let over = h2_over_tls(&sluice).await;
+    let refused = send(&over, get("https://app.test/b")).await;
+    assert_eq!(refused.status, 429);
+    assert!(refused.headers.contains_key("retry-after"));
+    eventually(10, "the over-limit connection is closed", || {
+        over.is_closed()
+    })
+    .await;
+    assert_eq!(send(&first, get("https://app.test/c")).await.status, 200);
+}
