@@ -34,6 +34,17 @@ impl Pebble {
     /// Starts Pebble validating TLS-ALPN-01 on `tls_port` and HTTP-01 on
     /// `http_port` of 127.0.0.1, with certificates valid `validity`.
     pub async fn start(tls_port: u16, http_port: u16, validity: Duration) -> Self {
+        // The ports are picked free, then bound by Pebble: another test
+        // may take one in between, and Pebble exits. Then again, anew.
+        for _ in 0..3 {
+            if let Some(pebble) = Self::try_start(tls_port, http_port, validity).await {
+                return pebble;
+            }
+        }
+        panic!("pebble did not start three times (see its log above)");
+    }
+
+    async fn try_start(tls_port: u16, http_port: u16, validity: Duration) -> Option<Self> {
         let dir = TempDir::new("sluice-pebble").expect("temp dir");
         let [listen, management, dns, dns_mgmt] = free_ports().expect("ports");
         let own = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
@@ -54,7 +65,7 @@ impl Pebble {
             validity.as_secs()
         );
         let config = dir.write("pebble.json", &config).expect("config");
-        let dns_proc = Proc(
+        let mut dns_proc = Proc(
             Command::new("pebble-challtestsrv")
                 .args(["-dns01", &format!("127.0.0.1:{dns}")])
                 .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
@@ -67,7 +78,7 @@ impl Pebble {
                 .expect("pebble-challtestsrv starts"),
         );
         let log = std::fs::File::create(dir.path().join("pebble.log")).expect("log");
-        let pebble = Proc(
+        let mut pebble = Proc(
             Command::new("pebble")
                 .arg("-config")
                 .arg(&config)
@@ -82,24 +93,37 @@ impl Pebble {
                 .expect("pebble starts"),
         );
         let management = SocketAddr::from(([127, 0, 0, 1], management));
-        super::within(20, "pebble listening", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", listen))
-                .await
-                .is_err()
-                || tokio::net::TcpStream::connect(management).await.is_err()
-            {
+        let up = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let listening = tokio::net::TcpStream::connect(("127.0.0.1", listen))
+                    .await
+                    .is_ok()
+                    && tokio::net::TcpStream::connect(management).await.is_ok();
+                if listening {
+                    return true;
+                }
+                let exited = |p: &mut Proc| p.0.try_wait().is_ok_and(|s| s.is_some());
+                if exited(&mut pebble) || exited(&mut dns_proc) {
+                    return false;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
-        .await;
-        Self {
+        .await
+        .unwrap_or(false);
+        if !up {
+            let log = std::fs::read_to_string(dir.path().join("pebble.log")).unwrap_or_default();
+            eprintln!("pebble did not start; its log:\n{log}");
+            return None;
+        }
+        Some(Self {
             directory: format!("https://127.0.0.1:{listen}/dir"),
             directory_ca: cert,
             dir,
             management,
             _dns: dns_proc,
             _pebble: pebble,
-        }
+        })
     }
 
     /// ACME requests Pebble has handled so far (from its log).
