@@ -23,7 +23,6 @@ use crate::conn_limit::ConnPermit;
 use crate::error_chain::chain;
 use crate::http::{self, ListenerCell, ListenerCtx};
 use crate::proxy_protocol::{self, Carried, Client, ProxyError};
-use crate::sockopt;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -211,10 +210,8 @@ pub async fn serve(
         };
         let ctx = cell.load_full();
         ctx.accepted.inc();
-        let _ = stream.set_nodelay(true);
-        if let Some(k) = ctx.cfg.tcp_keepalive {
-            sockopt::keepalive(&stream, k.idle, k.interval, k.count);
-        }
+        // TCP_NODELAY and keepalive come from the listening socket
+        // (`sockopt::listener`, set by `reload`).
         // Everything logged about this connection, down to the tunnel, is
         // inside this span (debug level: free unless enabled).
         let span = if ctx.cfg.proxy_protocol.is_some() {

@@ -557,6 +557,13 @@ impl Reloader {
                     }
                 }
             };
+            // What its accepted connections inherit, as this config says.
+            if let Some(fd) = &slot.fd {
+                crate::sockopt::listener(
+                    fd,
+                    l.tcp_keepalive.map(|k| (k.idle, k.interval, k.count)),
+                );
+            }
             if !same_tls {
                 if let Some(watch) = slot.tls_watch.take() {
                     watch.cancel();
