@@ -314,7 +314,7 @@ async fn run(opts: &Options, fd_limit: u64) -> Result<()> {
 
     // TLS: new wss connections per second, in rounds of their own over the
     // proxies (rotating order, as for echo); the median counts.
-    let connector = TlsConnector::from(tls_client_config(&cert.der)?);
+    let connector = TlsConnector::from(tls_client_config(&cert.der, &[b"http/1.1"])?);
     let mut tls_samples: Vec<Vec<f64>> = vec![Vec::new(); started.len()];
     let mut tls_failures: Vec<u64> = vec![0; started.len()];
     for round in 0..TLS_ROUNDS {
@@ -1108,9 +1108,12 @@ impl Cert {
 }
 
 /// A rustls client that trusts only `cert` (a self-signed end-entity
-/// certificate is its own trust anchor), offers HTTP/1.1 by ALPN, and never
-/// resumes a session: every connection pays a full handshake.
-fn tls_client_config(cert: &CertificateDer<'static>) -> Result<Arc<rustls::ClientConfig>> {
+/// certificate is its own trust anchor), offers `alpn`, and never resumes
+/// a session: every connection pays a full handshake.
+fn tls_client_config(
+    cert: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(cert.clone())
@@ -1122,7 +1125,7 @@ fn tls_client_config(cert: &CertificateDer<'static>) -> Result<Arc<rustls::Clien
     .context("choosing TLS versions")?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

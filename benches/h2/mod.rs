@@ -9,7 +9,6 @@
 //!   against over TLS HTTP/1.1 (one connection each).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -56,21 +55,10 @@ impl Rate {
     }
 }
 
-/// A rustls client trusting `cert` and offering `alpn`.
+/// A client of ws_bench's own (trusting only `cert`, no resumption)
+/// that offers `alpn`.
 pub fn connector(cert: &CertificateDer<'static>, alpn: &[&[u8]]) -> Result<TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(cert.clone())
-        .context("trusting the bench certificate")?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("choosing TLS versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(TlsConnector::from(super::tls_client_config(cert, alpn)?))
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;

@@ -105,21 +105,19 @@ pub async fn serve<S: TunnelIo + AsyncRead>(
     // because its framing is in doubt; an HTTP/2 stream's is not.)
     let close = CancellationToken::new();
     let closing = close.clone();
+    // Fixed for the connection's life.
+    let over_limit = permit.over_limit();
     let service = service_fn(move |req: Request<Incoming>| {
         seen.store(start.elapsed().as_millis().max(1) as u64, Ordering::Relaxed);
+        if over_limit {
+            // GOAWAY lets this stream (its 429) finish.
+            closing.cancel();
+        }
         let ctx = cell.load_full();
         ctx.h2_streams.inc();
         let permit = permit.clone();
         let client = client.clone();
-        let closing = closing.clone();
-        async move {
-            let over_limit = permit.over_limit();
-            let resp = super::handle::<S>(req, client, ctx, permit).await;
-            if over_limit {
-                closing.cancel();
-            }
-            Ok::<_, Infallible>(resp)
-        }
+        async move { Ok::<_, Infallible>(super::handle::<S>(req, client, ctx, permit).await) }
     });
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder

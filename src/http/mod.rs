@@ -188,15 +188,7 @@ async fn handle<S: TunnelIo + AsyncRead>(
 ) -> Response<ProxyBody> {
     if permit.over_limit() {
         ctx.client_limited.inc();
-        let mut resp = refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections from this address\n",
-        );
-        resp.headers_mut().insert(
-            RETRY_AFTER,
-            HeaderValue::from(1 + rand::random_range(0..3u32)),
-        );
-        return resp;
+        return retry_after(refuse(StatusCode::TOO_MANY_REQUESTS, TOO_MANY), 3);
     }
     if req.version() == hyper::Version::HTTP_2 {
         // `:authority` is the Host of HTTP/2: shown as one from here on,
@@ -423,17 +415,15 @@ impl Drop for LiveGauge {
 fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
     match (error.blame(), error) {
         (Blame::Pool, _) => {
-            let mut resp = status(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
-            // Spread retries over a few seconds so that clients do not come back together.
             let spread = if matches!(error, UpstreamError::Overloaded { .. }) {
                 5
             } else {
                 3
             };
-            let secs = 1 + rand::random_range(0..spread);
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
-            resp
+            retry_after(
+                status(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n"),
+                spread,
+            )
         }
         (Blame::Client, UpstreamError::BodyStalled { .. }) => {
             status(StatusCode::REQUEST_TIMEOUT, "request body stalled\n")
@@ -452,6 +442,18 @@ fn upstream_error(error: &UpstreamError) -> Response<ProxyBody> {
         }
         (Blame::Backend, _) => status(StatusCode::BAD_GATEWAY, "backend unavailable\n"),
     }
+}
+
+/// The answer to a client over `max_connections_per_client`.
+const TOO_MANY: &str = "too many connections from this address\n";
+
+/// `resp` with a Retry-After of 1 to `spread` seconds, at random, so that
+/// refused clients do not come back together.
+fn retry_after(mut resp: Response<ProxyBody>, spread: u32) -> Response<ProxyBody> {
+    let secs = 1 + rand::random_range(0..spread);
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(secs));
+    resp
 }
 
 /// A request refused at the edge: answered, and its connection ends (as

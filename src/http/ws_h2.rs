@@ -19,8 +19,7 @@ use std::task::{Context, Poll};
 use hyper::body::Incoming;
 use hyper::ext::Protocol;
 use hyper::header::{
-    CONNECTION, CONTENT_LENGTH, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    UPGRADE,
+    CONNECTION, CONTENT_LENGTH, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE,
 };
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
@@ -28,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
-use super::{ListenerCtx, ProxyBody, headers, open_websocket, status};
+use super::{ListenerCtx, ProxyBody, TOO_MANY, headers, open_websocket, retry_after, status};
 use crate::conn_limit::ConnPermit;
 use crate::proxy_protocol::Client;
 use crate::tunnel::TunnelIo;
@@ -69,28 +68,18 @@ pub(super) async fn websocket(
     // Each WebSocket counts under the listener's limits as a connection
     // would: it holds a backend connection of its own.
     let Ok(place) = ctx.limit.clone().try_acquire_owned() else {
-        let mut resp = status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the listener is at max_connections\n",
+        return retry_after(
+            status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the listener is at max_connections\n",
+            ),
+            3,
         );
-        resp.headers_mut().insert(
-            RETRY_AFTER,
-            HeaderValue::from(1 + rand::random_range(0..3u32)),
-        );
-        return resp;
     };
     let own = ConnPermit::new(place, ctx.client_limit.as_ref(), client.addr.ip());
     if own.over_limit() || own.refused() {
         ctx.client_limited.inc();
-        let mut resp = status(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections from this address\n",
-        );
-        resp.headers_mut().insert(
-            RETRY_AFTER,
-            HeaderValue::from(1 + rand::random_range(0..3u32)),
-        );
-        return resp;
+        return retry_after(status(StatusCode::TOO_MANY_REQUESTS, TOO_MANY), 3);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     // The backend's request: the GET of an HTTP/1.1 upgrade.

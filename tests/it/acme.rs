@@ -236,19 +236,15 @@ async fn http_01_is_answered_on_the_plain_listener_and_never_forwarded() {
 
     // curl trusts the certificate too (Pebble's root, nothing else).
     let root_file = cache.write("root.pem", &root).expect("root");
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--fail", "--cacert"])
-        .arg(&root_file)
-        .args(["--resolve", &format!("{NAME}:{tls_port}:127.0.0.1")])
-        .arg(format!("https://{NAME}:{tls_port}/"))
-        .output()
-        .await
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    curl(&[
+        "--fail",
+        "--cacert",
+        &root_file.display().to_string(),
+        "--resolve",
+        &format!("{NAME}:{tls_port}:127.0.0.1"),
+        &format!("https://{NAME}:{tls_port}/"),
+    ])
+    .await;
     assert_eq!(forwarded(), 1);
 
     // Other tokens are answered by sluice too; other paths go through.

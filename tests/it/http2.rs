@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice::config::{Algorithm, StickyConfig};
+use sluice::config::Algorithm;
 use tokio::net::TcpStream;
 
 use crate::support::*;
@@ -165,22 +165,12 @@ async fn h2_requests_get_the_same_stickiness_and_error_answers() {
     let backends = echo_backends(3).await;
     let (sluice, _dir) = tls_sluice(&backends, |cfg| {
         cfg.pools[0].algorithm = Algorithm::RoundRobin;
-        cfg.pools[0].sticky = Some(StickyConfig {
-            secret: Some(b"test secret, at least 16 bytes".to_vec()),
-            ..StickyConfig::default()
-        });
+        cfg.pools[0].sticky = Some(test_sticky());
     })
     .await;
     let client = h2_over_tls(&sluice).await;
     let first = send(&client, get("https://app.test/poll")).await;
-    let cookie = first
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with("SLUICE_AFFINITY="))
-        .map(|v| v.split(';').next().unwrap_or_default().to_string())
-        .expect("a sticky cookie over h2");
+    let cookie = sticky_pin(&first.headers).expect("a sticky cookie over h2");
     let pinned = first.headers["x-backend"].clone();
     for _ in 0..6 {
         // HTTP/2 clients send each cookie in a field of its own.
@@ -259,25 +249,10 @@ async fn a_plain_listener_with_http2_takes_h2c_and_http_1_1() {
 
 /// What curl (a third-party HTTP/2 client) says it spoke through `url`.
 async fn curl_version(args: &[&str], url: &str) -> String {
-    let out = tokio::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version} %{http_code}",
-        ])
-        .args(args)
-        .arg(url)
-        .output()
-        .await
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    let mut all = vec!["-o", "/dev/null", "-w", "%{http_version} %{http_code}"];
+    all.extend_from_slice(args);
+    all.push(url);
+    curl(&all).await
 }
 
 #[tokio::test]
@@ -331,13 +306,12 @@ async fn ws_over_h2(
     (ws, headers, name)
 }
 
-/// An extended CONNECT for a WebSocket at `path`: the 200's headers and
-/// the stream.
-async fn connect_h2(
+/// The answer to an extended CONNECT (RFC 8441) for a WebSocket at `path`.
+async fn extended_connect(
     client: &SendRequest<Full<Bytes>>,
     path: &str,
     extra: &[(&str, &str)],
-) -> (hyper::HeaderMap, hyper::upgrade::Upgraded) {
+) -> hyper::Response<hyper::body::Incoming> {
     let mut req = hyper::Request::connect(format!("https://app.test{path}"))
         .header("sec-websocket-version", "13");
     for (k, v) in extra {
@@ -346,10 +320,19 @@ async fn connect_h2(
     let mut req = req.body(Full::new(Bytes::new())).expect("request");
     req.extensions_mut()
         .insert(hyper::ext::Protocol::from_static("websocket"));
-    let mut sender = client.clone();
-    let resp = within(10, "extended CONNECT", sender.send_request(req))
+    within(10, "extended CONNECT", client.clone().send_request(req))
         .await
-        .expect("response");
+        .expect("response")
+}
+
+/// An extended CONNECT for a WebSocket at `path`: the 200's headers and
+/// the stream.
+async fn connect_h2(
+    client: &SendRequest<Full<Bytes>>,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> (hyper::HeaderMap, hyper::upgrade::Upgraded) {
+    let resp = extended_connect(client, path, extra).await;
     assert_eq!(resp.status(), 200, "{resp:?}");
     let headers = resp.headers().clone();
     let upgraded = within(10, "upgrade", hyper::upgrade::on(resp))
@@ -918,22 +901,12 @@ async fn an_h2_websocket_follows_the_sticky_cookie_of_the_page() {
     let (sluice, _dir) = tls_sluice(&backends, |cfg| {
         cfg.listeners[0].http2.websockets = true;
         cfg.pools[0].algorithm = Algorithm::RoundRobin;
-        cfg.pools[0].sticky = Some(StickyConfig {
-            secret: Some(b"test secret, at least 16 bytes".to_vec()),
-            ..StickyConfig::default()
-        });
+        cfg.pools[0].sticky = Some(test_sticky());
     })
     .await;
     let client = h2_over_tls(&sluice).await;
     let page = send(&client, get("https://app.test/")).await;
-    let cookie = page
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with("SLUICE_AFFINITY="))
-        .map(|v| v.split(';').next().unwrap_or_default().to_string())
-        .expect("a sticky cookie");
+    let cookie = sticky_pin(&page.headers).expect("a sticky cookie");
     let pinned = page.headers["x-backend"]
         .to_str()
         .expect("name")
@@ -945,13 +918,7 @@ async fn an_h2_websocket_follows_the_sticky_cookie_of_the_page() {
     }
     // Without the cookie, a WebSocket gets a pin of its own in the 200.
     let (_ws, headers, _) = ws_over_h2(&client, "/ws", &[]).await;
-    assert!(
-        headers
-            .get_all("set-cookie")
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.starts_with("SLUICE_AFFINITY="))),
-        "{headers:?}"
-    );
+    assert!(sticky_pin(&headers).is_some(), "{headers:?}");
 }
 
 #[tokio::test]
@@ -1003,15 +970,7 @@ async fn a_backend_answering_an_h2_websocket_with_a_page_gets_the_client_a_502()
     cfg.listeners[0].http2.websockets = true;
     let sluice = Sluice::with_config(cfg).await;
     let client = h2_over_tls(&sluice).await;
-    let mut req = hyper::Request::connect("https://app.test/ws")
-        .header("sec-websocket-version", "13")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let resp = within(10, "answer", client.clone().send_request(req))
-        .await
-        .expect("response");
+    let resp = extended_connect(&client, "/ws", &[]).await;
     assert_eq!(resp.status(), 502);
 }
 
@@ -1026,15 +985,7 @@ async fn each_h2_websocket_counts_under_the_per_client_limit() {
     .await;
     let client = h2_over_tls(&sluice).await;
     let (_first, _, _) = ws_over_h2(&client, "/ws", &[]).await;
-    let mut req = hyper::Request::connect("https://app.test/ws")
-        .header("sec-websocket-version", "13")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let second = within(10, "answer", client.clone().send_request(req))
-        .await
-        .expect("response");
+    let second = extended_connect(&client, "/ws", &[]).await;
     assert_eq!(second.status(), 429);
     assert_eq!(backends[0].ws_open(), 1);
     // Page requests still go through.

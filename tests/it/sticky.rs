@@ -10,28 +10,15 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::support::*;
 
-fn sticky() -> StickyConfig {
-    StickyConfig {
-        secret: Some(b"test secret, at least 16 bytes".to_vec()),
-        ..StickyConfig::default()
-    }
-}
-
 async fn sticky_sluice(backends: &[sluice::demo::EchoBackend]) -> Sluice {
     let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
-    cfg.pools[0].sticky = Some(sticky());
+    cfg.pools[0].sticky = Some(test_sticky());
     Sluice::with_config(cfg).await
 }
 
 /// The `NAME=value` part of the response's sticky Set-Cookie, if any.
 fn pin_of(reply: &HttpReply) -> Option<String> {
-    reply
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with("SLUICE_AFFINITY="))
-        .map(|v| v.split(';').next().unwrap_or_default().to_string())
+    sticky_pin(&reply.headers)
 }
 
 async fn get_with_cookie(sluice: &Sluice, cookie: Option<&str>) -> HttpReply {
@@ -154,7 +141,7 @@ async fn the_apps_own_cookies_survive() {
     })
     .await;
     let mut cfg = config(&[addr]);
-    cfg.pools[0].sticky = Some(sticky());
+    cfg.pools[0].sticky = Some(test_sticky());
     let sluice = Sluice::with_config(cfg).await;
     let reply = get_with_cookie(&sluice, None).await;
     let cookies: Vec<&str> = reply

@@ -589,13 +589,7 @@ async fn sticky_ws(url: &str, cookie: Option<&str>) -> (Ws, String, Option<Strin
     let (mut ws, resp) = within(10, "upgrade", tokio_tungstenite::connect_async(req))
         .await
         .expect("upgrade");
-    let pin = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with("SLUICE_AFFINITY="))
-        .map(|v| v.split(';').next().unwrap_or_default().to_string());
+    let pin = sticky_pin(resp.headers());
     let backend = greeting(&mut ws).await;
     (ws, backend, pin)
 }

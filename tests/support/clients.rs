@@ -31,6 +31,33 @@ pub async fn ws_connect(url: &str) -> Ws {
     ws
 }
 
+/// The `NAME=value` part of a response's sticky Set-Cookie, if any.
+pub fn sticky_pin(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("SLUICE_AFFINITY="))
+        .map(|v| v.split(';').next().unwrap_or_default().to_string())
+}
+
+/// Runs curl (a third-party client) with `args`; its standard output,
+/// once it has succeeded.
+pub async fn curl(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("curl")
+        .arg("-sS")
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// Reads the demo backend's first message, `connected to NAME`.
 pub async fn greeting<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
 where

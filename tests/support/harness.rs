@@ -33,6 +33,14 @@ pub struct Sluice {
     _load: LoadShare,
 }
 
+/// Sticky cookies with a fixed key, as the tests use them.
+pub fn test_sticky() -> sluice::config::StickyConfig {
+    sluice::config::StickyConfig {
+        secret: Some(b"test secret, at least 16 bytes".to_vec()),
+        ..sluice::config::StickyConfig::default()
+    }
+}
+
 /// A config with one listener on an ephemeral port and one pool of `addrs`.
 pub fn config(addrs: &[SocketAddr]) -> Config {
     let backends = addrs

@@ -142,18 +142,12 @@ impl Pebble {
 
     /// The root that Pebble's issued certificates chain to (PEM).
     pub async fn root(&self) -> String {
-        let out = tokio::process::Command::new("curl")
-            .args(["-sS", "--fail", "--cacert"])
-            .arg(&self.directory_ca)
-            .arg(format!("https://{}/roots/0", self.management))
-            .output()
-            .await
-            .expect("curl runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("PEM")
+        super::curl(&[
+            "--fail",
+            "--cacert",
+            &self.directory_ca.display().to_string(),
+            &format!("https://{}/roots/0", self.management),
+        ])
+        .await
     }
 }
