@@ -359,6 +359,7 @@ pub fn config(
         shutdown_timeout: Config::DEFAULT_SHUTDOWN_TIMEOUT,
         worker_threads: 0,
         upgrade_timeout: Config::DEFAULT_UPGRADE_TIMEOUT,
+        log: crate::config::LogConfig::default(),
         path: None,
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::DrainConfig;
-use crate::registry::{Backend, BackendState, PoolEntry, Registry};
+use crate::registry::{Backend, BackendState, CloseReason, PoolEntry, Registry};
 
 /// A sticky pin (pool, cookie nonce) whose WebSocket this process closes
 /// after a binary upgrade handed it over, so that the new process places
@@ -39,11 +39,21 @@ pub enum Farewell {
 #[derive(Debug, Clone)]
 enum Moving {
     /// Nothing: this process stops, and the pin stays good.
-    Keep,
+    Keep(CloseReason),
     /// Remembers it here: the next request with it is placed afresh.
-    Here(Arc<PoolEntry>),
+    Here(Arc<PoolEntry>, CloseReason),
     /// Sends it to the process that took over, to place it afresh there.
     Away(String, tokio::sync::mpsc::UnboundedSender<MovedPin>),
+}
+
+impl Moving {
+    /// Why the WebSockets close, as the access log says it.
+    fn reason(&self) -> CloseReason {
+        match self {
+            Self::Keep(reason) | Self::Here(_, reason) => *reason,
+            Self::Away(..) => CloseReason::Upgrade,
+        }
+    }
 }
 
 /// How often a drain looks for late WebSockets and for the backend to be empty.
@@ -154,7 +164,8 @@ impl Drains {
         if let Some(window) = window {
             cfg.window = window;
         }
-        self.start(pool, backend, cfg, Moving::Here(pool.clone()), true);
+        let moving = Moving::Here(pool.clone(), CloseReason::Drain);
+        self.start(pool, backend, cfg, moving, true);
         Ok(())
     }
 
@@ -162,7 +173,7 @@ impl Drains {
     /// already under way (an operator's) goes on.
     pub fn retire(&self, pool: &Arc<PoolEntry>, backend: &Arc<Backend>) {
         if !self.shutting_down.load(Ordering::Acquire) {
-            let moving = Moving::Here(pool.clone());
+            let moving = Moving::Here(pool.clone(), CloseReason::Removed);
             self.start(pool, backend, pool.cfg.drain, moving, true);
         }
     }
@@ -182,7 +193,8 @@ impl Drains {
             {
                 tokio::time::sleep_until(started + offset).await;
                 if Arc::strong_count(conn) > 1 {
-                    pool.close_moving(backend, conn, cfg.close_code, std::time::Instant::now());
+                    let now = std::time::Instant::now();
+                    pool.close_moving(backend, conn, cfg.close_code, CloseReason::Removed, now);
                     backend.drain_closed.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -204,10 +216,10 @@ impl Drains {
             let moving = match &farewell {
                 Farewell::Shutdown(code) => {
                     cfg.close_code = *code;
-                    Moving::Keep
+                    Moving::Keep(CloseReason::Shutdown)
                 }
                 Farewell::HandedOver(Some(feed)) => Moving::Away(pool.name.clone(), feed.clone()),
-                Farewell::HandedOver(None) => Moving::Keep,
+                Farewell::HandedOver(None) => Moving::Keep(CloseReason::Upgrade),
             };
             let out_of_rotation = matches!(farewell, Farewell::Shutdown(_));
             for backend in pool.all_backends() {
@@ -320,11 +332,13 @@ async fn run_drain(
     conns.shuffle(&mut rand::rng());
     planned.store(conns.len(), Ordering::Relaxed);
     let mut asked: HashSet<u64> = HashSet::with_capacity(conns.len());
+    let reason = moving.reason();
     let close = |conn: &Arc<crate::registry::ConnControl>| {
         match &moving {
             // Its client is placed afresh when it comes back.
-            Moving::Here(pool) => {
-                pool.close_moving(&backend, conn, cfg.close_code, std::time::Instant::now())
+            Moving::Here(pool, _) => {
+                let now = std::time::Instant::now();
+                pool.close_moving(&backend, conn, cfg.close_code, reason, now)
             }
             Moving::Away(pool, feed) if conn.pin != 0 => {
                 let (told, heard) = tokio::sync::oneshot::channel();
@@ -335,14 +349,13 @@ async fn run_drain(
                     // the link is gone (the pin then just stays good).
                     tokio::spawn(async move {
                         let _ = heard.await;
-                        conn.request_close(code);
+                        conn.request_close(code, reason);
                     });
                 } else {
-                    conn.request_close(code);
+                    conn.request_close(code, reason);
                 }
             }
-            Moving::Away(..) => conn.request_close(cfg.close_code),
-            Moving::Keep => conn.request_close(cfg.close_code),
+            Moving::Away(..) | Moving::Keep(_) => conn.request_close(cfg.close_code, reason),
         }
         backend.drain_closed.fetch_add(1, Ordering::Relaxed);
         closed.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,7 @@
 //! `demo`. See docs/ARCHITECTURE.md (the layers are checked by
 //! tests/it/layers.rs).
 
+pub mod access_log;
 pub mod acme;
 pub mod admin;
 pub(crate) mod admission;

@@ -18,8 +18,9 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve with a config file (SIGHUP reloads it, SIGUSR2 upgrades the
-    /// binary; SIGTERM or Ctrl-C closes WebSockets with 1001 and exits).
+    /// Serve with a config file (SIGHUP reloads it, SIGUSR1 reopens the
+    /// access log, SIGUSR2 upgrades the binary; SIGTERM or Ctrl-C closes
+    /// WebSockets with 1001 and exits).
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -123,21 +124,33 @@ macro_rules! say {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal, not in log files and journals.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `sluice run` logs in its config's format, set once it is read.
+    if !matches!(args.command, Command::Run { .. }) {
+        init_logging(sluice::config::LogFormat::Text);
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sluice: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The diagnostic log, on stderr, filtered by `SLUICE_LOG` (default
+/// `info`).
+fn init_logging(format: sluice::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        sluice::config::LogFormat::Json => builder.json().init(),
+        // Colours only for a terminal, not in log files and journals.
+        sluice::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }
 
@@ -155,7 +168,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            let cfg = sluice::config::load(&config)?;
+            let cfg = sluice::config::load(&config);
+            init_logging(cfg.as_ref().map(|c| c.log.format).unwrap_or_default());
+            let cfg = cfg?;
             // Started by `sluice ctl upgrade`: take the sockets over first.
             let inherited =
                 sluice::upgrade::inherit().context("taking over from the previous process")?;
@@ -254,6 +269,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
     usr2: tokio::signal::unix::Signal,
 }
 
@@ -264,6 +280,7 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
             int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
             hup: signal(SignalKind::hangup()).context("listening for SIGHUP")?,
+            usr1: signal(SignalKind::user_defined1()).context("listening for SIGUSR1")?,
             usr2: signal(SignalKind::user_defined2()).context("listening for SIGUSR2")?,
         })
     }
@@ -271,7 +288,8 @@ impl Signals {
 
 /// Runs until sluice has shut down. First SIGTERM or Ctrl-C: drain and stop.
 /// Second: close every WebSocket now. Third: drop everything. SIGHUP
-/// reloads the config, SIGUSR2 upgrades the binary.
+/// reloads the config, SIGUSR1 reopens the access log file, SIGUSR2
+/// upgrades the binary.
 async fn serve_until_signalled(
     running: sluice::Running,
     shutdown: CancellationToken,
@@ -281,6 +299,7 @@ async fn serve_until_signalled(
         mut term,
         mut int,
         mut hup,
+        mut usr1,
         mut usr2,
     } = signals;
     let registry = running.registry.clone();
@@ -299,6 +318,11 @@ async fn serve_until_signalled(
                 // The reload logs what changed, or why it was refused.
                 let reloader = reloader.clone();
                 tokio::spawn(async move { let _ = reloader.reload().await; });
+                continue;
+            }
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: reopening the access log");
+                reloader.reopen_logs();
                 continue;
             }
             _ = usr2.recv() => {

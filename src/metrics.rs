@@ -44,6 +44,34 @@ pub struct Metrics {
     /// The TLS listeners, as the last reload left them.
     tls: TlsListeners,
     acme_orders: Family<[(&'static str, &'static str); 1], Counter>,
+    /// What became of the access log's lines.
+    pub access_log: Arc<crate::access_log::Counts>,
+}
+
+/// The access log's counts, read at scrape time.
+#[derive(Debug)]
+struct AccessCollector(Arc<crate::access_log::Counts>);
+
+impl Collector for AccessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut m = encoder.encode_descriptor(
+            "sluice_access_log_lines",
+            "Access log lines: written, dropped (its queue was full) or failed (writing failed)",
+            None,
+            MetricType::Counter,
+        )?;
+        let counts = &self.0;
+        for (result, counter) in [
+            ("written", &counts.written),
+            ("dropped", &counts.dropped),
+            ("failed", &counts.failed),
+        ] {
+            ConstCounter::new(counter.load(Relaxed))
+                .encode(m.encode_family(&[("result", result)])?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Each TLS listener's name and certificates, read at scrape time (so a
@@ -149,7 +177,10 @@ impl Metrics {
         );
         let tls = TlsListeners::default();
         registry.register_collector(Box::new(tls.clone()));
+        let access_log = Arc::<crate::access_log::Counts>::default();
+        registry.register_collector(Box::new(AccessCollector(access_log.clone())));
         Self {
+            access_log,
             registry,
             accepted,
             rejected,

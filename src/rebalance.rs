@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::RebalanceConfig;
-use crate::registry::{BackendState, PoolEntry};
+use crate::registry::{BackendState, CloseReason, PoolEntry};
 
 /// One backend as the plan sees it.
 #[derive(Debug, Clone, Copy)]
@@ -297,7 +297,13 @@ pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: Cancella
                 break;
             }
             // A sticky client is placed afresh when it comes back.
-            pool.close_moving(&backend, conn, close_code, Instant::now());
+            pool.close_moving(
+                &backend,
+                conn,
+                close_code,
+                CloseReason::Rebalance,
+                Instant::now(),
+            );
             backend
                 .rebalance_shed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -37,7 +37,8 @@ pub struct ConnControl {
     pub listener: u32,
     /// The sticky pin (cookie nonce) it was made under; 0: none.
     pub pin: u64,
-    /// Requested close: 0 for none, a WebSocket close code, or `ABORT`.
+    /// Requested close: 0 for none, a WebSocket close code with its
+    /// `CloseReason` above it (bits 16 to 23), or `ABORT`.
     close: AtomicU32,
     /// Wakes the tunnel when a close is requested.
     waker: AtomicWaker,
@@ -54,6 +55,49 @@ pub enum CloseRequest {
     Abort,
 }
 
+/// Why sluice closed a WebSocket on purpose, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// A drain of its backend (an operator's, or a rollout's).
+    Drain = 1,
+    /// The rebalancer shed it.
+    Rebalance = 2,
+    /// A binary upgrade handed the listeners to a new process.
+    Upgrade = 3,
+    /// sluice is shutting down.
+    Shutdown = 4,
+    /// A reload removed its backend or its listener.
+    Removed = 5,
+    /// The client did not answer sluice's Ping (the tunnel's own close).
+    PingTimeout = 6,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drain => "drain",
+            Self::Rebalance => "rebalance",
+            Self::Upgrade => "upgrade",
+            Self::Shutdown => "shutdown",
+            Self::Removed => "removed",
+            Self::PingTimeout => "ping_timeout",
+        }
+    }
+
+    fn from_bits(bits: u32) -> Option<Self> {
+        Some(match (bits >> 16) & 0xff {
+            1 => Self::Drain,
+            2 => Self::Rebalance,
+            3 => Self::Upgrade,
+            4 => Self::Shutdown,
+            5 => Self::Removed,
+            6 => Self::PingTimeout,
+            _ => return None,
+        })
+    }
+}
+
 impl ConnControl {
     fn new(id: u64, listener: u32, pin: u64) -> Self {
         Self {
@@ -66,12 +110,14 @@ impl ConnControl {
         }
     }
 
-    /// Asks the tunnel to close with `code` at the next message boundary. The
-    /// first request wins; a later abort still overrides it.
-    pub fn request_close(&self, code: u16) {
+    /// Asks the tunnel to close with `code` at the next message boundary,
+    /// for `reason`. The first request wins; a later abort still
+    /// overrides it.
+    pub fn request_close(&self, code: u16, reason: CloseReason) {
+        let value = u32::from(code) | (reason as u32) << 16;
         if self
             .close
-            .compare_exchange(0, u32::from(code), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, value, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             self.waker.wake();
@@ -91,6 +137,15 @@ impl ConnControl {
             0 => CloseRequest::None,
             ABORT => CloseRequest::Abort,
             code => CloseRequest::Close(code as u16),
+        }
+    }
+
+    /// Why sluice asked this WebSocket to close, if it did (an abort has
+    /// no reason).
+    pub fn reason(&self) -> Option<CloseReason> {
+        match self.close.load(Ordering::Acquire) {
+            ABORT => None,
+            bits => CloseReason::from_bits(bits),
         }
     }
 }
@@ -560,13 +615,20 @@ impl PoolEntry {
 
     /// Asks `conn` of `backend` to close with `code`, remembering its
     /// sticky pin as moved so that its client is placed afresh.
-    pub fn close_moving(&self, backend: &Backend, conn: &ConnControl, code: u16, now: Instant) {
+    pub fn close_moving(
+        &self,
+        backend: &Backend,
+        conn: &ConnControl,
+        code: u16,
+        reason: CloseReason,
+        now: Instant,
+    ) {
         if conn.pin != 0 {
             self.stats
                 .moved
                 .record(conn.pin, backend.id, now, now + self.moved_pin_ttl());
         }
-        conn.request_close(code);
+        conn.request_close(code, reason);
     }
 
     /// Backends a reload removed that still drain.
@@ -811,7 +873,7 @@ impl Registry {
         self.closing.store(u32::from(code), Ordering::Release);
         for backend in self.backends() {
             for conn in backend.connections() {
-                conn.request_close(code);
+                conn.request_close(code, CloseReason::Shutdown);
             }
         }
     }
@@ -927,11 +989,11 @@ impl Lease {
         match self.registry.closing.load(Ordering::Acquire) {
             0 => {
                 if let Some(code) = self.registry.listener_close_code(listener) {
-                    control.request_close(code);
+                    control.request_close(code, CloseReason::Removed);
                 }
             }
             ABORT => control.abort(),
-            code => control.request_close(code as u16),
+            code => control.request_close(code as u16, CloseReason::Shutdown),
         }
         // Dropping self gives back the HTTP slot.
         WsEntry { backend, control }
@@ -1038,13 +1100,14 @@ mod tests {
         let waker = std::task::Waker::noop();
         let control = entry.control().clone();
         assert_eq!(control.poll_request(waker), CloseRequest::None);
-        control.request_close(1012);
-        control.request_close(1001);
+        control.request_close(1012, CloseReason::Drain);
+        control.request_close(1001, CloseReason::Shutdown);
         assert_eq!(
             control.poll_request(waker),
             CloseRequest::Close(1012),
             "the first request wins"
         );
+        assert_eq!(control.reason(), Some(CloseReason::Drain));
         control.abort();
         assert_eq!(control.poll_request(waker), CloseRequest::Abort);
         assert_eq!(backend.connections().len(), 1);

@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access_log::{AccessLog, AccessLogError};
 use crate::config::{self, AcmeChallenge, Algorithm, Change, Config, ConfigError};
+use crate::config::{AccessTarget, LogConfig, LogFormat};
 use crate::conn_limit::ClientLimit;
 use crate::drain::Drains;
 use crate::error_chain::chain;
@@ -62,6 +64,8 @@ pub enum ApplyError {
         backend: String,
         source: PemError,
     },
+    #[error("[log] access")]
+    AccessLog(#[source] AccessLogError),
 }
 
 /// Why a reload changed nothing.
@@ -157,6 +161,10 @@ pub struct Reloader {
     inherited: Mutex<Inheritance>,
     /// ACME HTTP-01 answers, served by the plain listeners.
     http01: Http01Answers,
+    /// The access log in use, with the settings it was started with.
+    access: Mutex<Option<(AccessTarget, usize, AccessLog)>>,
+    /// The format of both logs, fixed by the first config.
+    log_format: Mutex<Option<LogFormat>>,
 }
 
 impl Reloader {
@@ -191,9 +199,40 @@ impl Reloader {
             bound: ArcSwap::from_pointee(Vec::new()),
             inherited: Mutex::new(inherited),
             http01: Http01Answers::default(),
+            access: Mutex::new(None),
+            log_format: Mutex::new(None),
         });
         tokio::spawn(reloader.clone().forget_drained());
         reloader
+    }
+
+    /// Makes the access log open its file anew (after log rotation).
+    pub fn reopen_logs(&self) {
+        if let Some((_, _, log)) = &*lock(&self.access) {
+            log.reopen();
+        }
+    }
+
+    /// The access log `cfg` asks for: the one in use when its settings
+    /// stay, else a new one (in the format of the first config).
+    fn prepare_access(&self, cfg: &LogConfig) -> Result<Option<AccessLog>, ApplyError> {
+        if cfg.access == AccessTarget::Off {
+            return Ok(None);
+        }
+        if let Some((target, queue, log)) = &*lock(&self.access)
+            && (target, *queue) == (&cfg.access, cfg.access_queue)
+        {
+            return Ok(Some(log.clone()));
+        }
+        let format = *lock(&self.log_format).get_or_insert(cfg.format);
+        AccessLog::start(
+            &cfg.access,
+            format,
+            cfg.access_queue,
+            self.metrics.access_log.clone(),
+        )
+        .map(Some)
+        .map_err(ApplyError::AccessLog)
     }
 
     /// The generation in use.
@@ -294,6 +333,7 @@ impl Reloader {
             .unwrap_or_default();
         let mut connectors = backend_connectors(&new)?;
         let prepared = self.prepare_listeners(&st, &new)?;
+        let access = self.prepare_access(&new.log)?;
         // Everything that can fail has been made: certificate files whose
         // paths did not change are read again now (SIGHUP always did; a
         // file that no longer loads keeps the ones in use).
@@ -344,7 +384,8 @@ impl Reloader {
             }
             upstreams.insert(pool.name.clone(), upstream);
         }
-        self.swap_listeners(&mut st, &new, prepared, &upstreams);
+        self.swap_listeners(&mut st, &new, prepared, &upstreams, access.as_ref());
+        *lock(&self.access) = access.map(|log| (new.log.access.clone(), new.log.access_queue, log));
         // Reports name backends by their place in the pool, which may have
         // changed: the rebalancer makes new ones.
         self.reports.clear();
@@ -464,6 +505,7 @@ impl Reloader {
         new: &Config,
         prepared: Vec<Prepared>,
         upstreams: &HashMap<String, Arc<Upstream>>,
+        access: Option<&AccessLog>,
     ) {
         let mut old: Vec<Option<Slot>> = std::mem::take(&mut st.listeners)
             .into_iter()
@@ -508,6 +550,7 @@ impl Reloader {
             );
             let ctx = Arc::new(ListenerCtx {
                 id,
+                access: access.cloned(),
                 limit: limit.clone(),
                 h2_connections,
                 h2_streams,

@@ -111,6 +111,16 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     if old.admin != new.admin {
         changes.push(Change::NeedsRestart { key: "[admin]" });
     }
+    if old.log.format != new.log.format {
+        changes.push(Change::NeedsRestart {
+            key: "[log] format",
+        });
+    }
+    if (&old.log.access, old.log.access_queue) != (&new.log.access, new.log.access_queue) {
+        changes.push(Change::GlobalChanged {
+            key: "[log] access",
+        });
+    }
     if old.shutdown_timeout != new.shutdown_timeout {
         changes.push(Change::GlobalChanged {
             key: "shutdown_timeout",
@@ -454,11 +464,15 @@ address = "127.0.0.1:9002"
 
     #[test]
     fn settings_a_process_cannot_change_are_named() {
-        let new = format!("worker_threads = 2\nshutdown_timeout = \"3s\"\n{BASE}");
+        let new = format!(
+            "worker_threads = 2\nshutdown_timeout = \"3s\"\n[log]\nformat = \"json\"\naccess = \"stderr\"\n{BASE}"
+        );
         assert_eq!(
             lines(BASE, &new),
             [
                 "not applied: worker_threads takes effect at the next start or `sluice ctl upgrade`",
+                "not applied: [log] format takes effect at the next start or `sluice ctl upgrade`",
+                "changed [log] access",
                 "changed shutdown_timeout",
             ]
         );

@@ -42,6 +42,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         MIN_TIMEOUT,
     )?;
     let admin = read_admin(&mut root, path)?;
+    let log = read_log(&mut root)?;
     let worker_threads = root.integer("worker_threads", 0, 0, 1024)? as usize;
 
     let mut pools = Vec::new();
@@ -163,6 +164,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         shutdown_timeout,
         upgrade_timeout,
         worker_threads,
+        log,
         path: Some(path.to_path_buf()),
     })
 }
@@ -292,6 +294,72 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     };
     t.finish()?;
     Ok((pool, name.span))
+}
+
+fn read_log(root: &mut Table<'_>) -> Result<LogConfig, ConfigError> {
+    let Some(mut t) = root.table("log", "log".into())? else {
+        return Ok(LogConfig::default());
+    };
+    let format = match t.string("format")? {
+        None => LogFormat::Text,
+        Some(v) => match v.value.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(t.error_at(
+                    &v.span,
+                    "format",
+                    format!("\"{other}\": expected \"text\" or \"json\""),
+                ));
+            }
+        },
+    };
+    let access = match t.string("access")? {
+        None => AccessTarget::Off,
+        Some(v) => match v.value.as_str() {
+            "off" => AccessTarget::Off,
+            "stdout" => AccessTarget::Stdout,
+            "stderr" => AccessTarget::Stderr,
+            "" => {
+                return Err(t.error_at(
+                    &v.span,
+                    "access",
+                    "expected \"stdout\", \"stderr\", \"off\" or a file path".into(),
+                ));
+            }
+            path => {
+                let file = t.path_near_config(path);
+                let folder = file.parent().unwrap_or(Path::new("."));
+                if !folder.as_os_str().is_empty() && !folder.is_dir() {
+                    return Err(t.error_at(
+                        &v.span,
+                        "access",
+                        format!("folder {} does not exist", folder.display()),
+                    ));
+                }
+                if file.is_dir() {
+                    return Err(t.error_at(
+                        &v.span,
+                        "access",
+                        format!("{} is a folder; name a file", file.display()),
+                    ));
+                }
+                AccessTarget::File(file)
+            }
+        },
+    };
+    let access_queue = t.integer(
+        "access_queue",
+        LogConfig::DEFAULT_ACCESS_QUEUE as u64,
+        1,
+        10_000_000,
+    )? as usize;
+    t.finish()?;
+    Ok(LogConfig {
+        format,
+        access,
+        access_queue,
+    })
 }
 
 fn read_admin(

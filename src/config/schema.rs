@@ -22,6 +22,8 @@ pub struct Config {
     pub upgrade_timeout: Duration,
     /// Runtime worker threads; 0 means one per core.
     pub worker_threads: usize,
+    /// The diagnostic log's format and the access log.
+    pub log: LogConfig,
     /// The file it was read from, which a reload reads again; `None` for
     /// a config built in code (the demo).
     pub path: Option<PathBuf>,
@@ -197,6 +199,51 @@ pub enum AcmeChallenge {
     /// `GET /.well-known/acme-challenge/{token}` on a plain listener
     /// (RFC 8555 §8.3), answered by sluice itself.
     Http01,
+}
+
+/// `[log]`: the format of both logs, and where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub access: AccessTarget,
+    /// Access log lines waiting to be written at most; past it lines are
+    /// dropped (and counted), so a slow disk never slows the proxy.
+    pub access_queue: usize,
+}
+
+impl LogConfig {
+    pub const DEFAULT_ACCESS_QUEUE: usize = 16_384;
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            access: AccessTarget::Off,
+            access_queue: Self::DEFAULT_ACCESS_QUEUE,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One line of `key=value` fields per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessTarget {
+    #[default]
+    Off,
+    Stdout,
+    Stderr,
+    /// A file, appended to and reopened on SIGUSR1.
+    File(PathBuf),
 }
 
 /// The admin API listener.

@@ -189,11 +189,50 @@ fn shipped_examples_are_valid() {
             "examples/acme.toml",
             include_str!("../../examples/acme.toml"),
         ),
+        (
+            "examples/logging.toml",
+            include_str!("../../examples/logging.toml"),
+        ),
     ] {
         if let Err(e) = parse(text, Path::new(name)) {
             panic!("{e}");
         }
     }
+}
+
+#[test]
+fn log_settings_and_their_errors() {
+    let with = |log: &str| format!("[log]\n{log}\n{MINIMAL}");
+    let cfg = check(MINIMAL).expect("valid");
+    assert_eq!(cfg.log, LogConfig::default());
+    let cfg = check(&with("format = \"json\"\naccess = \"stdout\"\naccess_queue = 10")).expect("valid");
+    assert_eq!(
+        cfg.log,
+        LogConfig {
+            format: LogFormat::Json,
+            access: AccessTarget::Stdout,
+            access_queue: 10,
+        }
+    );
+    let cfg = check(&with("access = \"logs.d/../access.log\"")).expect_err("no such folder");
+    assert_eq!(
+        cfg,
+        "sluice.toml:2: log: key \"access\": folder logs.d/.. does not exist"
+    );
+    let cfg = check(&with("access = \"access.log\"")).expect("valid");
+    assert_eq!(cfg.log.access, AccessTarget::File("access.log".into()));
+    assert_eq!(
+        check(&with("format = \"xml\"")).expect_err("bad format"),
+        "sluice.toml:2: log: key \"format\": \"xml\": expected \"text\" or \"json\""
+    );
+    assert_eq!(
+        check(&with("access = \"\"")).expect_err("empty"),
+        "sluice.toml:2: log: key \"access\": expected \"stdout\", \"stderr\", \"off\" or a file path"
+    );
+    assert_eq!(
+        check(&with("acess = \"stdout\"")).expect_err("typo"),
+        "sluice.toml:2: log: unknown key \"acess\""
+    );
 }
 
 #[test]

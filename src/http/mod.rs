@@ -8,6 +8,7 @@
 //! 400/414/431 for bad request heads), 502 when a backend fails, 503 with
 //! `Retry-After` when the pool has no backend to offer.
 
+mod access;
 mod affinity;
 pub mod body;
 pub mod challenge;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, Span, debug, debug_span, field, warn};
 
+use access::Started;
 pub use body::ProxyBody;
 use body::Reuse;
 
@@ -77,6 +79,8 @@ pub struct ListenerCtx {
     /// The listener's places under `max_connections`: a WebSocket over
     /// HTTP/2 takes one of its own, as if it were a connection.
     pub limit: Arc<tokio::sync::Semaphore>,
+    /// Where each request and WebSocket gets its line, when it is on.
+    pub access: Option<crate::access_log::AccessLog>,
 }
 
 impl ListenerCtx {
@@ -181,10 +185,31 @@ struct Seen {
 }
 
 async fn handle<S: TunnelIo + AsyncRead>(
+    req: Request<Incoming>,
+    client: Client,
+    ctx: Arc<ListenerCtx>,
+    permit: Arc<ConnPermit>,
+) -> Response<ProxyBody> {
+    let mut started = Started::new(&ctx, &req, &client);
+    let resp = route::<S>(req, client, ctx, permit, &mut started).await;
+    // A WebSocket's line is the tunnel's, which took `started`.
+    match started {
+        Some(started) => {
+            let log = started.response(resp.status().as_u16());
+            resp.map(|body| body.logged(log))
+        }
+        None => resp,
+    }
+}
+
+/// Where a request goes: refused, answered by sluice, forwarded, or
+/// upgraded.
+async fn route<S: TunnelIo + AsyncRead>(
     mut req: Request<Incoming>,
     client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<ConnPermit>,
+    started: &mut Option<Started>,
 ) -> Response<ProxyBody> {
     if permit.over_limit() {
         ctx.client_limited.inc();
@@ -202,7 +227,7 @@ async fn handle<S: TunnelIo + AsyncRead>(
             backend = field::Empty,
             h2 = true
         );
-        return ws_h2::websocket(req, client, ctx.clone(), permit)
+        return ws_h2::websocket(req, client, ctx.clone(), permit, started)
             .instrument(span)
             .await;
     }
@@ -219,12 +244,12 @@ async fn handle<S: TunnelIo + AsyncRead>(
     let pool = ctx.upstream.cfg.name.as_str();
     if headers::is_websocket_upgrade(&req) {
         let span = debug_span!("ws", pool, backend = field::Empty);
-        upgrade::<S>(req, client, ctx.clone(), permit)
+        upgrade::<S>(req, client, ctx.clone(), permit, started)
             .instrument(span)
             .await
     } else {
         let span = debug_span!("http", pool, backend = field::Empty);
-        forward(req, client, &ctx).instrument(span).await
+        forward(req, client, &ctx, started).instrument(span).await
     }
 }
 
@@ -233,16 +258,21 @@ async fn forward(
     mut req: Request<Incoming>,
     client: Client,
     ctx: &ListenerCtx,
+    started: &mut Option<Started>,
 ) -> Response<ProxyBody> {
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
     headers::prepare_request(&mut req, client.addr, ctx.forwarded(), false);
     let timeout = ctx.cfg.body_timeout;
-    let req = req.map(|body| RequestBody::new(body, timeout));
+    let counter = started.as_ref().map(|s| s.bytes_in.clone());
+    let req = req.map(|body| RequestBody::new(body, timeout).counting(counter));
     let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
         Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
     };
+    if let Some(started) = started {
+        started.set_backend(&answer.lease.backend().name);
+    }
     let mut resp = answer.resp;
     headers::drop_length_of_chunked(resp.headers_mut());
     headers::strip_hop_by_hop(resp.headers_mut());
@@ -265,12 +295,13 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<ConnPermit>,
+    started: &mut Option<Started>,
 ) -> Response<ProxyBody> {
     if let Err(reason) = headers::check_websocket_request(&req) {
         return refuse(StatusCode::BAD_REQUEST, reason);
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let switched = match open_websocket(req, &client, &ctx).await {
+    let switched = match open_websocket(req, &client, &ctx, started).await {
         Ok(switched) => switched,
         Err(answer) => return answer,
     };
@@ -285,7 +316,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
         };
         Some((client.io.into_inner(), client.read_buf))
     };
-    let resp = switched.spawn_tunnel(&ctx, permit, client_side, None);
+    let resp = switched.spawn_tunnel(&ctx, permit, client_side, None, started.take());
     // The backend's 101 goes to the client as it is.
     resp.map(|_| ProxyBody::empty())
 }
@@ -305,6 +336,7 @@ async fn open_websocket(
     mut req: Request<Incoming>,
     client: &Client,
     ctx: &ListenerCtx,
+    started: &mut Option<Started>,
 ) -> Result<Switched, Response<ProxyBody>> {
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
@@ -315,6 +347,9 @@ async fn open_websocket(
         Ok(answer) => answer,
         Err(error) => return Err(upstream_error(&error)),
     };
+    if let Some(started) = started {
+        started.set_backend(&answer.lease.backend().name);
+    }
     let (lease, mut resp) = (answer.lease, answer.resp);
     let (pin, cookie) = upstream.pin(affinity, answer.backend);
     if let Some(cookie) = cookie {
@@ -334,13 +369,15 @@ impl Switched {
     /// has it (the stream and bytes that came with it), and the backend's;
     /// returns the 101 (for the client to get, as it is or translated).
     /// `permit` (the places it counts in) is held until the tunnel ends;
-    /// `h2` counts the WebSocket while it lasts.
+    /// `h2` counts the WebSocket while it lasts; `started` gets its
+    /// access log line at the end.
     fn spawn_tunnel<C, F>(
         mut self,
         ctx: &Arc<ListenerCtx>,
         permit: impl Send + 'static,
         client_side: F,
         h2: Option<prometheus_client::metrics::gauge::Gauge>,
+        started: Option<Started>,
     ) -> Response<Incoming>
     where
         C: TunnelIo,
@@ -388,6 +425,9 @@ impl Switched {
                 cut = stats.cut,
                 "tunnel closed"
             );
+            if let Some(started) = started {
+                started.websocket(&stats);
+            }
         };
         // The tunnel logs inside this request's span, and so its connection's.
         ctx.tasks.spawn(tunnel.instrument(Span::current()));

@@ -45,6 +45,7 @@ pub(super) async fn websocket(
     client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<ConnPermit>,
+    started: &mut Option<super::Started>,
 ) -> Response<ProxyBody> {
     let websocket = req
         .extensions()
@@ -96,7 +97,7 @@ pub(super) async fn websocket(
     // From here on it is an HTTP/1.1 upgrade, for affinity and upstream too.
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    let switched = match open_websocket(req, &client, &ctx).await {
+    let switched = match open_websocket(req, &client, &ctx, started).await {
         Ok(switched) => switched,
         // A 2xx to an extended CONNECT opens the tunnel (RFC 8441 §5): a
         // backend that answered the upgrade with a page, not a 101, has
@@ -118,6 +119,7 @@ pub(super) async fn websocket(
         (permit, own),
         client_side,
         Some(ctx.h2_websockets.clone()),
+        started.take(),
     );
     // 200 with what the backend chose (subprotocol, extensions, cookies).
     let mut headers = switch.headers().clone();

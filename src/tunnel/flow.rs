@@ -117,6 +117,8 @@ pub(super) struct Flow {
     pub(super) active: bool,
     /// Messages already added to the backend's traffic counters.
     pub(super) counted: u64,
+    /// Bytes read from the source.
+    pub(super) bytes: u64,
     /// Writing to the destination failed: nothing more moves this way.
     pub(super) failed: bool,
     /// Bytes were written since the last flush.
@@ -140,6 +142,7 @@ impl Flow {
             shut: false,
             active: false,
             counted: 0,
+            bytes: 0,
             failed: false,
             unflushed: false,
         };
@@ -152,6 +155,7 @@ impl Flow {
             };
             buf.extend_from_slice(&pending);
             flow.tracker.scan(&pending, false);
+            flow.bytes = pending.len() as u64;
             flow.buf = Some(buf);
         }
         flow
@@ -236,6 +240,7 @@ impl Flow {
         let messages = self.tracker.messages();
         traffic.add(messages - self.counted, n as u64);
         self.counted = messages;
+        self.bytes += n as u64;
     }
 
     pub(super) fn release_buffer(&mut self) {

@@ -33,6 +33,13 @@ pub struct FrameTracker {
     close_seen: bool,
     /// Complete data messages seen.
     messages: u64,
+    /// The status code of the first Close frame, as far as read (1005
+    /// for a Close without one; 0 before any Close).
+    close_code: u16,
+    /// Bytes of that code still to read from the payload (0 to 2).
+    code_left: u8,
+    /// The Close frame's masking key (zero when unmasked).
+    close_mask: [u8; 4],
 }
 
 impl FrameTracker {
@@ -56,6 +63,12 @@ impl FrameTracker {
     /// Complete data messages seen so far.
     pub fn messages(&self) -> u64 {
         self.messages
+    }
+
+    /// The status code of the first Close frame seen, once it has been
+    /// read whole: 1005 when it carries none (RFC 6455 §7.1.5).
+    pub fn close_code(&self) -> Option<u16> {
+        (self.close_seen && self.code_left == 0).then_some(self.close_code)
     }
 
     /// Follows `data`, the next bytes of the stream.
@@ -105,6 +118,9 @@ impl FrameTracker {
     /// next one, from non-empty `data`; returns how many.
     fn step(&mut self, data: &[u8]) -> usize {
         if self.remaining > 0 {
+            if self.code_left > 0 {
+                return self.read_close_code(data[0]);
+            }
             let take = self.remaining.min(data.len() as u64);
             self.remaining -= take;
             return take as usize;
@@ -121,6 +137,16 @@ impl FrameTracker {
         take
     }
 
+    /// Takes one byte of the first Close frame's status code (rare: once
+    /// per tunnel, so a byte at a time).
+    fn read_close_code(&mut self, byte: u8) -> usize {
+        let index = 2 - self.code_left as usize;
+        self.close_code = self.close_code << 8 | u16::from(byte ^ self.close_mask[index]);
+        self.code_left -= 1;
+        self.remaining -= 1;
+        1
+    }
+
     fn complete_header(&mut self) {
         let h = &self.header;
         let fin = h[0] & 0x80 != 0;
@@ -134,8 +160,17 @@ impl FrameTracker {
         if opcode & 0x8 != 0 {
             // Control frames may sit inside a fragmented message and never
             // open or close one.
-            if opcode == OPCODE_CLOSE {
+            if opcode == OPCODE_CLOSE && !self.close_seen {
                 self.close_seen = true;
+                self.close_code = 1005;
+                if self.remaining >= 2 {
+                    self.close_code = 0;
+                    self.code_left = 2;
+                    if h[1] & 0x80 != 0 {
+                        let at = header_len(&h[..2]) - 4;
+                        self.close_mask.copy_from_slice(&h[at..at + 4]);
+                    }
+                }
             }
         } else if fin {
             self.in_message = false;
@@ -301,6 +336,31 @@ mod tests {
         t.scan(&f[..n], false);
         assert!(t.close_seen());
         assert!(t.is_at_boundary());
+    }
+
+    #[test]
+    fn close_codes_are_read_masked_or_not_and_across_reads() {
+        for mask in [None, Some([0x37, 0xfa, 0x21, 0x3d])] {
+            let (f, n) = close_frame(4000, mask);
+            let mut data = frame(true, 1, 3, mask.is_some());
+            let start = data.len();
+            data.extend_from_slice(&f[..n]);
+            for split in 0..=data.len() {
+                let mut t = FrameTracker::default();
+                t.scan(&data[..split], false);
+                if split < start + n {
+                    assert_eq!(t.close_code(), None, "{mask:?} at {split}");
+                }
+                t.scan(&data[split..], false);
+                assert_eq!(t.close_code(), Some(4000), "{mask:?} at {split}");
+            }
+        }
+        // A Close without a status code; a later Close does not count.
+        let mut t = FrameTracker::default();
+        t.scan(&[0x88, 0x00], false);
+        let (f, n) = close_frame(1000, None);
+        t.scan(&f[..n], false);
+        assert_eq!(t.close_code(), Some(1005));
     }
 
     #[test]

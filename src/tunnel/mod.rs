@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
-use crate::registry::{CloseRequest, ConnControl, WsEntry};
+use crate::registry::{CloseReason, CloseRequest, ConnControl, WsEntry};
 use close::{Action, CloseMachine, Seen};
 use flow::{Flow, finished_on_error};
 
@@ -53,8 +53,29 @@ pub struct TunnelStats {
     pub messages_up: u64,
     /// Messages from the backend to the client.
     pub messages_down: u64,
+    /// Bytes read from the client.
+    pub bytes_up: u64,
+    /// Bytes read from the backend.
+    pub bytes_down: u64,
     /// The tunnel was cut mid-message after `max_message_wait`.
     pub cut: bool,
+    /// Who began the end.
+    pub closed_by: ClosedBy,
+    /// The status code of the first Close frame (sluice's own when sluice
+    /// closed); `None` when the connection ended without one.
+    pub close_code: Option<u16>,
+}
+
+/// Who ended a WebSocket: the first to send a Close frame, or else the
+/// first side whose connection ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBy {
+    #[default]
+    Client,
+    Backend,
+    /// sluice, for this reason (an abort, which sends no Close, is the
+    /// shutdown's).
+    Sluice(CloseReason),
 }
 
 /// How a tunnel closes.
@@ -125,6 +146,10 @@ pub struct Tunnel<C = TcpStream, B = TcpStream> {
     /// The client stopped answering: only the backend's side of the close
     /// handshake is awaited.
     client_gone: bool,
+    /// Who began the end, once someone has.
+    closed_by: Option<ClosedBy>,
+    /// The code of sluice's Close, when sluice began.
+    our_code: Option<u16>,
 }
 
 impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
@@ -155,6 +180,8 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
             last_client: Instant::now(),
             ping_sent: None,
             client_gone: false,
+            closed_by: None,
+            our_code: None,
         }
     }
 
@@ -163,11 +190,46 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
     }
 
     fn stats(&self, cut: bool) -> TunnelStats {
+        let closed_by = self.closed_by.unwrap_or(if self.down.eof && !self.up.eof {
+            ClosedBy::Backend
+        } else {
+            ClosedBy::Client
+        });
+        let close_code = match closed_by {
+            ClosedBy::Client => self.up.tracker.close_code(),
+            ClosedBy::Backend => self.down.tracker.close_code(),
+            ClosedBy::Sluice(_) => self.our_code,
+        };
         TunnelStats {
             id: self.control().id,
             messages_up: self.up.tracker.messages(),
             messages_down: self.down.tracker.messages(),
+            bytes_up: self.up.bytes,
+            bytes_down: self.down.bytes,
             cut,
+            closed_by,
+            close_code,
+        }
+    }
+
+    /// Notes that sluice begins the end with `code`, unless a side did.
+    fn note_our_close(&mut self, code: Option<u16>, reason: CloseReason) {
+        if self.closed_by.is_none() {
+            self.closed_by = Some(ClosedBy::Sluice(reason));
+            self.our_code = code;
+        }
+    }
+
+    /// Notes who began the end, from what the flows have seen: the first
+    /// Close frame, or the first side to end.
+    fn note_closer(&mut self, up_ended: bool, down_ended: bool) {
+        if self.closed_by.is_some() {
+            return;
+        }
+        if self.up.tracker.close_seen() || (up_ended && !self.down.tracker.close_seen()) {
+            self.closed_by = Some(ClosedBy::Client);
+        } else if self.down.tracker.close_seen() || down_ended {
+            self.closed_by = Some(ClosedBy::Backend);
         }
     }
 
@@ -284,8 +346,14 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
         let this = self.get_mut();
         loop {
             match this.control().poll_request(cx.waker()) {
-                CloseRequest::Abort => return Poll::Ready(this.stats(false)),
+                CloseRequest::Abort => {
+                    this.note_our_close(None, CloseReason::Shutdown);
+                    return Poll::Ready(this.stats(false));
+                }
                 CloseRequest::Close(code) if this.close.is_open() => {
+                    // Every request of the control plane has a reason.
+                    let reason = this.control().reason().unwrap_or(CloseReason::Shutdown);
+                    this.note_our_close(Some(code), reason);
                     this.close.request(code, Instant::now(), this.last_activity);
                     this.answers_seen = this.down.tracker.messages();
                 }
@@ -302,6 +370,14 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                 finished_on_error(&mut this.up, up),
                 finished_on_error(&mut this.down, down),
             );
+            if this.closed_by.is_none()
+                && (up.is_ready()
+                    || down.is_ready()
+                    || this.up.tracker.close_seen()
+                    || this.down.tracker.close_seen())
+            {
+                this.note_closer(up.is_ready(), down.is_ready());
+            }
             if up.is_ready() && down.is_ready() {
                 return Poll::Ready(this.stats(false));
             }
@@ -335,6 +411,7 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                             "client did not answer sluice's Ping: closing"
                         );
                         this.client_gone = true;
+                        this.note_our_close(Some(1001), CloseReason::PingTimeout);
                         this.close.request(1001, now, this.last_client);
                         this.answers_seen = this.down.tracker.messages();
                     }

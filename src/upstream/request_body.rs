@@ -4,6 +4,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ pub struct RequestBody {
     timeout: Duration,
     /// Runs while the body waits for its next frame; allocated only then.
     stall: Option<Pin<Box<Sleep>>>,
+    /// Counts the body's bytes, for the access log.
+    counted: Option<Arc<AtomicU64>>,
 }
 
 impl RequestBody {
@@ -31,7 +35,14 @@ impl RequestBody {
             inner,
             timeout,
             stall: None,
+            counted: None,
         }
+    }
+
+    /// The body, adding the bytes it reads to `counter`.
+    pub fn counting(mut self, counter: Option<Arc<AtomicU64>>) -> Self {
+        self.counted = counter;
+        self
     }
 }
 
@@ -46,6 +57,11 @@ impl Body for RequestBody {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.stall = None;
+            if let (Some(counter), Some(Ok(frame))) = (&this.counted, &frame)
+                && let Some(data) = frame.data_ref()
+            {
+                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let timeout = this.timeout;

@@ -137,14 +137,6 @@ async fn wait_served(port: u16, root: &str) -> Vec<u8> {
     .await
 }
 
-/// The value of the metric line starting with `name` (0 when absent).
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 const ORDERS_OK: &str = "sluice_acme_orders_total{result=\"ok\"}";
 const ORDERS_FAILED: &str = "sluice_acme_orders_total{result=\"failed\"}";
 

@@ -123,15 +123,6 @@ fn start_up_errors_print_each_cause_once() {
     );
 }
 
-async fn wait_listening(addr: SocketAddr) {
-    within(10, "sluice listening", async {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_finishes_http_and_exits_0() {
     // sluice and its backends run as processes here: a share of the

@@ -58,7 +58,7 @@ async fn close_requested_mid_message_is_sent_after_the_message_ends() {
     assert_eq!(&first[..2], &[0x82, 127]);
     let conns = sluice.registry().pools()[0].backends[0].connections();
     assert_eq!(conns.len(), 1);
-    conns[0].request_close(1012);
+    conns[0].request_close(1012, sluice::registry::CloseReason::Drain);
     // The client gets the whole message, then Close 1012.
     let header_len = 10;
     let rest = read_exact(&mut client, header_len + BIG - 1024).await;

@@ -85,13 +85,6 @@ async fn h2_over_tls(sluice: &Sluice) -> SendRequest<Full<Bytes>> {
     h2(tls).await
 }
 
-fn metric(metrics: &str, line: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn requests_over_h2_reach_http_1_1_backends_with_bodies_and_concurrent_streams() {
     let backends = echo_backends(2).await;

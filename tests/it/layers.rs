@@ -20,6 +20,7 @@ const DATA_PATH: &[&str] = &[
     "admission",
     "upstream",
     "tunnel",
+    "access_log",
 ];
 /// Where the data path and the control plane meet.
 const MEETING_POINT: &[&str] = &["registry"];

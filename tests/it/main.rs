@@ -1,5 +1,6 @@
 //! Integration tests: real sluice, real backends, real clients on loopback.
 
+mod access_log;
 mod acme;
 mod admin;
 mod balance;

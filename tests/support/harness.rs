@@ -67,6 +67,7 @@ pub fn config(addrs: &[SocketAddr]) -> Config {
         shutdown_timeout: Duration::from_secs(5),
         worker_threads: 0,
         upgrade_timeout: Config::DEFAULT_UPGRADE_TIMEOUT,
+        log: sluice::config::LogConfig::default(),
         path: None,
     }
 }

@@ -114,6 +114,25 @@ pub async fn within<F: std::future::Future>(secs: u64, what: &str, fut: F) -> F:
     }
 }
 
+/// Waits until something accepts connections at `addr`.
+pub async fn wait_listening(addr: std::net::SocketAddr) {
+    within(10, "sluice listening", async {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// The value on the Prometheus text line that starts with `line` (a name
+/// with its labels); 0 when there is none.
+pub fn metric(metrics: &str, line: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Polls `cond` until it holds (or fails the test after `secs`).
 pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     within(secs, what, async {
