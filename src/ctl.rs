@@ -214,6 +214,12 @@ pub struct Rollout {
     /// Shell command run for each backend; `{backend}` and `{address}` are
     /// replaced by its name and address.
     pub exec: String,
+    pub pacing: Pacing,
+}
+
+/// How a rollout waits at each step.
+#[derive(Debug, Clone)]
+pub struct Pacing {
     /// Drain window (the pool's when `None`).
     pub window: Option<String>,
     /// Longest wait for a drained backend to be empty.
@@ -229,6 +235,42 @@ pub struct Rollout {
 /// for the pool to level out (or the timeout), next. Stops at the first
 /// failure and leaves that backend drained.
 pub async fn rollout(client: &AdminClient, pool: &str, plan: &Rollout) -> Result<(), CtlError> {
+    rollout_with(client, pool, &plan.pacing, |step, b| {
+        let command = plan
+            .exec
+            .replace("{backend}", &b.name)
+            .replace("{address}", &b.address);
+        println!("{step}: running {command}");
+        async move {
+            let exit = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .status()
+                .await
+                .map_err(|e| format!("cannot run the command: {e}"))?;
+            if exit.success() {
+                Ok(())
+            } else {
+                Err(format!("command failed ({exit})"))
+            }
+        }
+    })
+    .await
+}
+
+/// `rollout`, with `restart` as the step that restarts a drained backend
+/// (called with the step's label and the backend; `Err` says why it
+/// failed).
+pub async fn rollout_with<F, Fut>(
+    client: &AdminClient,
+    pool: &str,
+    plan: &Pacing,
+    mut restart: F,
+) -> Result<(), CtlError>
+where
+    F: FnMut(&str, &api::Backend) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let status = client.status().await?;
     let targets: Vec<api::Backend> = status
         .backends()
@@ -244,28 +286,9 @@ pub async fn rollout(client: &AdminClient, pool: &str, plan: &Rollout) -> Result
         println!("{step}: draining");
         client.drain(pool, &b.name, plan.window.as_deref()).await?;
         wait_empty(client, pool, &b.name, Some(plan.drain_timeout)).await?;
-        let command = plan
-            .exec
-            .replace("{backend}", &b.name)
-            .replace("{address}", &b.address);
-        println!("{step}: running {command}");
-        let exit = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(&command)
-            .status()
+        restart(&step, b)
             .await
-            .map_err(|e| {
-                CtlError::Rollout(format!(
-                    "{step}: cannot run the command: {e}; {} left drained",
-                    b.name
-                ))
-            })?;
-        if !exit.success() {
-            return Err(CtlError::Rollout(format!(
-                "{step}: command failed ({exit}); {} left drained",
-                b.name
-            )));
-        }
+            .map_err(|why| CtlError::Rollout(format!("{step}: {why}; {} left drained", b.name)))?;
         let restarted = Instant::now();
         println!("{step}: waiting until sluice sees it healthy");
         wait_healthy(client, pool, b, restarted, plan.health_timeout)

@@ -214,6 +214,7 @@ pub async fn start_with(
                 reports: rebalance_reports.clone(),
                 reloader: reloader.clone(),
                 upgrader: upgrader.clone(),
+                timeline: Arc::default(),
             };
             Some((info, socket, state, acfg.clone()))
         }

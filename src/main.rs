@@ -38,6 +38,17 @@ enum Command {
         /// Where it listens with TLS (a self-signed certificate made at start).
         #[arg(long, default_value = "127.0.0.1:8443")]
         tls_bind: SocketAddr,
+        /// Simulated chat clients to start: each sends a message every
+        /// second through sluice and counts its echoes.
+        #[arg(long, default_value_t = 0)]
+        clients: usize,
+        /// Restart the three demo backends one at a time through sluice's
+        /// rollout, print what the clients saw, and exit.
+        #[arg(long)]
+        rollout: bool,
+        /// The demo pool's drain window.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
     },
     /// Run one demo echo backend (HTTP echo, WebSocket echo, page at /), to
     /// try drains and rollouts against real processes.
@@ -209,28 +220,103 @@ fn run(args: Args) -> anyhow::Result<()> {
             let client = admin_client(admin, token, config)?;
             runtime(1)?.block_on(ctl(client, command))
         }
-        Command::Demo { bind, tls_bind } => runtime(0)?.block_on(async {
-            let signals = Signals::listen()?;
-            let shutdown = CancellationToken::new();
-            let (backends, running) =
-                sluice::demo::start(bind, Some(tls_bind), shutdown.clone()).await?;
-            let addr = running.listeners[0].1;
-            say!("sluice demo is running");
-            say!("  page (open in a browser): http://{addr}/");
-            say!("  websocket endpoint:       ws://{addr}/ws");
-            if let Some(tls_addr) = running.addr("demo-tls") {
-                say!("  page over TLS:            https://{tls_addr}/  (self-signed certificate)");
-                say!("  secure websocket:         wss://{tls_addr}/ws");
-            }
-            for b in &backends {
-                say!("  backend {}:            http://{}/", b.name, b.addr);
-            }
-            print_admin(&running);
-            say!("Press Ctrl-C to stop.");
-            serve_until_signalled(running, shutdown, signals).await;
-            Ok(())
-        }),
+        Command::Demo {
+            bind,
+            tls_bind,
+            clients,
+            rollout,
+            window,
+        } => runtime(0)?.block_on(demo(bind, tls_bind, clients, rollout, window)),
     }
+}
+
+async fn demo(
+    bind: SocketAddr,
+    tls_bind: SocketAddr,
+    clients: usize,
+    rollout: bool,
+    window: std::time::Duration,
+) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let signals = Signals::listen()?;
+    let shutdown = CancellationToken::new();
+    let (backends, running) =
+        sluice::demo::start(bind, Some(tls_bind), window, shutdown.clone()).await?;
+    let addr = running.listeners[0].1;
+    say!("sluice demo is running");
+    say!("  page (open in a browser): http://{addr}/");
+    say!("  websocket endpoint:       ws://{addr}/ws");
+    if let Some(tls_addr) = running.addr("demo-tls") {
+        say!("  page over TLS:            https://{tls_addr}/  (self-signed certificate)");
+        say!("  secure websocket:         wss://{tls_addr}/ws");
+    }
+    for b in &backends {
+        say!("  backend {}:            http://{}/", b.name, b.addr);
+    }
+    print_admin(&running);
+    let chat = (clients > 0).then(|| {
+        sluice::demo::clients::Clients::start(
+            &format!("ws://{addr}/ws"),
+            clients,
+            Duration::from_secs(1),
+        )
+    });
+    if chat.is_some() {
+        say!("  {clients} chat clients started, one message a second each");
+    }
+    let report = |chat: Option<sluice::demo::clients::Clients>| async move {
+        if let Some(chat) = chat {
+            let report = chat.finish(Duration::from_secs(5)).await;
+            say!("{report}");
+        }
+    };
+    if !rollout {
+        say!("Press Ctrl-C to stop.");
+        let stopped = shutdown.clone();
+        let waiting = tokio::spawn(serve_until_signalled(running, shutdown, signals));
+        stopped.cancelled().await;
+        report(chat).await;
+        let _ = waiting.await;
+        return Ok(());
+    }
+    let admin = running
+        .admin
+        .as_ref()
+        .map(|a| sluice::admin::client::AdminClient {
+            addr: a.addr,
+            token: Some(a.token.clone()),
+        })
+        .context("the demo has an admin API")?;
+    if let Some(chat) = &chat {
+        // Let the clients connect and the pool settle, as it would be
+        // before a deploy.
+        let started = std::time::Instant::now();
+        while chat.connected() < clients && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        say!("  {} of {clients} clients connected", chat.connected());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    say!("rolling restart of the demo backends, through sluice's rollout:");
+    let pacing = sluice::ctl::Pacing {
+        window: None,
+        drain_timeout: window + Duration::from_secs(30),
+        health_timeout: Duration::from_secs(30),
+        balance_timeout: Duration::from_secs(30),
+    };
+    let backends = std::sync::Mutex::new(backends);
+    let rolled = tokio::select! {
+        rolled = sluice::demo::rolling_restart(&admin, &backends, &pacing) => rolled,
+        () = shutdown.cancelled() => Ok(()),
+    };
+    // A last moment of chat on the restarted pool, then the tally.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    report(chat).await;
+    shutdown.cancel();
+    drop(signals);
+    running.wait().await;
+    rolled.context("rolling restart")?;
+    Ok(())
 }
 
 fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -251,6 +337,17 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn print_admin(running: &sluice::Running) {
     if let Some(admin) = &running.admin {
+        // A generated token is filled in (in the fragment, which the
+        // browser keeps to itself); a configured one the page asks for.
+        let fragment = if admin.generated {
+            format!("#token={}", admin.token)
+        } else {
+            String::new()
+        };
+        say!(
+            "  dashboard:                http://{}/{fragment}",
+            admin.addr
+        );
         say!(
             "  admin API:                http://{}/api/v1/status",
             admin.addr
@@ -399,10 +496,12 @@ async fn ctl(
         } => {
             let plan = ctl::Rollout {
                 exec,
-                window,
-                drain_timeout,
-                health_timeout,
-                balance_timeout,
+                pacing: ctl::Pacing {
+                    window,
+                    drain_timeout,
+                    health_timeout,
+                    balance_timeout,
+                },
             };
             ctl::rollout(&client, &pool, &plan).await?
         }

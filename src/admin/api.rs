@@ -457,3 +457,46 @@ mod tests {
         );
     }
 }
+
+/// `GET /api/v1/timeline?since=N`: the samples taken after sample `N`
+/// (all that are kept, the last few minutes, without `since`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    /// Time between samples.
+    pub interval_ms: u64,
+    /// The number the next sample will have: ask `since` it next time.
+    pub next: u64,
+    pub samples: Vec<Sample>,
+}
+
+/// What the pools looked like at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub seq: u64,
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    pub pools: Vec<PoolSample>,
+}
+
+/// One pool in a sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSample {
+    pub name: String,
+    /// New connections waiting for admission.
+    pub admission_waiting: u64,
+    /// New connections admission refused, since start.
+    pub admission_rejected: u64,
+    pub backends: Vec<BackendSample>,
+}
+
+/// One backend in a sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendSample {
+    pub name: String,
+    pub state: BackendState,
+    pub connections: Connections,
+    /// WebSockets closed by drains, since start.
+    pub drain_closed: u64,
+    /// WebSockets shed by the rebalancer, since start.
+    pub rebalance_shed: u64,
+}

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod client;
+pub mod timeline;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ pub struct AdminState {
     pub reloader: Arc<Reloader>,
     /// Binary upgrades.
     pub upgrader: Arc<Upgrader>,
+    /// The dashboard's history, sampled while the admin API serves.
+    pub timeline: Arc<timeline::Timeline>,
 }
 
 /// A new random token, for when none is configured.
@@ -76,6 +79,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     info!(addr = ?listener.local_addr().ok(), "admin API listening");
+    tokio::spawn(timeline::run(
+        state.registry.clone(),
+        state.timeline.clone(),
+        shutdown.clone(),
+    ));
     let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
@@ -136,8 +144,71 @@ pub async fn serve(
 /// How long the admin API, once stopped, lets requests in flight finish.
 const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
+/// The dashboard's files, built into the binary.
+const DASHBOARD: [(&str, &str, &str); 3] = [
+    (
+        "",
+        "text/html; charset=utf-8",
+        include_str!("dashboard/index.html"),
+    ),
+    (
+        "/dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/dashboard.js"),
+    ),
+    (
+        "/dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("dashboard/dashboard.css"),
+    ),
+];
+
+/// One of the dashboard's files: no token needed (they hold no data),
+/// nothing from elsewhere allowed, never framed (so no other site can
+/// lure a click on its buttons).
+fn asset(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// True when a request that changes something comes from a page of
+/// another origin: its `Origin` (browsers send it with every POST) is not
+/// this server's. Requests without one (`sluice ctl`, curl) are not from
+/// a browser page.
+fn cross_origin<B>(req: &Request<B>) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return false;
+    };
+    let host = req.headers().get(header::HOST).map(HeaderValue::as_bytes);
+    origin.as_bytes().strip_prefix(b"http://") != host
+}
+
 async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     let path = req.uri().path().trim_end_matches('/').to_string();
+    if let Some((_, content_type, body)) = DASHBOARD.iter().find(|(p, _, _)| *p == path) {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+        }
+        return asset(content_type, body);
+    }
     if path == "/metrics" {
         if req.method() != Method::GET {
             return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
@@ -152,7 +223,13 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     if !path.starts_with("/api/") {
         return error(
             StatusCode::NOT_FOUND,
-            "no such endpoint; try /api/v1/status or /metrics",
+            "no such endpoint; try /, /api/v1/status or /metrics",
+        );
+    }
+    if req.method() != Method::GET && cross_origin(&req) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "refused: this request comes from a page of another origin",
         );
     }
     if !authorized(&req, &state.token) {
@@ -164,6 +241,10 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["api", "v1", "status"]) => ok(&status(state)),
+        (Method::GET, ["api", "v1", "timeline"]) => match since(req.uri().query()) {
+            Ok(since) => ok(&state.timeline.since(since)),
+            Err(message) => error(StatusCode::BAD_REQUEST, &message),
+        },
         (Method::POST, ["api", "v1", "reload"]) => reload(state).await,
         (Method::POST, ["api", "v1", "upgrade"]) => upgrade(state).await,
         (
@@ -185,7 +266,7 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             };
             backend_action(state, &pool, &backend, action, body)
         }
-        (_, ["api", "v1", "status" | "reload" | "upgrade"])
+        (_, ["api", "v1", "status" | "timeline" | "reload" | "upgrade"])
         | (_, ["api", "v1", "pools", _, "backends", _, "drain" | "undrain"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "wrong method for this endpoint",
@@ -210,6 +291,19 @@ fn authorized<B>(req: &Request<B>, token: &str) -> bool {
             .zip(token.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// The `since` of a timeline query (`since=N`; none without a query).
+fn since(query: Option<&str>) -> Result<Option<u64>, String> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Ok(None);
+    };
+    match query.strip_prefix("since=").map(str::parse::<u64>) {
+        Some(Ok(n)) => Ok(Some(n)),
+        _ => Err(format!(
+            "query {query:?}: expected since=N, N a sample number"
+        )),
+    }
 }
 
 /// Reads a JSON object body; an empty body is `{}`.
@@ -451,6 +545,28 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeline_queries_and_origins() {
+        assert_eq!(since(None), Ok(None));
+        assert_eq!(since(Some("since=42")), Ok(Some(42)));
+        assert!(since(Some("since=-1")).is_err());
+        assert!(since(Some("from=1")).is_err());
+        let req = |origin: Option<&str>| {
+            let mut b = Request::builder()
+                .method("POST")
+                .header("host", "127.0.0.1:9901");
+            if let Some(o) = origin {
+                b = b.header("origin", o);
+            }
+            b.body(()).expect("request")
+        };
+        assert!(!cross_origin(&req(None)));
+        assert!(!cross_origin(&req(Some("http://127.0.0.1:9901"))));
+        assert!(cross_origin(&req(Some("http://evil.example"))));
+        assert!(cross_origin(&req(Some("null"))));
+        assert!(cross_origin(&req(Some("https://127.0.0.1:9901"))));
+    }
 
     #[test]
     fn windows_are_checked_like_config_durations() {

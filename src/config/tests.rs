@@ -205,7 +205,10 @@ fn log_settings_and_their_errors() {
     let with = |log: &str| format!("[log]\n{log}\n{MINIMAL}");
     let cfg = check(MINIMAL).expect("valid");
     assert_eq!(cfg.log, LogConfig::default());
-    let cfg = check(&with("format = \"json\"\naccess = \"stdout\"\naccess_queue = 10")).expect("valid");
+    let cfg = check(&with(
+        "format = \"json\"\naccess = \"stdout\"\naccess_queue = 10",
+    ))
+    .expect("valid");
     assert_eq!(
         cfg.log,
         LogConfig {

@@ -280,6 +280,81 @@ async fn demo_serves_the_page_and_websockets_through_sluice() {
 }
 
 #[tokio::test]
+async fn demo_with_clients_and_a_rollout_runs_to_its_end_and_cuts_nothing() {
+    let _load = LoadShare::take().await;
+    let out = within(
+        240,
+        "sluice demo --clients 50 --rollout",
+        tokio::process::Command::new(BIN)
+            .args([
+                "demo",
+                "--bind",
+                &format!("127.0.0.1:{}", free_port()),
+                "--tls-bind",
+                "127.0.0.1:0",
+                "--clients",
+                "50",
+                "--rollout",
+                "--window",
+                "2s",
+            ])
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("demo runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("  dashboard:                http://127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("#token="),
+        "the dashboard URL holds the token: {text}"
+    );
+    for i in 1..=3 {
+        assert!(
+            text.contains(&format!("[{i}/3] demo/demo-{i}: back in rotation")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("rollout of demo done: 3 backends restarted"),
+        "{text}"
+    );
+    let tally = text
+        .lines()
+        .find(|l| l.starts_with("50 chat clients: "))
+        .expect("the tally");
+    let number_before = |line: &str, what: &str| -> u64 {
+        let at = line
+            .find(what)
+            .unwrap_or_else(|| panic!("{what} in {line}"));
+        line[..at]
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.trim_start_matches('(').parse().ok())
+            .expect("a number")
+    };
+    let sent = number_before(tally, " messages sent");
+    assert!(sent >= 50 * 10, "{tally}");
+    assert_eq!(number_before(tally, " echoed"), sent, "{tally}");
+    assert_eq!(number_before(tally, " lost"), 0, "{tally}");
+    let moves = text
+        .lines()
+        .find(|l| l.contains(" reconnects ("))
+        .expect("the reconnect line");
+    assert!(number_before(moves, " after a Close 1012") >= 50, "{moves}");
+    assert_eq!(
+        number_before(moves, " messages cut in the middle"),
+        0,
+        "{moves}"
+    );
+}
+
+#[tokio::test]
 async fn ctl_reads_the_config_and_a_second_sigterm_closes_at_once() {
     // sluice and its backends run as processes here: a share of the
     // machine all the same (see `heavy`).

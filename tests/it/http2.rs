@@ -515,18 +515,6 @@ async fn frames_pass_byte_for_byte_over_h2_fragments_pings_compressed_and_close(
     assert_eq!(backend.seen.lock().expect("lock")[0].bytes, sent);
 }
 
-fn chromium_here() -> bool {
-    let installed = std::process::Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    tool_present(
-        installed,
-        "SLUICE_REQUIRE_CHROMIUM",
-        "needs Debian's chromium package",
-    )
-}
-
 /// Headless Chromium showing `url` (app.test resolves to 127.0.0.1), until
 /// dropped.
 fn chromium(url: &str, profile: &std::path::Path) -> crate::support::process::Proc {
@@ -551,7 +539,7 @@ fn chromium(url: &str, profile: &std::path::Path) -> crate::support::process::Pr
 
 #[tokio::test]
 async fn chromium_loads_the_demo_page_over_h2_and_opens_its_websocket_inside() {
-    if !chromium_here() {
+    if !crate::support::browser::chromium_here() {
         return;
     }
     for over_h2 in [true, false] {

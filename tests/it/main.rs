@@ -7,6 +7,7 @@ mod balance;
 mod cli;
 mod close;
 mod ctl;
+mod dashboard;
 mod drain;
 mod edge;
 mod examples;

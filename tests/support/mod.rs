@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 mod backends;
+pub mod browser;
 mod chat;
 mod clients;
 mod hammer;

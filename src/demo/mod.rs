@@ -5,7 +5,11 @@
 //! then every message back. `GET /` is a small page to try it from a browser;
 //! other paths answer with what the backend saw (request line, headers,
 //! body), which shows the forwarded headers sluice adds. The integration
-//! tests use the same backends.
+//! tests use the same backends. `clients` simulates chat clients and
+//! `rolling_restart` restarts the demo backends through sluice's own
+//! rollout, so that a newcomer can watch both on the dashboard.
+
+pub mod clients;
 
 use std::convert::Infallible;
 use std::io;
@@ -31,9 +35,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::{AdminConfig, BackendConfig, Config, ListenerConfig, PoolConfig};
+
 use crate::config::{CertSource, TlsSettings};
 
-const PAGE: &str = include_str!("demo_page.html");
+const PAGE: &str = include_str!("page.html");
 
 /// Counters a demo backend keeps about what it served.
 #[derive(Debug, Default)]
@@ -315,13 +320,14 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     resp
 }
 
-/// The demo's config: one listener on `bind`, one pool of `backends`.
 /// The demo's config: one listener on `bind` and, with `tls`, a TLS
 /// listener there with that certificate; one pool of `backends`.
+/// `window` is the pool's drain window.
 pub fn config(
     bind: SocketAddr,
     tls: Option<(SocketAddr, CertSource)>,
     backends: &[EchoBackend],
+    window: std::time::Duration,
 ) -> Config {
     let backends = backends
         .iter()
@@ -355,12 +361,82 @@ pub fn config(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             None,
         )),
-        pools: vec![PoolConfig::new("demo", backends)],
+        pools: vec![demo_pool(backends, window)],
         shutdown_timeout: Config::DEFAULT_SHUTDOWN_TIMEOUT,
         worker_threads: 0,
         upgrade_timeout: Config::DEFAULT_UPGRADE_TIMEOUT,
         log: crate::config::LogConfig::default(),
         path: None,
+    }
+}
+
+/// The demo pool: paced so that a drain, a rollout and the rebalancing
+/// after it can be watched on the dashboard within a minute or so (health
+/// checks every second, a short drain window, a rebalance every 5 s).
+fn demo_pool(backends: Vec<BackendConfig>, window: std::time::Duration) -> PoolConfig {
+    use std::time::Duration;
+    let mut pool = PoolConfig::new("demo", backends);
+    pool.health = Some(crate::config::HealthConfig {
+        path: Some("/health".into()),
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_millis(500),
+        rise: 1,
+        fall: 2,
+        expect_status: None,
+    });
+    pool.drain.window = window;
+    pool.rebalance.interval = Duration::from_secs(5);
+    pool.rebalance.min_excess = 2;
+    pool.rebalance.max_shed_per_interval = 25;
+    pool
+}
+
+/// Restarts the demo backends one at a time through sluice's rollout
+/// (`ctl::rollout_with`, the steps of `sluice ctl rollout`): each is
+/// drained, stopped, started again on its address a second later, waited
+/// for until healthy, put back, and the pool waited for until level.
+pub async fn rolling_restart(
+    admin: &crate::admin::client::AdminClient,
+    backends: &std::sync::Mutex<Vec<EchoBackend>>,
+    pacing: &crate::ctl::Pacing,
+) -> Result<(), crate::ctl::CtlError> {
+    crate::ctl::rollout_with(admin, "demo", pacing, |step, b| {
+        let name = b.name.clone();
+        let killed = {
+            let list = backends.lock().unwrap_or_else(|p| p.into_inner());
+            list.iter().find(|e| e.name == name).map(|e| {
+                e.kill();
+                e.addr
+            })
+        };
+        println!("{step}: stopped; starting it again");
+        async move {
+            let addr = killed.ok_or_else(|| format!("no demo backend {name}"))?;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let fresh = restart_on(&name, addr).await?;
+            let mut list = backends.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = list.iter_mut().find(|e| e.name == name) {
+                *slot = fresh;
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// A new demo backend on `addr`, once the old one's socket is gone.
+async fn restart_on(name: &str, addr: SocketAddr) -> Result<EchoBackend, String> {
+    let mut tries = 0;
+    loop {
+        match EchoBackend::start(name, addr).await {
+            Ok(backend) => return Ok(backend),
+            Err(e) if tries < 50 => {
+                tries += 1;
+                debug!(error = %e, "demo backend {name}: its address is not free yet");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("cannot start it again on {addr}: {e}")),
+        }
     }
 }
 
@@ -380,6 +456,7 @@ pub fn self_signed() -> Result<CertSource, DemoError> {
 pub async fn start(
     bind: SocketAddr,
     tls_bind: Option<SocketAddr>,
+    window: std::time::Duration,
     shutdown: CancellationToken,
 ) -> Result<(Vec<EchoBackend>, crate::Running), DemoError> {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -395,7 +472,7 @@ pub async fn start(
         Some(addr) => Some((addr, self_signed()?)),
         None => None,
     };
-    let running = crate::start(config(bind, tls, &backends), shutdown).await?;
+    let running = crate::start(config(bind, tls, &backends, window), shutdown).await?;
     Ok((backends, running))
 }
 
