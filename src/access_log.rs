@@ -144,10 +144,12 @@ fn quoted(value: &str) -> String {
     }
 }
 
-/// Lines handed to the writer, or a nudge to look at its flags.
+/// Lines handed to the writer, a nudge to look at its flags, or a
+/// request to write out everything before it and say so.
 enum Message {
     Line(Box<Entry>),
     Wake,
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 /// Counters of the access log, for metrics.
@@ -161,16 +163,33 @@ pub struct Counts {
     pub failed: AtomicU64,
 }
 
+/// What senders and the writer share: not the sender itself, so that the
+/// writer ends once the last `AccessLog` is gone.
 struct Shared {
     counts: Arc<Counts>,
     reopen: AtomicBool,
 }
 
-/// The access log's sending side: cheap to clone, never blocks.
-#[derive(Clone)]
-pub struct AccessLog {
+struct Inner {
     tx: SyncSender<Message>,
     shared: Arc<Shared>,
+}
+
+/// The access log's sending side: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct AccessLog(Arc<Inner>);
+
+/// An access log that may have ended: a reload keeps these for the
+/// logs that WebSockets opened before it still write to, so that a
+/// rotation reaches them too.
+#[derive(Clone)]
+pub struct WeakAccessLog(std::sync::Weak<Inner>);
+
+impl WeakAccessLog {
+    /// The log, while something still writes to it.
+    pub fn upgrade(&self) -> Option<AccessLog> {
+        self.0.upgrade().map(AccessLog)
+    }
 }
 
 /// Why the access log could not start.
@@ -212,28 +231,45 @@ impl AccessLog {
             .name("sluice-access-log".into())
             .spawn(move || writer.run())
             .map_err(AccessLogError::Thread)?;
-        Ok(Self { tx, shared })
+        Ok(Self(Arc::new(Inner { tx, shared })))
     }
 
     /// Queues `entry`; drops it (counted) when the queue is full.
     pub fn send(&self, entry: Entry) {
-        match self.tx.try_send(Message::Line(Box::new(entry))) {
+        match self.0.tx.try_send(Message::Line(Box::new(entry))) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                self.0.shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     /// Opens the file anew before the next line (log rotation).
     pub fn reopen(&self) {
-        self.shared.reopen.store(true, Ordering::Release);
-        let _ = self.tx.try_send(Message::Wake);
+        self.0.shared.reopen.store(true, Ordering::Release);
+        let _ = self.0.tx.try_send(Message::Wake);
+    }
+
+    /// Waits (blocking, up to `limit`) until the lines queued so far are
+    /// written; false when they were not in time or the queue is full.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let (done, written) = std::sync::mpsc::channel();
+        self.0.tx.try_send(Message::Flush(done)).is_ok() && written.recv_timeout(limit).is_ok()
+    }
+
+    pub fn downgrade(&self) -> WeakAccessLog {
+        WeakAccessLog(Arc::downgrade(&self.0))
     }
 }
 
 /// Most bytes of lines gathered before they are written.
 const BUFFER: usize = 64 * 1024;
+
+/// After writing a batch of more than one line, the writer waits this
+/// long before it looks at the queue again: under load a line then costs
+/// the data path no wake-up of the writer (a system call each), only a
+/// place in the queue; an idle log still writes its first line at once.
+const BATCH_PAUSE: Duration = Duration::from_millis(10);
 
 /// Opens where the lines go.
 fn open(target: &AccessTarget) -> Result<Box<dyn Write + Send>, AccessLogError> {
@@ -276,25 +312,39 @@ impl Writer {
         while let Ok(first) = self.rx.recv() {
             self.reopen_if_asked();
             let mut next = Some(first);
+            let mut batch = 0usize;
             while let Some(message) = next {
-                if let Message::Line(entry) = message {
-                    self.buf
-                        .extend_from_slice(entry.format(self.format).as_bytes());
-                    self.buf.push(b'\n');
-                    self.lines += 1;
-                    if self.buf.len() >= BUFFER {
+                batch += 1;
+                match message {
+                    Message::Line(entry) => {
+                        self.buf
+                            .extend_from_slice(entry.format(self.format).as_bytes());
+                        self.buf.push(b'\n');
+                        self.lines += 1;
+                        if self.buf.len() >= BUFFER {
+                            self.write_out();
+                        }
+                    }
+                    Message::Wake => {}
+                    Message::Flush(done) => {
                         self.write_out();
+                        let _ = done.send(());
                     }
                 }
                 next = self.rx.try_recv().ok();
             }
             self.write_out();
+            if batch > 1 {
+                std::thread::sleep(BATCH_PAUSE);
+            }
         }
     }
 
     /// Writes the gathered lines; on failure they are lost, counted, and
     /// said once per failing spell.
     fn write_out(&mut self) {
+        // A rotation is not put off by a long batch.
+        self.reopen_if_asked();
         if self.buf.is_empty() {
             return;
         }

@@ -328,6 +328,8 @@ async fn shut_down_on_cancel(
         registry.abort_all();
         let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     }
+    // The last WebSockets' lines reach the access log before the end.
+    reloader.flush_logs(Duration::from_secs(2)).await;
     admin_stop.cancel();
     // Its last answers (the upgrade that handed this process over) go out
     // before the process ends.

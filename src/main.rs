@@ -270,13 +270,19 @@ async fn demo(
             say!("{report}");
         }
     };
+    let mut signals = signals;
     if !rollout {
         say!("Press Ctrl-C to stop.");
-        let stopped = shutdown.clone();
-        let waiting = tokio::spawn(serve_until_signalled(running, shutdown, signals));
-        stopped.cancelled().await;
-        report(chat).await;
-        let _ = waiting.await;
+        if chat.is_some() {
+            // The clients' tally first, while sluice still serves them.
+            tokio::select! {
+                _ = signals.int.recv() => {}
+                _ = signals.term.recv() => {}
+            }
+            report(chat).await;
+            shutdown.cancel();
+        }
+        serve_until_signalled(running, shutdown, signals).await;
         return Ok(());
     }
     let admin = running
@@ -287,17 +293,30 @@ async fn demo(
             token: Some(a.token.clone()),
         })
         .context("the demo has an admin API")?;
+    let interrupted = async {
+        tokio::select! {
+            _ = signals.int.recv() => {}
+            _ = signals.term.recv() => {}
+        }
+    };
+    tokio::pin!(interrupted);
+    let mut stopped = false;
     if let Some(chat) = &chat {
         // Let the clients connect and the pool settle, as it would be
         // before a deploy.
-        let started = std::time::Instant::now();
-        while chat.connected() < clients && started.elapsed() < Duration::from_secs(30) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let settle = async {
+            let started = std::time::Instant::now();
+            while chat.connected() < clients && started.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            say!("  {} of {clients} clients connected", chat.connected());
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        };
+        tokio::select! {
+            () = settle => {}
+            () = &mut interrupted => stopped = true,
         }
-        say!("  {} of {clients} clients connected", chat.connected());
-        tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    say!("rolling restart of the demo backends, through sluice's rollout:");
     let pacing = sluice::ctl::Pacing {
         window: None,
         drain_timeout: window + Duration::from_secs(30),
@@ -305,15 +324,22 @@ async fn demo(
         balance_timeout: Duration::from_secs(30),
     };
     let backends = std::sync::Mutex::new(backends);
-    let rolled = tokio::select! {
-        rolled = sluice::demo::rolling_restart(&admin, &backends, &pacing) => rolled,
-        () = shutdown.cancelled() => Ok(()),
+    let rolled = if stopped {
+        Ok(())
+    } else {
+        say!("rolling restart of the demo backends, through sluice's rollout:");
+        tokio::select! {
+            rolled = sluice::demo::rolling_restart(&admin, &backends, &pacing) => rolled,
+            () = &mut interrupted => {
+                say!("interrupted: stopping the rollout");
+                Ok(())
+            }
+        }
     };
     // A last moment of chat on the restarted pool, then the tally.
     tokio::time::sleep(Duration::from_secs(2)).await;
     report(chat).await;
     shutdown.cancel();
-    drop(signals);
     running.wait().await;
     rolled.context("rolling restart")?;
     Ok(())

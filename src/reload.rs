@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::access_log::{AccessLog, AccessLogError};
+use crate::access_log::{AccessLog, AccessLogError, WeakAccessLog};
 use crate::config::{self, AcmeChallenge, Algorithm, Change, Config, ConfigError};
 use crate::config::{AccessTarget, LogConfig, LogFormat};
 use crate::conn_limit::ClientLimit;
@@ -163,6 +163,9 @@ pub struct Reloader {
     http01: Http01Answers,
     /// The access log in use, with the settings it was started with.
     access: Mutex<Option<(AccessTarget, usize, AccessLog)>>,
+    /// Every access log started, while WebSockets opened before a reload
+    /// still write to one: SIGUSR1 reopens them all.
+    access_logs: Mutex<Vec<WeakAccessLog>>,
     /// The format of both logs, fixed by the first config.
     log_format: Mutex<Option<LogFormat>>,
 }
@@ -200,6 +203,7 @@ impl Reloader {
             inherited: Mutex::new(inherited),
             http01: Http01Answers::default(),
             access: Mutex::new(None),
+            access_logs: Mutex::new(Vec::new()),
             log_format: Mutex::new(None),
         });
         tokio::spawn(reloader.clone().forget_drained());
@@ -208,9 +212,32 @@ impl Reloader {
 
     /// Makes the access log open its file anew (after log rotation).
     pub fn reopen_logs(&self) {
-        if let Some((_, _, log)) = &*lock(&self.access) {
-            log.reopen();
+        let mut logs = lock(&self.access_logs);
+        logs.retain(|weak| match weak.upgrade() {
+            Some(log) => {
+                log.reopen();
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Waits (up to `limit`) until the access log has written what it was
+    /// given: at the end, so that the last lines are not lost.
+    pub async fn flush_logs(&self, limit: Duration) {
+        let live: Vec<AccessLog> = lock(&self.access_logs)
+            .iter()
+            .filter_map(WeakAccessLog::upgrade)
+            .collect();
+        if live.is_empty() {
+            return;
         }
+        let _ = tokio::task::spawn_blocking(move || {
+            for log in live {
+                log.flush(limit);
+            }
+        })
+        .await;
     }
 
     /// The access log `cfg` asks for: the one in use when its settings
@@ -225,14 +252,15 @@ impl Reloader {
             return Ok(Some(log.clone()));
         }
         let format = *lock(&self.log_format).get_or_insert(cfg.format);
-        AccessLog::start(
+        let log = AccessLog::start(
             &cfg.access,
             format,
             cfg.access_queue,
             self.metrics.access_log.clone(),
         )
-        .map(Some)
-        .map_err(ApplyError::AccessLog)
+        .map_err(ApplyError::AccessLog)?;
+        lock(&self.access_logs).push(log.downgrade());
+        Ok(Some(log))
     }
 
     /// The generation in use.
@@ -333,6 +361,8 @@ impl Reloader {
             .unwrap_or_default();
         let mut connectors = backend_connectors(&new)?;
         let prepared = self.prepare_listeners(&st, &new)?;
+        // Both logs keep the first config's format.
+        lock(&self.log_format).get_or_insert(new.log.format);
         let access = self.prepare_access(&new.log)?;
         // Everything that can fail has been made: certificate files whose
         // paths did not change are read again now (SIGHUP always did; a

@@ -190,15 +190,20 @@ fn asset(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>
 }
 
 /// True when a request that changes something comes from a page of
-/// another origin: its `Origin` (browsers send it with every POST) is not
-/// this server's. Requests without one (`sluice ctl`, curl) are not from
-/// a browser page.
+/// another origin: its `Origin` (browsers send it with every POST) names
+/// another host than the request's `Host` (by either scheme, so that an
+/// HTTPS proxy in front still works). Requests without one (`sluice
+/// ctl`, curl) are not from a browser page.
 fn cross_origin<B>(req: &Request<B>) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return false;
     };
+    let origin = origin.as_bytes();
     let host = req.headers().get(header::HOST).map(HeaderValue::as_bytes);
-    origin.as_bytes().strip_prefix(b"http://") != host
+    let origin_host = origin
+        .strip_prefix(b"http://")
+        .or_else(|| origin.strip_prefix(b"https://"));
+    origin_host.is_none() || origin_host != host
 }
 
 async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
@@ -565,7 +570,8 @@ mod tests {
         assert!(!cross_origin(&req(Some("http://127.0.0.1:9901"))));
         assert!(cross_origin(&req(Some("http://evil.example"))));
         assert!(cross_origin(&req(Some("null"))));
-        assert!(cross_origin(&req(Some("https://127.0.0.1:9901"))));
+        assert!(!cross_origin(&req(Some("https://127.0.0.1:9901"))));
+        assert!(cross_origin(&req(Some("http://127.0.0.1:9902"))));
     }
 
     #[test]

@@ -352,7 +352,7 @@ fn read_log(root: &mut Table<'_>) -> Result<LogConfig, ConfigError> {
         "access_queue",
         LogConfig::DEFAULT_ACCESS_QUEUE as u64,
         1,
-        10_000_000,
+        1_000_000,
     )? as usize;
     t.finish()?;
     Ok(LogConfig {

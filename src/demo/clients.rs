@@ -89,7 +89,7 @@ impl Clients {
             echoed: get(&t.echoed),
             resent: get(&t.resent),
             // A client waits for each echo before its next message.
-            lost: get(&t.sent) - get(&t.echoed),
+            lost: get(&t.sent).saturating_sub(get(&t.echoed)),
             reconnects: get(&t.reconnects),
             closed_1012: get(&t.closed_1012),
             cut: get(&t.cut),
@@ -119,9 +119,16 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            "{} reconnects ({} after a Close 1012 from sluice); {} messages cut in the middle ({} connections ended without a Close)",
-            self.reconnects, self.closed_1012, self.cut, self.cut
-        )
+            "{} reconnects ({} after a Close 1012 from sluice); {} connections ended without a Close frame",
+            self.reconnects, self.closed_1012, self.cut
+        )?;
+        if self.cut == 0 {
+            // Only a connection that ends without a Close can cut a
+            // message in the middle.
+            write!(f, ", so no message was cut in the middle")
+        } else {
+            write!(f, " (a message may have been cut in the middle)")
+        }
     }
 }
 
@@ -164,12 +171,13 @@ async fn client(
                 _ = tick.tick(), if pending.is_none() && !quiet.is_cancelled() => {
                     seq += 1;
                     let text = format!("client {id} message {seq}");
-                    if ws.send(Message::text(text.clone())).await.is_err() {
-                        pending = Some(text);
+                    // Counted once made: one that could not go out now
+                    // goes on the next connection.
+                    tally.sent.fetch_add(1, Ordering::Relaxed);
+                    pending = Some(text.clone());
+                    if ws.send(Message::text(text)).await.is_err() {
                         break;
                     }
-                    tally.sent.fetch_add(1, Ordering::Relaxed);
-                    pending = Some(text);
                 }
                 () = quiet.cancelled(), if pending.is_none() => {
                     let _ = ws.close(None).await;

@@ -12,17 +12,27 @@ use tokio::time::Instant;
 use crate::access_log::{AccessLog, Entry, WsEnd};
 use crate::proxy_protocol::Client;
 use crate::tunnel::{ClosedBy, TunnelStats};
+use crate::upstream::{RequestBody, TriedBackend};
 
 use super::ListenerCtx;
 
-/// A request being served, for its access log line.
+/// A request being served, for its access log line. Dropped before its
+/// answer (the client went away while the backend was thinking, or an
+/// upgrade did not complete), it sends the line all the same, with the
+/// status it got so far: 499 when none was sent, as nginx logs it.
 pub struct Started {
     log: AccessLog,
     at: Instant,
-    entry: Entry,
+    /// Taken by the line's sending.
+    entry: Option<Entry>,
     /// Body bytes read from the client so far.
     pub bytes_in: Arc<AtomicU64>,
+    /// The backend `upstream` tried last.
+    pub tried: TriedBackend,
 }
+
+/// The status of a request whose client went away before its answer.
+const CLIENT_GONE: u16 = 499;
 
 impl Started {
     /// Notes `req` as it arrives, when the listener logs requests.
@@ -36,7 +46,8 @@ impl Started {
             log: log.clone(),
             at: Instant::now(),
             bytes_in: Arc::default(),
-            entry: Entry {
+            tried: TriedBackend::default(),
+            entry: Some(Entry {
                 time: SystemTime::now(),
                 kind: "http",
                 client: client.addr,
@@ -50,24 +61,36 @@ impl Started {
                 } else {
                     "HTTP/1.1"
                 },
-                status: 0,
+                status: CLIENT_GONE,
                 bytes_in: 0,
                 bytes_out: 0,
                 duration: std::time::Duration::ZERO,
                 ws: None,
-            },
+            }),
         })
     }
 
-    /// The backend that answers.
-    pub fn set_backend(&mut self, name: &str) {
-        self.entry.backend = Some(name.to_string());
+    /// Marks `req` (on its way to `upstream`) so that the backend it is
+    /// sent to is noted here.
+    pub fn follow(&self, req: &mut Request<RequestBody>) {
+        req.extensions_mut().insert(self.tried.clone());
+    }
+
+    /// The backend switched to WebSocket: the line, from now on, is a
+    /// WebSocket's (with nothing moved, should the tunnel never start).
+    pub fn switched(&mut self) {
+        if let Some(entry) = &mut self.entry {
+            entry.kind = "ws";
+            entry.status = 101;
+        }
     }
 
     /// The line of a plain response with `status`, sent when the returned
     /// guard goes (its body has ended, or the client went away).
     pub fn response(mut self, status: u16) -> HttpLog {
-        self.entry.status = status;
+        if let Some(entry) = &mut self.entry {
+            entry.status = status;
+        }
         HttpLog {
             started: Some(self),
             bytes_out: 0,
@@ -81,21 +104,39 @@ impl Started {
             ClosedBy::Backend => ("backend", None),
             ClosedBy::Sluice(reason) => ("sluice", Some(reason.as_str())),
         };
-        let entry = &mut self.entry;
-        entry.kind = "ws";
-        entry.status = 101;
-        entry.bytes_in = stats.bytes_up;
-        entry.bytes_out = stats.bytes_down;
-        entry.duration = self.at.elapsed();
-        entry.ws = Some(WsEnd {
-            messages_in: stats.messages_up,
-            messages_out: stats.messages_down,
-            close_code: stats.close_code,
-            closed_by,
-            reason,
-            cut: stats.cut,
-        });
-        self.log.send(self.entry);
+        self.switched();
+        if let Some(entry) = &mut self.entry {
+            entry.bytes_in = stats.bytes_up;
+            entry.bytes_out = stats.bytes_down;
+            entry.ws = Some(WsEnd {
+                messages_in: stats.messages_up,
+                messages_out: stats.messages_down,
+                close_code: stats.close_code,
+                closed_by,
+                reason,
+                cut: stats.cut,
+            });
+        }
+        // Dropping sends it.
+    }
+
+    /// Sends the line, once.
+    fn send(&mut self, bytes_out: Option<u64>) {
+        if let Some(mut entry) = self.entry.take() {
+            if entry.ws.is_none() {
+                entry.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+                entry.bytes_out = bytes_out.unwrap_or(0);
+            }
+            entry.duration = self.at.elapsed();
+            entry.backend = self.tried.name();
+            self.log.send(entry);
+        }
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.send(None);
     }
 }
 
@@ -107,12 +148,8 @@ pub struct HttpLog {
 
 impl Drop for HttpLog {
     fn drop(&mut self) {
-        if let Some(started) = self.started.take() {
-            let mut entry = started.entry;
-            entry.bytes_in = started.bytes_in.load(Ordering::Relaxed);
-            entry.bytes_out = self.bytes_out;
-            entry.duration = started.at.elapsed();
-            started.log.send(entry);
+        if let Some(mut started) = self.started.take() {
+            started.send(Some(self.bytes_out));
         }
     }
 }

@@ -265,14 +265,14 @@ async fn forward(
     headers::prepare_request(&mut req, client.addr, ctx.forwarded(), false);
     let timeout = ctx.cfg.body_timeout;
     let counter = started.as_ref().map(|s| s.bytes_in.clone());
-    let req = req.map(|body| RequestBody::new(body, timeout).counting(counter));
+    let mut req = req.map(|body| RequestBody::new(body, timeout).counting(counter));
+    if let Some(started) = started {
+        started.follow(&mut req);
+    }
     let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
         Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
     };
-    if let Some(started) = started {
-        started.set_backend(&answer.lease.backend().name);
-    }
     let mut resp = answer.resp;
     headers::drop_length_of_chunked(resp.headers_mut());
     headers::strip_hop_by_hop(resp.headers_mut());
@@ -342,14 +342,14 @@ async fn open_websocket(
     let affinity = affinity::affinity(upstream, &req, client.addr);
     headers::prepare_request(&mut req, client.addr, ctx.forwarded(), true);
     let timeout = ctx.cfg.body_timeout;
-    let req = req.map(|body| RequestBody::new(body, timeout));
+    let mut req = req.map(|body| RequestBody::new(body, timeout));
+    if let Some(started) = started {
+        started.follow(&mut req);
+    }
     let answer = match upstream.send(&ctx.registry, affinity, req, client).await {
         Ok(answer) => answer,
         Err(error) => return Err(upstream_error(&error)),
     };
-    if let Some(started) = started {
-        started.set_backend(&answer.lease.backend().name);
-    }
     let (lease, mut resp) = (answer.lease, answer.resp);
     let (pin, cookie) = upstream.pin(affinity, answer.backend);
     if let Some(cookie) = cookie {
@@ -395,6 +395,10 @@ impl Switched {
         };
         let listener = ctx.id;
         let (lease, pin) = (self.lease, self.pin);
+        let mut started = started;
+        if let Some(started) = &mut started {
+            started.switched();
+        }
         let tunnel = async move {
             let _permit = permit;
             let (client, backend) = tokio::join!(client_side, backend_upgrade);

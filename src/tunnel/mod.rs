@@ -190,11 +190,13 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
     }
 
     fn stats(&self, cut: bool) -> TunnelStats {
-        let closed_by = self.closed_by.unwrap_or(if self.down.eof && !self.up.eof {
-            ClosedBy::Backend
-        } else {
-            ClosedBy::Client
-        });
+        let closed_by = self
+            .closed_by
+            .unwrap_or(if self.down.eof || self.up.failed {
+                ClosedBy::Backend
+            } else {
+                ClosedBy::Client
+            });
         let close_code = match closed_by {
             ClosedBy::Client => self.up.tracker.close_code(),
             ClosedBy::Backend => self.down.tracker.close_code(),
@@ -221,14 +223,21 @@ impl<C: TunnelIo, B: TunnelIo> Tunnel<C, B> {
     }
 
     /// Notes who began the end, from what the flows have seen: the first
-    /// Close frame, or the first side to end.
-    fn note_closer(&mut self, up_ended: bool, down_ended: bool) {
+    /// Close frame, or else the first side to end (its bytes ended, or
+    /// writing to it failed).
+    fn note_closer(&mut self) {
         if self.closed_by.is_some() {
             return;
         }
-        if self.up.tracker.close_seen() || (up_ended && !self.down.tracker.close_seen()) {
+        let client_ended = self.up.eof || self.down.failed;
+        let backend_ended = self.down.eof || self.up.failed;
+        if self.up.tracker.close_seen() {
             self.closed_by = Some(ClosedBy::Client);
-        } else if self.down.tracker.close_seen() || down_ended {
+        } else if self.down.tracker.close_seen() {
+            self.closed_by = Some(ClosedBy::Backend);
+        } else if client_ended {
+            self.closed_by = Some(ClosedBy::Client);
+        } else if backend_ended {
             self.closed_by = Some(ClosedBy::Backend);
         }
     }
@@ -376,7 +385,7 @@ impl<C: TunnelIo, B: TunnelIo> Future for Tunnel<C, B> {
                     || this.up.tracker.close_seen()
                     || this.down.tracker.close_seen())
             {
-                this.note_closer(up.is_ready(), down.is_ready());
+                this.note_closer();
             }
             if up.is_ready() && down.is_ready() {
                 return Poll::Ready(this.stats(false));

@@ -77,6 +77,9 @@ impl Upstream {
             let backend = lease.backend();
             // After a retry the span shows each backend tried, in order.
             tracing::Span::current().record("backend", backend.name.as_str());
+            if let Some(tried) = req.extensions().get::<super::TriedBackend>() {
+                tried.note(backend);
+            }
             let pooled = if affinity.reusable && self.reuses_connections() {
                 self.idle[i].checkout()
             } else {

@@ -33,6 +33,24 @@ use crate::balance::sticky::Sticky;
 use crate::config::PoolConfig;
 use crate::registry::{Backend, PoolEntry};
 
+/// Where `send` notes the backend each try goes to, when the request
+/// carries one in its extensions (the access log's, which must name the
+/// backend even when the client leaves before it answers).
+#[derive(Debug, Clone, Default)]
+pub struct TriedBackend(Arc<Mutex<Option<Arc<Backend>>>>);
+
+impl TriedBackend {
+    fn note(&self, backend: &Arc<Backend>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
+    }
+
+    /// The name of the backend tried last.
+    pub fn name(&self) -> Option<String> {
+        let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().map(|b| b.name.clone())
+    }
+}
+
 pub use idle::IdlePool;
 pub use request_body::{BodyStalled, RequestBody};
 pub use stream::{BackendStream, BackendTlsConnector};

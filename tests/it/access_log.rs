@@ -336,3 +336,91 @@ async fn sigusr1_reopens_the_file_after_rotation() {
     assert_eq!(line["path"], "/r0");
     assert_eq!(lines_once(&rotated, 2).await.len(), 2);
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_early_and_a_backend_that_dies_are_logged() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = TempDir::new("access-log-early").expect("temp dir");
+    // A backend that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let path = dir.path().join("silent.log");
+    let mut cfg = config(&[silent_addr]);
+    cfg.log.access = AccessTarget::File(path.clone());
+    let sluice = Sluice::with_config(cfg).await;
+    let mut client = tokio::net::TcpStream::connect(sluice.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(10, "the request reached the backend", || {
+        sluice.registry().backends()[0].http_count() == 1
+    })
+    .await;
+    drop(client);
+    let lines = lines_once(&path, 1).await;
+    assert!(
+        lines[0].contains(" backend=b1 method=GET path=/slow proto=HTTP/1.1 status=499 "),
+        "{lines:?}"
+    );
+    held.abort();
+    drop(sluice);
+
+    // A backend that dies under a WebSocket: it ended it, with no Close.
+    let backends = echo_backends(1).await;
+    let path = dir.path().join("dies.log");
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.log.access = AccessTarget::File(path.clone());
+    let sluice = Sluice::with_config(cfg).await;
+    let (mut ws, _) = sluice.ws_named("/ws").await;
+    backends[0].kill();
+    assert_eq!(close_code(&mut ws).await, None);
+    let lines = lines_once(&path, 1).await;
+    assert!(
+        lines[0].contains(" status=101 ")
+            && lines[0].ends_with(" close_code=- closed_by=backend reason=- cut=false"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn websockets_closed_by_the_shutdown_are_logged_before_the_end() {
+    let dir = TempDir::new("access-log-shutdown").expect("temp dir");
+    let backends = echo_backends(1).await;
+    let path = dir.path().join("access.log");
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.log.access = AccessTarget::File(path.clone());
+    cfg.pools[0].drain.window = Duration::ZERO;
+    let mut sluice = Sluice::with_config(cfg).await;
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        sockets.push(sluice.ws_named("/ws").await.0);
+    }
+    let closing = tokio::spawn(async move {
+        for mut ws in sockets {
+            assert_eq!(close_code(&mut ws).await, Some(1001));
+        }
+    });
+    sluice.stop().await;
+    closing.await.expect("clients");
+    // Written by the time sluice has stopped.
+    let text = std::fs::read_to_string(&path).expect("log");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 20, "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" close_code=1001 closed_by=sluice reason=shutdown ")),
+        "{text}"
+    );
+}
