@@ -15,9 +15,14 @@
 //! processes run with `worker_threads = 1`; the backends and the clients
 //! run in this process.
 //!
+//! `--baseline PATH` adds another sluice binary (an earlier build), run
+//! without the log, measured in the same rounds as `base`, with the
+//! ratio off / base.
+//!
 //! ```text
 //! cargo bench --bench log_bench             # 5 s rounds
 //! cargo bench --bench log_bench -- --quick  # 2 s rounds
+//! cargo bench --bench log_bench -- --quick --baseline OLD/target/release/sluice
 //! ```
 
 use std::net::SocketAddr;
@@ -49,13 +54,19 @@ const MAX_OPS: u64 = 10_000_000;
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline")
+        .map(|i| args.get(i + 1).cloned().context("--baseline needs a path"))
+        .transpose()?;
     let seconds = if quick { 2 } else { 5 };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(Duration::from_secs(seconds)))
+        .block_on(run(Duration::from_secs(seconds), baseline))
 }
 
 struct Target {
@@ -64,7 +75,7 @@ struct Target {
     proc: Proc,
 }
 
-async fn run(duration: Duration) -> Result<()> {
+async fn run(duration: Duration, baseline: Option<String>) -> Result<()> {
     let mut backends = Vec::new();
     for i in 1..=3 {
         backends.push(EchoBackend::start(&format!("b{i}"), "127.0.0.1:0".parse()?).await?);
@@ -72,13 +83,19 @@ async fn run(duration: Duration) -> Result<()> {
     let dir = TempDir::new("log_bench")?;
     let log_path = dir.path().join("access.log");
     let mut targets = Vec::new();
-    for (name, log) in [
-        ("off", String::new()),
+    let current = env!("CARGO_BIN_EXE_sluice").to_string();
+    let mut runs = vec![
+        ("off", current.clone(), String::new()),
         (
             "logged",
+            current,
             format!("[log]\naccess = \"{}\"\n", log_path.display()),
         ),
-    ] {
+    ];
+    if let Some(base) = baseline {
+        runs.push(("base", base, String::new()));
+    }
+    for (name, program, log) in runs {
         let [port] = free_ports()?;
         let mut config = format!(
             "worker_threads = 1\n{log}[admin]\nenabled = false\n\
@@ -93,7 +110,7 @@ async fn run(duration: Duration) -> Result<()> {
         }
         let path = dir.write(&format!("{name}.toml"), &config)?;
         let proc = Proc(
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
+            Command::new(&program)
                 .args(["run", "--config"])
                 .arg(&path)
                 .env("SLUICE_LOG", "warn")
@@ -152,6 +169,13 @@ async fn run(duration: Duration) -> Result<()> {
             medians[1].0 / medians[0].0,
             medians[1].1 / medians[0].1
         );
+        if let Some(base) = medians.get(2) {
+            println!(
+                "  off / base:   {:.3}x {unit}/s, {:.3}x CPU per {unit}",
+                medians[0].0 / base.0,
+                medians[0].1 / base.1
+            );
+        }
     }
     let lines = std::fs::read_to_string(&log_path)
         .map(|t| t.lines().count())

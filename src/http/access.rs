@@ -36,13 +36,15 @@ const CLIENT_GONE: u16 = 499;
 
 impl Started {
     /// Notes `req` as it arrives, when the listener logs requests.
-    pub fn new<B>(ctx: &ListenerCtx, req: &Request<B>, client: &Client) -> Option<Self> {
+    /// Boxed: a tunnel's task holds it for the WebSocket's life, and
+    /// with the log off that costs one pointer.
+    pub fn new<B>(ctx: &ListenerCtx, req: &Request<B>, client: &Client) -> Option<Box<Self>> {
         let log = ctx.access.as_ref()?;
         let path = req
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().to_string(), |p| p.as_str().to_string());
-        Some(Self {
+        Some(Box::new(Self {
             log: log.clone(),
             at: Instant::now(),
             bytes_in: Arc::default(),
@@ -67,7 +69,7 @@ impl Started {
                 duration: std::time::Duration::ZERO,
                 ws: None,
             }),
-        })
+        }))
     }
 
     /// Marks `req` (on its way to `upstream`) so that the backend it is
@@ -87,7 +89,7 @@ impl Started {
 
     /// The line of a plain response with `status`, sent when the returned
     /// guard goes (its body has ended, or the client went away).
-    pub fn response(mut self, status: u16) -> HttpLog {
+    pub fn response(mut self: Box<Self>, status: u16) -> HttpLog {
         if let Some(entry) = &mut self.entry {
             entry.status = status;
         }
@@ -98,7 +100,7 @@ impl Started {
     }
 
     /// Sends the line of a WebSocket that ended with `stats`.
-    pub fn websocket(mut self, stats: &TunnelStats) {
+    pub fn websocket(mut self: Box<Self>, stats: &TunnelStats) {
         let (closed_by, reason) = match stats.closed_by {
             ClosedBy::Client => ("client", None),
             ClosedBy::Backend => ("backend", None),
@@ -142,7 +144,7 @@ impl Drop for Started {
 
 /// Sends a response's line when dropped; the body counts what it sends.
 pub struct HttpLog {
-    started: Option<Started>,
+    started: Option<Box<Started>>,
     pub bytes_out: u64,
 }
 

@@ -209,7 +209,7 @@ async fn route<S: TunnelIo + AsyncRead>(
     client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<ConnPermit>,
-    started: &mut Option<Started>,
+    started: &mut Option<Box<Started>>,
 ) -> Response<ProxyBody> {
     if permit.over_limit() {
         ctx.client_limited.inc();
@@ -258,7 +258,7 @@ async fn forward(
     mut req: Request<Incoming>,
     client: Client,
     ctx: &ListenerCtx,
-    started: &mut Option<Started>,
+    started: &mut Option<Box<Started>>,
 ) -> Response<ProxyBody> {
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
@@ -295,7 +295,7 @@ async fn upgrade<S: TunnelIo + AsyncRead>(
     client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<ConnPermit>,
-    started: &mut Option<Started>,
+    started: &mut Option<Box<Started>>,
 ) -> Response<ProxyBody> {
     if let Err(reason) = headers::check_websocket_request(&req) {
         return refuse(StatusCode::BAD_REQUEST, reason);
@@ -336,7 +336,7 @@ async fn open_websocket(
     mut req: Request<Incoming>,
     client: &Client,
     ctx: &ListenerCtx,
-    started: &mut Option<Started>,
+    started: &mut Option<Box<Started>>,
 ) -> Result<Switched, Response<ProxyBody>> {
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
@@ -377,7 +377,7 @@ impl Switched {
         permit: impl Send + 'static,
         client_side: F,
         h2: Option<prometheus_client::metrics::gauge::Gauge>,
-        started: Option<Started>,
+        started: Option<Box<Started>>,
     ) -> Response<Incoming>
     where
         C: TunnelIo,

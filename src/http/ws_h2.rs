@@ -45,7 +45,7 @@ pub(super) async fn websocket(
     client: Client,
     ctx: Arc<ListenerCtx>,
     permit: Arc<ConnPermit>,
-    started: &mut Option<super::Started>,
+    started: &mut Option<Box<super::Started>>,
 ) -> Response<ProxyBody> {
     let websocket = req
         .extensions()
