@@ -424,3 +424,31 @@ async fn websockets_closed_by_the_shutdown_are_logged_before_the_end() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn http2_requests_are_logged_as_http2() {
+    let dir = TempDir::new("access-log-h2").expect("temp dir");
+    let backends = echo_backends(1).await;
+    let path = dir.path().join("access.log");
+    let mut cfg = config(&[backends[0].addr]);
+    cfg.log.access = AccessTarget::File(path.clone());
+    cfg.listeners[0].http2.enabled = Some(true);
+    let sluice = Sluice::with_config(cfg).await;
+    // curl over h2c, one request per connection (curl 7.88 fails a
+    // second prior-knowledge request on a reused connection, whatever the
+    // server: HAProxy too).
+    let url = format!("http://{}/h2?n=", sluice.addr);
+    for n in 1..=2 {
+        curl(&["--http2-prior-knowledge", &format!("{url}{n}")]).await;
+        lines_once(&path, n).await;
+    }
+    let lines = lines_once(&path, 2).await;
+    for (line, n) in lines.iter().zip(1..) {
+        assert!(
+            line.contains(&format!(
+                " backend=b1 method=GET path=/h2?n={n} proto=HTTP/2 status=200 bytes_in=0 "
+            )),
+            "{lines:?}"
+        );
+    }
+}
