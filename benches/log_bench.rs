@@ -216,6 +216,15 @@ async fn timed<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T
         .context("a step timed out")?
 }
 
+/// The operations the workers did, all together.
+async fn total(tasks: Vec<tokio::task::JoinHandle<Result<u64>>>) -> Result<u64> {
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total)
+}
+
 async fn http_load(addr: SocketAddr, duration: Duration) -> Result<u64> {
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
@@ -241,11 +250,7 @@ async fn http_load(addr: SocketAddr, duration: Duration) -> Result<u64> {
             anyhow::Ok(done)
         }));
     }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total)
+    total(tasks).await
 }
 
 async fn echo_load(addr: SocketAddr, duration: Duration) -> Result<u64> {
@@ -275,11 +280,7 @@ async fn echo_load(addr: SocketAddr, duration: Duration) -> Result<u64> {
             anyhow::Ok(done)
         }));
     }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total)
+    total(tasks).await
 }
 
 async fn churn_load(addr: SocketAddr, duration: Duration) -> Result<u64> {
@@ -306,9 +307,5 @@ async fn churn_load(addr: SocketAddr, duration: Duration) -> Result<u64> {
             anyhow::Ok(done)
         }));
     }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total)
+    total(tasks).await
 }

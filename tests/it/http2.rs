@@ -519,19 +519,12 @@ async fn frames_pass_byte_for_byte_over_h2_fragments_pings_compressed_and_close(
 /// dropped.
 fn chromium(url: &str, profile: &std::path::Path) -> crate::support::process::Proc {
     crate::support::process::Proc(
-        std::process::Command::new("chromium")
+        crate::support::browser::chromium(profile)
             .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
                 "--ignore-certificate-errors",
                 "--host-resolver-rules=MAP app.test 127.0.0.1",
             ])
-            .arg(format!("--user-data-dir={}", profile.display()))
             .arg(url)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("chromium starts"),
     )

@@ -27,6 +27,22 @@ pub fn chromium_here() -> bool {
     )
 }
 
+/// Headless Chromium with a profile of its own in `profile`, its output
+/// discarded; the caller adds its flags and the URL.
+pub fn chromium(profile: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new("chromium");
+    cmd.args([
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    cmd
+}
+
 /// One Chromium with one page, until dropped.
 pub struct Browser {
     _proc: Proc,
@@ -42,20 +58,13 @@ impl Browser {
     pub async fn open(url: &str) -> Self {
         let profile = TempDir::new("chromium-profile").expect("profile dir");
         let proc = Proc(
-            std::process::Command::new("chromium")
+            chromium(profile.path())
                 .args([
-                    "--headless=new",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
                     "--window-size=1280,900",
                     "--remote-debugging-port=0",
                     "--remote-allow-origins=*",
                 ])
-                .arg(format!("--user-data-dir={}", profile.path().display()))
                 .arg(url)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("chromium starts"),
         );
