@@ -18,6 +18,7 @@ pub mod acme;
 pub mod admin;
 pub(crate) mod admission;
 pub mod balance;
+pub mod cluster;
 pub mod config;
 pub(crate) mod conn_limit;
 pub mod ctl;
@@ -153,7 +154,11 @@ pub async fn start_with(
         None => (reload::Inheritance::default(), None, None, None),
     };
     let registry = Arc::new(Registry::new(&cfg));
-    let metrics = Arc::new(metrics::Metrics::new(registry.clone()));
+    let metrics = Arc::new(metrics::Metrics::new(
+        registry.clone(),
+        cfg.cluster.is_some(),
+    ));
+    let cluster = cfg.cluster.clone();
     let drains = Arc::new(drain::Drains::new(registry.clone()));
     let rebalance_reports = Arc::new(rebalance::Reports::default());
     listener::raise_fd_limit(cfg.listeners.iter().map(|l| l.max_connections).sum());
@@ -232,6 +237,14 @@ pub async fn start_with(
         info
     });
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
+    if let (Some(cluster), Some(up)) = (cluster, metrics.cluster_up.clone()) {
+        tokio::spawn(cluster::run(
+            cluster,
+            registry.clone(),
+            up,
+            shutdown.clone(),
+        ));
+    }
     let done = tokio::spawn(shut_down_on_cancel(
         registry.clone(),
         drains.clone(),

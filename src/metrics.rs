@@ -46,6 +46,8 @@ pub struct Metrics {
     acme_orders: Family<[(&'static str, &'static str); 1], Counter>,
     /// What became of the access log's lines.
     pub access_log: Arc<crate::access_log::Counts>,
+    /// 1 while Redis answers, in cluster mode (not exported otherwise).
+    pub cluster_up: Option<Gauge>,
 }
 
 /// The access log's counts, read at scrape time.
@@ -105,7 +107,8 @@ impl Collector for TlsListeners {
 }
 
 impl Metrics {
-    pub fn new(live: Arc<Registry>) -> Self {
+    /// The metrics; `cluster`: the process runs in cluster mode.
+    pub fn new(live: Arc<Registry>, cluster: bool) -> Self {
         let mut registry = prometheus_client::registry::Registry::default();
         let accepted = Family::<ListenerLabels, Counter>::default();
         registry.register(
@@ -179,7 +182,17 @@ impl Metrics {
         registry.register_collector(Box::new(tls.clone()));
         let access_log = Arc::<crate::access_log::Counts>::default();
         registry.register_collector(Box::new(AccessCollector(access_log.clone())));
+        let cluster_up = cluster.then(|| {
+            let up = Gauge::default();
+            registry.register(
+                "sluice_cluster_up",
+                "1 while this instance reaches Redis and balances on the cluster's counts, 0 while it balances on its own view",
+                up.clone(),
+            );
+            up
+        });
         Self {
+            cluster_up,
             access_log,
             registry,
             accepted,

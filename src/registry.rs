@@ -251,6 +251,9 @@ pub struct Backend {
     pub messages_cut: AtomicU64,
     /// WebSockets closed because their client stopped answering Pings.
     pub client_timeouts: AtomicU64,
+    /// Live connections of this backend through the other sluice
+    /// instances, as they last published them (cluster mode; else 0).
+    pub remote: AtomicUsize,
     /// Reference point of the time stamps below.
     epoch: Instant,
     /// Slow-start ramp of the pool in ns (zero: off); a reload may change it.
@@ -296,6 +299,7 @@ impl Backend {
             rebalance_shed: AtomicU64::new(0),
             messages_cut: AtomicU64::new(0),
             client_timeouts: AtomicU64::new(0),
+            remote: AtomicUsize::new(0),
             epoch,
             slow_start: AtomicU64::new(slow_start.as_nanos() as u64),
             active_down: AtomicBool::new(false),
@@ -488,6 +492,12 @@ impl Backend {
     /// Live WebSockets plus HTTP requests in flight: what least_conn compares.
     pub fn active(&self) -> usize {
         self.ws.load(Ordering::Relaxed) + self.http.load(Ordering::Relaxed)
+    }
+
+    /// Live connections through every instance: this one's, and the
+    /// others' as last published (the same as `active` without a cluster).
+    pub fn cluster_active(&self) -> usize {
+        self.active() + self.remote.load(Ordering::Relaxed)
     }
 
     /// Live proxied WebSockets.

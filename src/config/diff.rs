@@ -111,6 +111,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     if old.admin != new.admin {
         changes.push(Change::NeedsRestart { key: "[admin]" });
     }
+    if old.cluster != new.cluster {
+        changes.push(Change::NeedsRestart { key: "[cluster]" });
+    }
     if old.log.format != new.log.format {
         changes.push(Change::NeedsRestart {
             key: "[log] format",

@@ -43,6 +43,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     )?;
     let admin = read_admin(&mut root, path)?;
     let log = read_log(&mut root)?;
+    let cluster = read_cluster(&mut root)?;
     let worker_threads = root.integer("worker_threads", 0, 0, 1024)? as usize;
 
     let mut pools = Vec::new();
@@ -52,6 +53,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         pools.push(pool);
     }
     for (pool, span) in &pools {
+        if cluster.is_some() && pool.sticky.as_ref().is_some_and(|s| s.secret.is_none()) {
+            return Err(src.error(
+                span,
+                &format!("pool \"{}\" sticky", pool.name),
+                "cluster mode needs secret_file: every instance must sign pins with the same key"
+                    .into(),
+            ));
+        }
         if !pool_names.insert(pool.name.clone()) {
             return Err(src.error(span, "", format!("pool \"{}\" is defined twice", pool.name)));
         }
@@ -165,6 +174,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         upgrade_timeout,
         worker_threads,
         log,
+        cluster,
         path: Some(path.to_path_buf()),
     })
 }
@@ -294,6 +304,68 @@ fn read_pool(mut t: Table<'_>) -> Result<(PoolConfig, std::ops::Range<usize>), C
     };
     t.finish()?;
     Ok((pool, name.span))
+}
+
+fn read_cluster(root: &mut Table<'_>) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(mut t) = root.table("cluster", "cluster".into())? else {
+        return Ok(None);
+    };
+    let redis = t.required_string("redis")?;
+    let url_ok = ["redis://", "rediss://"]
+        .iter()
+        .any(|scheme| redis.value.starts_with(scheme));
+    if !url_ok || redis::Client::open(redis.value.as_str()).is_err() {
+        return Err(t.error_at(
+            &redis.span,
+            "redis",
+            format!(
+                "\"{}\": expected a redis:// or rediss:// URL, e.g. \"redis://127.0.0.1:6379\"",
+                redis.value
+            ),
+        ));
+    }
+    let password = match t.string("password_file")? {
+        None => None,
+        Some(v) => {
+            let file = t.path_near_config(&v.value);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                t.error_at(
+                    &v.span,
+                    "password_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            Some(text.trim().to_string())
+        }
+    };
+    let instance = match t.string("instance")? {
+        Some(v) => {
+            check_name_at(&t, "instance", "instance", &v)?;
+            v.value
+        }
+        None => host_name(),
+    };
+    let publish_interval = t.duration(
+        "publish_interval",
+        ClusterConfig::DEFAULT_PUBLISH_INTERVAL,
+        Duration::from_millis(100),
+    )?;
+    t.finish()?;
+    Ok(Some(ClusterConfig {
+        redis: redis.value,
+        password,
+        instance,
+        publish_interval,
+    }))
+}
+
+/// This machine's host name, for the default instance name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sluice".to_string())
 }
 
 fn read_log(root: &mut Table<'_>) -> Result<LogConfig, ConfigError> {
@@ -1028,6 +1100,16 @@ fn read_rebalance(pool: &mut Table<'_>) -> Result<RebalanceConfig, ConfigError> 
 /// Checks a pool, backend or listener name: it appears in URLs of the
 /// admin API and in metric labels.
 fn check_name(t: &Table<'_>, what: &str, name: &Value<String>) -> Result<(), ConfigError> {
+    check_name_at(t, what, "name", name)
+}
+
+/// `check_name` for a name under another key.
+fn check_name_at(
+    t: &Table<'_>,
+    what: &str,
+    key: &str,
+    name: &Value<String>,
+) -> Result<(), ConfigError> {
     let ok = !name.value.is_empty()
         && name.value.len() <= 64
         && name
@@ -1039,7 +1121,7 @@ fn check_name(t: &Table<'_>, what: &str, name: &Value<String>) -> Result<(), Con
     } else {
         Err(t.error_at(
             &name.span,
-            "name",
+            key,
             format!(
                 "{what} name \"{}\" may hold only letters, digits, . _ - (64 at most)",
                 name.value

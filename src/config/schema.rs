@@ -24,6 +24,9 @@ pub struct Config {
     pub worker_threads: usize,
     /// The diagnostic log's format and the access log.
     pub log: LogConfig,
+    /// Several instances sharing one view through Redis; `None`: a
+    /// process on its own.
+    pub cluster: Option<ClusterConfig>,
     /// The file it was read from, which a reload reads again; `None` for
     /// a config built in code (the demo).
     pub path: Option<PathBuf>,
@@ -199,6 +202,29 @@ pub enum AcmeChallenge {
     /// `GET /.well-known/acme-challenge/{token}` on a plain listener
     /// (RFC 8555 §8.3), answered by sluice itself.
     Http01,
+}
+
+/// `[cluster]`: the Redis that several instances share their view through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` URL.
+    pub redis: String,
+    /// From `password_file`, used instead of one in the URL.
+    pub password: Option<String>,
+    /// This instance's name, unique in the cluster.
+    pub instance: String,
+    /// How often this instance publishes its counts and reads the others'.
+    pub publish_interval: Duration,
+}
+
+impl ClusterConfig {
+    pub const DEFAULT_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// How long published counts count: three publish intervals, so one
+    /// late publication does not drop an instance out.
+    pub fn ttl(&self) -> Duration {
+        self.publish_interval * 3
+    }
 }
 
 /// `[log]`: the format of both logs, and where the access log goes.

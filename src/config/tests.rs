@@ -193,11 +193,54 @@ fn shipped_examples_are_valid() {
             "examples/logging.toml",
             include_str!("../../examples/logging.toml"),
         ),
+        (
+            "examples/cluster.toml",
+            include_str!("../../examples/cluster.toml"),
+        ),
     ] {
         if let Err(e) = parse(text, Path::new(name)) {
             panic!("{e}");
         }
     }
+}
+
+#[test]
+fn cluster_settings_and_their_errors() {
+    let with = |cluster: &str| format!("[cluster]\n{cluster}\n{MINIMAL}");
+    assert_eq!(check(MINIMAL).expect("valid").cluster, None);
+    let cfg = check(&with(
+        "redis = \"redis://127.0.0.1:6379\"\ninstance = \"lb-1\"\npublish_interval = \"500ms\"",
+    ))
+    .expect("valid");
+    let cluster = cfg.cluster.expect("cluster");
+    assert_eq!(cluster.instance, "lb-1");
+    assert_eq!(cluster.publish_interval, Duration::from_millis(500));
+    assert_eq!(cluster.ttl(), Duration::from_millis(1500));
+    let cfg = check(&with("redis = \"rediss://redis.example:6380\"")).expect("valid");
+    assert!(
+        !cfg.cluster.expect("cluster").instance.is_empty(),
+        "host name"
+    );
+    assert_eq!(
+        check(&with("redis = \"http://127.0.0.1:6379\"")).expect_err("scheme"),
+        "sluice.toml:2: cluster: key \"redis\": \"http://127.0.0.1:6379\": expected a redis:// or rediss:// URL, e.g. \"redis://127.0.0.1:6379\""
+    );
+    assert_eq!(
+        check(&with("redis = \"redis://x\"\ninstance = \"lb 1\"")).expect_err("name"),
+        "sluice.toml:3: cluster: key \"instance\": instance name \"lb 1\" may hold only letters, digits, . _ - (64 at most)"
+    );
+    assert_eq!(
+        check(&with("instance = \"lb-1\"")).expect_err("no redis"),
+        "sluice.toml:1: cluster: missing key \"redis\""
+    );
+    let sticky = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nsticky = {}\n");
+    let err = check(&format!("[cluster]\nredis = \"redis://x\"\n{sticky}")).expect_err("no key");
+    assert!(
+        err.contains(
+            "cluster mode needs secret_file: every instance must sign pins with the same key"
+        ),
+        "{err}"
+    );
 }
 
 #[test]

@@ -366,6 +366,7 @@ pub fn config(
         worker_threads: 0,
         upgrade_timeout: Config::DEFAULT_UPGRADE_TIMEOUT,
         log: crate::config::LogConfig::default(),
+        cluster: None,
         path: None,
     }
 }

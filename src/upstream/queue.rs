@@ -194,7 +194,8 @@ impl Upstream {
 fn load_of(backend: &Backend, eligible: bool, now: Instant) -> Load {
     let ramp = backend.ramp(now);
     Load {
-        active: backend.active(),
+        // In cluster mode, the other instances' connections count too.
+        active: backend.cluster_active(),
         weight: f64::from(backend.weight()) * ramp,
         ramp,
         eligible,

@@ -40,6 +40,7 @@ const CONTROL_PLANE: &[&str] = &[
     "trim",
     "ctl",
     "demo",
+    "cluster",
 ];
 /// Modules that import nothing else of sluice.
 const LEAVES: &[&str] = &[

@@ -6,6 +6,7 @@ mod admin;
 mod balance;
 mod cli;
 mod close;
+mod cluster;
 mod ctl;
 mod dashboard;
 mod drain;

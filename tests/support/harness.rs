@@ -68,6 +68,7 @@ pub fn config(addrs: &[SocketAddr]) -> Config {
         worker_threads: 0,
         upgrade_timeout: Config::DEFAULT_UPGRADE_TIMEOUT,
         log: sluice::config::LogConfig::default(),
+        cluster: None,
         path: None,
     }
 }

@@ -21,6 +21,7 @@ mod harness;
 pub mod netns;
 pub mod pebble;
 pub mod process;
+pub mod redis;
 
 pub use backends::*;
 pub use chat::*;

@@ -1,0 +1,258 @@
+//! Cluster mode: two sluice instances share their counts through a real
+//! redis-server, and keep serving on their own view when it is gone.
+
+use std::time::Duration;
+
+use sluice::config::ClusterConfig;
+
+use crate::support::redis::{Redis, redis_here};
+use crate::support::*;
+
+/// An instance named `name` of the cluster on `redis`, over `backends`.
+async fn instance(name: &str, redis: &Redis, backends: &[sluice::demo::EchoBackend]) -> Sluice {
+    let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    cfg.pools[0].rebalance.enabled = false;
+    cfg.cluster = Some(ClusterConfig {
+        redis: redis.url(),
+        password: None,
+        instance: name.into(),
+        publish_interval: Duration::from_millis(200),
+    });
+    Sluice::with_config(cfg).await
+}
+
+async fn open(sluice: &Sluice, n: usize) -> Vec<Ws> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(sluice.ws_named("/ws").await.0);
+    }
+    out
+}
+
+fn counts(backends: &[sluice::demo::EchoBackend]) -> Vec<usize> {
+    backends.iter().map(|b| b.ws_open()).collect()
+}
+
+async fn cluster_up(sluice: &Sluice) -> f64 {
+    metric(&sluice.metrics().await, "sluice_cluster_up")
+}
+
+#[tokio::test]
+async fn a_second_instance_places_its_clients_by_the_cluster_wide_counts() {
+    if !redis_here() {
+        return;
+    }
+    let _heavy = heavy().await;
+    let redis = Redis::start().await;
+    let backends = echo_backends(3).await;
+    let lb1 = instance("lb-1", &redis, &backends).await;
+    let lb2 = instance("lb-2", &redis, &backends).await;
+    // Instance 1 fills b1 and b2 only (b3 drained there, on its own).
+    lb1.admin()
+        .drain("app", "b3", Some("0s"))
+        .await
+        .expect("drain");
+    let first = open(&lb1, 300).await;
+    assert_eq!(counts(&backends), [150, 150, 0]);
+    lb1.admin().undrain("app", "b3").await.expect("undrain");
+    // Instance 2 learns of them through Redis.
+    within(10, "lb-2 sees lb-1's counts", async {
+        loop {
+            let seen: Vec<usize> = lb2
+                .registry()
+                .backends()
+                .iter()
+                .map(|b| b.cluster_active())
+                .collect();
+            if seen == [150, 150, 0] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(cluster_up(&lb2).await, 1.0);
+    let second = open(&lb2, 300).await;
+    // Level cluster-wide: lb-2 sent most of its clients to b3, which it
+    // has none of on its own view's other backends.
+    let totals = counts(&backends);
+    assert!(
+        totals.iter().all(|&n| (190..=210).contains(&n)),
+        "cluster-wide counts {totals:?}"
+    );
+    let on_lb2: Vec<usize> = lb2
+        .registry()
+        .backends()
+        .iter()
+        .map(|b| b.active())
+        .collect();
+    assert!(on_lb2[2] >= 180, "lb-2 alone: {on_lb2:?}");
+    drop((first, second));
+}
+
+#[tokio::test]
+async fn without_redis_each_instance_balances_on_its_own_view_and_recovers() {
+    if !redis_here() {
+        return;
+    }
+    let _heavy = heavy().await;
+    let mut redis = Redis::start().await;
+    let backends = echo_backends(3).await;
+    let lb1 = instance("lb-1", &redis, &backends).await;
+    let lb2 = instance("lb-2", &redis, &backends).await;
+    let mut held = open(&lb1, 30).await;
+    eventually(10, "lb-2 sees lb-1's 30", || {
+        lb2.registry()
+            .backends()
+            .iter()
+            .map(|b| b.remote.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<usize>()
+            == 30
+    })
+    .await;
+
+    redis.kill9();
+    within(10, "lb-2 notices", async {
+        while cluster_up(&lb2).await != 0.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Connected clients notice nothing.
+    for ws in held.iter_mut() {
+        echo(
+            ws,
+            tokio_tungstenite::tungstenite::Message::text("still here"),
+        )
+        .await;
+    }
+    // New connections are balanced on lb-2's own view (the others' counts
+    // are dropped, not frozen): 30 spread evenly.
+    let fresh = open(&lb2, 30).await;
+    let mine: Vec<usize> = lb2
+        .registry()
+        .backends()
+        .iter()
+        .map(|b| b.active())
+        .collect();
+    assert_eq!(mine, [10, 10, 10]);
+    assert!(
+        lb2.registry()
+            .backends()
+            .iter()
+            .all(|b| b.remote.load(std::sync::atomic::Ordering::Relaxed) == 0)
+    );
+
+    redis.restart().await;
+    within(15, "both back", async {
+        while cluster_up(&lb1).await != 1.0 || cluster_up(&lb2).await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    eventually(10, "lb-1 sees lb-2's 30 again", || {
+        lb1.registry()
+            .backends()
+            .iter()
+            .map(|b| b.remote.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<usize>()
+            == 30
+    })
+    .await;
+    drop((held, fresh));
+}
+
+#[tokio::test]
+async fn an_instance_killed_stops_counting_after_the_ttl() {
+    if !redis_here() {
+        return;
+    }
+    let _load = LoadShare::take().await;
+    let redis = Redis::start().await;
+    let backends = echo_backends(1).await;
+    let lb2 = instance("lb-2", &redis, &backends).await;
+    // lb-1 is the real binary, killed with SIGKILL: it never says goodbye.
+    let dir = crate::support::process::TempDir::new("cluster-killed").expect("dir");
+    let port = crate::support::process::free_port().expect("port");
+    let text = format!(
+        "[admin]\nenabled = false\n\
+         [cluster]\nredis = \"{}\"\ninstance = \"lb-1\"\npublish_interval = \"200ms\"\n\
+         [[listener]]\nbind = \"127.0.0.1:{port}\"\npool = \"app\"\n\
+         [[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"b1\"\naddress = \"{}\"\n",
+        redis.url(),
+        backends[0].addr
+    );
+    let path = dir.write("sluice.toml", &text).expect("config");
+    let mut lb1 = crate::support::process::Proc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("sluice starts"),
+    );
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr).await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut ws = ws_connect(&format!("ws://{addr}/ws")).await;
+        greeting(&mut ws).await;
+        held.push(ws);
+    }
+    let remote = || {
+        lb2.registry().backends()[0]
+            .remote
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    eventually(10, "lb-2 sees lb-1's 20", || remote() == 20).await;
+    crate::support::process::send_signal(lb1.pid(), "KILL").expect("kill");
+    lb1.wait_exit(Duration::from_secs(5)).expect("exited");
+    let killed = std::time::Instant::now();
+    eventually(10, "lb-1's counts expire", || remote() == 0).await;
+    // Three publish intervals of TTL, read at lb-2's next round.
+    assert!(
+        killed.elapsed() >= Duration::from_millis(300),
+        "dropped after {:?}: before its TTL",
+        killed.elapsed()
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_password_from_its_file_opens_a_redis_that_asks_for_one() {
+    if !redis_here() {
+        return;
+    }
+    let redis = Redis::start_with(Some("s3cret-for-tests")).await;
+    let backends = echo_backends(1).await;
+    let dir = crate::support::process::TempDir::new("cluster-password").expect("dir");
+    dir.write("redis.password", "s3cret-for-tests\n")
+        .expect("file");
+    let text = format!(
+        "[cluster]\nredis = \"{}\"\npassword_file = \"redis.password\"\ninstance = \"lb-1\"\n\
+         [[listener]]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\
+         [[pool]]\nname = \"app\"\n[[pool.backend]]\nname = \"b1\"\naddress = \"{}\"\n",
+        redis.url(),
+        backends[0].addr
+    );
+    let path = dir.write("sluice.toml", &text).expect("config");
+    let mut cfg = sluice::config::load(&path).expect("valid");
+    cfg.admin = config(&[]).admin;
+    let with = Sluice::with_config(cfg.clone()).await;
+    within(10, "up with the password", async {
+        while cluster_up(&with).await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Without it, Redis refuses: the instance says it is on its own.
+    let mut without = cfg;
+    if let Some(c) = &mut without.cluster {
+        c.password = None;
+        c.instance = "lb-2".into();
+    }
+    let without = Sluice::with_config(without).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(cluster_up(&without).await, 0.0);
+}
