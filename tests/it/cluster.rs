@@ -256,3 +256,117 @@ async fn a_password_from_its_file_opens_a_redis_that_asks_for_one() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(cluster_up(&without).await, 0.0);
 }
+
+/// A command to the test's Redis, answered (`DEBUG SLEEP` blocks it).
+async fn redis_cmd(redis: &Redis, args: &[&str]) -> ::redis::Value {
+    let client = ::redis::Client::open(redis.url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let mut cmd = ::redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.expect("answer")
+}
+
+#[tokio::test]
+async fn a_redis_that_hangs_holds_no_connection_back() {
+    if !redis_here() {
+        return;
+    }
+    let _heavy = heavy().await;
+    let redis = Redis::start().await;
+    let backends = echo_backends(3).await;
+    let lb1 = instance("lb-1", &redis, &backends).await;
+    let lb2 = instance("lb-2", &redis, &backends).await;
+    within(10, "both up", async {
+        while cluster_up(&lb1).await != 1.0 || cluster_up(&lb2).await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // What two instances cost Redis, per second.
+    let processed = |info: ::redis::Value| -> u64 {
+        let text = match info {
+            ::redis::Value::BulkString(b) => String::from_utf8_lossy(&b).to_string(),
+            ::redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("INFO answered {other:?}"),
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("total_commands_processed")
+    };
+    let before = processed(redis_cmd(&redis, &["INFO", "stats"]).await);
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = processed(redis_cmd(&redis, &["INFO", "stats"]).await);
+    let per_instance = (after - before - 1) as f64 / started.elapsed().as_secs_f64() / 2.0;
+    eprintln!("Redis commands per second per instance: {per_instance:.1}");
+    // SET, SCAN and MGET every 200 ms.
+    assert!(per_instance <= 20.0, "{per_instance}");
+
+    // 30 WebSockets opened and echoed while Redis answers, for reference.
+    let awake = std::time::Instant::now();
+    let mut reference = Vec::new();
+    for _ in 0..30 {
+        let mut ws = lb2.ws_named("/ws").await.0;
+        echo(&mut ws, tokio_tungstenite::tungstenite::Message::text("x")).await;
+        reference.push(ws);
+    }
+    eprintln!(
+        "30 WebSockets opened and echoed while Redis answered, in {:?}",
+        awake.elapsed()
+    );
+    drop(reference);
+
+    // Redis hangs for 3 s: new WebSockets open and echo meanwhile, all
+    // of them before it answers again.
+    let sleeping = tokio::spawn({
+        let url = redis.url();
+        async move {
+            let client = ::redis::Client::open(url).expect("client");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connection");
+            conn.set_response_timeout(Duration::from_secs(10));
+            let _: ::redis::Value = ::redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(3)
+                .query_async(&mut conn)
+                .await
+                .expect("slept");
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let opened = std::time::Instant::now();
+    let mut fresh = Vec::new();
+    for _ in 0..30 {
+        let mut ws = lb2.ws_named("/ws").await.0;
+        echo(&mut ws, tokio_tungstenite::tungstenite::Message::text("x")).await;
+        fresh.push(ws);
+    }
+    let took = opened.elapsed();
+    assert!(
+        !sleeping.is_finished(),
+        "Redis woke before the 30 were done"
+    );
+    eprintln!("30 WebSockets opened and echoed while Redis slept, in {took:?}");
+    within(10, "lb-2 says it is on its own", async {
+        while cluster_up(&lb2).await != 0.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    sleeping.await.expect("DEBUG SLEEP returned");
+    within(10, "lb-2 back", async {
+        while cluster_up(&lb2).await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(fresh);
+}

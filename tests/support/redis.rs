@@ -60,6 +60,7 @@ impl Redis {
         }
         let proc = Proc(
             cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--enable-debug-command", "local"])
                 .args(["--port", &self.addr.port().to_string()])
                 .arg("--dir")
                 .arg(self.dir.path())
