@@ -29,6 +29,35 @@ async fn open(sluice: &Sluice, n: usize) -> Vec<Ws> {
     out
 }
 
+/// Each backend's connections through the other instances, as `sluice`
+/// last read them.
+fn remote(sluice: &Sluice) -> Vec<usize> {
+    let backends = sluice.registry().backends();
+    backends
+        .iter()
+        .map(|b| b.remote.load(std::sync::atomic::Ordering::Relaxed))
+        .collect()
+}
+
+/// Each backend's connections through `sluice` itself.
+fn own(sluice: &Sluice) -> Vec<usize> {
+    sluice
+        .registry()
+        .backends()
+        .iter()
+        .map(|b| b.active())
+        .collect()
+}
+
+/// `n` WebSockets through `sluice`, each past one echo.
+async fn open_and_echo(sluice: &Sluice, n: usize) -> Vec<Ws> {
+    let mut out = open(sluice, n).await;
+    for ws in &mut out {
+        echo(ws, tokio_tungstenite::tungstenite::Message::text("x")).await;
+    }
+    out
+}
+
 fn counts(backends: &[sluice::demo::EchoBackend]) -> Vec<usize> {
     backends.iter().map(|b| b.ws_open()).collect()
 }
@@ -37,16 +66,40 @@ async fn cluster_up(sluice: &Sluice) -> f64 {
     metric(&sluice.metrics().await, "sluice_cluster_up")
 }
 
+/// Waits until every one of `sluices` has `sluice_cluster_up` at `value`.
+async fn wait_up(sluices: &[&Sluice], value: f64, what: &str) {
+    within(15, what, async {
+        loop {
+            let mut all = true;
+            for s in sluices {
+                all &= cluster_up(s).await == value;
+            }
+            if all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+/// A redis-server, `n` echo backends and two instances on them, lb-1
+/// and lb-2.
+async fn two_instances(n: usize) -> (Redis, Vec<sluice::demo::EchoBackend>, Sluice, Sluice) {
+    let redis = Redis::start().await;
+    let backends = echo_backends(n).await;
+    let lb1 = instance("lb-1", &redis, &backends).await;
+    let lb2 = instance("lb-2", &redis, &backends).await;
+    (redis, backends, lb1, lb2)
+}
+
 #[tokio::test]
 async fn a_second_instance_places_its_clients_by_the_cluster_wide_counts() {
     if !redis_here() {
         return;
     }
     let _heavy = heavy().await;
-    let redis = Redis::start().await;
-    let backends = echo_backends(3).await;
-    let lb1 = instance("lb-1", &redis, &backends).await;
-    let lb2 = instance("lb-2", &redis, &backends).await;
+    let (_redis, backends, lb1, lb2) = two_instances(3).await;
     // Instance 1 fills b1 and b2 only (b3 drained there, on its own).
     lb1.admin()
         .drain("app", "b3", Some("0s"))
@@ -80,12 +133,7 @@ async fn a_second_instance_places_its_clients_by_the_cluster_wide_counts() {
         totals.iter().all(|&n| (190..=210).contains(&n)),
         "cluster-wide counts {totals:?}"
     );
-    let on_lb2: Vec<usize> = lb2
-        .registry()
-        .backends()
-        .iter()
-        .map(|b| b.active())
-        .collect();
+    let on_lb2 = own(&lb2);
     assert!(on_lb2[2] >= 180, "lb-2 alone: {on_lb2:?}");
     drop((first, second));
 }
@@ -96,28 +144,15 @@ async fn without_redis_each_instance_balances_on_its_own_view_and_recovers() {
         return;
     }
     let _heavy = heavy().await;
-    let mut redis = Redis::start().await;
-    let backends = echo_backends(3).await;
-    let lb1 = instance("lb-1", &redis, &backends).await;
-    let lb2 = instance("lb-2", &redis, &backends).await;
+    let (mut redis, _backends, lb1, lb2) = two_instances(3).await;
     let mut held = open(&lb1, 30).await;
     eventually(10, "lb-2 sees lb-1's 30", || {
-        lb2.registry()
-            .backends()
-            .iter()
-            .map(|b| b.remote.load(std::sync::atomic::Ordering::Relaxed))
-            .sum::<usize>()
-            == 30
+        remote(&lb2).iter().sum::<usize>() == 30
     })
     .await;
 
     redis.kill9();
-    within(10, "lb-2 notices", async {
-        while cluster_up(&lb2).await != 0.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    wait_up(&[&lb2], 0.0, "lb-2 notices").await;
     // Connected clients notice nothing.
     for ws in held.iter_mut() {
         echo(
@@ -129,34 +164,13 @@ async fn without_redis_each_instance_balances_on_its_own_view_and_recovers() {
     // New connections are balanced on lb-2's own view (the others' counts
     // are dropped, not frozen): 30 spread evenly.
     let fresh = open(&lb2, 30).await;
-    let mine: Vec<usize> = lb2
-        .registry()
-        .backends()
-        .iter()
-        .map(|b| b.active())
-        .collect();
-    assert_eq!(mine, [10, 10, 10]);
-    assert!(
-        lb2.registry()
-            .backends()
-            .iter()
-            .all(|b| b.remote.load(std::sync::atomic::Ordering::Relaxed) == 0)
-    );
+    assert_eq!(own(&lb2), [10, 10, 10]);
+    assert_eq!(remote(&lb2), [0, 0, 0]);
 
     redis.restart().await;
-    within(15, "both back", async {
-        while cluster_up(&lb1).await != 1.0 || cluster_up(&lb2).await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    wait_up(&[&lb1, &lb2], 1.0, "both back").await;
     eventually(10, "lb-1 sees lb-2's 30 again", || {
-        lb1.registry()
-            .backends()
-            .iter()
-            .map(|b| b.remote.load(std::sync::atomic::Ordering::Relaxed))
-            .sum::<usize>()
-            == 30
+        remote(&lb1).iter().sum::<usize>() == 30
     })
     .await;
     drop((held, fresh));
@@ -200,16 +214,11 @@ async fn an_instance_killed_stops_counting_after_the_ttl() {
         greeting(&mut ws).await;
         held.push(ws);
     }
-    let remote = || {
-        lb2.registry().backends()[0]
-            .remote
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    eventually(10, "lb-2 sees lb-1's 20", || remote() == 20).await;
+    eventually(10, "lb-2 sees lb-1's 20", || remote(&lb2) == [20]).await;
     crate::support::process::send_signal(lb1.pid(), "KILL").expect("kill");
     lb1.wait_exit(Duration::from_secs(5)).expect("exited");
     let killed = std::time::Instant::now();
-    eventually(10, "lb-1's counts expire", || remote() == 0).await;
+    eventually(10, "lb-1's counts expire", || remote(&lb2) == [0]).await;
     // Three publish intervals of TTL, read at lb-2's next round.
     assert!(
         killed.elapsed() >= Duration::from_millis(300),
@@ -240,12 +249,7 @@ async fn a_password_from_its_file_opens_a_redis_that_asks_for_one() {
     let mut cfg = sluice::config::load(&path).expect("valid");
     cfg.admin = config(&[]).admin;
     let with = Sluice::with_config(cfg.clone()).await;
-    within(10, "up with the password", async {
-        while cluster_up(&with).await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    wait_up(&[&with], 1.0, "up with the password").await;
     // Without it, Redis refuses: the instance says it is on its own.
     let mut without = cfg;
     if let Some(c) = &mut without.cluster {
@@ -277,16 +281,8 @@ async fn a_redis_that_hangs_holds_no_connection_back() {
         return;
     }
     let _heavy = heavy().await;
-    let redis = Redis::start().await;
-    let backends = echo_backends(3).await;
-    let lb1 = instance("lb-1", &redis, &backends).await;
-    let lb2 = instance("lb-2", &redis, &backends).await;
-    within(10, "both up", async {
-        while cluster_up(&lb1).await != 1.0 || cluster_up(&lb2).await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let (redis, _backends, lb1, lb2) = two_instances(3).await;
+    wait_up(&[&lb1, &lb2], 1.0, "both up").await;
     // What two instances cost Redis, per second.
     let processed = |info: ::redis::Value| -> u64 {
         let text = match info {
@@ -310,12 +306,7 @@ async fn a_redis_that_hangs_holds_no_connection_back() {
 
     // 30 WebSockets opened and echoed while Redis answers, for reference.
     let awake = std::time::Instant::now();
-    let mut reference = Vec::new();
-    for _ in 0..30 {
-        let mut ws = lb2.ws_named("/ws").await.0;
-        echo(&mut ws, tokio_tungstenite::tungstenite::Message::text("x")).await;
-        reference.push(ws);
-    }
+    let reference = open_and_echo(&lb2, 30).await;
     eprintln!(
         "30 WebSockets opened and echoed while Redis answered, in {:?}",
         awake.elapsed()
@@ -343,30 +334,15 @@ async fn a_redis_that_hangs_holds_no_connection_back() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let opened = std::time::Instant::now();
-    let mut fresh = Vec::new();
-    for _ in 0..30 {
-        let mut ws = lb2.ws_named("/ws").await.0;
-        echo(&mut ws, tokio_tungstenite::tungstenite::Message::text("x")).await;
-        fresh.push(ws);
-    }
+    let fresh = open_and_echo(&lb2, 30).await;
     let took = opened.elapsed();
     assert!(
         !sleeping.is_finished(),
         "Redis woke before the 30 were done"
     );
     eprintln!("30 WebSockets opened and echoed while Redis slept, in {took:?}");
-    within(10, "lb-2 says it is on its own", async {
-        while cluster_up(&lb2).await != 0.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    wait_up(&[&lb2], 0.0, "lb-2 says it is on its own").await;
     sleeping.await.expect("DEBUG SLEEP returned");
-    within(10, "lb-2 back", async {
-        while cluster_up(&lb2).await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    wait_up(&[&lb2], 1.0, "lb-2 back").await;
     drop(fresh);
 }
