@@ -84,6 +84,24 @@ fn apply(registry: &Registry, sums: &Counts) {
     }
 }
 
+/// What the last round saw, for the admin status.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    seen: std::sync::Mutex<(bool, Vec<Published>)>,
+}
+
+impl ClusterView {
+    fn store(&self, up: bool, published: Vec<Published>) {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = (up, published);
+    }
+
+    /// Whether Redis answered the last round, and every instance that
+    /// had published then (this one included), sorted by name.
+    pub fn get(&self) -> (bool, Vec<Published>) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// Why a round with Redis failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -112,6 +130,7 @@ fn client(cfg: &ClusterConfig) -> redis::RedisResult<redis::Client> {
 pub async fn run(
     cfg: ClusterConfig,
     registry: Arc<Registry>,
+    view: Arc<ClusterView>,
     up_gauge: Gauge,
     stop: CancellationToken,
 ) {
@@ -157,13 +176,15 @@ pub async fn run(
             }),
         };
         let up = match result {
-            Ok(sums) => {
-                apply(&registry, &sums);
+            Ok(published) => {
+                apply(&registry, &others(&cfg.instance, &published));
+                view.store(true, published);
                 true
             }
             Err(error) => {
                 // Balance on this instance's own view until Redis is back.
                 apply(&registry, &Counts::new());
+                view.store(false, Vec::new());
                 if was_up != Some(false) {
                     warn!(instance = %cfg.instance, error = %crate::error_chain::chain(&error), "cluster: Redis unreachable; balancing on this instance's own view");
                 }
@@ -183,13 +204,13 @@ pub async fn run(
     }
 }
 
-/// One round: publish this instance's counts, read every instance's, and
-/// sum the others'.
+/// One round: publish this instance's counts and read every instance's
+/// (this one's included), sorted by instance.
 async fn exchange(
     conn: &mut ConnectionManager,
     cfg: &ClusterConfig,
     registry: &Registry,
-) -> redis::RedisResult<Counts> {
+) -> redis::RedisResult<Vec<Published>> {
     let mine = Published {
         instance: cfg.instance.clone(),
         pools: own_counts(registry),
@@ -208,15 +229,16 @@ async fn exchange(
         }
     }
     if keys.is_empty() {
-        return Ok(Counts::new());
+        return Ok(Vec::new());
     }
     let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(conn).await?;
-    let published: Vec<Published> = values
+    let mut published: Vec<Published> = values
         .iter()
         .flatten()
         .filter_map(|v| serde_json::from_str(v).ok())
         .collect();
-    Ok(others(&cfg.instance, &published))
+    published.sort_by(|a, b| a.instance.cmp(&b.instance));
+    Ok(published)
 }
 
 /// `url` without its password, for logs.

@@ -89,7 +89,45 @@ pub async fn status(client: &AdminClient, raw_json: bool) -> Result<(), CtlError
             println!("process {} {}: {} WebSockets", p.pid, p.role, p.websockets);
         }
     }
+    if let Some(cluster) = &status.cluster {
+        print_cluster(cluster);
+    }
     Ok(())
+}
+
+/// The instances of the cluster and the cluster-wide totals per backend.
+fn print_cluster(cluster: &api::Cluster) {
+    println!(
+        "cluster: this is {}; Redis {}",
+        cluster.instance,
+        if cluster.redis_up {
+            "up"
+        } else {
+            "unreachable (balancing on this instance's own counts)"
+        }
+    );
+    let mut totals: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    let mut rows = Vec::new();
+    for i in &cluster.instances {
+        for b in &i.backends {
+            *totals.entry((&b.pool, &b.backend)).or_default() += b.connections;
+            rows.push([
+                i.name.clone(),
+                b.pool.clone(),
+                b.backend.clone(),
+                b.connections.to_string(),
+            ]);
+        }
+    }
+    for ((pool, backend), n) in &totals {
+        rows.push([
+            "(cluster)".into(),
+            pool.to_string(),
+            backend.to_string(),
+            n.to_string(),
+        ]);
+    }
+    print_table(&["INSTANCE", "POOL", "BACKEND", "CONNECTIONS"], &rows);
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {

@@ -159,6 +159,9 @@ pub async fn start_with(
         cfg.cluster.is_some(),
     ));
     let cluster = cfg.cluster.clone();
+    let cluster_view = cluster
+        .as_ref()
+        .map(|c| (c.instance.clone(), Arc::<cluster::ClusterView>::default()));
     let drains = Arc::new(drain::Drains::new(registry.clone()));
     let rebalance_reports = Arc::new(rebalance::Reports::default());
     listener::raise_fd_limit(cfg.listeners.iter().map(|l| l.max_connections).sum());
@@ -220,6 +223,7 @@ pub async fn start_with(
                 reloader: reloader.clone(),
                 upgrader: upgrader.clone(),
                 timeline: Arc::default(),
+                cluster: cluster_view.clone(),
             };
             Some((info, socket, state, acfg.clone()))
         }
@@ -237,10 +241,13 @@ pub async fn start_with(
         info
     });
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
-    if let (Some(cluster), Some(up)) = (cluster, metrics.cluster_up.clone()) {
+    if let (Some(cluster), Some(up), Some((_, view))) =
+        (cluster, metrics.cluster_up.clone(), cluster_view)
+    {
         tokio::spawn(cluster::run(
             cluster,
             registry.clone(),
+            view,
             up,
             shutdown.clone(),
         ));

@@ -26,6 +26,35 @@ pub struct Status {
     /// still drains.
     #[serde(default)]
     pub processes: Vec<Process>,
+    /// In cluster mode: the instances and their counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
+}
+
+/// The cluster as this instance last saw it in Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// This instance's name.
+    pub instance: String,
+    /// Redis answered the last round.
+    pub redis_up: bool,
+    /// Every instance that published (this one included), by name.
+    pub instances: Vec<Instance>,
+}
+
+/// One instance's published live connections, per pool and backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub name: String,
+    pub backends: Vec<InstanceBackend>,
+}
+
+/// One backend's live connections through one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceBackend {
+    pub pool: String,
+    pub backend: String,
+    pub connections: u64,
 }
 
 /// A sluice process.
@@ -394,6 +423,7 @@ mod tests {
                 loaded_at_ms: 1_700_000_000_000,
                 path: Some("sluice.toml".into()),
             }),
+            cluster: None,
             processes: vec![Process {
                 pid: 42,
                 role: "serving".into(),

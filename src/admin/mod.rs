@@ -55,6 +55,8 @@ pub struct AdminState {
     pub upgrader: Arc<Upgrader>,
     /// The dashboard's history, sampled while the admin API serves.
     pub timeline: Arc<timeline::Timeline>,
+    /// In cluster mode: this instance's name and what it last saw.
+    pub cluster: Option<(String, Arc<crate::cluster::ClusterView>)>,
 }
 
 /// A new random token, for when none is configured.
@@ -450,7 +452,38 @@ fn status(state: &AdminState) -> api::Status {
             websockets: old.websockets,
         });
     }
+    let cluster = state.cluster.as_ref().map(|(instance, view)| {
+        let (redis_up, published) = view.get();
+        api::Cluster {
+            instance: instance.clone(),
+            redis_up,
+            instances: published
+                .into_iter()
+                .map(|p| {
+                    let mut backends: Vec<api::InstanceBackend> = p
+                        .pools
+                        .into_iter()
+                        .flat_map(|(pool, counts)| {
+                            counts
+                                .into_iter()
+                                .map(move |(backend, n)| api::InstanceBackend {
+                                    pool: pool.clone(),
+                                    backend,
+                                    connections: n as u64,
+                                })
+                        })
+                        .collect();
+                    backends.sort_by(|a, b| (&a.pool, &a.backend).cmp(&(&b.pool, &b.backend)));
+                    api::Instance {
+                        name: p.instance,
+                        backends,
+                    }
+                })
+                .collect(),
+        }
+    });
     api::Status {
+        cluster,
         processes,
         pools,
         config: Some(api::ConfigGeneration {

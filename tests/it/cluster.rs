@@ -135,6 +135,33 @@ async fn a_second_instance_places_its_clients_by_the_cluster_wide_counts() {
     );
     let on_lb2 = own(&lb2);
     assert!(on_lb2[2] >= 180, "lb-2 alone: {on_lb2:?}");
+    // Its status names both instances with their counts.
+    let cluster = within(10, "status with the cluster", async {
+        loop {
+            let cluster = lb2.status().await.cluster.expect("cluster mode");
+            let sum: u64 = cluster
+                .instances
+                .iter()
+                .flat_map(|i| &i.backends)
+                .map(|b| b.connections)
+                .sum();
+            if sum == 600 {
+                return cluster;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(cluster.instance, "lb-2");
+    assert!(cluster.redis_up);
+    let names: Vec<&str> = cluster.instances.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["lb-1", "lb-2"]);
+    let lb1_counts: Vec<u64> = cluster.instances[0]
+        .backends
+        .iter()
+        .map(|b| b.connections)
+        .collect();
+    assert_eq!(lb1_counts, [150, 150, 0]);
     drop((first, second));
 }
 
