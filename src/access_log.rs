@@ -88,59 +88,84 @@ fn round3(x: f64) -> f64 {
 impl Entry {
     /// The entry as one line, without the newline.
     pub fn format(&self, format: LogFormat) -> String {
-        match format {
-            LogFormat::Json => serde_json::to_string(self).unwrap_or_default(),
-            LogFormat::Text => self.text(),
-        }
+        let mut line = Vec::with_capacity(256);
+        self.write_to(format, &mut line);
+        String::from_utf8_lossy(&line).into_owned()
     }
 
-    fn text(&self) -> String {
-        use std::fmt::Write as _;
-        let mut line = String::with_capacity(256);
-        let _ = write!(
-            line,
+    /// Appends the line (without the newline) to `out`, with no
+    /// allocation of its own for plain values.
+    pub fn write_to(&self, format: LogFormat, out: &mut Vec<u8>) {
+        // Writing into a Vec does not fail.
+        let _ = match format {
+            LogFormat::Json => serde_json::to_writer(&mut *out, self).map_err(io::Error::from),
+            LogFormat::Text => self.write_text(out),
+        };
+    }
+
+    fn write_text(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        write!(
+            out,
             "{} {} client={} listener={} pool={} backend={} method={} path={} proto={} status={} bytes_in={} bytes_out={} duration_ms={}",
             humantime::format_rfc3339_millis(self.time),
             self.kind,
             self.client,
-            quoted(&self.listener),
-            quoted(&self.pool),
-            self.backend.as_deref().map_or("-".into(), quoted),
-            quoted(&self.method),
-            quoted(&self.path),
+            Quoted(&self.listener),
+            Quoted(&self.pool),
+            Dash(self.backend.as_deref().map(Quoted)),
+            Quoted(&self.method),
+            Quoted(&self.path),
             self.proto,
             self.status,
             self.bytes_in,
             self.bytes_out,
             round3(self.duration.as_secs_f64() * 1000.0),
-        );
+        )?;
         if let Some(ws) = &self.ws {
-            let _ = write!(
-                line,
+            write!(
+                out,
                 " messages_in={} messages_out={} close_code={} closed_by={} reason={} cut={}",
                 ws.messages_in,
                 ws.messages_out,
-                ws.close_code.map_or("-".into(), |c| c.to_string()),
+                Dash(ws.close_code),
                 ws.closed_by,
-                ws.reason.unwrap_or("-"),
+                Dash(ws.reason),
                 ws.cut,
-            );
+            )?;
         }
-        line
+        Ok(())
     }
 }
 
-/// `value` as it is when it is plain (letters, digits, `-_./:?=&%+,;~@`),
-/// else quoted the JSON way, so that a line always splits on spaces.
-fn quoted(value: &str) -> String {
-    let plain = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./:?=&%+,;~@!*()[]".contains(&b));
-    if plain {
-        value.to_string()
-    } else {
-        serde_json::to_string(value).unwrap_or_default()
+/// A value as it is when it is plain (letters, digits, `-_./:?=&%+,;~@`
+/// and a few more), else quoted the JSON way, so that a line always
+/// splits on spaces.
+struct Quoted<'a>(&'a str);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plain = !self.0.is_empty()
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./:?=&%+,;~@!*()[]".contains(&b));
+        if plain {
+            f.write_str(self.0)
+        } else {
+            f.write_str(&serde_json::to_string(self.0).unwrap_or_default())
+        }
+    }
+}
+
+/// A value, or `-` for none.
+struct Dash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for Dash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -317,8 +342,7 @@ impl Writer {
                 batch += 1;
                 match message {
                     Message::Line(entry) => {
-                        self.buf
-                            .extend_from_slice(entry.format(self.format).as_bytes());
+                        entry.write_to(self.format, &mut self.buf);
                         self.buf.push(b'\n');
                         self.lines += 1;
                         if self.buf.len() >= BUFFER {
@@ -416,8 +440,11 @@ mod tests {
             entry().format(LogFormat::Text),
             "2026-05-28T20:26:40.123Z http client=127.0.0.1:4000 listener=public pool=app backend=- method=GET path=\"/a b\\\"c\" proto=HTTP/1.1 status=503 bytes_in=0 bytes_out=21 duration_ms=1.5"
         );
-        assert_eq!(quoted(""), "\"\"");
-        assert_eq!(quoted("/chat?room=1&x=%20"), "/chat?room=1&x=%20");
+        assert_eq!(Quoted("").to_string(), "\"\"");
+        assert_eq!(
+            Quoted("/chat?room=1&x=%20").to_string(),
+            "/chat?room=1&x=%20"
+        );
     }
 
     #[test]

@@ -26,9 +26,9 @@ pub struct Started {
     /// Taken by the line's sending.
     entry: Option<Entry>,
     /// Body bytes read from the client so far.
-    pub bytes_in: Arc<AtomicU64>,
+    bytes_in: Arc<AtomicU64>,
     /// The backend `upstream` tried last.
-    pub tried: TriedBackend,
+    tried: TriedBackend,
 }
 
 /// The status of a request whose client went away before its answer.
@@ -73,9 +73,10 @@ impl Started {
     }
 
     /// Marks `req` (on its way to `upstream`) so that the backend it is
-    /// sent to is noted here.
+    /// sent to is noted here and its body's bytes are counted.
     pub fn follow(&self, req: &mut Request<RequestBody>) {
         req.extensions_mut().insert(self.tried.clone());
+        req.body_mut().count_into(self.bytes_in.clone());
     }
 
     /// The backend switched to WebSocket: the line, from now on, is a
@@ -106,7 +107,6 @@ impl Started {
             ClosedBy::Backend => ("backend", None),
             ClosedBy::Sluice(reason) => ("sluice", Some(reason.as_str())),
         };
-        self.switched();
         if let Some(entry) = &mut self.entry {
             entry.bytes_in = stats.bytes_up;
             entry.bytes_out = stats.bytes_down;

@@ -253,22 +253,34 @@ async fn route<S: TunnelIo + AsyncRead>(
     }
 }
 
+/// `req` made ready for a backend: forwarded headers, its body's stall
+/// timeout, and (when the access log follows it) what the line needs.
+fn outgoing(
+    mut req: Request<Incoming>,
+    client: &Client,
+    ctx: &ListenerCtx,
+    upgrade: bool,
+    started: Option<&Started>,
+) -> Request<RequestBody> {
+    headers::prepare_request(&mut req, client.addr, ctx.forwarded(), upgrade);
+    let timeout = ctx.cfg.body_timeout;
+    let mut req = req.map(|body| RequestBody::new(body, timeout));
+    if let Some(started) = started {
+        started.follow(&mut req);
+    }
+    req
+}
+
 /// Forwards a plain HTTP request, reusing idle backend connections.
 async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     client: Client,
     ctx: &ListenerCtx,
     started: &mut Option<Box<Started>>,
 ) -> Response<ProxyBody> {
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
-    headers::prepare_request(&mut req, client.addr, ctx.forwarded(), false);
-    let timeout = ctx.cfg.body_timeout;
-    let counter = started.as_ref().map(|s| s.bytes_in.clone());
-    let mut req = req.map(|body| RequestBody::new(body, timeout).counting(counter));
-    if let Some(started) = started {
-        started.follow(&mut req);
-    }
+    let req = outgoing(req, &client, ctx, false, started.as_deref());
     let answer = match upstream.send(&ctx.registry, affinity, req, &client).await {
         Ok(answer) => answer,
         Err(error) => return upstream_error(&error),
@@ -333,19 +345,14 @@ struct Switched {
 /// backend of the pool; its 101, or the answer the client gets instead
 /// (the backend's refusal as it is, or sluice's error).
 async fn open_websocket(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     client: &Client,
     ctx: &ListenerCtx,
     started: &mut Option<Box<Started>>,
 ) -> Result<Switched, Response<ProxyBody>> {
     let upstream = &ctx.upstream;
     let affinity = affinity::affinity(upstream, &req, client.addr);
-    headers::prepare_request(&mut req, client.addr, ctx.forwarded(), true);
-    let timeout = ctx.cfg.body_timeout;
-    let mut req = req.map(|body| RequestBody::new(body, timeout));
-    if let Some(started) = started {
-        started.follow(&mut req);
-    }
+    let req = outgoing(req, client, ctx, true, started.as_deref());
     let answer = match upstream.send(&ctx.registry, affinity, req, client).await {
         Ok(answer) => answer,
         Err(error) => return Err(upstream_error(&error)),

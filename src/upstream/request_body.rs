@@ -39,10 +39,9 @@ impl RequestBody {
         }
     }
 
-    /// The body, adding the bytes it reads to `counter`.
-    pub fn counting(mut self, counter: Option<Arc<AtomicU64>>) -> Self {
-        self.counted = counter;
-        self
+    /// Adds the bytes it reads from now on to `counter`.
+    pub fn count_into(&mut self, counter: Arc<AtomicU64>) {
+        self.counted = Some(counter);
     }
 }
 
