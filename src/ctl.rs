@@ -210,10 +210,23 @@ async fn wait_empty(
     let started = Instant::now();
     let mut last = None;
     loop {
-        let view = find(client, pool, backend).await?;
-        let left = view.connections.total();
+        let status = client.status().await?;
+        let view = status
+            .backend(pool, backend)
+            .ok_or_else(|| CtlError::BadTarget(format!("{pool}/{backend}")))?;
+        // In cluster mode, through every instance.
+        let (others, _) = status
+            .cluster
+            .as_ref()
+            .map_or((0, 0), |c| c.others_on(pool, backend));
+        let left = view.connections.total() + others;
         if last != Some(left) {
-            println!("{pool}/{backend}: {left} connections left");
+            let wide = if status.cluster.is_some() {
+                " (cluster-wide)"
+            } else {
+                ""
+            };
+            println!("{pool}/{backend}: {left} connections left{wide}");
             last = Some(left);
         }
         if left == 0 {
@@ -414,23 +427,24 @@ async fn wait_balanced(
             .filter(|b| b.pool == pool && !b.removed && b.state.is_in_rotation())
             .collect();
         let weight = |b: &api::Backend| u64::from(b.weight.max(1));
-        let total: u64 = up.iter().map(|b| b.connections.ws).sum();
+        // In cluster mode, through every instance.
+        let ws = |b: &api::Backend| {
+            b.connections.ws
+                + status
+                    .cluster
+                    .as_ref()
+                    .map_or(0, |c| c.others_on(pool, &b.name).1)
+        };
+        let total: u64 = up.iter().map(|b| ws(b)).sum();
         let weights: u64 = up.iter().map(|b| weight(b)).sum::<u64>().max(1);
         let share = |b: &api::Backend| total as f64 * weight(b) as f64 / weights as f64;
-        if up.iter().all(|b| b.connections.ws as f64 >= 0.8 * share(b)) {
+        if up.iter().all(|b| ws(b) as f64 >= 0.8 * share(b)) {
             return Ok(Ok(()));
         }
         if started.elapsed() >= limit {
             let counts: Vec<String> = up
                 .iter()
-                .map(|b| {
-                    format!(
-                        "{} {} of a share of {:.0}",
-                        b.name,
-                        b.connections.ws,
-                        share(b)
-                    )
-                })
+                .map(|b| format!("{} {} of a share of {:.0}", b.name, ws(b), share(b)))
                 .collect();
             return Ok(Err(counts.join(", ")));
         }

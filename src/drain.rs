@@ -99,6 +99,9 @@ struct Drain {
     window: Duration,
     planned: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
+    /// An operator's (through this instance or, in cluster mode, another):
+    /// not a reload's or the shutdown's.
+    operator: bool,
 }
 
 /// All drains, by backend id.
@@ -165,7 +168,7 @@ impl Drains {
             cfg.window = window;
         }
         let moving = Moving::Here(pool.clone(), CloseReason::Drain);
-        self.start(pool, backend, cfg, moving, true);
+        self.start(pool, backend, cfg, moving, true, true);
         Ok(())
     }
 
@@ -174,7 +177,7 @@ impl Drains {
     pub fn retire(&self, pool: &Arc<PoolEntry>, backend: &Arc<Backend>) {
         if !self.shutting_down.load(Ordering::Acquire) {
             let moving = Moving::Here(pool.clone(), CloseReason::Removed);
-            self.start(pool, backend, pool.cfg.drain, moving, true);
+            self.start(pool, backend, pool.cfg.drain, moving, true, false);
         }
     }
 
@@ -223,13 +226,14 @@ impl Drains {
             };
             let out_of_rotation = matches!(farewell, Farewell::Shutdown(_));
             for backend in pool.all_backends() {
-                self.start(pool, &backend, cfg, moving.clone(), out_of_rotation);
+                self.start(pool, &backend, cfg, moving.clone(), out_of_rotation, false);
             }
         }
     }
 
     /// Starts draining `backend` of `pool`; `out_of_rotation`: it takes
-    /// no new connection meanwhile (else a new process has taken over).
+    /// no new connection meanwhile (else a new process has taken over);
+    /// `operator`: an operator asked for it.
     fn start(
         &self,
         pool: &Arc<PoolEntry>,
@@ -237,6 +241,7 @@ impl Drains {
         cfg: DrainConfig,
         moving: Moving,
         out_of_rotation: bool,
+        operator: bool,
     ) {
         let mut drains = self.lock();
         if drains.contains_key(&backend.id) {
@@ -251,6 +256,7 @@ impl Drains {
             window: cfg.window,
             planned: Arc::default(),
             closed: Arc::default(),
+            operator,
         };
         info!(pool = %pool.name, backend = %backend.name, window = ?cfg.window, websockets = backend.ws_count(), "drain started");
         tokio::spawn(run_drain(
@@ -303,6 +309,12 @@ impl Drains {
     pub fn forget(&self, backends: &[Arc<Backend>]) {
         let ids: HashSet<u64> = backends.iter().map(|b| b.id).collect();
         self.lock().retain(|id, _| ids.contains(id));
+    }
+
+    /// Whether a drain holds `backend` (`None`: none), and whether it is
+    /// an operator's.
+    pub fn drain_kind(&self, backend: &Backend) -> Option<bool> {
+        self.lock().get(&backend.id).map(|d| d.operator)
     }
 
     /// Progress of the drain of `backend`, if one is running.

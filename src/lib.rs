@@ -154,14 +154,8 @@ pub async fn start_with(
         None => (reload::Inheritance::default(), None, None, None),
     };
     let registry = Arc::new(Registry::new(&cfg));
-    let metrics = Arc::new(metrics::Metrics::new(
-        registry.clone(),
-        cfg.cluster.is_some(),
-    ));
-    let cluster = cfg.cluster.clone();
-    let cluster_view = cluster
-        .as_ref()
-        .map(|c| (c.instance.clone(), Arc::<cluster::ClusterView>::default()));
+    let cluster = cfg.cluster.clone().map(cluster::Cluster::new);
+    let metrics = Arc::new(metrics::Metrics::new(registry.clone(), cluster.clone()));
     let drains = Arc::new(drain::Drains::new(registry.clone()));
     let rebalance_reports = Arc::new(rebalance::Reports::default());
     listener::raise_fd_limit(cfg.listeners.iter().map(|l| l.max_connections).sum());
@@ -170,7 +164,10 @@ pub async fn start_with(
         registry.clone(),
         metrics.clone(),
         drains.clone(),
-        rebalance_reports.clone(),
+        rebalance::Rebalancing {
+            reports: rebalance_reports.clone(),
+            cluster: cluster.clone(),
+        },
         tasks.clone(),
         shutdown.clone(),
         inheritance,
@@ -223,7 +220,7 @@ pub async fn start_with(
                 reloader: reloader.clone(),
                 upgrader: upgrader.clone(),
                 timeline: Arc::default(),
-                cluster: cluster_view.clone(),
+                cluster: cluster.clone(),
             };
             Some((info, socket, state, acfg.clone()))
         }
@@ -241,16 +238,8 @@ pub async fn start_with(
         info
     });
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
-    if let (Some(cluster), Some(up), Some((_, view))) =
-        (cluster, metrics.cluster_up.clone(), cluster_view)
-    {
-        tokio::spawn(cluster::run(
-            cluster,
-            registry.clone(),
-            view,
-            up,
-            shutdown.clone(),
-        ));
+    if let Some(cluster) = cluster {
+        tokio::spawn(cluster.run(registry.clone(), drains.clone(), shutdown.clone()));
     }
     let done = tokio::spawn(shut_down_on_cancel(
         registry.clone(),

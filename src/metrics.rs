@@ -46,8 +46,43 @@ pub struct Metrics {
     acme_orders: Family<[(&'static str, &'static str); 1], Counter>,
     /// What became of the access log's lines.
     pub access_log: Arc<crate::access_log::Counts>,
-    /// 1 while Redis answers, in cluster mode (not exported otherwise).
-    pub cluster_up: Option<Gauge>,
+}
+
+/// Cluster mode's state, read at scrape time (not exported otherwise).
+#[derive(Debug)]
+struct ClusterCollector(Arc<crate::cluster::Cluster>);
+
+impl Collector for ClusterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = encoder.encode_descriptor(
+            "sluice_cluster_up",
+            "1 while this instance reaches Redis and balances on the cluster's counts, 0 while it balances on its own view",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(self.0.is_up())).encode(m)?;
+        let leases = self.0.leases();
+        let mut m = encoder.encode_descriptor(
+            "sluice_cluster_lease_held",
+            "1 while this instance holds the pool's shed lease (only the holder plans sheds), by pool",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, held, _) in &leases {
+            ConstGauge::new(i64::from(*held))
+                .encode(m.encode_family(&[("pool", pool.as_str())])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "sluice_cluster_plans",
+            "Rebalance plans this instance made for the whole cluster while holding the pool's shed lease, by pool",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, _, plans) in &leases {
+            ConstCounter::new(*plans).encode(m.encode_family(&[("pool", pool.as_str())])?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The access log's counts, read at scrape time.
@@ -107,8 +142,8 @@ impl Collector for TlsListeners {
 }
 
 impl Metrics {
-    /// The metrics; `cluster`: the process runs in cluster mode.
-    pub fn new(live: Arc<Registry>, cluster: bool) -> Self {
+    /// The metrics; `cluster`: in cluster mode, this instance's part.
+    pub fn new(live: Arc<Registry>, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
         let mut registry = prometheus_client::registry::Registry::default();
         let accepted = Family::<ListenerLabels, Counter>::default();
         registry.register(
@@ -182,17 +217,10 @@ impl Metrics {
         registry.register_collector(Box::new(tls.clone()));
         let access_log = Arc::<crate::access_log::Counts>::default();
         registry.register_collector(Box::new(AccessCollector(access_log.clone())));
-        let cluster_up = cluster.then(|| {
-            let up = Gauge::default();
-            registry.register(
-                "sluice_cluster_up",
-                "1 while this instance reaches Redis and balances on the cluster's counts, 0 while it balances on its own view",
-                up.clone(),
-            );
-            up
-        });
+        if let Some(cluster) = cluster {
+            registry.register_collector(Box::new(ClusterCollector(cluster)));
+        }
         Self {
-            cluster_up,
             access_log,
             registry,
             accepted,

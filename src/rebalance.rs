@@ -9,15 +9,17 @@
 //! drain does.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::cluster::{Cluster, split};
 use crate::config::RebalanceConfig;
-use crate::registry::{BackendState, CloseReason, PoolEntry};
+use crate::registry::{Backend, BackendState, CloseReason, ConnControl, PoolEntry};
 
 /// One backend as the plan sees it.
 #[derive(Debug, Clone, Copy)]
@@ -180,64 +182,241 @@ impl Reports {
     }
 }
 
-/// The pool's backends as the plan sees them at `at`.
-fn members_at(pool: &PoolEntry, at: Instant) -> Vec<Member> {
+/// What every pool's rebalancer shares: where it reports, and in cluster
+/// mode this instance's part in the cluster (the shed lease, the plans).
+#[derive(Debug, Clone)]
+pub struct Rebalancing {
+    pub reports: Arc<Reports>,
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+/// The pool's backends as the plan sees them at `at`: with the other
+/// instances' WebSockets in cluster mode.
+fn members_at(pool: &PoolEntry, at: Instant, cluster: Option<&Cluster>) -> Vec<Member> {
     pool.backends
         .iter()
         .map(|b| Member {
-            count: b.ws_count(),
+            count: b.ws_count() + cluster.map_or(0, |c| c.remote_websockets(&pool.name, &b.name)),
             weight: b.effective_weight(at),
             eligible: b.is_accepting(),
         })
         .collect()
 }
 
+/// Up to `count` of `backend`'s WebSockets at least `min_age` old, at random.
+fn victims(backend: &Backend, count: usize, min_age: Duration) -> Vec<Arc<ConnControl>> {
+    let mut victims: Vec<_> = backend
+        .connections()
+        .into_iter()
+        .filter(|c| c.started.elapsed() >= min_age)
+        .collect();
+    victims.shuffle(&mut rand::rng());
+    victims.truncate(count);
+    victims
+}
+
+/// One pool's rebalancer, between looks.
+struct Shedder {
+    pool: Arc<PoolEntry>,
+    cfg: RebalanceConfig,
+    cluster: Option<Arc<Cluster>>,
+    shutdown: CancellationToken,
+}
+
+impl Shedder {
+    fn draining(&self) -> bool {
+        // Backends a reload removed count too: their clients are moving.
+        self.pool
+            .all_backends()
+            .iter()
+            .any(|b| b.state() == BackendState::Draining)
+    }
+
+    /// Closes `victims` of `backend` spread over `spread` from `at`; stops
+    /// early when a drain begins, the backend leaves rotation, or the pool
+    /// is level (cluster-wide in cluster mode). False: shutting down.
+    async fn close(
+        &self,
+        backend: &Backend,
+        victims: &[Arc<ConnControl>],
+        at: Instant,
+        spread: Duration,
+    ) -> bool {
+        let n = victims.len();
+        for (i, conn) in victims.iter().enumerate() {
+            let offset = spread.mul_f64(i as f64 / n as f64);
+            tokio::select! {
+                () = tokio::time::sleep_until((at + offset).into()) => {}
+                () = self.shutdown.cancelled() => return false,
+            }
+            if !backend.is_accepting() || self.draining() {
+                break; // a drain began, or the backend went down: stop
+            }
+            // The pool may be within tolerance already (clients left, or
+            // came back elsewhere): then the rest of the plan is not needed.
+            let now = members_at(&self.pool, Instant::now(), self.cluster.as_deref());
+            if plan(&now, &self.cfg).shed.is_none() {
+                debug!(pool = %self.pool.name, backend = %backend.name, "rebalance: level before the planned closes were done");
+                break;
+            }
+            // A sticky client is placed afresh when it comes back.
+            self.pool.close_moving(
+                backend,
+                conn,
+                self.pool.cfg.drain.close_code,
+                CloseReason::Rebalance,
+                Instant::now(),
+            );
+            backend.rebalance_shed.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
 /// Rebalances `pool` every interval until `shutdown` (a reload ends it
-/// and starts another with the new settings).
-pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: CancellationToken) {
+/// and starts another with the new settings). In cluster mode only the
+/// holder of the pool's shed lease plans, on the cluster-wide counts, and
+/// every instance closes its own share of each plan.
+pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: CancellationToken) {
+    let Rebalancing { reports, cluster } = shared;
     let mut cfg = pool.cfg.rebalance;
     if let Some(factor) = pool.cfg.hash_balance_factor {
         // Keys may sit up to the factor over their share: within that the
         // balancer and the rebalancer agree, so nothing flaps.
         cfg.tolerance = cfg.tolerance.max(factor - 1.0);
     }
-    let close_code = pool.cfg.drain.close_code;
-    let p = pool.name.as_str();
+    let p = pool.name.clone();
     // Connections younger than this are not shed: nobody is bounced twice
     // in a row.
     let min_age = cfg.interval * 2;
+    // Spread the closes over most of the interval, so they are all out
+    // before the next look.
+    let spread = cfg.interval.mul_f64(0.8);
+    let mut plans = cluster.as_ref().map(|c| c.plans(&p));
+    let shedder = Shedder {
+        pool,
+        cfg,
+        cluster,
+        shutdown,
+    };
+    let pool = &shedder.pool;
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut last_pressure = pool.stats.admission_pressure();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let at = Instant::now();
-        let pressure = pool.stats.admission_pressure();
-        // Backends a reload removed count too: their clients are moving.
-        let draining = pool
-            .all_backends()
-            .iter()
-            .any(|b| b.state() == BackendState::Draining);
-        let busy = hold(draining, pressure, last_pressure);
-        last_pressure = pressure;
-        if let Some(note) = busy {
-            let plan = Plan {
-                note,
-                ..Plan::default()
+        let incoming = async {
+            let Some(rx) = plans.as_mut() else {
+                return std::future::pending().await;
             };
-            reports.set(p, Report { at, plan, shed: 0 });
+            match rx.changed().await {
+                Ok(()) => rx.borrow_and_update().clone(),
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let shared_plan = tokio::select! {
+            _ = tick.tick() => None,
+            plan = incoming => plan,
+            () = shedder.shutdown.cancelled() => return,
+        };
+        let at = Instant::now();
+        if let (Some(cluster), Some(shared_plan)) = (&shedder.cluster, shared_plan) {
+            // The lease holder's plan: close this instance's share of it.
+            let Some(index) = pool
+                .backends
+                .iter()
+                .position(|b| b.name == shared_plan.backend)
+            else {
+                continue;
+            };
+            let backend = pool.backends[index].clone();
+            let chosen = victims(&backend, shared_plan.share_of(cluster.instance()), min_age);
+            let mut decided = plan(&members_at(pool, at, Some(cluster)), &cfg);
+            decided.shed = Some(Shed {
+                backend: index,
+                count: shared_plan.shares.values().sum(),
+            });
+            info!(pool = %p, backend = %backend.name, shed = chosen.len(), planned_by = %shared_plan.by, token = shared_plan.token, "rebalancing: closing this instance's share of the cluster's plan");
+            reports.set(
+                &p,
+                Report {
+                    at,
+                    plan: decided,
+                    shed: chosen.len(),
+                },
+            );
+            let spread = Duration::from_millis(shared_plan.spread_ms).min(spread);
+            if !shedder.close(&backend, &chosen, at, spread).await {
+                return;
+            }
             continue;
         }
-        let members = members_at(&pool, at);
+        let pressure = pool.stats.admission_pressure();
+        let busy = hold(shedder.draining(), pressure, last_pressure);
+        last_pressure = pressure;
+        let note = |note| Report {
+            at,
+            plan: Plan {
+                note,
+                ..Plan::default()
+            },
+            shed: 0,
+        };
+        if let Some(busy) = busy {
+            reports.set(&p, note(busy));
+            continue;
+        }
+        let members = members_at(pool, at, shedder.cluster.as_deref());
         let decided = plan(&members, &cfg);
+        if let Some(cluster) = &shedder.cluster {
+            if !cluster.is_up() {
+                reports.set(&p, note(NO_REDIS));
+                continue;
+            }
+            // Held, renewed, by one instance at a time: the others follow.
+            match cluster.lease(&p, cfg.interval * 3).await {
+                Err(_) => {
+                    reports.set(&p, note(NO_REDIS));
+                    continue;
+                }
+                Ok(lease) if !lease.held => {
+                    reports.set(&p, note("another instance holds the shed lease and plans"));
+                    continue;
+                }
+                Ok(lease) => {
+                    let Some(shed) = decided.shed else {
+                        debug!(pool = %p, note = decided.note, "rebalance: nothing to shed");
+                        reports.set(
+                            &p,
+                            Report {
+                                at,
+                                plan: decided,
+                                shed: 0,
+                            },
+                        );
+                        continue;
+                    };
+                    let backend = &pool.backends[shed.backend];
+                    let have =
+                        cluster.websockets_by_instance(&p, &backend.name, backend.ws_count());
+                    let shares = split(shed.count, &have);
+                    info!(pool = %p, backend = %backend.name, shed = shed.count, share = decided.shares[shed.backend].round(), ?shares, token = lease.token, "rebalancing: planning for the cluster: closing connections of an overloaded backend");
+                    match cluster
+                        .publish_plan(&p, lease.token, &backend.name, shares, spread, cfg.interval)
+                        .await
+                    {
+                        Ok(true) => {} // carried out here as it comes back
+                        Ok(false) => reports.set(&p, note("the shed lease was lost")),
+                        Err(_) => reports.set(&p, note(NO_REDIS)),
+                    }
+                    continue;
+                }
+            }
+        }
         let Some(shed) = decided.shed else {
-            debug!(pool = %pool.name, note = decided.note, "rebalance: nothing to shed");
+            debug!(pool = %p, note = decided.note, "rebalance: nothing to shed");
             reports.set(
-                p,
+                &p,
                 Report {
                     at,
                     plan: decided,
@@ -247,69 +426,32 @@ pub async fn run(pool: Arc<PoolEntry>, reports: Arc<Reports>, shutdown: Cancella
             continue;
         };
         let backend = pool.backends[shed.backend].clone();
-        let mut victims: Vec<_> = backend
-            .connections()
-            .into_iter()
-            .filter(|c| c.started.elapsed() >= min_age)
-            .collect();
-        victims.shuffle(&mut rand::rng());
-        victims.truncate(shed.count);
+        let chosen = victims(&backend, shed.count, min_age);
         let counts: Vec<usize> = members.iter().map(|m| m.count).collect();
         info!(
-            pool = %pool.name,
+            pool = %p,
             backend = %backend.name,
-            shed = victims.len(),
+            shed = chosen.len(),
             share = decided.shares[shed.backend].round(),
             ?counts,
             "rebalancing: closing connections of an overloaded backend"
         );
         reports.set(
-            p,
+            &p,
             Report {
                 at,
                 plan: decided,
-                shed: victims.len(),
+                shed: chosen.len(),
             },
         );
-        // Spread the closes over most of the interval, so they are all out
-        // before the next look.
-        let spread = cfg.interval.mul_f64(0.8);
-        let n = victims.len();
-        for (i, conn) in victims.iter().enumerate() {
-            let offset = spread.mul_f64(i as f64 / n as f64);
-            tokio::select! {
-                () = tokio::time::sleep_until((at + offset).into()) => {}
-                () = shutdown.cancelled() => return,
-            }
-            if !backend.is_accepting()
-                || pool
-                    .all_backends()
-                    .iter()
-                    .any(|b| b.state() == BackendState::Draining)
-            {
-                break; // a drain began, or the backend went down: stop
-            }
-            // The pool may be within tolerance already (clients left, or
-            // came back elsewhere): then the rest of the plan is not needed.
-            let now = members_at(&pool, Instant::now());
-            if plan(&now, &cfg).shed.is_none() {
-                debug!(pool = %pool.name, backend = %backend.name, "rebalance: level before the planned closes were done");
-                break;
-            }
-            // A sticky client is placed afresh when it comes back.
-            pool.close_moving(
-                &backend,
-                conn,
-                close_code,
-                CloseReason::Rebalance,
-                Instant::now(),
-            );
-            backend
-                .rebalance_shed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !shedder.close(&backend, &chosen, at, spread).await {
+            return;
         }
     }
 }
+
+/// Why nothing is shed while Redis is away.
+const NO_REDIS: &str = "Redis unreachable: no instance sheds without the lease";
 
 #[cfg(test)]
 mod tests {

@@ -150,7 +150,7 @@ pub struct Reloader {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     drains: Arc<Drains>,
-    reports: Arc<rebalance::Reports>,
+    rebalancing: rebalance::Rebalancing,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     state: tokio::sync::Mutex<State>,
@@ -175,7 +175,7 @@ impl Reloader {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         drains: Arc<Drains>,
-        reports: Arc<rebalance::Reports>,
+        rebalancing: rebalance::Rebalancing,
         tasks: TaskTracker,
         shutdown: CancellationToken,
         inherited: Inheritance,
@@ -184,7 +184,7 @@ impl Reloader {
             registry,
             metrics,
             drains,
-            reports,
+            rebalancing,
             tasks,
             state: tokio::sync::Mutex::new(State {
                 cfg: None,
@@ -408,7 +408,7 @@ impl Reloader {
             if pool.cfg.rebalance.enabled && !pinned {
                 tokio::spawn(rebalance::run(
                     pool.clone(),
-                    self.reports.clone(),
+                    self.rebalancing.clone(),
                     stop.clone(),
                 ));
             }
@@ -418,7 +418,7 @@ impl Reloader {
         *lock(&self.access) = access.map(|log| (new.log.access.clone(), new.log.access_queue, log));
         // Reports name backends by their place in the pool, which may have
         // changed: the rebalancer makes new ones.
-        self.reports.clear();
+        self.rebalancing.reports.clear();
         for (pool, backend) in &reconfigured.removed {
             self.drains.retire(pool, backend);
         }

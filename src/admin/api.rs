@@ -55,6 +55,22 @@ pub struct InstanceBackend {
     pub pool: String,
     pub backend: String,
     pub connections: u64,
+    /// Of them, WebSockets.
+    #[serde(default)]
+    pub websockets: u64,
+}
+
+impl Cluster {
+    /// The other instances' connections and WebSockets on `backend` of
+    /// `pool`, summed, as this instance last read them.
+    pub fn others_on(&self, pool: &str, backend: &str) -> (u64, u64) {
+        self.instances
+            .iter()
+            .filter(|i| i.name != self.instance)
+            .flat_map(|i| &i.backends)
+            .filter(|b| b.pool == pool && b.backend == backend)
+            .fold((0, 0), |(c, w), b| (c + b.connections, w + b.websockets))
+    }
 }
 
 /// A sluice process.

@@ -56,7 +56,7 @@ pub struct AdminState {
     /// The dashboard's history, sampled while the admin API serves.
     pub timeline: Arc<timeline::Timeline>,
     /// In cluster mode: this instance's name and what it last saw.
-    pub cluster: Option<(String, Arc<crate::cluster::ClusterView>)>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A new random token, for when none is configured.
@@ -368,16 +368,30 @@ fn backend_action(
         Err(e @ DrainError::ShuttingDown) => return error(StatusCode::CONFLICT, &e.to_string()),
         Err(e) => return error(StatusCode::NOT_FOUND, &e.to_string()),
     };
+    let cluster = state.cluster.as_deref();
     let done = if action == "undrain" {
         if let Err(message) = parse_request::<api::UndrainRequest>(body) {
             return error(StatusCode::BAD_REQUEST, &message);
         }
-        state.drains.undrain(&pool, &backend)
+        let done = state.drains.undrain(&pool, &backend);
+        if let (Ok(()), Some(cluster)) = (&done, cluster) {
+            cluster.announce_undrain(&pool.name, &backend.name);
+        }
+        done
     } else {
         let window = parse_request::<api::DrainRequest>(body)
             .and_then(|request| request.window.as_deref().map(parse_window).transpose());
         match window {
-            Ok(window) => state.drains.drain(&pool, &backend, window),
+            Ok(window) => {
+                // A drain under way goes on, here and on the others.
+                let new = state.drains.drain_kind(&backend).is_none();
+                let done = state.drains.drain(&pool, &backend, window);
+                if let (Ok(()), true, Some(cluster)) = (&done, new, cluster) {
+                    let window = window.unwrap_or(pool.cfg.drain.window);
+                    cluster.announce_drain(&pool.name, &backend.name, window);
+                }
+                done
+            }
             Err(message) => return error(StatusCode::BAD_REQUEST, &message),
         }
     };
@@ -452,30 +466,33 @@ fn status(state: &AdminState) -> api::Status {
             websockets: old.websockets,
         });
     }
-    let cluster = state.cluster.as_ref().map(|(instance, view)| {
-        let (redis_up, published) = view.get();
+    let cluster = state.cluster.as_ref().map(|cluster| {
+        let (redis_up, published) = cluster.view();
         api::Cluster {
-            instance: instance.clone(),
+            instance: cluster.instance().to_string(),
             redis_up,
             instances: published
                 .into_iter()
                 .map(|p| {
+                    let websockets = &p.websockets;
                     let mut backends: Vec<api::InstanceBackend> = p
                         .pools
-                        .into_iter()
+                        .iter()
                         .flat_map(|(pool, counts)| {
-                            counts
-                                .into_iter()
-                                .map(move |(backend, n)| api::InstanceBackend {
-                                    pool: pool.clone(),
-                                    backend,
-                                    connections: n as u64,
-                                })
+                            counts.iter().map(move |(backend, n)| api::InstanceBackend {
+                                pool: pool.clone(),
+                                backend: backend.clone(),
+                                connections: *n as u64,
+                                websockets: websockets
+                                    .get(pool)
+                                    .and_then(|b| b.get(backend))
+                                    .map_or(0, |n| *n as u64),
+                            })
                         })
                         .collect();
                     backends.sort_by(|a, b| (&a.pool, &a.backend).cmp(&(&b.pool, &b.backend)));
                     api::Instance {
-                        name: p.instance,
+                        name: p.instance.clone(),
                         backends,
                     }
                 })
