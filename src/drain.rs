@@ -350,7 +350,7 @@ async fn run_drain(
             // Its client is placed afresh when it comes back.
             Moving::Here(pool, _) => {
                 let now = std::time::Instant::now();
-                pool.close_moving(&backend, conn, cfg.close_code, reason, now)
+                pool.close_moving(&backend, conn, cfg.close_code, reason, now);
             }
             Moving::Away(pool, feed) if conn.pin != 0 => {
                 let (told, heard) = tokio::sync::oneshot::channel();
@@ -367,7 +367,9 @@ async fn run_drain(
                     conn.request_close(code, reason);
                 }
             }
-            Moving::Away(..) | Moving::Keep(_) => conn.request_close(cfg.close_code, reason),
+            Moving::Away(..) | Moving::Keep(_) => {
+                conn.request_close(cfg.close_code, reason);
+            }
         }
         backend.drain_closed.fetch_add(1, Ordering::Relaxed);
         closed.fetch_add(1, Ordering::Relaxed);

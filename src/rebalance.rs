@@ -127,16 +127,21 @@ pub fn plan(members: &[Member], cfg: &RebalanceConfig) -> Plan {
     out
 }
 
-/// Why the pool must not shed now, if it must not: a drain under way, or
-/// admission holding clients back (some waiting now, or refused since the
-/// last look, given as (refused so far, any waiting)).
+/// Why the pool must not shed now, if it must not: a drain under way,
+/// WebSockets that sluice asked to close still open (their clients have
+/// not come back yet, so the counts would mislead), or admission holding
+/// clients back (some waiting now, or refused since the last look, given
+/// as (refused so far, any waiting)).
 pub fn hold(
     draining: bool,
+    closing: usize,
     admission_now: (u64, bool),
     admission_before: (u64, bool),
 ) -> Option<&'static str> {
     if draining {
         Some("drain in progress")
+    } else if closing > 0 {
+        Some("earlier closes still under way")
     } else if admission_now.1 || admission_now.0 != admission_before.0 {
         // Moving more clients would only add to the queue.
         Some("admission is holding connections back")
@@ -208,7 +213,7 @@ fn victims(backend: &Backend, count: usize, min_age: Duration) -> Vec<Arc<ConnCo
     let mut victims: Vec<_> = backend
         .connections()
         .into_iter()
-        .filter(|c| c.started.elapsed() >= min_age)
+        .filter(|c| c.started.elapsed() >= min_age && !c.is_closing())
         .collect();
     victims.shuffle(&mut rand::rng());
     victims.truncate(count);
@@ -230,6 +235,16 @@ impl Shedder {
             .all_backends()
             .iter()
             .any(|b| b.state() == BackendState::Draining)
+    }
+
+    /// WebSockets of the pool asked to close and still open, through
+    /// every instance in cluster mode.
+    fn closing(&self) -> usize {
+        let here: usize = self.pool.backends.iter().map(|b| b.ws_closing()).sum();
+        here + self
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.remote_closing(&self.pool.name))
     }
 
     /// Closes `victims` of `backend` spread over `spread` from `at`; stops
@@ -260,14 +275,16 @@ impl Shedder {
                 break;
             }
             // A sticky client is placed afresh when it comes back.
-            self.pool.close_moving(
+            let asked = self.pool.close_moving(
                 backend,
                 conn,
                 self.pool.cfg.drain.close_code,
                 CloseReason::Rebalance,
                 Instant::now(),
             );
-            backend.rebalance_shed.fetch_add(1, Ordering::Relaxed);
+            if asked {
+                backend.rebalance_shed.fetch_add(1, Ordering::Relaxed);
+            }
         }
         true
     }
@@ -304,6 +321,8 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut last_pressure = pool.stats.admission_pressure();
+    // In cluster mode, no plan before this.
+    let mut settled = Instant::now();
     loop {
         let incoming = async {
             let Some(rx) = plans.as_mut() else {
@@ -345,14 +364,28 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
                     shed: chosen.len(),
                 },
             );
-            let spread = Duration::from_millis(shared_plan.spread_ms).min(spread);
+            let mut spread = Duration::from_millis(shared_plan.spread_ms).min(spread);
+            let mut at = at;
+            if pool.cfg.sticky.is_some() {
+                // Every instance learns of the moved pins before the first close.
+                let waited = cluster
+                    .share_moved(pool, &backend, &chosen, spread / 2)
+                    .await;
+                at += waited;
+                spread = spread.saturating_sub(waited);
+            }
             if !shedder.close(&backend, &chosen, at, spread).await {
                 return;
             }
             continue;
         }
         let pressure = pool.stats.admission_pressure();
-        let busy = hold(shedder.draining(), pressure, last_pressure);
+        let busy = hold(
+            shedder.draining(),
+            shedder.closing(),
+            pressure,
+            last_pressure,
+        );
         last_pressure = pressure;
         let note = |note| Report {
             at,
@@ -383,6 +416,15 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
                     reports.set(&p, note("another instance holds the shed lease and plans"));
                     continue;
                 }
+                Ok(_) if Instant::now() < settled => {
+                    // The others' counts still predate the last closes:
+                    // a plan on them would move too many.
+                    reports.set(
+                        &p,
+                        note("waiting for the cluster's counts after the last closes"),
+                    );
+                    continue;
+                }
                 Ok(lease) => {
                     let Some(shed) = decided.shed else {
                         debug!(pool = %p, note = decided.note, "rebalance: nothing to shed");
@@ -400,12 +442,18 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
                     let have =
                         cluster.websockets_by_instance(&p, &backend.name, backend.ws_count());
                     let shares = split(shed.count, &have);
-                    info!(pool = %p, backend = %backend.name, shed = shed.count, share = decided.shares[shed.backend].round(), ?shares, token = lease.token, "rebalancing: planning for the cluster: closing connections of an overloaded backend");
+                    let counts: Vec<usize> = members.iter().map(|m| m.count).collect();
+                    info!(pool = %p, backend = %backend.name, shed = shed.count, share = decided.shares[shed.backend].round(), ?counts, ?shares, token = lease.token, "rebalancing: planning for the cluster: closing connections of an overloaded backend");
                     match cluster
                         .publish_plan(&p, lease.token, &backend.name, shares, spread, cfg.interval)
                         .await
                     {
-                        Ok(true) => {} // carried out here as it comes back
+                        Ok(true) => {
+                            // Carried out here as it comes back; every
+                            // instance has published after the closes, and
+                            // been read, two publish intervals after them.
+                            settled = Instant::now() + spread + cluster.publish_interval() * 2;
+                        }
                         Ok(false) => reports.set(&p, note("the shed lease was lost")),
                         Err(_) => reports.set(&p, note(NO_REDIS)),
                     }
@@ -531,18 +579,22 @@ mod tests {
     #[test]
     fn no_shedding_during_a_drain_or_while_admission_holds_back() {
         assert_eq!(
-            hold(true, (0, false), (0, false)),
+            hold(true, 0, (0, false), (0, false)),
             Some("drain in progress")
         );
         assert_eq!(
-            hold(false, (0, true), (0, false)),
+            hold(false, 3, (0, false), (0, false)),
+            Some("earlier closes still under way")
+        );
+        assert_eq!(
+            hold(false, 0, (0, true), (0, false)),
             Some("admission is holding connections back")
         );
         assert_eq!(
-            hold(false, (5, false), (3, false)),
+            hold(false, 0, (5, false), (3, false)),
             Some("admission is holding connections back")
         );
-        assert_eq!(hold(false, (5, false), (5, false)), None);
+        assert_eq!(hold(false, 0, (5, false), (5, false)), None);
     }
 
     #[test]

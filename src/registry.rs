@@ -111,17 +111,23 @@ impl ConnControl {
     }
 
     /// Asks the tunnel to close with `code` at the next message boundary,
-    /// for `reason`. The first request wins; a later abort still
-    /// overrides it.
-    pub fn request_close(&self, code: u16, reason: CloseReason) {
+    /// for `reason`. The first request wins (true for it); a later abort
+    /// still overrides it.
+    pub fn request_close(&self, code: u16, reason: CloseReason) -> bool {
         let value = u32::from(code) | (reason as u32) << 16;
-        if self
+        let first = self
             .close
             .compare_exchange(0, value, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+            .is_ok();
+        if first {
             self.waker.wake();
         }
+        first
+    }
+
+    /// Sluice has asked it to close (or to be dropped).
+    pub fn is_closing(&self) -> bool {
+        self.close.load(Ordering::Acquire) != 0
     }
 
     /// Asks the tunnel to drop both sockets now.
@@ -515,6 +521,16 @@ impl Backend {
         self.lock_conns().values().cloned().collect()
     }
 
+    /// WebSockets that sluice has asked to close and that are still open
+    /// (a close waits for a quiet moment, which may take seconds). One
+    /// pass under the lock; for the control plane, not the data path.
+    pub fn ws_closing(&self) -> usize {
+        self.lock_conns()
+            .values()
+            .filter(|c| c.is_closing())
+            .count()
+    }
+
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnControl>>> {
         lock(&self.conns)
     }
@@ -542,18 +558,40 @@ pub const MAX_MOVED_PINS: usize = 100_000;
 /// The sticky pins whose WebSocket sluice closed on purpose (drain,
 /// rebalance, a removed listener): the next request with such a pin is
 /// placed afresh, away from the backend it was on. Bounded
-/// (`MAX_MOVED_PINS`) and expiring.
+/// (`MAX_MOVED_PINS`) and expiring. In cluster mode the pins recorded here
+/// also wait in an outbox for the cluster task to share them.
 #[derive(Debug, Default)]
-pub struct MovedPins(Mutex<HashMap<u64, (u64, Instant)>>);
+pub struct MovedPins {
+    pins: Mutex<HashMap<u64, (u64, Instant)>>,
+    sharing: std::sync::atomic::AtomicBool,
+    outbox: Mutex<Vec<(u64, u64)>>,
+}
 
 impl MovedPins {
     /// Remembers that pin `nonce` was moved off backend `backend` (its
     /// id), until `expires`; false when the record is full.
     pub fn record(&self, nonce: u64, backend: u64, now: Instant, expires: Instant) -> bool {
+        // Shared once: a pin recorded before its close (for the other
+        // instances to know first) is not sent again when it closes.
+        let known = lock(&self.pins)
+            .get(&nonce)
+            .is_some_and(|(b, until)| *b == backend && *until > now);
+        let recorded = self.import(nonce, backend, now, expires);
+        if recorded && !known && self.sharing.load(Ordering::Relaxed) {
+            let mut outbox = lock(&self.outbox);
+            if outbox.len() < MAX_MOVED_PINS {
+                outbox.push((nonce, backend));
+            }
+        }
+        recorded
+    }
+
+    /// `record`, for a pin another instance moved: not shared again.
+    pub fn import(&self, nonce: u64, backend: u64, now: Instant, expires: Instant) -> bool {
         if nonce == 0 {
             return false;
         }
-        let mut pins = lock(&self.0);
+        let mut pins = lock(&self.pins);
         if pins.len() >= MAX_MOVED_PINS {
             pins.retain(|_, (_, until)| *until > now);
             if pins.len() >= MAX_MOVED_PINS {
@@ -564,10 +602,20 @@ impl MovedPins {
         true
     }
 
+    /// From now on, pins recorded here wait to be shared (cluster mode).
+    pub fn share(&self) {
+        self.sharing.store(true, Ordering::Relaxed);
+    }
+
+    /// The pins (nonce, backend id) recorded since the last call.
+    pub fn take_outbox(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *lock(&self.outbox))
+    }
+
     /// The backend (id) pin `nonce` was moved off, once: the pin is
     /// forgotten.
     pub fn take(&self, nonce: u64, now: Instant) -> Option<u64> {
-        let mut pins = lock(&self.0);
+        let mut pins = lock(&self.pins);
         if pins.is_empty() {
             return None;
         }
@@ -579,7 +627,7 @@ impl MovedPins {
 
     /// Pins remembered now.
     pub fn len(&self) -> usize {
-        lock(&self.0).len()
+        lock(&self.pins).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -624,7 +672,8 @@ impl PoolEntry {
     }
 
     /// Asks `conn` of `backend` to close with `code`, remembering its
-    /// sticky pin as moved so that its client is placed afresh.
+    /// sticky pin as moved so that its client is placed afresh; false when
+    /// it was asked to close before.
     pub fn close_moving(
         &self,
         backend: &Backend,
@@ -632,13 +681,13 @@ impl PoolEntry {
         code: u16,
         reason: CloseReason,
         now: Instant,
-    ) {
+    ) -> bool {
         if conn.pin != 0 {
             self.stats
                 .moved
                 .record(conn.pin, backend.id, now, now + self.moved_pin_ttl());
         }
-        conn.request_close(code, reason);
+        conn.request_close(code, reason)
     }
 
     /// Backends a reload removed that still drain.
@@ -1003,7 +1052,9 @@ impl Lease {
                 }
             }
             ABORT => control.abort(),
-            code => control.request_close(code as u16, CloseReason::Shutdown),
+            code => {
+                control.request_close(code as u16, CloseReason::Shutdown);
+            }
         }
         // Dropping self gives back the HTTP slot.
         WsEntry { backend, control }

@@ -40,12 +40,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use state::{
-    Counts, DrainAction, LocalBackend, Published, SharedDrain, SharedPlan, others, reconcile, split,
+    Counts, DrainAction, LocalBackend, Published, SharedDrain, SharedPlan, decode_moved,
+    encode_moved, others, reconcile, split,
 };
 
 use crate::config::ClusterConfig;
 use crate::drain::Drains;
-use crate::registry::Registry;
+use crate::registry::{PoolEntry, Registry};
 
 /// Where each instance's counts live.
 const COUNTS_PREFIX: &str = "sluice:counts:";
@@ -59,6 +60,8 @@ const DRAINS: &str = "sluice:drains";
 const LEASE_PREFIX: &str = "sluice:lease:";
 const FENCE_PREFIX: &str = "sluice:fence:";
 const PLAN_PREFIX: &str = "sluice:plan:";
+/// Each sticky pool's moved pins: a stream of batches, one per round.
+const MOVED_PREFIX: &str = "sluice:moved:";
 /// Any message here wakes every instance's round.
 const EVENTS: &str = "sluice:events";
 
@@ -154,6 +157,11 @@ pub struct Cluster {
     plans: Mutex<HashMap<String, watch::Sender<Option<SharedPlan>>>>,
     pending: Mutex<HashMap<(String, String), (u64, Intent)>>,
     versions: AtomicU64,
+    /// Rounds begun, and rounds ended (a watch, for `share_moved`).
+    rounds_begun: AtomicU64,
+    rounds_ended: watch::Sender<u64>,
+    /// Per sticky pool: the last moved-pins entry read.
+    moved_seen: Mutex<HashMap<String, String>>,
     /// Per pool: the lease as last found, and the plans made under it.
     leases: Mutex<HashMap<String, (Option<Lease>, u64)>>,
     lease_script: redis::Script,
@@ -192,12 +200,18 @@ fn client(cfg: &ClusterConfig) -> redis::RedisResult<redis::Client> {
     redis::Client::open(info)
 }
 
-/// This instance's live connections, and its WebSockets.
-fn own_counts(registry: &Registry) -> (Counts, Counts) {
+/// This instance's live connections, its WebSockets, and per pool those
+/// asked to close that are still open.
+fn own_counts(registry: &Registry) -> (Counts, Counts, HashMap<String, usize>) {
     let mut pools = Counts::new();
     let mut websockets = Counts::new();
+    let mut closing = HashMap::new();
     for pool in registry.pools().iter() {
         let all = pool.all_backends();
+        closing.insert(
+            pool.name.clone(),
+            pool.backends.iter().map(|b| b.ws_closing()).sum(),
+        );
         pools.insert(
             pool.name.clone(),
             all.iter().map(|b| (b.name.clone(), b.active())).collect(),
@@ -207,7 +221,7 @@ fn own_counts(registry: &Registry) -> (Counts, Counts) {
             all.iter().map(|b| (b.name.clone(), b.ws_count())).collect(),
         );
     }
-    (pools, websockets)
+    (pools, websockets, closing)
 }
 
 /// Puts the others' sums (none: all 0) in each backend's `remote` count.
@@ -238,6 +252,9 @@ impl Cluster {
             pending: Mutex::default(),
             versions: AtomicU64::new(0),
             leases: Mutex::default(),
+            moved_seen: Mutex::default(),
+            rounds_begun: AtomicU64::new(0),
+            rounds_ended: watch::channel(0).0,
             lease_script: redis::Script::new(LEASE_SCRIPT),
             plan_script: redis::Script::new(PLAN_SCRIPT),
             release_script: redis::Script::new(RELEASE_SCRIPT),
@@ -256,6 +273,11 @@ impl Cluster {
         (seen.up, seen.published.clone())
     }
 
+    /// How often counts are published and read.
+    pub fn publish_interval(&self) -> Duration {
+        self.cfg.publish_interval
+    }
+
     /// Whether Redis answered the last round.
     pub fn is_up(&self) -> bool {
         lock(&self.seen).up
@@ -270,6 +292,17 @@ impl Cluster {
             .and_then(|p| p.get(backend))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The other instances' WebSockets of `pool` asked to close and still
+    /// open, as last read.
+    pub fn remote_closing(&self, pool: &str) -> usize {
+        let seen = lock(&self.seen);
+        seen.published
+            .iter()
+            .filter(|p| p.instance != self.cfg.instance)
+            .filter_map(|p| p.closing.get(pool))
+            .sum()
     }
 
     /// Each instance's WebSockets on `backend` of `pool`: this one's
@@ -485,6 +518,40 @@ impl Cluster {
         Ok(true)
     }
 
+    /// Before `conns` of `backend` close for a rebalance: records their
+    /// sticky pins as moved, shares them at once, and waits until the
+    /// other instances have surely read them (a round here, then one
+    /// publish interval, so a lost pub/sub message is covered too), at
+    /// most `limit`; a client coming back through another instance is
+    /// then placed afresh there as well. Returns the time waited.
+    pub async fn share_moved(
+        &self,
+        pool: &PoolEntry,
+        backend: &crate::registry::Backend,
+        conns: &[Arc<crate::registry::ConnControl>],
+        limit: Duration,
+    ) -> Duration {
+        let started = std::time::Instant::now();
+        let now = started;
+        let until = now + pool.moved_pin_ttl();
+        let mut any = false;
+        for conn in conns.iter().filter(|c| c.pin != 0) {
+            any |= pool.stats.moved.record(conn.pin, backend.id, now, until);
+        }
+        if !any {
+            return Duration::ZERO;
+        }
+        let wait = async {
+            let after = self.rounds_begun.load(Ordering::Acquire);
+            let mut ended = self.rounds_ended.subscribe();
+            self.wake.notify_one();
+            let _ = ended.wait_for(|n| *n > after).await;
+            tokio::time::sleep(self.cfg.publish_interval).await;
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
+        started.elapsed()
+    }
+
     /// Gives up the leases this instance holds (a clean stop): another
     /// instance may shed at once.
     async fn release_leases(&self) {
@@ -530,7 +597,9 @@ impl Cluster {
                 () = self.wake.notified() => {}
                 () = stop.cancelled() => break,
             }
+            let begun = self.rounds_begun.fetch_add(1, Ordering::AcqRel) + 1;
             let result = self.timed(self.round(&registry, &drains)).await;
+            self.rounds_ended.send_replace(begun);
             let up = match result {
                 Ok(()) => true,
                 Err(error) => {
@@ -594,14 +663,16 @@ impl Cluster {
     async fn round(&self, registry: &Registry, drains: &Drains) -> Result<(), ClusterError> {
         let mut c = self.connection().await?;
         self.push_pending(&mut c).await?;
-        let (pools, websockets) = own_counts(registry);
+        let (pools, websockets, closing) = own_counts(registry);
         let mine = Published {
             instance: self.cfg.instance.clone(),
             pools,
             websockets,
+            closing,
         };
         let text = serde_json::to_string(&mine).unwrap_or_default();
-        let names: Vec<String> = registry.pools().iter().map(|p| p.name.clone()).collect();
+        let pools = registry.pools();
+        let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
         let mut plan_keys = redis::cmd("MGET");
         for name in &names {
             plan_keys.arg(format!("{PLAN_PREFIX}{name}"));
@@ -620,21 +691,83 @@ impl Cluster {
         if !names.is_empty() {
             pipe.add_command(plan_keys);
         }
-        let read: redis::Value = pipe
+        // Sticky pools: the pins moved here go out, the others' come in.
+        let sticky: Vec<&Arc<PoolEntry>> =
+            pools.iter().filter(|p| p.cfg.sticky.is_some()).collect();
+        let mut shared_any = false;
+        for pool in &sticky {
+            pool.stats.moved.share();
+            let key = format!("{MOVED_PREFIX}{}", pool.name);
+            let all = pool.all_backends();
+            let out: Vec<(u64, String)> = pool
+                .stats
+                .moved
+                .take_outbox()
+                .into_iter()
+                .map(|(nonce, id)| {
+                    let name = all.iter().find(|b| b.id == id).map(|b| b.name.clone());
+                    (nonce, name.unwrap_or_default())
+                })
+                .collect();
+            if !out.is_empty() {
+                shared_any = true;
+                pipe.cmd("XADD")
+                    .arg(&key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(10_000)
+                    .arg("*")
+                    .arg("i")
+                    .arg(&self.cfg.instance)
+                    .arg("p")
+                    .arg(encode_moved(&out))
+                    .ignore()
+                    .pexpire(&key, pool.moved_pin_ttl().as_millis() as i64)
+                    .ignore();
+            }
+        }
+        if shared_any {
+            pipe.publish(EVENTS, "moved").ignore();
+        }
+        let since: Vec<String> = {
+            let mut seen = lock(&self.moved_seen);
+            sticky
+                .iter()
+                .map(|pool| {
+                    seen.entry(pool.name.clone())
+                        .or_insert_with(|| {
+                            let ttl = pool.moved_pin_ttl().as_millis() as u64;
+                            format!("{}-0", wall_ms().saturating_sub(ttl))
+                        })
+                        .clone()
+                })
+                .collect()
+        };
+        for (pool, since) in sticky.iter().zip(&since) {
+            pipe.cmd("XRANGE")
+                .arg(format!("{MOVED_PREFIX}{}", pool.name))
+                .arg(format!("({since}"))
+                .arg("+");
+        }
+        let read: Vec<redis::Value> = pipe
             .query_async(&mut c)
             .await
             .map_err(|source| self.error(source))?;
-        let (instances, shared, plans): (
-            Vec<String>,
-            HashMap<String, String>,
-            Vec<Option<String>>,
-        ) = if names.is_empty() {
-            let (i, s): (Vec<String>, HashMap<String, String>) =
-                redis::from_redis_value(read).map_err(|e| self.error(e.into()))?;
-            (i, s, Vec::new())
+        let mut read = read.into_iter();
+        let mut next = || read.next().unwrap_or(redis::Value::Nil);
+        let decode = |e: redis::ParsingError| self.error(e.into());
+        let instances: Vec<String> = redis::from_redis_value(next()).map_err(decode)?;
+        let shared: HashMap<String, String> = redis::from_redis_value(next()).map_err(decode)?;
+        let plans: Vec<Option<String>> = if names.is_empty() {
+            Vec::new()
         } else {
-            redis::from_redis_value(read).map_err(|e| self.error(e.into()))?
+            redis::from_redis_value(next()).map_err(decode)?
         };
+        for pool in &sticky {
+            type Entries = Vec<(String, HashMap<String, String>)>;
+            let entries: Entries = redis::from_redis_value(next()).map_err(decode)?;
+            self.import_moved(pool, entries);
+        }
         let published = self.read_counts(&mut c, instances).await?;
         apply(
             registry,
@@ -656,6 +789,38 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Takes the pins another instance moved into `pool`'s record, so
+    /// that their clients are placed afresh here too.
+    fn import_moved(&self, pool: &PoolEntry, entries: Vec<(String, HashMap<String, String>)>) {
+        let Some((last, _)) = entries.last() else {
+            return;
+        };
+        lock(&self.moved_seen).insert(pool.name.clone(), last.clone());
+        let now = std::time::Instant::now();
+        let wall = wall_ms();
+        let ttl = pool.moved_pin_ttl();
+        let all = pool.all_backends();
+        for (id, fields) in &entries {
+            if fields.get("i").is_some_and(|i| *i == self.cfg.instance) {
+                continue;
+            }
+            // The entry's id starts with Redis's clock at the time, in ms.
+            let at: u64 = id
+                .split('-')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(wall);
+            let Some(left) = ttl.checked_sub(Duration::from_millis(wall.saturating_sub(at))) else {
+                continue;
+            };
+            for (nonce, backend) in decode_moved(fields.get("p").map_or("", String::as_str)) {
+                // Id 0 is no backend: a pin moved by an upgrade.
+                let id = all.iter().find(|b| b.name == backend).map_or(0, |b| b.id);
+                pool.stats.moved.import(nonce, id, now, now + left);
+            }
+        }
     }
 
     /// Writes the operators' changes made here that Redis does not hold

@@ -18,6 +18,10 @@ pub struct Published {
     /// Live WebSockets: what the rebalancer levels.
     #[serde(default)]
     pub websockets: Counts,
+    /// Per pool, WebSockets asked to close that are still open: while
+    /// there are any, nobody plans (their clients have not come back).
+    #[serde(default)]
+    pub closing: HashMap<String, usize>,
 }
 
 /// The sums of the others' counts (`pick` chooses which), per pool and
@@ -105,6 +109,23 @@ pub fn split(count: usize, have: &[(String, usize)]) -> BTreeMap<String, usize> 
     }
     shares.retain(|_, n| *n > 0);
     shares
+}
+
+/// Moved pins as one stream entry holds them: `NONCE:BACKEND,...`
+/// (names hold no ':' or ','; an empty backend is none).
+pub fn encode_moved(pins: &[(u64, String)]) -> String {
+    let parts: Vec<String> = pins.iter().map(|(n, b)| format!("{n}:{b}")).collect();
+    parts.join(",")
+}
+
+/// The pins of an entry; malformed parts are skipped.
+pub fn decode_moved(text: &str) -> Vec<(u64, String)> {
+    text.split(',')
+        .filter_map(|part| {
+            let (nonce, backend) = part.split_once(':')?;
+            Some((nonce.parse().ok()?, backend.to_string()))
+        })
+        .collect()
 }
 
 /// A drain an operator started through some instance, as Redis holds it.
@@ -207,6 +228,7 @@ mod tests {
             instance: instance.into(),
             websockets: pools.clone(),
             pools,
+            closing: HashMap::new(),
         }
     }
 
@@ -304,6 +326,17 @@ mod tests {
         assert!(!plan(2, 1).is_after(Some((2, 1))), "once only");
         assert_eq!(plan(1, 1).share_of("lb-1"), 3);
         assert_eq!(plan(1, 1).share_of("lb-2"), 0);
+    }
+
+    #[test]
+    fn moved_pins_round_trip_and_bad_parts_are_skipped() {
+        let pins = vec![(7u64, "b1".to_string()), (u64::MAX, String::new())];
+        assert_eq!(decode_moved(&encode_moved(&pins)), pins);
+        assert_eq!(
+            decode_moved("1:b1,x:b2,,3,4:b4"),
+            [(1, "b1".to_string()), (4, "b4".to_string())]
+        );
+        assert!(decode_moved("").is_empty());
     }
 
     fn local(pool: &str, backend: &str, draining: bool, operator: bool) -> LocalBackend {

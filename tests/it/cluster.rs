@@ -606,3 +606,131 @@ async fn without_redis_nobody_sheds_and_drains_made_meanwhile_reach_the_others()
     let (_, totals) = finish_chat(&stop, clients).await;
     assert_eq!((totals.lost, totals.wrong), (0, 0), "{totals:?}");
 }
+
+/// A sticky client that keeps its cookie and reconnects, whenever sluice
+/// closes its WebSocket, through the next of `urls` in turn: it returns,
+/// per connection, the instance it went through and the backend.
+async fn hopper(
+    urls: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<(usize, String)> {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut seen = Vec::new();
+    let mut jar: Option<String> = None;
+    for k in 0..20 {
+        if stop.is_cancelled() {
+            break;
+        }
+        let through = k % urls.len();
+        let mut req = urls[through]
+            .as_str()
+            .into_client_request()
+            .expect("request");
+        if let Some(c) = &jar {
+            req.headers_mut()
+                .insert("cookie", c.parse().expect("value"));
+        }
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("connect");
+        if let Some(set) = resp
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("SLUICE_AFFINITY="))
+        {
+            jar = Some(set.split(';').next().unwrap_or_default().to_string());
+        }
+        seen.push((through, greeting(&mut ws).await));
+        tokio::select! {
+            _ = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_sticky_client_moved_by_one_instance_is_placed_afresh_through_another() {
+    if !redis_here() {
+        return;
+    }
+    let _heavy = heavy().await;
+    const CLIENTS: usize = 40;
+    let interval = Duration::from_millis(500);
+    let redis = Redis::start().await;
+    let backends = echo_backends(2).await;
+    let sticky = |name: &'static str| {
+        let mut cfg = config(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+        cfg.pools[0].sticky = Some(test_sticky());
+        cfg.pools[0].rebalance.interval = interval;
+        cfg.pools[0].rebalance.min_excess = 2;
+        cfg.pools[0].rebalance.max_shed_per_interval = 25;
+        cfg.cluster = Some(ClusterConfig {
+            redis: redis.url(),
+            password: None,
+            instance: name.into(),
+            publish_interval: Duration::from_millis(200),
+        });
+        cfg
+    };
+    let lb1 = Sluice::with_config(sticky("lb-1")).await;
+    let lb2 = Sluice::with_config(sticky("lb-2")).await;
+    wait_up(&[&lb1, &lb2], 1.0, "both up").await;
+    // Everybody pinned to b1 through lb-1, b2 drained meanwhile (on both).
+    lb1.admin()
+        .drain("app", "b2", Some("0s"))
+        .await
+        .expect("drain");
+    eventually(10, "lb-2 drains b2 too", || {
+        state(&lb2, 1) != sluice::registry::BackendState::Up
+    })
+    .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let urls = vec![lb1.url("/ws"), lb2.url("/ws")];
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(hopper(urls.clone(), stop.clone())))
+        .collect();
+    eventually(30, "all on b1", || backends[0].ws_open() == CLIENTS).await;
+    lb1.admin().undrain("app", "b2").await.expect("undrain");
+    // lb-1 has them all, so it closes the 20 of the plan; they come back
+    // through lb-2 with their pin to b1, and lb-2 places them afresh.
+    let level = |c: &[usize]| c.iter().sum::<usize>() == CLIENTS && c.iter().all(|&n| n >= 16);
+    within(30, "level", async {
+        while !level(&counts(&backends)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Within tolerance (20 ± 4): nothing more is shed.
+    tokio::time::sleep(interval * 2).await;
+    let before = shed(&lb1) + shed(&lb2);
+    tokio::time::sleep(interval * 4).await;
+    let after = counts(&backends);
+    let shed_after = shed(&lb1) + shed(&lb2);
+    stop.cancel();
+    let mut all = Vec::new();
+    for client in clients {
+        all.push(client.await.expect("client"));
+    }
+    assert_eq!(shed_after, before, "{after:?} {all:?}");
+    assert!(level(&after), "stays level: {after:?} {all:?}");
+    let mut moved = 0;
+    for seen in all {
+        if seen.len() > 1 {
+            moved += 1;
+            assert_eq!(seen.len(), 2, "moved once only: {seen:?}");
+            assert_eq!(seen[1], (1, "b2".to_string()), "{seen:?}");
+        }
+    }
+    assert!(moved >= 16, "{moved} moved");
+    eprintln!("{moved} clients moved by lb-1 came back through lb-2, all placed afresh on b2");
+    let placed = lb2.registry().pools()[0]
+        .stats
+        .sticky_moved
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(placed, moved as u64, "placed afresh by lb-2");
+    assert_eq!(shed(&lb1) + shed(&lb2), moved as u64);
+}
