@@ -349,7 +349,7 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
                 continue;
             };
             let backend = pool.backends[index].clone();
-            let chosen = victims(&backend, shared_plan.share_of(cluster.instance()), min_age);
+            let chosen = victims(&backend, shared_plan.share_of(cluster.holder()), min_age);
             let mut decided = plan(&members_at(pool, at, Some(cluster)), &cfg);
             decided.shed = Some(Shed {
                 backend: index,

@@ -48,10 +48,10 @@ use crate::config::ClusterConfig;
 use crate::drain::Drains;
 use crate::registry::{PoolEntry, Registry};
 
-/// Where each instance's counts live.
+/// Where each process's counts live (`sluice:counts:INSTANCE#PID`).
 const COUNTS_PREFIX: &str = "sluice:counts:";
-/// The names of the instances that published (a set; a name whose counts
-/// expired is taken out by the next reader).
+/// Who published (a set of `INSTANCE#PID`; one whose counts expired is
+/// taken out by the next reader).
 const INSTANCES: &str = "sluice:instances";
 /// Operators' drains: a hash of `POOL/BACKEND` to a `SharedDrain`.
 const DRAINS: &str = "sluice:drains";
@@ -266,6 +266,11 @@ impl Cluster {
         &self.cfg.instance
     }
 
+    /// `INSTANCE#PID`: this process, as leases and plans name it.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
     /// Whether Redis answered the last round, and every instance that had
     /// published then (this one included), sorted by name.
     pub fn view(&self) -> (bool, Vec<Published>) {
@@ -300,13 +305,13 @@ impl Cluster {
         let seen = lock(&self.seen);
         seen.published
             .iter()
-            .filter(|p| p.instance != self.cfg.instance)
+            .filter(|p| p.holder() != self.holder)
             .filter_map(|p| p.closing.get(pool))
             .sum()
     }
 
-    /// Each instance's WebSockets on `backend` of `pool`: this one's
-    /// `own` (live), the others' as last read.
+    /// Each process's WebSockets on `backend` of `pool`, by holder
+    /// (`INSTANCE#PID`): this one's `own` (live), the others' as last read.
     pub fn websockets_by_instance(
         &self,
         pool: &str,
@@ -314,19 +319,15 @@ impl Cluster {
         own: usize,
     ) -> Vec<(String, usize)> {
         let seen = lock(&self.seen);
-        let mut out = vec![(self.cfg.instance.clone(), own)];
-        for p in seen
-            .published
-            .iter()
-            .filter(|p| p.instance != self.cfg.instance)
-        {
+        let mut out = vec![(self.holder.clone(), own)];
+        for p in seen.published.iter().filter(|p| p.holder() != self.holder) {
             let n = p
                 .websockets
                 .get(pool)
                 .and_then(|b| b.get(backend))
                 .copied()
                 .unwrap_or(0);
-            out.push((p.instance.clone(), n));
+            out.push((p.holder(), n));
         }
         out
     }
@@ -623,9 +624,9 @@ impl Cluster {
             .timed(async {
                 let mut c = self.connection().await?;
                 redis::pipe()
-                    .del(format!("{COUNTS_PREFIX}{}", self.cfg.instance))
+                    .del(format!("{COUNTS_PREFIX}{}", self.holder))
                     .ignore()
-                    .srem(INSTANCES, &self.cfg.instance)
+                    .srem(INSTANCES, &self.holder)
                     .ignore()
                     .query_async::<()>(&mut c)
                     .await
@@ -666,6 +667,7 @@ impl Cluster {
         let (pools, websockets, closing) = own_counts(registry);
         let mine = Published {
             instance: self.cfg.instance.clone(),
+            pid: std::process::id(),
             pools,
             websockets,
             closing,
@@ -679,12 +681,12 @@ impl Cluster {
         }
         let mut pipe = redis::pipe();
         pipe.pset_ex(
-            format!("{COUNTS_PREFIX}{}", self.cfg.instance),
+            format!("{COUNTS_PREFIX}{}", self.holder),
             text,
             self.cfg.ttl().as_millis() as u64,
         )
         .ignore()
-        .sadd(INSTANCES, &self.cfg.instance)
+        .sadd(INSTANCES, &self.holder)
         .ignore()
         .smembers(INSTANCES)
         .hgetall(DRAINS);
@@ -718,7 +720,7 @@ impl Cluster {
                     .arg(10_000)
                     .arg("*")
                     .arg("i")
-                    .arg(&self.cfg.instance)
+                    .arg(&self.holder)
                     .arg("p")
                     .arg(encode_moved(&out))
                     .ignore()
@@ -769,13 +771,10 @@ impl Cluster {
             self.import_moved(pool, entries);
         }
         let published = self.read_counts(&mut c, instances).await?;
-        apply(
-            registry,
-            &others(&self.cfg.instance, &published, |p| &p.pools),
-        );
+        apply(registry, &others(&self.holder, &published, |p| &p.pools));
         *lock(&self.seen) = Seen {
             up: true,
-            remote_ws: others(&self.cfg.instance, &published, |p| &p.websockets),
+            remote_ws: others(&self.holder, &published, |p| &p.websockets),
             published,
         };
         let shared: Vec<SharedDrain> = shared
@@ -803,7 +802,7 @@ impl Cluster {
         let ttl = pool.moved_pin_ttl();
         let all = pool.all_backends();
         for (id, fields) in &entries {
-            if fields.get("i").is_some_and(|i| *i == self.cfg.instance) {
+            if fields.get("i").is_some_and(|i| *i == self.holder) {
                 continue;
             }
             // The entry's id starts with Redis's clock at the time, in ms.

@@ -13,6 +13,10 @@ pub type Counts = HashMap<String, HashMap<String, usize>>;
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Published {
     pub instance: String,
+    /// The process (after a binary upgrade the old and the new process of
+    /// an instance publish side by side until the old one is gone).
+    #[serde(default)]
+    pub pid: u32,
     /// Live connections (HTTP and WebSocket): the balancer's load.
     pub pools: Counts,
     /// Live WebSockets: what the rebalancer levels.
@@ -24,12 +28,19 @@ pub struct Published {
     pub closing: HashMap<String, usize>,
 }
 
+impl Published {
+    /// `INSTANCE#PID`: who published it, and who may hold a lease.
+    pub fn holder(&self) -> String {
+        format!("{}#{}", self.instance, self.pid)
+    }
+}
+
 /// The sums of the others' counts (`pick` chooses which), per pool and
-/// backend: what `own` adds to its view. Entries of `own` itself are
-/// skipped (its own counts are live).
+/// backend: what holder `own` adds to its view. Entries of `own` itself
+/// are skipped (its own counts are live).
 pub fn others(own: &str, published: &[Published], pick: fn(&Published) -> &Counts) -> Counts {
     let mut sums: Counts = HashMap::new();
-    for p in published.iter().filter(|p| p.instance != own) {
+    for p in published.iter().filter(|p| p.holder() != own) {
         for (pool, backends) in pick(p) {
             let pool_sums = sums.entry(pool.clone()).or_default();
             for (backend, n) in backends {
@@ -41,7 +52,7 @@ pub fn others(own: &str, published: &[Published], pick: fn(&Published) -> &Count
 }
 
 /// One rebalance decision for the whole cluster, made by the instance
-/// that holds the pool's shed lease: close `shares[instance]` of
+/// that holds the pool's shed lease: close `shares[INSTANCE#PID]` of
 /// `backend`'s WebSockets on each instance, spread over `spread_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SharedPlan {
@@ -226,6 +237,7 @@ mod tests {
         }
         Published {
             instance: instance.into(),
+            pid: 1,
             websockets: pools.clone(),
             pools,
             closing: HashMap::new(),
@@ -239,12 +251,19 @@ mod tests {
             published("lb-2", &[("app", "b1", 7), ("app", "b3", 2)]),
             published("lb-3", &[("app", "b1", 1), ("other", "x", 4)]),
         ];
-        let sums = others("lb-1", &all, |p| &p.pools);
+        let sums = others("lb-1#1", &all, |p| &p.pools);
         assert_eq!(sums["app"]["b1"], 8);
         assert_eq!(sums["app"]["b3"], 2);
         assert!(!sums["app"].contains_key("b2"));
         assert_eq!(sums["other"]["x"], 4);
-        assert!(others("lb-1", &all[..1], |p| &p.websockets).is_empty());
+        assert!(others("lb-1#1", &all[..1], |p| &p.websockets).is_empty());
+        // The same instance's other process (an upgrade) counts.
+        let mut old = all[0].clone();
+        old.pid = 2;
+        assert_eq!(
+            others("lb-1#1", &[all[0].clone(), old], |p| &p.pools)["app"]["b1"],
+            100
+        );
         // Published by an older version: no WebSocket counts.
         let old: Published =
             serde_json::from_str(r#"{"instance":"lb-9","pools":{"app":{"b1":3}}}"#).expect("old");
