@@ -19,7 +19,8 @@
 //!    cluster), for comparison.
 //!
 //! Run: `cargo bench --bench cluster_bench` (`-- --quick`: 600 clients;
-//! `-- --conns N`; `SLUICE_BIN=PATH` for another build).
+//! `-- --conns N`; `--interval SECS`, the rebalance interval, 2 by
+//! default; `SLUICE_BIN=PATH` for another build).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -39,17 +40,18 @@ use support::{ChatStats, chat, echo_backends};
 
 const TOKEN: &str = "cluster-bench";
 const OPEN_BATCH: usize = 250;
-/// The rebalancer's pace in this benchmark.
-const INTERVAL_S: u64 = 2;
+/// The rebalancer's most closes per interval in this benchmark.
 const MAX_SHED: usize = 300;
 
 fn main() -> Result<()> {
     let mut conns = 9000;
+    let mut interval = 2;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => conns = 600,
             "--conns" => conns = args.next().context("--conns N")?.parse()?,
+            "--interval" => interval = args.next().context("--interval SECS")?.parse()?,
             "--bench" => {}
             other => bail!("unknown argument {other:?}"),
         }
@@ -58,7 +60,7 @@ fn main() -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(conns))
+        .block_on(run(conns, interval))
 }
 
 /// One sluice process and its admin API.
@@ -70,6 +72,7 @@ struct Instance {
 
 async fn start(
     dir: &TempDir,
+    interval: u64,
     name: &str,
     redis: Option<&str>,
     backends: &[sluice::demo::EchoBackend],
@@ -80,7 +83,7 @@ async fn start(
         "[admin]\nbind = \"127.0.0.1:{admin_port}\"\ntoken_file = \"token\"\n\
          [[listener]]\nbind = \"127.0.0.1:{port}\"\npool = \"app\"\nmax_connections = 10000\n\
          [[pool]]\nname = \"app\"\n\
-         [pool.rebalance]\ninterval = \"{INTERVAL_S}s\"\nmax_shed_per_interval = {MAX_SHED}\n"
+         [pool.rebalance]\ninterval = \"{interval}s\"\nmax_shed_per_interval = {MAX_SHED}\n"
     );
     for b in backends {
         text += &format!(
@@ -207,6 +210,7 @@ fn commands(info: redis::Value) -> u64 {
 /// curve, the time, and the clients the rebalancer moved (each one a new
 /// connection to a backend).
 async fn level(
+    interval: u64,
     admin: &AdminClient,
     backends: &[sluice::demo::EchoBackend],
     total: usize,
@@ -231,12 +235,12 @@ async fn level(
         if c.iter().all(|&n| (n as f64 - share).abs() <= 0.2 * share) {
             break;
         }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("not level after 300 s: {curve:?}");
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("not level after 600 s: {curve:?}");
         }
     }
     let took = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(INTERVAL_S * 2)).await;
+    tokio::time::sleep(Duration::from_secs(interval * 2)).await;
     let moved = backends
         .iter()
         .map(|b| b.accepted_since(std_started).len())
@@ -244,7 +248,7 @@ async fn level(
     Ok((curve, took, moved))
 }
 
-async fn run(conns: usize) -> Result<()> {
+async fn run(conns: usize, interval: u64) -> Result<()> {
     let installed = Command::new("sh")
         .args(["-c", "command -v redis-server"])
         .output()
@@ -252,13 +256,15 @@ async fn run(conns: usize) -> Result<()> {
     if !installed {
         bail!("cluster_bench needs redis-server (Debian package redis-server)");
     }
-    println!("cluster_bench: {conns} clients (a message each per 2 s), 3 backends");
+    println!(
+        "cluster_bench: {conns} clients (a message each per 2 s), 3 backends, rebalance every {interval} s (at most {MAX_SHED} closes)"
+    );
     let redis = support::redis::Redis::start().await;
     let backends = echo_backends(3).await;
     let dir = TempDir::new("cluster-bench")?;
     let url = redis.url();
-    let lb1 = start(&dir, "lb-1", Some(&url), &backends).await?;
-    let lb2 = start(&dir, "lb-2", Some(&url), &backends).await?;
+    let lb1 = start(&dir, interval, "lb-1", Some(&url), &backends).await?;
+    let lb2 = start(&dir, interval, "lb-2", Some(&url), &backends).await?;
     let client = redis::Client::open(url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
 
@@ -312,7 +318,7 @@ async fn run(conns: usize) -> Result<()> {
     .await?;
 
     // 3. Levelling with two instances.
-    let (curve2, took2, shed2) = level(&lb1.admin, &backends, conns).await?;
+    let (curve2, took2, shed2) = level(interval, &lb1.admin, &backends, conns).await?;
     println!(
         "two instances: level after {:.0} s, {shed2} closes; counts per second: {curve2:?}",
         took2.as_secs_f64()
@@ -326,11 +332,11 @@ async fn run(conns: usize) -> Result<()> {
     .await?;
 
     // The same through one standalone instance.
-    let alone = start(&dir, "alone", None, &backends).await?;
+    let alone = start(&dir, interval, "alone", None, &backends).await?;
     let stop = CancellationToken::new();
     let clients = open(&[&alone], conns, &backends, &stop).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (curve1, took1, shed1) = level(&alone.admin, &backends, conns).await?;
+    let (curve1, took1, shed1) = level(interval, &alone.admin, &backends, conns).await?;
     println!(
         "one instance: level after {:.0} s, {shed1} closes; counts per second: {curve1:?}",
         took1.as_secs_f64()

@@ -401,64 +401,30 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
         }
         let members = members_at(pool, at, shedder.cluster.as_deref());
         let decided = plan(&members, &cfg);
+        // In cluster mode: the lease, held and renewed by one instance at a
+        // time, even with nothing to shed; the others follow its plans.
+        let mut lease = None;
         if let Some(cluster) = &shedder.cluster {
-            if !cluster.is_up() {
-                reports.set(&p, note(NO_REDIS));
-                continue;
-            }
-            // Held, renewed, by one instance at a time: the others follow.
-            match cluster.lease(&p, cfg.interval * 3).await {
-                Err(_) => {
-                    reports.set(&p, note(NO_REDIS));
-                    continue;
-                }
-                Ok(lease) if !lease.held => {
-                    reports.set(&p, note("another instance holds the shed lease and plans"));
-                    continue;
-                }
-                Ok(_) if Instant::now() < settled => {
-                    // The others' counts still predate the last closes:
-                    // a plan on them would move too many.
-                    reports.set(
-                        &p,
-                        note("waiting for the cluster's counts after the last closes"),
-                    );
-                    continue;
-                }
-                Ok(lease) => {
-                    let Some(shed) = decided.shed else {
-                        debug!(pool = %p, note = decided.note, "rebalance: nothing to shed");
-                        reports.set(
-                            &p,
-                            Report {
-                                at,
-                                plan: decided,
-                                shed: 0,
-                            },
-                        );
-                        continue;
-                    };
-                    let backend = &pool.backends[shed.backend];
-                    let have =
-                        cluster.websockets_by_instance(&p, &backend.name, backend.ws_count());
-                    let shares = split(shed.count, &have);
-                    let counts: Vec<usize> = members.iter().map(|m| m.count).collect();
-                    info!(pool = %p, backend = %backend.name, shed = shed.count, share = decided.shares[shed.backend].round(), ?counts, ?shares, token = lease.token, "rebalancing: planning for the cluster: closing connections of an overloaded backend");
-                    match cluster
-                        .publish_plan(&p, lease.token, &backend.name, shares, spread, cfg.interval)
-                        .await
-                    {
-                        Ok(true) => {
-                            // Carried out here as it comes back; every
-                            // instance has published after the closes, and
-                            // been read, two publish intervals after them.
-                            settled = Instant::now() + spread + cluster.publish_interval() * 2;
-                        }
-                        Ok(false) => reports.set(&p, note("the shed lease was lost")),
-                        Err(_) => reports.set(&p, note(NO_REDIS)),
+            let why = if !cluster.is_up() {
+                Some(NO_REDIS)
+            } else {
+                match cluster.lease(&p, cfg.interval * 3).await {
+                    Err(_) => Some(NO_REDIS),
+                    Ok(l) if !l.held => Some("another instance holds the shed lease and plans"),
+                    // The others' counts still predate the last closes: a
+                    // plan on them would move too many.
+                    Ok(_) if Instant::now() < settled => {
+                        Some("waiting for the cluster's counts after the last closes")
                     }
-                    continue;
+                    Ok(l) => {
+                        lease = Some(l.token);
+                        None
+                    }
                 }
+            };
+            if let Some(why) = why {
+                reports.set(&p, note(why));
+                continue;
             }
         }
         let Some(shed) = decided.shed else {
@@ -473,9 +439,29 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
             );
             continue;
         };
+        let counts: Vec<usize> = members.iter().map(|m| m.count).collect();
+        if let (Some(cluster), Some(token)) = (&shedder.cluster, lease) {
+            let backend = &pool.backends[shed.backend];
+            let have = cluster.websockets_by_instance(&p, &backend.name, backend.ws_count());
+            let shares = split(shed.count, &have);
+            info!(pool = %p, backend = %backend.name, shed = shed.count, share = decided.shares[shed.backend].round(), ?counts, ?shares, token, "rebalancing: planning for the cluster: closing connections of an overloaded backend");
+            match cluster
+                .publish_plan(&p, token, &backend.name, shares, spread, cfg.interval)
+                .await
+            {
+                Ok(true) => {
+                    // Carried out here as it comes back; every instance
+                    // has published after the closes, and been read, two
+                    // publish intervals after them.
+                    settled = Instant::now() + spread + cluster.publish_interval() * 2;
+                }
+                Ok(false) => reports.set(&p, note("the shed lease was lost")),
+                Err(_) => reports.set(&p, note(NO_REDIS)),
+            }
+            continue;
+        }
         let backend = pool.backends[shed.backend].clone();
         let chosen = victims(&backend, shed.count, min_age);
-        let counts: Vec<usize> = members.iter().map(|m| m.count).collect();
         info!(
             pool = %p,
             backend = %backend.name,

@@ -393,6 +393,27 @@ async fn a_redis_that_hangs_holds_no_connection_back() {
     drop(fresh);
 }
 
+/// Three backends and two instances rebalancing every `interval`, b3
+/// out of rotation on both: drained through lb-1, which tells lb-2.
+async fn rebalancing_with_b3_drained(
+    redis: &Redis,
+    interval: Duration,
+) -> (Vec<sluice::demo::EchoBackend>, Sluice, Sluice) {
+    let backends = echo_backends(3).await;
+    let lb1 = instance_with("lb-1", redis, &backends, Some(interval)).await;
+    let lb2 = instance_with("lb-2", redis, &backends, Some(interval)).await;
+    wait_up(&[&lb1, &lb2], 1.0, "both up").await;
+    lb1.admin()
+        .drain("app", "b3", Some("0s"))
+        .await
+        .expect("drain");
+    eventually(10, "lb-2 drains b3 too", || {
+        state(&lb2, 2) != sluice::registry::BackendState::Up
+    })
+    .await;
+    (backends, lb1, lb2)
+}
+
 fn state(sluice: &Sluice, backend: usize) -> sluice::registry::BackendState {
     sluice.registry().backends()[backend].state()
 }
@@ -416,20 +437,7 @@ async fn one_instance_plans_the_sheds_every_instance_closes_its_share() {
     const CLIENTS: usize = 150; // per instance
     let interval = Duration::from_millis(500);
     let redis = Redis::start().await;
-    let backends = echo_backends(3).await;
-    let lb1 = instance_with("lb-1", &redis, &backends, Some(interval)).await;
-    let lb2 = instance_with("lb-2", &redis, &backends, Some(interval)).await;
-    wait_up(&[&lb1, &lb2], 1.0, "both up").await;
-    // b3 out of rotation on both while the clients connect: drained
-    // through lb-1, which tells lb-2.
-    lb1.admin()
-        .drain("app", "b3", Some("0s"))
-        .await
-        .expect("drain");
-    eventually(10, "lb-2 drains b3 too", || {
-        state(&lb2, 2) != sluice::registry::BackendState::Up
-    })
-    .await;
+    let (backends, lb1, lb2) = rebalancing_with_b3_drained(&redis, interval).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let mut clients = chatters(&lb1, CLIENTS, Duration::from_millis(300), &stop);
     clients.extend(chatters(&lb2, CLIENTS, Duration::from_millis(300), &stop));
@@ -550,18 +558,7 @@ async fn without_redis_nobody_sheds_and_drains_made_meanwhile_reach_the_others()
     let _heavy = heavy().await;
     let interval = Duration::from_millis(300);
     let mut redis = Redis::start().await;
-    let backends = echo_backends(3).await;
-    let lb1 = instance_with("lb-1", &redis, &backends, Some(interval)).await;
-    let lb2 = instance_with("lb-2", &redis, &backends, Some(interval)).await;
-    wait_up(&[&lb1, &lb2], 1.0, "both up").await;
-    lb1.admin()
-        .drain("app", "b3", Some("0s"))
-        .await
-        .expect("drain");
-    eventually(10, "lb-2 drains b3 too", || {
-        state(&lb2, 2) != sluice::registry::BackendState::Up
-    })
-    .await;
+    let (backends, lb1, lb2) = rebalancing_with_b3_drained(&redis, interval).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let mut clients = chatters(&lb1, 60, Duration::from_millis(300), &stop);
     clients.extend(chatters(&lb2, 60, Duration::from_millis(300), &stop));
@@ -733,4 +730,62 @@ async fn a_sticky_client_moved_by_one_instance_is_placed_afresh_through_another(
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(placed, moved as u64, "placed afresh by lb-2");
     assert_eq!(shed(&lb1) + shed(&lb2), moved as u64);
+}
+
+#[tokio::test]
+async fn a_rollout_through_one_instance_empties_each_backend_through_both() {
+    if !redis_here() {
+        return;
+    }
+    let _heavy = heavy().await;
+    let (_redis, backends, lb1, lb2) = two_instances(3).await;
+    wait_up(&[&lb1, &lb2], 1.0, "both up").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Most clients through lb-1; the rollout goes through lb-2.
+    let mut clients = chatters(&lb1, 45, Duration::from_millis(200), &stop);
+    clients.extend(chatters(&lb2, 9, Duration::from_millis(200), &stop));
+    eventually(30, "all connected", || {
+        counts(&backends).iter().sum::<usize>() == 54
+    })
+    .await;
+    let pacing = sluice::ctl::Pacing {
+        window: Some("1s".into()),
+        drain_timeout: Duration::from_secs(20),
+        health_timeout: Duration::from_secs(5),
+        balance_timeout: Duration::from_secs(1),
+    };
+    let left_at_restart = std::sync::Mutex::new(Vec::new());
+    sluice::ctl::rollout_with(&lb2.admin(), "app", &pacing, |_, b| {
+        // ctl waited until the backend was empty through every instance.
+        let i = backends
+            .iter()
+            .position(|e| e.name == b.name)
+            .expect("a backend");
+        left_at_restart.lock().expect("lock").push((
+            b.name.clone(),
+            backends[i].ws_open(),
+            own(&lb1)[i],
+        ));
+        async { Ok(()) }
+    })
+    .await
+    .expect("rollout");
+    let left = left_at_restart.into_inner().expect("lock");
+    assert_eq!(
+        left,
+        [
+            ("b1".to_string(), 0, 0),
+            ("b2".to_string(), 0, 0),
+            ("b3".to_string(), 0, 0)
+        ]
+    );
+    for i in 0..3 {
+        assert_eq!(state(&lb1, i), sluice::registry::BackendState::Up);
+    }
+    let (_, totals) = finish_chat(&stop, clients).await;
+    assert_eq!((totals.lost, totals.wrong), (0, 0), "{totals:?}");
+    assert!(
+        totals.closes >= 54,
+        "every client moved at least once: {totals:?}"
+    );
 }
