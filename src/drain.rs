@@ -311,6 +311,12 @@ impl Drains {
         self.lock().retain(|id, _| ids.contains(id));
     }
 
+    /// Whether this process is shutting down or handing over (every
+    /// backend drains).
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
     /// Whether a drain holds `backend` (`None`: none), and whether it is
     /// an operator's.
     pub fn drain_kind(&self, backend: &Backend) -> Option<bool> {

@@ -238,18 +238,28 @@ pub async fn start_with(
         info
     });
     tokio::spawn(trim::run(registry.clone(), shutdown.clone()));
-    if let Some(cluster) = cluster {
-        tokio::spawn(cluster.run(registry.clone(), drains.clone(), shutdown.clone()));
-    }
+    // The cluster outlives the shutdown's start: its counts stand for the
+    // WebSockets still draining here, until they are gone.
+    let cluster = cluster.map(|cluster| {
+        let leave = CancellationToken::new();
+        let done = tokio::spawn(cluster.run(
+            registry.clone(),
+            drains.clone(),
+            shutdown.clone(),
+            leave.clone(),
+        ));
+        ClusterTask { leave, done }
+    });
     let done = tokio::spawn(shut_down_on_cancel(
         registry.clone(),
         drains.clone(),
         reloader.clone(),
         tasks,
         shutdown,
-        AdminTask {
-            stop: admin_stop,
-            done: admin_done,
+        LastTasks {
+            admin_stop,
+            admin_done,
+            cluster,
         },
         upgrader.clone(),
     ));
@@ -268,11 +278,19 @@ pub async fn start_with(
     })
 }
 
-/// The admin API's task: stopped last, and awaited so that its last
-/// answers go out.
-struct AdminTask {
-    stop: CancellationToken,
-    done: Option<tokio::task::JoinHandle<()>>,
+/// The tasks stopped last: the cluster's (its counts stand for what still
+/// drains here), then the admin API (awaited so that its last answers go
+/// out).
+struct LastTasks {
+    admin_stop: CancellationToken,
+    admin_done: Option<tokio::task::JoinHandle<()>>,
+    cluster: Option<ClusterTask>,
+}
+
+/// The cluster task: leaves the cluster when `leave` is cancelled.
+struct ClusterTask {
+    leave: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
 }
 
 async fn shut_down_on_cancel(
@@ -281,13 +299,14 @@ async fn shut_down_on_cancel(
     reloader: Arc<reload::Reloader>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-    admin: AdminTask,
+    last: LastTasks,
     upgrader: Arc<upgrade::Upgrader>,
 ) {
-    let AdminTask {
-        stop: admin_stop,
-        done: admin_done,
-    } = admin;
+    let LastTasks {
+        admin_stop,
+        admin_done,
+        cluster,
+    } = last;
     let handed_over = upgrader.handed_over.clone();
     let farewell = tokio::select! {
         () = shutdown.cancelled() => drain::Farewell::Shutdown(SHUTDOWN_CLOSE_CODE),
@@ -336,6 +355,12 @@ async fn shut_down_on_cancel(
         );
         registry.abort_all();
         let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
+    }
+    if let Some(cluster) = cluster {
+        // Nothing is left here to count: the others stop counting this
+        // process at once (bounded: Redis may be away).
+        cluster.leave.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(3), cluster.done).await;
     }
     // The last WebSockets' lines reach the access log before the end.
     reloader.flush_logs(Duration::from_secs(2)).await;

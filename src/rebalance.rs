@@ -20,6 +20,7 @@ use tracing::{debug, info};
 use crate::cluster::{Cluster, split};
 use crate::config::RebalanceConfig;
 use crate::registry::{Backend, BackendState, CloseReason, ConnControl, PoolEntry};
+use crate::tunnel::close::QUIET_MAX_WAIT;
 
 /// One backend as the plan sees it.
 #[derive(Debug, Clone, Copy)]
@@ -247,6 +248,19 @@ impl Shedder {
             .map_or(0, |c| c.remote_closing(&self.pool.name))
     }
 
+    /// Waits until no WebSocket of this process that sluice asked to close
+    /// is still open (a close waits for a quiet moment, at most
+    /// `QUIET_MAX_WAIT`), or a little longer than that at most.
+    async fn closed_here(&self) {
+        let until = Instant::now() + QUIET_MAX_WAIT + Duration::from_secs(1);
+        while Instant::now() < until && self.pool.backends.iter().any(|b| b.ws_closing() > 0) {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// Closes `victims` of `backend` spread over `spread` from `at`; stops
     /// early when a drain begins, the backend leaves rotation, or the pool
     /// is level (cluster-wide in cluster mode). False: shutting down.
@@ -377,6 +391,10 @@ pub async fn run(pool: Arc<PoolEntry>, shared: Rebalancing, shutdown: Cancellati
             if !shedder.close(&backend, &chosen, at, spread).await {
                 return;
             }
+            // The leader holds its next plan until every instance's closes
+            // are done: tell it as soon as this one's are.
+            shedder.closed_here().await;
+            cluster.publish_now();
             continue;
         }
         let pressure = pool.stats.admission_pressure();

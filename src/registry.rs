@@ -612,6 +612,15 @@ impl MovedPins {
         std::mem::take(&mut *lock(&self.outbox))
     }
 
+    /// Puts back pins `take_outbox` gave out that could not be shared (the
+    /// round failed): the next round shares them.
+    pub fn return_outbox(&self, mut pins: Vec<(u64, u64)>) {
+        let mut outbox = lock(&self.outbox);
+        pins.append(&mut outbox);
+        pins.truncate(MAX_MOVED_PINS);
+        *outbox = pins;
+    }
+
     /// The backend (id) pin `nonce` was moved off, once: the pin is
     /// forgotten.
     pub fn take(&self, nonce: u64, now: Instant) -> Option<u64> {
@@ -1110,6 +1119,24 @@ mod tests {
         }
         let cfg = crate::config::parse(&text, std::path::Path::new("test.toml")).expect("config");
         Arc::new(Registry::new(&cfg))
+    }
+
+    #[test]
+    fn moved_pins_put_back_are_shared_first_and_once() {
+        let moved = MovedPins::default();
+        let now = Instant::now();
+        let until = now + Duration::from_secs(60);
+        moved.record(1, 7, now, until);
+        assert!(moved.take_outbox().is_empty(), "not sharing yet");
+        moved.share();
+        moved.record(2, 7, now, until);
+        let first = moved.take_outbox();
+        assert_eq!(first, vec![(2, 7)]);
+        // A pin recorded while the round that took `first` failed.
+        moved.record(3, 8, now, until);
+        moved.return_outbox(first);
+        assert_eq!(moved.take_outbox(), vec![(2, 7), (3, 8)]);
+        assert!(moved.take_outbox().is_empty());
     }
 
     #[test]

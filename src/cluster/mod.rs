@@ -154,6 +154,8 @@ pub struct Cluster {
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     seen: Mutex<Seen>,
     wake: Notify,
+    /// Set by `publish_now`: the next round tells the others to read.
+    announce: std::sync::atomic::AtomicBool,
     plans: Mutex<HashMap<String, watch::Sender<Option<SharedPlan>>>>,
     pending: Mutex<HashMap<(String, String), (u64, Intent)>>,
     versions: AtomicU64,
@@ -248,6 +250,7 @@ impl Cluster {
             conn: tokio::sync::Mutex::new(None),
             seen: Mutex::default(),
             wake: Notify::new(),
+            announce: std::sync::atomic::AtomicBool::new(false),
             plans: Mutex::default(),
             pending: Mutex::default(),
             versions: AtomicU64::new(0),
@@ -553,6 +556,14 @@ impl Cluster {
         started.elapsed()
     }
 
+    /// Publishes this instance's counts at once and wakes the others to
+    /// read them (after its share of a plan is closed: the leader then
+    /// plans again on fresh counts, not ones a publish interval old).
+    pub fn publish_now(&self) {
+        self.announce.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
     /// Gives up the leases this instance holds (a clean stop): another
     /// instance may shed at once.
     async fn release_leases(&self) {
@@ -566,6 +577,9 @@ impl Cluster {
             })
             .collect();
         for (pool, token) in held {
+            if let Some((Some(lease), _)) = lock(&self.leases).get_mut(&pool) {
+                lease.held = false;
+            }
             let _ = self
                 .timed(async {
                     let mut c = self.connection().await?;
@@ -581,22 +595,32 @@ impl Cluster {
     }
 
     /// Publishes and reads every `publish_interval`, or when woken, until
-    /// `stop`.
+    /// `leave`. At `shutdown` (or a handover) it gives its leases up, and
+    /// goes on publishing what still drains here until `leave`.
     pub async fn run(
         self: Arc<Self>,
         registry: Arc<Registry>,
         drains: Arc<Drains>,
-        stop: CancellationToken,
+        shutdown: CancellationToken,
+        leave: CancellationToken,
     ) {
-        tokio::spawn(self.clone().listen(stop.clone()));
+        tokio::spawn(self.clone().listen(leave.clone()));
         let mut was_up: Option<bool> = None;
         let mut tick = tokio::time::interval(self.cfg.publish_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leases_given_up = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = self.wake.notified() => {}
-                () = stop.cancelled() => break,
+                () = shutdown.cancelled(), if !leases_given_up => {
+                    // This process's rebalancers have stopped: another
+                    // instance, or the new process, may shed at once.
+                    leases_given_up = true;
+                    self.release_leases().await;
+                    continue;
+                }
+                () = leave.cancelled() => break,
             }
             let begun = self.rounds_begun.fetch_add(1, Ordering::AcqRel) + 1;
             let result = self.timed(self.round(&registry, &drains)).await;
@@ -697,20 +721,24 @@ impl Cluster {
         let sticky: Vec<&Arc<PoolEntry>> =
             pools.iter().filter(|p| p.cfg.sticky.is_some()).collect();
         let mut shared_any = false;
+        // Taken out of the outboxes; put back if the round fails or
+        // times out.
+        let mut taken = Unshared(Vec::new());
         for pool in &sticky {
             pool.stats.moved.share();
             let key = format!("{MOVED_PREFIX}{}", pool.name);
             let all = pool.all_backends();
-            let out: Vec<(u64, String)> = pool
-                .stats
-                .moved
-                .take_outbox()
-                .into_iter()
-                .map(|(nonce, id)| {
+            let outbox = pool.stats.moved.take_outbox();
+            let out: Vec<(u64, String)> = outbox
+                .iter()
+                .map(|&(nonce, id)| {
                     let name = all.iter().find(|b| b.id == id).map(|b| b.name.clone());
                     (nonce, name.unwrap_or_default())
                 })
                 .collect();
+            if !outbox.is_empty() {
+                taken.0.push((*pool, outbox));
+            }
             if !out.is_empty() {
                 shared_any = true;
                 pipe.cmd("XADD")
@@ -730,6 +758,9 @@ impl Cluster {
         }
         if shared_any {
             pipe.publish(EVENTS, "moved").ignore();
+        }
+        if self.announce.swap(false, Ordering::AcqRel) {
+            pipe.publish(EVENTS, "counts").ignore();
         }
         let since: Vec<String> = {
             let mut seen = lock(&self.moved_seen);
@@ -755,6 +786,7 @@ impl Cluster {
             .query_async(&mut c)
             .await
             .map_err(|source| self.error(source))?;
+        taken.0.clear();
         let mut read = read.into_iter();
         let mut next = || read.next().unwrap_or(redis::Value::Nil);
         let decode = |e: redis::ParsingError| self.error(e.into());
@@ -903,6 +935,11 @@ impl Cluster {
 
     /// Starts and ends local drains so that they match `shared`.
     fn follow_drains(&self, registry: &Registry, drains: &Drains, shared: &[SharedDrain]) {
+        // A process on its way out (after a binary upgrade) drains every
+        // backend already; the new process follows the shared drains.
+        if drains.shutting_down() {
+            return;
+        }
         let local: Vec<LocalBackend> = registry
             .pools()
             .iter()
@@ -947,6 +984,18 @@ impl Cluster {
 }
 
 /// `url` without its password, for logs.
+/// Moved pins taken out of their pools' outboxes for a round: back into
+/// them when dropped unshared.
+struct Unshared<'a>(Vec<(&'a PoolEntry, Vec<(u64, u64)>)>);
+
+impl Drop for Unshared<'_> {
+    fn drop(&mut self) {
+        for (pool, pins) in self.0.drain(..) {
+            pool.stats.moved.return_outbox(pins);
+        }
+    }
+}
+
 fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {

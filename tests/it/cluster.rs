@@ -306,20 +306,6 @@ async fn a_password_from_its_file_opens_a_redis_that_asks_for_one() {
     assert_eq!(cluster_up(&without).await, 0.0);
 }
 
-/// A command to the test's Redis, answered (`DEBUG SLEEP` blocks it).
-async fn redis_cmd(redis: &Redis, args: &[&str]) -> ::redis::Value {
-    let client = ::redis::Client::open(redis.url()).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
-    let mut cmd = ::redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query_async(&mut conn).await.expect("answer")
-}
-
 #[tokio::test]
 async fn a_redis_that_hangs_holds_no_connection_back() {
     if !redis_here() {
@@ -340,10 +326,10 @@ async fn a_redis_that_hangs_holds_no_connection_back() {
             .and_then(|n| n.trim().parse().ok())
             .expect("total_commands_processed")
     };
-    let before = processed(redis_cmd(&redis, &["INFO", "stats"]).await);
+    let before = processed(redis.cmd(&["INFO", "stats"]).await);
     let started = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = processed(redis_cmd(&redis, &["INFO", "stats"]).await);
+    let after = processed(redis.cmd(&["INFO", "stats"]).await);
     let per_instance = (after - before - 1) as f64 / started.elapsed().as_secs_f64() / 2.0;
     eprintln!("Redis commands per second per instance: {per_instance:.1}");
     // Every 200 ms, in two round trips: SET, SADD, SMEMBERS, HGETALL and

@@ -661,3 +661,120 @@ async fn sticky_clients_moved_by_an_upgrade_are_placed_afresh_by_the_new_process
         "{placed:?}"
     );
 }
+
+/// The members of `sluice:instances`, sorted.
+async fn cluster_members(redis: &crate::support::redis::Redis) -> Vec<String> {
+    let mut members: Vec<String> =
+        ::redis::from_redis_value(redis.cmd(&["SMEMBERS", "sluice:instances"]).await)
+            .expect("a set");
+    members.sort();
+    members
+}
+
+/// In cluster mode the old and the new process publish side by side, each
+/// under its own pid, until the old one is gone; it then leaves the
+/// cluster at once. An operator's drain under way when the upgrade begins
+/// goes on in the new process: the drain lives in Redis.
+#[tokio::test]
+async fn an_upgrade_in_cluster_mode_hands_the_counts_and_the_drains_over() {
+    use crate::support::redis::{Redis, redis_here};
+    if !redis_here() {
+        return;
+    }
+    let _heavy = heavy().await;
+    const CLIENTS: usize = 30;
+    let redis = Redis::start().await;
+    let backends = echo_backends(3).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let top = format!(
+        "[cluster]\nredis = \"{}\"\ninstance = \"lb-1\"\npublish_interval = \"200ms\"\n",
+        redis.url()
+    );
+    let mut sluice = Deployed::start(
+        "cluster",
+        &addrs,
+        "drain = { window = \"2s\" }\nrebalance = { enabled = false }\n",
+        &top,
+        true,
+    );
+    sluice.wait_up().await;
+    let old_pid = sluice.proc.pid();
+    let old = format!("lb-1#{old_pid}");
+    within(10, "lb-1 in the cluster", async {
+        while cluster_members(&redis).await != [old.clone()] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(chat(sluice.url(), Duration::from_millis(300), stop.clone())))
+        .collect();
+    eventually(30, "every client connected", || {
+        backends.iter().map(|b| b.ws_open()).sum::<usize>() == CLIENTS
+    })
+    .await;
+    // A long drain of b1, still under way after the upgrade.
+    within(10, "drain b1", sluice.admin.drain("app", "b1", Some("60s")))
+        .await
+        .expect("drained");
+    within(10, "the drain in Redis", async {
+        loop {
+            let drains: HashMap<String, String> =
+                ::redis::from_redis_value(redis.cmd(&["HGETALL", "sluice:drains"]).await)
+                    .expect("a hash");
+            if drains.keys().any(|k| k.contains("b1")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let out = sluice.ctl_upgrade().await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pid = new_pid(&stdout).expect("new pid");
+    let new = format!("lb-1#{new_pid}");
+    // Side by side while the old process drains (over 2 s).
+    let mut both = vec![old.clone(), new.clone()];
+    both.sort();
+    within(5, "both processes in the cluster", async {
+        while cluster_members(&redis).await != both {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The new process took the drain over from Redis, with what is left
+    // of its window (it has no WebSocket of its own on b1: drained).
+    let status = sluice.status().await;
+    let b1 = status.backends().find(|b| b.name == "b1").expect("b1");
+    assert!(
+        ["draining", "drained"].contains(&b1.state.as_str())
+            && b1.drain.as_ref().is_some_and(|d| d.window_ms > 50_000),
+        "{status:?}"
+    );
+
+    within(30, "the old process exits", async {
+        while sluice.proc.0.try_wait().expect("wait").is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Gone from the cluster at once, not after the TTL.
+    assert_eq!(cluster_members(&redis).await, [new]);
+    let key = format!("sluice:counts:{old}");
+    let exists: i64 =
+        ::redis::from_redis_value(redis.cmd(&["EXISTS", &key]).await).expect("a number");
+    assert_eq!(exists, 0, "the old process's counts are gone");
+    eventually(30, "every client back, none on b1", || {
+        backends.iter().map(|b| b.ws_open()).sum::<usize>() == CLIENTS && backends[0].ws_open() == 0
+    })
+    .await;
+    let (_, totals) = finish_chat(&stop, clients).await;
+    assert_eq!((totals.lost, totals.wrong), (0, 0), "{totals:?}");
+}

@@ -49,6 +49,20 @@ impl Redis {
         redis
     }
 
+    /// A command to this Redis, answered (`DEBUG SLEEP` blocks it).
+    pub async fn cmd(&self, args: &[&str]) -> ::redis::Value {
+        let client = ::redis::Client::open(self.url()).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connection");
+        let mut cmd = ::redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await.expect("answer")
+    }
+
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
     }
