@@ -35,7 +35,7 @@ use sluice::admin::api::BackendState;
 use sluice::admin::client::AdminClient;
 use tokio_util::sync::CancellationToken;
 
-use support::process::{Proc, TempDir, free_port};
+use support::process::{Proc, TempDir, free_port, wait_until};
 use support::{ChatStats, chat, echo_backends};
 
 const TOKEN: &str = "cluster-bench";
@@ -128,17 +128,6 @@ async fn start(
 
 fn counts(backends: &[sluice::demo::EchoBackend]) -> Vec<usize> {
     backends.iter().map(|b| b.ws_open()).collect()
-}
-
-async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > deadline {
-            bail!("timed out");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 /// `n` chat clients spread over `through`, opened in batches.

@@ -36,6 +36,7 @@ use futures_util::future::join_all;
 use sluice::admin::client::AdminClient;
 use tokio_util::sync::CancellationToken;
 
+use support::process::wait_until;
 use support::{ChatStats, chat, echo_backends};
 
 const TOKEN: &str = "drain-bench";
@@ -312,15 +313,4 @@ fn open(backends: &[sluice::demo::EchoBackend]) -> usize {
 
 fn counts(backends: &[sluice::demo::EchoBackend]) -> Vec<usize> {
     backends.iter().map(|b| b.ws_open()).collect()
-}
-
-async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }

@@ -76,6 +76,24 @@ fn counts(backends: &[sluice::demo::EchoBackend]) -> Vec<usize> {
     backends.iter().map(|b| b.ws_open()).collect()
 }
 
+/// `n1` chat clients through `lb1` and `n2` through `lb2` (a message
+/// each per `every`), once all of them are on `backends`.
+async fn chatters_on_both(
+    (lb1, n1): (&Sluice, usize),
+    (lb2, n2): (&Sluice, usize),
+    every: Duration,
+    backends: &[sluice::demo::EchoBackend],
+    stop: &tokio_util::sync::CancellationToken,
+) -> Vec<tokio::task::JoinHandle<ChatStats>> {
+    let mut clients = chatters(lb1, n1, every, stop);
+    clients.extend(chatters(lb2, n2, every, stop));
+    eventually(30, "every client connected", || {
+        counts(backends).iter().sum::<usize>() == n1 + n2
+    })
+    .await;
+    clients
+}
+
 async fn cluster_up(sluice: &Sluice) -> f64 {
     metric(&sluice.metrics().await, "sluice_cluster_up")
 }
@@ -425,11 +443,13 @@ async fn one_instance_plans_the_sheds_every_instance_closes_its_share() {
     let redis = Redis::start().await;
     let (backends, lb1, lb2) = rebalancing_with_b3_drained(&redis, interval).await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let mut clients = chatters(&lb1, CLIENTS, Duration::from_millis(300), &stop);
-    clients.extend(chatters(&lb2, CLIENTS, Duration::from_millis(300), &stop));
-    eventually(30, "all on b1 and b2", || {
-        backends[0].ws_open() + backends[1].ws_open() == 2 * CLIENTS
-    })
+    let clients = chatters_on_both(
+        (&lb1, CLIENTS),
+        (&lb2, CLIENTS),
+        Duration::from_millis(300),
+        &backends,
+        &stop,
+    )
     .await;
     // Undrained through the other instance.
     let started = std::time::Instant::now();
@@ -483,11 +503,13 @@ async fn a_drain_through_one_instance_closes_on_both_within_its_window() {
     let (_redis, backends, lb1, lb2) = two_instances(3).await;
     wait_up(&[&lb1, &lb2], 1.0, "both up").await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let mut clients = chatters(&lb1, 60, Duration::from_millis(200), &stop);
-    clients.extend(chatters(&lb2, 60, Duration::from_millis(200), &stop));
-    eventually(30, "all connected", || {
-        counts(&backends).iter().sum::<usize>() == 120
-    })
+    let clients = chatters_on_both(
+        (&lb1, 60),
+        (&lb2, 60),
+        Duration::from_millis(200),
+        &backends,
+        &stop,
+    )
     .await;
     let on_b1 = [own(&lb1)[0], own(&lb2)[0]];
     assert!(on_b1.iter().all(|&n| n >= 10), "{on_b1:?}");
@@ -546,11 +568,13 @@ async fn without_redis_nobody_sheds_and_drains_made_meanwhile_reach_the_others()
     let mut redis = Redis::start().await;
     let (backends, lb1, lb2) = rebalancing_with_b3_drained(&redis, interval).await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let mut clients = chatters(&lb1, 60, Duration::from_millis(300), &stop);
-    clients.extend(chatters(&lb2, 60, Duration::from_millis(300), &stop));
-    eventually(30, "all on b1 and b2", || {
-        backends[0].ws_open() + backends[1].ws_open() == 120
-    })
+    let clients = chatters_on_both(
+        (&lb1, 60),
+        (&lb2, 60),
+        Duration::from_millis(300),
+        &backends,
+        &stop,
+    )
     .await;
 
     redis.kill9();
@@ -617,14 +641,8 @@ async fn hopper(
         let (mut ws, resp) = tokio_tungstenite::connect_async(req)
             .await
             .expect("connect");
-        if let Some(set) = resp
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find(|v| v.starts_with("SLUICE_AFFINITY="))
-        {
-            jar = Some(set.split(';').next().unwrap_or_default().to_string());
+        if let Some(pin) = sticky_pin(resp.headers()) {
+            jar = Some(pin);
         }
         seen.push((through, greeting(&mut ws).await));
         tokio::select! {
@@ -728,11 +746,13 @@ async fn a_rollout_through_one_instance_empties_each_backend_through_both() {
     wait_up(&[&lb1, &lb2], 1.0, "both up").await;
     let stop = tokio_util::sync::CancellationToken::new();
     // Most clients through lb-1; the rollout goes through lb-2.
-    let mut clients = chatters(&lb1, 45, Duration::from_millis(200), &stop);
-    clients.extend(chatters(&lb2, 9, Duration::from_millis(200), &stop));
-    eventually(30, "all connected", || {
-        counts(&backends).iter().sum::<usize>() == 54
-    })
+    let clients = chatters_on_both(
+        (&lb1, 45),
+        (&lb2, 9),
+        Duration::from_millis(200),
+        &backends,
+        &stop,
+    )
     .await;
     let pacing = sluice::ctl::Pacing {
         window: Some("1s".into()),

@@ -274,15 +274,9 @@ async fn jar_client(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        if let Some(set) = resp
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find(|v| v.starts_with("SLUICE_AFFINITY="))
-        {
+        if let Some(pin) = sticky_pin(resp.headers()) {
             stats.cookies += 1;
-            jar = Some(set.split(';').next().unwrap_or_default().to_string());
+            jar = Some(pin);
         }
         let backend = greeting(&mut ws).await;
         let mut client = HttpClient::connect(http).await;

@@ -124,3 +124,16 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// Polls `cond` every 20 ms until it holds, or fails after `limit` (for
+/// benchmarks, which report the error instead of panicking).
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
