@@ -39,7 +39,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -175,14 +174,7 @@ impl Options {
                     let names = args.next().context("--only needs target names")?;
                     only = Some(names.split(',').map(str::to_string).collect());
                 }
-                "--baseline" => {
-                    let path = args.next().context("--baseline needs a path")?;
-                    ensure!(
-                        Path::new(&path).is_file(),
-                        "--baseline {path:?}: no such file"
-                    );
-                    let _ = BASELINE.set(path);
-                }
+                "--baseline" => set_baseline(args.next())?,
                 // cargo bench passes --bench to harness = false targets.
                 "--bench" => {}
                 "-h" | "--help" => {

@@ -160,14 +160,7 @@ impl Options {
                     let names = args.next().context("--only needs proxy names")?;
                     only = Some(names.split(',').map(str::to_string).collect());
                 }
-                "--baseline" => {
-                    let path = args.next().context("--baseline needs a path")?;
-                    ensure!(
-                        Path::new(&path).is_file(),
-                        "--baseline {path:?}: no such file"
-                    );
-                    let _ = BASELINE.set(path);
-                }
+                "--baseline" => set_baseline(args.next())?,
                 "--seconds" => {
                     let value = args.next().context("--seconds needs a value")?;
                     let n: u64 = value

@@ -30,6 +30,17 @@ pub const TLS_MAX_CONNS: usize = 900;
 /// in the same run: e.g. the release build of an earlier commit.
 pub static BASELINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// `--baseline PATH`: the sluice binary measured as `sluice-base`.
+pub fn set_baseline(path: Option<String>) -> Result<()> {
+    let path = path.context("--baseline needs a path")?;
+    anyhow::ensure!(
+        Path::new(&path).is_file(),
+        "--baseline {path:?}: no such file"
+    );
+    let _ = BASELINE.set(path);
+    Ok(())
+}
+
 // ---------------------------------------------------------------- proxies
 
 #[derive(Clone, Copy, PartialEq, Eq)]
