@@ -255,7 +255,9 @@ impl Shedder {
         let until = Instant::now() + QUIET_MAX_WAIT + Duration::from_secs(1);
         while Instant::now() < until && self.pool.backends.iter().any(|b| b.ws_closing() > 0) {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                // Each look walks the backends' connections under their
+                // locks: not more often than this.
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 () = self.shutdown.cancelled() => return,
             }
         }

@@ -983,7 +983,6 @@ impl Cluster {
     }
 }
 
-/// `url` without its password, for logs.
 /// Moved pins taken out of their pools' outboxes for a round: back into
 /// them when dropped unshared.
 struct Unshared<'a>(Vec<(&'a PoolEntry, Vec<(u64, u64)>)>);
@@ -996,6 +995,7 @@ impl Drop for Unshared<'_> {
     }
 }
 
+/// `url` without its password, for logs.
 fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
