@@ -26,7 +26,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -35,7 +35,7 @@ use sluice::admin::api::BackendState;
 use sluice::admin::client::AdminClient;
 use tokio_util::sync::CancellationToken;
 
-use support::process::{Proc, TempDir, free_port, wait_until};
+use support::process::{Proc, TempDir, free_port, start_sluice, wait_until};
 use support::{ChatStats, chat, echo_backends};
 
 const TOKEN: &str = "cluster-bench";
@@ -97,25 +97,10 @@ async fn start(
         );
     }
     let path = dir.write(&format!("{name}.toml"), &text)?;
-    let proc = Proc(
-        Command::new(
-            std::env::var_os("SLUICE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into()),
-        )
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting sluice")?,
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("{name} did not start listening");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let proc = start_sluice(&path, port)
+        .await
+        .with_context(|| format!("starting {name}"))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     Ok(Instance {
         _proc: proc,
         addr,

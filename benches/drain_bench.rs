@@ -28,7 +28,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -36,7 +35,7 @@ use futures_util::future::join_all;
 use sluice::admin::client::AdminClient;
 use tokio_util::sync::CancellationToken;
 
-use support::process::wait_until;
+use support::process::{start_sluice, wait_until};
 use support::{ChatStats, chat, echo_backends};
 
 const TOKEN: &str = "drain-bench";
@@ -99,7 +98,7 @@ fn options() -> Result<Options> {
 #[path = "../tests/support/process.rs"]
 mod process;
 
-use process::{Proc, free_port};
+use process::free_port;
 
 fn main() -> Result<()> {
     let opts = options()?;
@@ -135,25 +134,8 @@ async fn run(opts: Options, fd_limit: u64) -> Result<()> {
         );
     }
     std::fs::write(dir.join("sluice.toml"), config)?;
-    let _sluice = Proc(
-        Command::new(
-            std::env::var_os("SLUICE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into()),
-        )
-        .args(["run", "--config"])
-        .arg(dir.join("sluice.toml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting sluice")?,
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("sluice did not start listening");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _sluice = start_sluice(&dir.join("sluice.toml"), port).await?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let admin = AdminClient {
         addr: format!("127.0.0.1:{admin_port}").parse()?,
         token: Some(TOKEN.to_string()),

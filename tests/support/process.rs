@@ -137,3 +137,34 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> anyh
     }
     Ok(())
 }
+
+/// The sluice binary (`SLUICE_BIN`, else this build's) running `config`,
+/// once it listens on 127.0.0.1:`port` (for benchmarks).
+pub async fn start_sluice(config: &Path, port: u16) -> anyhow::Result<Proc> {
+    use anyhow::Context as _;
+    let proc = Proc(
+        Command::new(
+            std::env::var_os("SLUICE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into()),
+        )
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting sluice")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "sluice ({}) did not start listening on {port}",
+                config.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(proc)
+}
